@@ -1,0 +1,158 @@
+// head-attention: HeadAttention, the causal single-head self-attention layer of simple_llm.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include <Eigen/Core>
+#include <unsupported/Eigen/CXX11/Tensor>
+
+#include "detail/flash.hpp"
+#include "detail/parallel.hpp"
+#include "detail/rng.hpp"
+#include "errors.hpp"
+#include "linear.hpp"
+
+namespace head_attention {
+
+template <typename Scalar>
+class BatchedHeadAttention;
+
+/// Causal single-head self-attention, the C++ twin of simple_llm's PyTorch HeadAttention(emb_size, head_size,
+/// max_seq_len): out = softmax(mask(Q Kᵀ / sqrt(head_size))) V with Q, K, V = nn.Linear(emb_size,
+/// head_size)(x).
+///
+/// forward() runs the fused path: one GEMM for Q, K and V, then a tiled online softmax that never builds the
+/// [T, T] score matrix, on all cores when compiled with OpenMP. It is const and may be called from many
+/// threads at once.
+template <typename Scalar>
+class HeadAttention {
+  static_assert(std::is_floating_point<Scalar>::value, "HeadAttention<Scalar> needs a floating-point Scalar");
+
+ public:
+  using Index = Eigen::Index;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+  using Mask = Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using Tensor3 = Eigen::Tensor<Scalar, 3, Eigen::RowMajor>;
+  using LinearType = Linear<Scalar>;
+
+  /// Builds the layer with PyTorch's default nn.Linear init, U(-1/sqrt(emb_size), 1/sqrt(emb_size)) for every
+  /// weight and bias, drawn in the order q.weight, q.bias, k.weight, k.bias, v.weight, v.bias from a
+  /// generator seeded with `seed` (the same seed gives the same weights, in float and double alike). Throws
+  /// shape_error unless all three sizes are positive.
+  HeadAttention(Index emb_size, Index head_size, Index max_seq_len, std::uint64_t seed = 0)
+      : m_emb_size(checked_size(emb_size, "emb_size")),
+        m_head_size(checked_size(head_size, "head_size")),
+        m_max_seq_len(checked_size(max_seq_len, "max_seq_len")) {
+    detail::UniformSource uniform(seed);
+    m_query = detail::make_linear<Scalar>(emb_size, head_size, uniform);
+    m_key = detail::make_linear<Scalar>(emb_size, head_size, uniform);
+    m_value = detail::make_linear<Scalar>(emb_size, head_size, uniform);
+  }
+
+  Index emb_size() const { return m_emb_size; }
+  Index head_size() const { return m_head_size; }
+  Index max_seq_len() const { return m_max_seq_len; }
+
+  /// The Q, K and V projections (PyTorch's _q, _k, _v). Assign trained weights here: weight [head_size,
+  /// emb_size] exactly as in a PyTorch state_dict, bias [head_size]. Shapes are checked at the next forward
+  /// call.
+  LinearType& query() { return m_query; }
+  const LinearType& query() const { return m_query; }
+  LinearType& key() { return m_key; }
+  const LinearType& key() const { return m_key; }
+  LinearType& value() { return m_value; }
+  const LinearType& value() const { return m_value; }
+
+  /// The [T, T] causal mask, true where query i may see key j (j <= i), built on request: the layer stores
+  /// none. Throws shape_error unless 0 <= T <= max_seq_len.
+  Mask tril_mask(Index T) const {
+    check_seq_len(T, "HeadAttention::tril_mask");
+    Mask mask(T, T);
+    for (Index i = 0; i < T; ++i)
+      for (Index j = 0; j < T; ++j)
+        mask(i, j) = j <= i;
+    return mask;
+  }
+
+  /// Threads a forward call may use; 0 (the default) follows Eigen::setNbThreads / OMP_NUM_THREADS. Small
+  /// inputs and calls made from inside a parallel region run on one thread whatever this says. Throws
+  /// shape_error if n < 0.
+  void set_num_threads(int n) {
+    detail::require(n >= 0, "HeadAttention::set_num_threads", "the thread count", ">= 0", std::to_string(n));
+    m_threads = n;
+  }
+  /// The thread count a large forward call would use now.
+  int num_threads() const { return m_threads > 0 ? m_threads : detail::default_thread_count(); }
+
+  /// One sequence: x [T, emb_size] to [T, head_size]. x may be any dense Eigen matrix expression of Scalar:
+  /// row- or column-major, a Map over caller memory, a block; plain storage is read in place. T = 0 gives [0,
+  /// head_size]. Throws shape_error if x.cols() != emb_size, T > max_seq_len, or a projection has the wrong
+  /// shape.
+  template <typename Derived>
+  Matrix forward(const Eigen::MatrixBase<Derived>& x) const {
+    static_assert(std::is_same<typename Derived::Scalar, Scalar>::value,
+                  "HeadAttention<Scalar>::forward needs an input of the same Scalar");
+    check_call(x.cols(), x.rows(), "HeadAttention::forward", "x.cols() (input width)", "x.rows() (T)");
+    Matrix out(x.rows(), m_head_size);  // [T, head]
+    forward_rows(x.derived(), 1, x.rows(), out.data());
+    return out;
+  }
+
+ private:
+  template <typename>
+  friend class BatchedHeadAttention;
+
+  /// `batch` sequences of `seq_len` rows stored back to back in x ([batch · seq_len, emb_size]) into out
+  /// ([batch · seq_len, head_size], row-major, contiguous). Shapes must have been checked with check_call.
+  template <typename Derived>
+  void forward_rows(const Eigen::MatrixBase<Derived>& x, Index batch, Index seq_len, Scalar* out) const {
+    constexpr bool in_place =
+        (Derived::Flags & Eigen::DirectAccessBit) != 0 && Derived::InnerStrideAtCompileTime == 1;
+    if constexpr (in_place) {
+      constexpr int order = Derived::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
+      const Derived& xd = x.derived();
+      detail::forward<order>(xd.data(), xd.outerStride(), batch, seq_len, m_query, m_key, m_value, out,
+                             num_threads());
+    } else {
+      const Matrix copy = x;  // an expression or strided view: evaluate it once
+      detail::forward<Eigen::RowMajor>(copy.data(), copy.cols(), batch, seq_len, m_query, m_key, m_value, out,
+                                       num_threads());
+    }
+  }
+
+  /// Throws shape_error unless an input of this width and length can be run now: width == emb_size,
+  /// length <= max_seq_len, and all three projections of shape [head_size, emb_size] + [head_size].
+  void check_call(Index width, Index length, const char* where, const char* width_name,
+                  const char* length_name) const {
+    detail::check_linear(m_query, where, "query()", m_emb_size, m_head_size);
+    detail::check_linear(m_key, where, "key()", m_emb_size, m_head_size);
+    detail::check_linear(m_value, where, "value()", m_emb_size, m_head_size);
+    detail::require(width == m_emb_size, where, width_name, "emb_size = " + std::to_string(m_emb_size),
+                    std::to_string(width));
+    detail::require(length <= m_max_seq_len, where, length_name,
+                    "<= max_seq_len = " + std::to_string(m_max_seq_len), std::to_string(length));
+  }
+
+  static Index checked_size(Index value, const char* name) {
+    detail::require(value > 0, "HeadAttention", name, "> 0", std::to_string(value));
+    return value;
+  }
+
+  void check_seq_len(Index T, const char* where) const {
+    detail::require(T >= 0 && T <= m_max_seq_len, where, "T",
+                    "in [0, max_seq_len = " + std::to_string(m_max_seq_len) + "]", std::to_string(T));
+  }
+
+  Index m_emb_size;
+  Index m_head_size;
+  Index m_max_seq_len;
+  int m_threads = 0;
+  LinearType m_query;  // weight [head_size, emb_size], bias [head_size]
+  LinearType m_key;    // weight [head_size, emb_size], bias [head_size]
+  LinearType m_value;  // weight [head_size, emb_size], bias [head_size]
+};
+
+}  // namespace head_attention

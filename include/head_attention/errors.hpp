@@ -1,0 +1,31 @@
+// head-attention: exceptions thrown at the API boundary.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+#include <Eigen/Core>
+
+namespace head_attention {
+
+/// Thrown for every bad argument: a wrong size, shape or sequence length. The message names the quantity, the
+/// expected value and the one that came. Derived from std::invalid_argument so callers can catch either.
+class shape_error : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+namespace detail {
+
+inline std::string shape_string(Eigen::Index rows, Eigen::Index cols) {
+  return "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]";
+}
+
+/// Throws shape_error("<where>: <what> must be <expected>, got <actual>") unless ok.
+inline void require(bool ok, const char* where, const std::string& what, const std::string& expected,
+                    const std::string& actual) {
+  if (!ok) throw shape_error(std::string(where) + ": " + what + " must be " + expected + ", got " + actual);
+}
+
+}  // namespace detail
+}  // namespace head_attention

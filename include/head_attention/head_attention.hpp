@@ -1,0 +1,10 @@
+// head-attention: causal single-head self-attention (simple_llm's HeadAttention) for C++17 and Eigen 3.4.
+// Include this header to get everything.
+#pragma once
+
+#include "attention.hpp"
+#include "batched.hpp"
+#include "errors.hpp"
+#include "linear.hpp"
+#include "reference.hpp"
+#include "version.hpp"

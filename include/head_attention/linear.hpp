@@ -1,0 +1,59 @@
+// head-attention: the affine projection y = x Wᵀ + b in PyTorch's nn.Linear layout.
+#pragma once
+
+#include <cmath>
+
+#include <Eigen/Core>
+
+#include "detail/rng.hpp"
+#include "errors.hpp"
+
+namespace head_attention {
+
+/// The parameters of a PyTorch nn.Linear(in_features, out_features): y = x weightᵀ + bias.
+/// weight is stored [out, in] exactly as PyTorch stores it, so a state_dict tensor copies in without
+/// transposing.
+template <typename Scalar>
+struct Linear {
+  using Index = Eigen::Index;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+
+  Matrix weight;  // [out, in]
+  Vector bias;    // [out]
+
+  Index in_features() const { return weight.cols(); }
+  Index out_features() const { return weight.rows(); }
+};
+
+namespace detail {
+
+/// PyTorch's default nn.Linear init: kaiming_uniform_(a = sqrt(5)) for the weight and U(-1/sqrt(in),
+/// 1/sqrt(in)) for the bias, which both reduce to U(-1/sqrt(in), 1/sqrt(in)). Weight first, row by row, then
+/// the bias.
+template <typename Scalar>
+Linear<Scalar> make_linear(Eigen::Index in, Eigen::Index out, UniformSource& uniform) {
+  const double bound = 1.0 / std::sqrt(static_cast<double>(in));
+  Linear<Scalar> layer;
+  layer.weight.resize(out, in);
+  layer.bias.resize(out);
+  for (Eigen::Index i = 0; i < out; ++i)
+    for (Eigen::Index j = 0; j < in; ++j)
+      layer.weight(i, j) = static_cast<Scalar>(uniform(-bound, bound));
+  for (Eigen::Index i = 0; i < out; ++i)
+    layer.bias(i) = static_cast<Scalar>(uniform(-bound, bound));
+  return layer;
+}
+
+/// Throws unless layer has the [out, in] weight and [out] bias that the owning layer expects.
+template <typename Scalar>
+void check_linear(const Linear<Scalar>& layer, const char* where, const char* name, Eigen::Index in,
+                  Eigen::Index out) {
+  require(layer.weight.rows() == out && layer.weight.cols() == in, where, std::string(name) + ".weight shape",
+          shape_string(out, in), shape_string(layer.weight.rows(), layer.weight.cols()));
+  require(layer.bias.size() == out, where, std::string(name) + ".bias size", std::to_string(out),
+          std::to_string(layer.bias.size()));
+}
+
+}  // namespace detail
+}  // namespace head_attention
