@@ -1,4 +1,4 @@
-// head-attention: the fused forward pass. One GEMM for Q, K and V, then a tiled online-softmax
+// head-attention: the fused forward pass. One projection pass for Q, K and V, then a tiled online-softmax
 // (FlashAttention-2 style) causal attention over (sequence x query block) work items on all cores. Extra
 // memory is O(T · head_size).
 #pragma once
@@ -17,39 +17,19 @@ namespace head_attention::detail {
 
 /// Block sizes and thresholds, chosen by measurement with bench/ (see README, "Performance").
 struct Tuning {
-  static constexpr Eigen::Index query_block = 64;  // rows of Q per work item
-  static constexpr Eigen::Index key_block = 256;  // rows of K and V per inner step; a multiple of query_block
-  static constexpr Eigen::Index projection_rows = 256;  // rows of x per projection work item
-  static constexpr double serial_below_flops =
-      4e6;  // below this much work a forward call stays on one thread
+  /// Rows of Q per work item.
+  static constexpr Eigen::Index query_block = 64;
+  /// Rows of K and V per inner step.
+  static constexpr Eigen::Index key_block = 256;
+  /// Rows of x per projection work item, at most.
+  static constexpr Eigen::Index projection_rows = 256;
+  /// Below this many useful flops a forward call stays on one thread. Forking is cheap next to the
+  /// projection GEMMs (two threads already win at B = 1, T = 1, emb 512), so only toy sizes stay serial.
+  static constexpr double serial_below_flops = 1e5;
 };
-static_assert(Tuning::key_block % Tuning::query_block == 0,
-              "every visited key block must start at or before the "
-              "first query of the block");
-
-/// The three projections packed as one: rows [0, h) are Wq / sqrt(h), [h, 2h) Wk, [2h, 3h) Wv; the scale of
-/// the scores is folded into Q. Packed per call (a copy of 3·h·emb scalars) so that weights changed through
-/// query()/key()/value() always take effect.
-template <typename Scalar>
-struct PackedQkv {
-  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
-
-  PackedQkv(const Linear<Scalar>& q, const Linear<Scalar>& k, const Linear<Scalar>& v)
-      : weight(3 * q.out_features(), q.in_features()), bias(3 * q.out_features()) {
-    const Eigen::Index h = q.out_features();
-    const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(h));
-    weight.topRows(h) = q.weight * scale;
-    weight.middleRows(h, h) = k.weight;
-    weight.bottomRows(h) = v.weight;
-    bias.head(h) = q.bias * scale;
-    bias.segment(h, h) = k.bias;
-    bias.tail(h) = v.bias;
-  }
-
-  Matrix weight;  // [3·head, emb]
-  Vector bias;    // [3·head]
-};
+// With key blocks a multiple of query blocks, every key block a query block visits starts at or before its
+// first query, so no row of a tile is wholly masked. (When T < key_block, one key block covers every key.)
+static_assert(Tuning::key_block % Tuning::query_block == 0, "key_block must be a multiple of query_block");
 
 /// Per-thread working storage for the attention loop, allocated once per call.
 template <typename Scalar>
@@ -141,34 +121,47 @@ void forward(const Scalar* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   const Index head = q.out_features();
   const Index ld = 3 * head;
 
-  const PackedQkv<Scalar> packed(q, k, v);
-  Matrix qkv =
-      packed.bias.transpose().replicate(rows, 1);  // [rows, 3·head], the GEMM accumulates onto the bias
+  // Q, K and V side by side, each row [q | k | v]: one buffer, one pass of GEMMs over the same rows of x.
+  Matrix qkv(rows, ld);  // [rows, 3·head], the GEMMs accumulate onto the bias
+  qkv.leftCols(head).rowwise() = q.bias.transpose();
+  qkv.middleCols(head, head).rowwise() = k.bias.transpose();
+  qkv.rightCols(head).rowwise() = v.bias.transpose();
+  const Linear<Scalar>* const layers[3] = {&q, &k, &v};
+  const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(head));
 
   const Index block_q = std::min(Tuning::query_block, seq_len);
   const Index block_k = std::min(Tuning::key_block, seq_len);
   const Index query_blocks = (seq_len + block_q - 1) / block_q;
   const Index items = batch * query_blocks;
-  const Index proj_rows = std::min(Tuning::projection_rows, rows);
-  const Index proj_items = (rows + proj_rows - 1) / proj_rows;
-
   const double flops = 2.0 * static_cast<double>(rows) * static_cast<double>(emb) * static_cast<double>(ld) +
                        2.0 * static_cast<double>(batch) * static_cast<double>(seq_len) *
                            static_cast<double>(seq_len + 1) * static_cast<double>(head);
   if (flops < Tuning::serial_below_flops || in_parallel_region()) threads = 1;
+  // Short inputs are cut into one row chunk per thread, so that every thread gets projection work.
+  const Index proj_rows =
+      std::min(Tuning::projection_rows, std::max<Index>(8, (rows + threads - 1) / threads));
+  const Index proj_items = 3 * ((rows + proj_rows - 1) / proj_rows);  // (row chunk, projection) pairs
   threads = static_cast<int>(std::min<Index>(threads, std::max(items, proj_items)));
   (void)threads;  // unused without OpenMP
 
   HEAD_ATTENTION_OMP(parallel num_threads(threads) if (threads > 1)) {
     {
-      Gemm<Scalar> gemm(proj_rows, ld, emb);
-      HEAD_ATTENTION_OMP(for schedule(static))
-      for (Index c = 0; c < proj_items; ++c) {
-        const Index r0 = c * proj_rows;
+      // Each of Wq, Wk, Wv is read in place as the [emb, head] column-major matrix Wᵀ. Packing them into one
+      // [emb, 3·head] operand for a single GEMM was measured slower: the copy costs 20% at the seed's B = 2,
+      // T = 10 and gains nothing at large T, and a packed copy cannot be kept in sync with weights that
+      // callers change through query()/key()/value() references.
+      Gemm<Scalar> gemm(proj_rows, head, emb);
+      HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
+      for (Index item = 0; item < proj_items; ++item) {
+        const Index r0 = (item / 3) * proj_rows;
+        const Index p = item % 3;
         const Index n = std::min(proj_rows, rows - r0);
         const Scalar* x_rows = XOrder == Eigen::RowMajor ? x + r0 * x_stride : x + r0;
-        gemm.template accumulate<XOrder, Eigen::ColMajor>(n, ld, emb, x_rows, x_stride, packed.weight.data(),
-                                                          emb, qkv.data() + r0 * ld, ld);
+        Scalar* qkv_rows = qkv.data() + r0 * ld + p * head;
+        gemm.template accumulate<XOrder, Eigen::ColMajor>(n, head, emb, x_rows, x_stride,
+                                                          layers[p]->weight.data(), emb, qkv_rows, ld);
+        if (p == 0)
+          Eigen::Map<Matrix, 0, Eigen::OuterStride<>>(qkv_rows, n, head, Eigen::OuterStride<>(ld)) *= scale;
       }
     }
     FlashScratch<Scalar> scratch(block_q, block_k, head);
