@@ -32,38 +32,12 @@ which read back exactly (strtod / strtof).
 """
 
 import copy
-import math
 import os
 import sys
 
 import torch
-import torch.nn as nn
 
-
-class HeadAttention(nn.Module):
-    """simple_llm's HeadAttention, verbatim in behaviour."""
-
-    def __init__(self, emb_size, head_size, max_seq_len, dtype=None):
-        super().__init__()
-        self._emb_size = emb_size
-        self._head_size = head_size
-        self._max_seq_len = max_seq_len
-        self._q = nn.Linear(emb_size, head_size, dtype=dtype)
-        self._k = nn.Linear(emb_size, head_size, dtype=dtype)
-        self._v = nn.Linear(emb_size, head_size, dtype=dtype)
-        self._tril_mask = torch.tril(torch.ones(max_seq_len, max_seq_len))
-
-    def forward(self, x):
-        seq_len = x.shape[1]
-        if seq_len > self._max_seq_len:
-            raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self._max_seq_len}")
-        q = self._q(x)
-        k = self._k(x)
-        v = self._v(x)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self._head_size)
-        scores = scores.masked_fill(self._tril_mask[:seq_len, :seq_len] == 0, float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
-        return weights @ v
+from simple_llm_head import HeadAttention
 
 
 # name, B, T, emb, head, max_seq_len, scale. Keep them small: the whole directory stays well under 2 MB.
