@@ -1,5 +1,7 @@
 // Every bad input is refused with head_attention::shape_error (an std::invalid_argument) whose message names
 // the quantity, the expected and the actual value, and a failed call leaves the object as it was.
+#include <array>
+#include <initializer_list>
 #include <string>
 
 #include "test_support.hpp"
@@ -108,40 +110,41 @@ TEMPLATE_TEST_CASE("BatchedHeadAttention::forward: input width != emb_size", "[e
   s.check_unchanged(batched);
 }
 
-TEMPLATE_TEST_CASE("constructor: emb_size <= 0", "[errors]", float, double) {
-  using Scalar = TestType;
-  for (const Index bad : {Index(0), Index(-1), Index(-13)}) {
-    INFO("emb_size " << bad);
+namespace {
+
+/// Both constructors must reject `bad` as the size called `name`; make(bad) gives the (emb, head, max)
+/// triple.
+template <typename Scalar, typename Sizes>
+void check_constructors_reject(const char* name, std::initializer_list<Index> bads, Sizes make) {
+  for (const Index bad : bads) {
+    INFO(name << " " << bad);
     const std::string got = "got " + std::to_string(bad);
-    check_shape_error([&] { head_attention::HeadAttention<Scalar> l(bad, kHead, kMax); },
-                      {"emb_size", "> 0", got});
-    check_shape_error([&] { head_attention::BatchedHeadAttention<Scalar> l(bad, kHead, kMax); },
-                      {"emb_size", "> 0", got});
+    const std::array<Index, 3> sizes = make(bad);  // not a structured binding: lambdas below capture it
+    const Index emb = sizes[0], head = sizes[1], max = sizes[2];
+    check_shape_error([&] { head_attention::HeadAttention<Scalar> l(emb, head, max); }, {name, "> 0", got});
+    check_shape_error([&] { head_attention::BatchedHeadAttention<Scalar> l(emb, head, max); },
+                      {name, "> 0", got});
   }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("constructor: emb_size <= 0", "[errors]", float, double) {
+  check_constructors_reject<TestType>("emb_size", {0, -1, -13}, [](Index bad) {
+    return std::array<Index, 3>{bad, kHead, kMax};
+  });
 }
 
 TEMPLATE_TEST_CASE("constructor: head_size <= 0", "[errors]", float, double) {
-  using Scalar = TestType;
-  for (const Index bad : {Index(0), Index(-1), Index(-7)}) {
-    INFO("head_size " << bad);
-    const std::string got = "got " + std::to_string(bad);
-    check_shape_error([&] { head_attention::HeadAttention<Scalar> l(kEmb, bad, kMax); },
-                      {"head_size", "> 0", got});
-    check_shape_error([&] { head_attention::BatchedHeadAttention<Scalar> l(kEmb, bad, kMax); },
-                      {"head_size", "> 0", got});
-  }
+  check_constructors_reject<TestType>("head_size", {0, -1, -7}, [](Index bad) {
+    return std::array<Index, 3>{kEmb, bad, kMax};
+  });
 }
 
 TEMPLATE_TEST_CASE("constructor: max_seq_len <= 0", "[errors]", float, double) {
-  using Scalar = TestType;
-  for (const Index bad : {Index(0), Index(-1), Index(-20)}) {
-    INFO("max_seq_len " << bad);
-    const std::string got = "got " + std::to_string(bad);
-    check_shape_error([&] { head_attention::HeadAttention<Scalar> l(kEmb, kHead, bad); },
-                      {"max_seq_len", "> 0", got});
-    check_shape_error([&] { head_attention::BatchedHeadAttention<Scalar> l(kEmb, kHead, bad); },
-                      {"max_seq_len", "> 0", got});
-  }
+  check_constructors_reject<TestType>("max_seq_len", {0, -1, -20}, [](Index bad) {
+    return std::array<Index, 3>{kEmb, kHead, bad};
+  });
 }
 
 TEMPLATE_TEST_CASE("weight of the wrong shape set through query or key or value", "[errors]", float, double) {
