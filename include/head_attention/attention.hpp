@@ -4,9 +4,9 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include <Eigen/Core>
-#include <unsupported/Eigen/CXX11/Tensor>
 
 #include "detail/flash.hpp"
 #include "detail/parallel.hpp"
@@ -17,15 +17,27 @@
 namespace head_attention {
 
 template <typename Scalar>
-class BatchedHeadAttention;
+class HeadAttention;
+
+namespace detail {
+
+/// Throws shape_error unless all three projections of the layer are [head_size, emb_size] + [head_size].
+template <typename Scalar>
+void check_projections(const HeadAttention<Scalar>& layer, const char* where) {
+  check_linear(layer.query(), where, "query()", layer.emb_size(), layer.head_size());
+  check_linear(layer.key(), where, "key()", layer.emb_size(), layer.head_size());
+  check_linear(layer.value(), where, "value()", layer.emb_size(), layer.head_size());
+}
+
+}  // namespace detail
 
 /// Causal single-head self-attention, the C++ twin of simple_llm's PyTorch HeadAttention(emb_size, head_size,
 /// max_seq_len): out = softmax(mask(Q Kᵀ / sqrt(head_size))) V with Q, K, V = nn.Linear(emb_size,
 /// head_size)(x).
 ///
-/// forward() runs the fused path: one GEMM for Q, K and V, then a tiled online softmax that never builds the
-/// [T, T] score matrix, on all cores when compiled with OpenMP. It is const and may be called from many
-/// threads at once.
+/// forward() runs the fused path: one pass of projection GEMMs into a single Q|K|V buffer, then a tiled online
+/// softmax that never builds the [T, T] score matrix, on all cores when compiled with OpenMP. It is const and
+/// may be called from many threads at once.
 template <typename Scalar>
 class HeadAttention {
   static_assert(std::is_floating_point<Scalar>::value, "HeadAttention<Scalar> needs a floating-point Scalar");
@@ -35,8 +47,10 @@ class HeadAttention {
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
   using Mask = Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  using Tensor3 = Eigen::Tensor<Scalar, 3, Eigen::RowMajor>;
   using LinearType = Linear<Scalar>;
+  /// Where forward_into writes: any row-major [rows, head_size] storage with contiguous rows (a Matrix, a
+  /// Map over caller memory, a block of columns of a wider row-major matrix).
+  using OutputRef = Eigen::Ref<Matrix, 0, Eigen::OuterStride<>>;
 
   /// Builds the layer with PyTorch's default nn.Linear init, U(-1/sqrt(emb_size), 1/sqrt(emb_size)) for every
   /// weight and bias, drawn in the order q.weight, q.bias, k.weight, k.bias, v.weight, v.bias from a
@@ -77,15 +91,22 @@ class HeadAttention {
     return mask;
   }
 
-  /// Threads a forward call may use; 0 (the default) follows Eigen::setNbThreads / OMP_NUM_THREADS. Small
-  /// inputs and calls made from inside a parallel region run on one thread whatever this says. Throws
+  /// Caps the threads of one forward call at n; 0 (the default) follows Eigen::setNbThreads, else
+  /// OMP_NUM_THREADS, else one per core. Every thread that calls forward forks a team of its own: callers that
+  /// run several forward calls at once on their own threads should set 1 here (or OMP_NUM_THREADS=1) to avoid
+  /// oversubscribing the cores. Without OpenMP the setting is kept but every call runs on one thread. Throws
   /// shape_error if n < 0.
   void set_num_threads(int n) {
     detail::require(n >= 0, "HeadAttention::set_num_threads", "the thread count", ">= 0", std::to_string(n));
     m_threads = n;
   }
-  /// The thread count a large forward call would use now.
-  int num_threads() const { return m_threads > 0 ? m_threads : detail::default_thread_count(); }
+  /// The thread count a large forward call made now, from this thread, would run on: the setting (or its
+  /// default), 1 inside an active OpenMP parallel region (a forward call never forks a nested team), and 1
+  /// without OpenMP. Small inputs run on one thread whatever this says.
+  int num_threads() const {
+    if (!detail::has_openmp || detail::in_parallel_region()) return 1;
+    return requested_threads();
+  }
 
   /// One sequence: x [T, emb_size] to [T, head_size]. x may be any dense Eigen matrix expression of Scalar:
   /// row- or column-major, a Map over caller memory, a block; plain storage is read in place. T = 0 gives [0,
@@ -93,33 +114,65 @@ class HeadAttention {
   /// shape.
   template <typename Derived>
   Matrix forward(const Eigen::MatrixBase<Derived>& x) const {
-    static_assert(std::is_same<typename Derived::Scalar, Scalar>::value,
-                  "HeadAttention<Scalar>::forward needs an input of the same Scalar");
+    check_input<Derived>();
     check_call(x.cols(), x.rows(), "HeadAttention::forward", "x.cols() (input width)", "x.rows() (T)");
     Matrix out(x.rows(), m_head_size);  // [T, head]
-    forward_rows(x.derived(), 1, x.rows(), out.data());
+    run(x, 1, x.rows(), out.data(), out.outerStride());
     return out;
   }
 
+  /// forward(x) written into caller-provided storage: out must be [T, head_size] (a Matrix, a Map, or a block
+  /// of columns of a wider row-major matrix, such as one head's slice of a concatenation). x is read
+  /// completely before out is written. Throws shape_error, before touching out, on any bad shape.
+  template <typename Derived>
+  void forward_into(const Eigen::MatrixBase<Derived>& x, OutputRef out) const {
+    forward_into(x, 1, std::move(out));
+  }
+
+  /// `batch` independent sequences of equal length stored back to back: x [batch · T, emb_size] to out
+  /// [batch · T, head_size]. This is what BatchedHeadAttention runs: all batch · ceil(T / 64) query blocks
+  /// share the cores. Throws shape_error, before touching out, unless batch >= 0 and x.rows() is a multiple
+  /// of it (0 rows when batch = 0), and on any bad shape.
+  template <typename Derived>
+  void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out) const {
+    check_input<Derived>();
+    const char* where = "HeadAttention::forward_into";
+    detail::require(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
+    detail::require(batch > 0 ? x.rows() % batch == 0 : x.rows() == 0, where, "x.rows()",
+                    "a multiple of batch = " + std::to_string(batch), std::to_string(x.rows()));
+    const Index seq_len = batch > 0 ? x.rows() / batch : 0;
+    check_call(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
+    detail::require(out.rows() == x.rows() && out.cols() == m_head_size, where, "out shape",
+                    detail::shape_string(x.rows(), m_head_size), detail::shape_string(out.rows(), out.cols()));
+    run(x, batch, seq_len, out.data(), out.outerStride());
+  }
+
  private:
-  template <typename>
-  friend class BatchedHeadAttention;
+  template <typename Derived>
+  static constexpr void check_input() {
+    static_assert(std::is_same<typename Derived::Scalar, Scalar>::value,
+                  "HeadAttention<Scalar>::forward needs an input of the same Scalar");
+  }
+
+  int requested_threads() const { return m_threads > 0 ? m_threads : detail::default_thread_count(); }
 
   /// `batch` sequences of `seq_len` rows stored back to back in x ([batch · seq_len, emb_size]) into out
-  /// ([batch · seq_len, head_size], row-major, contiguous). Shapes must have been checked with check_call.
+  /// ([batch · seq_len, head_size], row-major, leading dimension out_stride). Shapes must have been checked
+  /// with check_call.
   template <typename Derived>
-  void forward_rows(const Eigen::MatrixBase<Derived>& x, Index batch, Index seq_len, Scalar* out) const {
+  void run(const Eigen::MatrixBase<Derived>& x, Index batch, Index seq_len, Scalar* out,
+           Index out_stride) const {
     constexpr bool in_place =
         (Derived::Flags & Eigen::DirectAccessBit) != 0 && Derived::InnerStrideAtCompileTime == 1;
     if constexpr (in_place) {
       constexpr int order = Derived::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
       const Derived& xd = x.derived();
       detail::forward<order>(xd.data(), xd.outerStride(), batch, seq_len, m_query, m_key, m_value, out,
-                             num_threads());
+                             out_stride, num_threads());
     } else {
       const Matrix copy = x;  // an expression or strided view: evaluate it once
       detail::forward<Eigen::RowMajor>(copy.data(), copy.cols(), batch, seq_len, m_query, m_key, m_value, out,
-                                       num_threads());
+                                       out_stride, num_threads());
     }
   }
 
@@ -127,9 +180,7 @@ class HeadAttention {
   /// length <= max_seq_len, and all three projections of shape [head_size, emb_size] + [head_size].
   void check_call(Index width, Index length, const char* where, const char* width_name,
                   const char* length_name) const {
-    detail::check_linear(m_query, where, "query()", m_emb_size, m_head_size);
-    detail::check_linear(m_key, where, "key()", m_emb_size, m_head_size);
-    detail::check_linear(m_value, where, "value()", m_emb_size, m_head_size);
+    detail::check_projections(*this, where);
     detail::require(width == m_emb_size, where, width_name, "emb_size = " + std::to_string(m_emb_size),
                     std::to_string(width));
     detail::require(length <= m_max_seq_len, where, length_name,

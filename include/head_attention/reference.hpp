@@ -12,7 +12,8 @@
 namespace head_attention::reference {
 
 /// The seed module step by step: Q, K, V projections, the full [T, T] scores Q Kᵀ / sqrt(head_size), the
-/// causal mask as -inf, a max-subtracted softmax and the weighted sum of V. O(T²) memory by design: tests
+/// causal mask as -inf, a max-subtracted softmax and the weighted sum of the visible rows of V (a masked key
+/// never reaches an output, even when it holds NaN or Inf). O(T²) memory by design: tests
 /// check the fast path against it, and the benchmarks measure the fast path's speedup over it. x: [T, emb];
 /// q, k, v: nn.Linear(emb, head). Returns [T, head]. Throws shape_error on mismatched shapes.
 template <typename Scalar, typename Derived>
@@ -45,7 +46,13 @@ Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> forward(
   Matrix weights = (scores.colwise() - row_max).array().exp().matrix();  // [T, T]
   const Vector row_sum = weights.rowwise().sum();                        // [T]
   weights = weights.array().colwise() / row_sum.array();                 // [T, T], rows sum to 1
-  return weights * V;                                                    // [T, head]
+
+  // Row i sums over its visible keys 0..i only: a masked key's weight is 0, but 0 · NaN or 0 · Inf in a full
+  // weights · V would let a masked key's non-finite value reach the output.
+  Matrix out(T, head);  // [T, head]
+  for (Eigen::Index i = 0; i < T; ++i)
+    out.row(i).noalias() = weights.row(i).head(i + 1) * V.topRows(i + 1);
+  return out;
 }
 
 }  // namespace head_attention::reference

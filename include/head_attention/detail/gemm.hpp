@@ -1,17 +1,52 @@
 // head-attention: a serial, allocation-free GEMM over raw strided storage.
 #pragma once
 
+#include <algorithm>
+
 #include <Eigen/Core>
+
+// Eigen's GEMM one layer below its expression templates (general_matrix_matrix_product with a result inner
+// stride, gemm_blocking_space) is internal API, and this exact form is the one of Eigen 3.4. Later Eigen
+// versions (3.4.90 development, 5.x) may change it, so it is used only with 3.4.x; anything else, or
+// HEAD_ATTENTION_GEMM_FALLBACK defined by the user, takes the fallback on Eigen's public product API.
+#if !defined(HEAD_ATTENTION_GEMM_FALLBACK) && EIGEN_VERSION_AT_LEAST(3, 4, 0) && !EIGEN_VERSION_AT_LEAST(3, 4, 90)
+#define HEAD_ATTENTION_GEMM_USES_EIGEN_INTERNALS 1
+#else
+#define HEAD_ATTENTION_GEMM_USES_EIGEN_INTERNALS 0
+#endif
+
+#if defined(EIGEN_HAS_OPENMP)
+#include <omp.h>
+#endif
 
 namespace head_attention::detail {
 
-/// res[m, n] += alpha · lhs[m, k] · rhs[k, n], result row-major, operands in either storage order.
+/// Whether Eigen's public product runs on the calling thread alone: Eigen parallelises a large product
+/// unless it is called from inside a team of more than one thread or Eigen::nbThreads() is 1.
+inline bool eigen_product_is_serial() {
+#if defined(EIGEN_HAS_OPENMP)
+  return omp_get_num_threads() > 1 || Eigen::nbThreads() == 1;
+#else
+  return true;
+#endif
+}
+
+/// True when Gemm runs Eigen 3.4's GEMM kernel directly, false on the public-API fallback.
+inline constexpr bool gemm_uses_eigen_internals = HEAD_ATTENTION_GEMM_USES_EIGEN_INTERNALS != 0;
+
+/// res[m, n] += lhs[m, k] · rhs[k, n], result row-major, operands in either storage order. Serial:
+/// it never forks threads, whatever Eigen::nbThreads() says, because the thread count of a forward call must
+/// be the caller's alone.
 ///
-/// This calls Eigen's own GEMM kernel one layer below its expression templates, for two reasons: that layer
-/// forks OpenMP threads for any product it deems large enough when it is called outside a parallel region
-/// (the thread count of a forward call must be ours alone), and it allocates packing buffers on every product
-/// (the attention loop runs thousands of small products per call). The buffers here are allocated once, up
-/// front.
+/// With Eigen 3.4 this calls Eigen's own GEMM kernel one layer below its expression templates, for two
+/// reasons: that layer forks OpenMP threads for any product it deems large enough when it is called outside
+/// a parallel region, and it allocates packing buffers on every product (the attention loop runs thousands of
+/// small products per call). The buffers here are allocated once, up front.
+///
+/// The fallback (other Eigen versions, or HEAD_ATTENTION_GEMM_FALLBACK) stays on public API: Eigen's own
+/// product (allocating its packing buffers per call) where Eigen keeps it serial, that is inside a team of
+/// more than one thread (every multi-threaded forward call) or when Eigen::nbThreads() is 1; elsewhere
+/// lazyProduct, Eigen's coefficient-based product, 3-8x slower but never forking.
 template <typename Scalar>
 class Gemm {
  public:
@@ -19,24 +54,56 @@ class Gemm {
 
   /// Prepares packing buffers for products up to [max_m, max_k] · [max_k, max_n]; larger ones still work,
   /// in more cache blocks.
-  Gemm(Index max_m, Index max_n, Index max_k) : m_blocking(max_m, max_n, max_k, 1, true) {
+  Gemm(Index max_m, Index max_n, Index max_k)
+#if HEAD_ATTENTION_GEMM_USES_EIGEN_INTERNALS
+      : m_blocking(max_m, max_n, max_k, 1, true) {
     m_blocking.allocateAll();
   }
+#else
+  {
+    (void)max_m;
+    (void)max_n;
+    (void)max_k;
+  }
+#endif
 
   template <int LhsOrder, int RhsOrder>
   void accumulate(Index m, Index n, Index k, const Scalar* lhs, Index lhs_stride, const Scalar* rhs,
-                  Index rhs_stride, Scalar* res, Index res_stride, Scalar alpha = Scalar(1)) {
+                  Index rhs_stride, Scalar* res, Index res_stride) {
     if (m == 0 || n == 0 || k == 0) return;
+#if HEAD_ATTENTION_GEMM_USES_EIGEN_INTERNALS
     Eigen::internal::general_matrix_matrix_product<Index, Scalar, LhsOrder, false, Scalar, RhsOrder, false,
                                                    Eigen::RowMajor, 1>::run(m, n, k, lhs, lhs_stride, rhs,
                                                                             rhs_stride, res, 1, res_stride,
-                                                                            alpha, m_blocking, nullptr);
+                                                                            Scalar(1), m_blocking, nullptr);
+#else
+    using Lhs = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, LhsOrder>;
+    using Rhs = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, RhsOrder>;
+    using Res = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    using Stride = Eigen::OuterStride<>;
+    const Eigen::Map<const Lhs, 0, Stride> a(lhs, m, k, Stride(lhs_stride));  // [m, k]
+    const Eigen::Map<const Rhs, 0, Stride> b(rhs, k, n, Stride(rhs_stride));  // [k, n]
+    Eigen::Map<Res, 0, Stride> c(res, m, n, Stride(res_stride));              // [m, n]
+    if (eigen_product_is_serial()) {
+      c.noalias() += a * b;
+    } else {
+      // Eigen's GEMM would fork Eigen::nbThreads() threads here; its coefficient-based product never does.
+      for (Index p0 = 0; p0 < k; p0 += panel_depth) {
+        const Index depth = std::min(panel_depth, k - p0);
+        c.noalias() += a.middleCols(p0, depth).lazyProduct(b.middleRows(p0, depth));
+      }
+    }
+#endif
   }
 
  private:
+#if HEAD_ATTENTION_GEMM_USES_EIGEN_INTERNALS
   Eigen::internal::gemm_blocking_space<Eigen::RowMajor, Scalar, Scalar, Eigen::Dynamic, Eigen::Dynamic,
                                        Eigen::Dynamic>
       m_blocking;
+#else
+  static constexpr Index panel_depth = 128;
+#endif
 };
 
 }  // namespace head_attention::detail

@@ -13,8 +13,16 @@
 
 namespace head_attention::detail {
 
+/// Whether this translation unit was compiled with OpenMP: without it every call runs on one thread.
+inline constexpr bool has_openmp =
+#if defined(_OPENMP)
+    true;
+#else
+    false;
+#endif
+
 /// The thread count a call uses when the caller set none: Eigen's, which follows Eigen::setNbThreads and
-/// otherwise OMP_NUM_THREADS; 1 when compiled without OpenMP.
+/// otherwise OMP_NUM_THREADS (OpenMP's default: one per core); 1 when compiled without OpenMP.
 inline int default_thread_count() {
   return Eigen::nbThreads();
 }
@@ -25,6 +33,24 @@ inline bool in_parallel_region() {
   return omp_in_parallel() != 0;
 #else
   return false;
+#endif
+}
+
+/// This thread's number in the current team (0 outside a parallel region, or without OpenMP).
+inline int thread_index() {
+#if defined(_OPENMP)
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+/// The size of the current team (1 outside a parallel region, or without OpenMP).
+inline int team_size() {
+#if defined(_OPENMP)
+  return omp_get_num_threads();
+#else
+  return 1;
 #endif
 }
 
