@@ -1,9 +1,10 @@
-// The public surface: sizes and accessors, the causal mask, empty inputs, thread settings, nn.Linear's
+// The public surface: sizes and accessors, the causal mask, empty inputs, forward_into, nn.Linear's
 // layout, the seeded PyTorch-style initialisation, and the version macros.
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
+#include <vector>
 
 #include "test_support.hpp"
 
@@ -115,28 +116,60 @@ TEMPLATE_TEST_CASE("empty inputs", "[api]", float, double) {
   CHECK(no_sequences.dimension(2) == 5);
 }
 
-TEMPLATE_TEST_CASE("set_num_threads and num_threads", "[api]", float, double) {
+TEMPLATE_TEST_CASE("forward_into writes forward's result into caller storage", "[api]", float, double) {
   using Scalar = TestType;
-  head_attention::HeadAttention<Scalar> layer(8, 4, 16);
-  CHECK(layer.num_threads() == Eigen::nbThreads());  // 0, the default, follows Eigen
-  CHECK(layer.num_threads() >= 1);
-  layer.set_num_threads(3);
-  CHECK(layer.num_threads() == 3);
-  layer.set_num_threads(1);
-  CHECK(layer.num_threads() == 1);
-  layer.set_num_threads(0);
-  CHECK(layer.num_threads() == Eigen::nbThreads());
+  constexpr Index T = 150, emb = 12, head = 5;
+  const head_attention::HeadAttention<Scalar> layer(emb, head, T, 31);
+  const Matrix<Scalar> x = random_matrix<Scalar>(T, emb, 32);
+  const Matrix<Scalar> expected = layer.forward(x);
 
-  // The setting travels with a copy into BatchedHeadAttention.
-  layer.set_num_threads(2);
-  const head_attention::BatchedHeadAttention<Scalar> batched(layer);
-  CHECK(batched.head().num_threads() == 2);
+  Matrix<Scalar> out(T, head);
+  layer.forward_into(x, out);
+  CHECK(identical(out, expected));
 
-  // Results don't depend on it.
-  const Matrix<Scalar> x = random_matrix<Scalar>(16, 8, 1);
-  const Matrix<Scalar> two = layer.forward(x);
-  layer.set_num_threads(1);
-  CHECK(identical(layer.forward(x), two));
+  // One head's slice of a concatenation: only those columns are written.
+  Matrix<Scalar> wide = Matrix<Scalar>::Constant(T, 3 * head, Scalar(7));
+  layer.forward_into(x, wide.middleCols(head, head));
+  CHECK(identical(wide.middleCols(head, head), expected));
+  CHECK((wide.leftCols(head).array() == Scalar(7)).all());
+  CHECK((wide.rightCols(head).array() == Scalar(7)).all());
+
+  // A Map over caller memory, and a column-major input.
+  std::vector<Scalar> buffer(static_cast<std::size_t>(T * head));
+  layer.forward_into(ColMatrix<Scalar>(x), Eigen::Map<Matrix<Scalar>>(buffer.data(), T, head));
+  CHECK(identical(Eigen::Map<const Matrix<Scalar>>(buffer.data(), T, head), expected));
+
+  // Sequences back to back: each one as if alone (up to rounding: the projection GEMMs are cut into other
+  // row chunks).
+  const Matrix<Scalar> x2 = random_matrix<Scalar>(T, emb, 33);
+  Matrix<Scalar> both(2 * T, emb);
+  both << x, x2;
+  Matrix<Scalar> out2(2 * T, head);
+  layer.forward_into(both, 2, out2);
+  CHECK(relative_error(out2.topRows(T), expected) <= rounding_tolerance<Scalar>());
+  CHECK(relative_error(out2.bottomRows(T), layer.forward(x2)) <= rounding_tolerance<Scalar>());
+
+  // Empty.
+  Matrix<Scalar> none(0, head);
+  layer.forward_into(Matrix<Scalar>(0, emb), 0, none);
+  layer.forward_into(Matrix<Scalar>(0, emb), 4, none);
+  CHECK(none.rows() == 0);
+}
+
+TEMPLATE_TEST_CASE("BatchedHeadAttention reads tensor expressions of the right rank", "[api]", float, double) {
+  using Scalar = TestType;
+  const head_attention::BatchedHeadAttention<Scalar> batched(6, 3, 20, 41);
+  const Tensor3<Scalar> x = random_tensor<Scalar>(2, 9, 6, 42);
+  const Tensor3<Scalar> expected = batched.forward(x);
+  const Tensor3<Scalar> doubled = batched.forward((x * Scalar(2)) * Scalar(0.5));  // evaluated once
+  CHECK(max_abs_diff(doubled.data(), expected.data(), expected.size()) == 0);
+  Tensor3<Scalar> copy = x;
+  const Eigen::TensorMap<Tensor3<Scalar>> map(copy.data(), 2, 9, 6);
+  const Tensor3<Scalar> from_map = batched.forward(map);
+  CHECK(max_abs_diff(from_map.data(), expected.data(), expected.size()) == 0);
+  const Eigen::Tensor<Scalar, 3, Eigen::RowMajor, int> small_index = x.template cast<Scalar>();
+  const Tensor3<Scalar> from_int_index = batched.forward(small_index);
+  CHECK(max_abs_diff(from_int_index.data(), expected.data(), expected.size()) == 0);
 }
 
 TEMPLATE_TEST_CASE("seeded init is deterministic and seed dependent and within the PyTorch bound", "[api]",

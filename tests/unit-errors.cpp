@@ -210,13 +210,50 @@ TEMPLATE_TEST_CASE("set_num_threads: a negative count", "[errors]", float, doubl
   using Scalar = TestType;
   Setup<Scalar> s;
   s.layer.set_num_threads(2);
+  const int before = s.layer.num_threads();  // 2, or 1 without OpenMP
   for (const int bad : {-1, -8}) {
     INFO("set_num_threads(" << bad << ")");
     check_shape_error(
         [&] { s.layer.set_num_threads(bad); },
         {"HeadAttention::set_num_threads", "thread count", ">= 0", "got " + std::to_string(bad)});
-    CHECK(s.layer.num_threads() == 2);  // the old setting stays
+    CHECK(s.layer.num_threads() == before);  // the old setting stays
   }
+  s.check_unchanged(s.layer);
+}
+
+TEMPLATE_TEST_CASE("forward_into: bad output shapes and batch counts", "[errors]", float, double) {
+  using Scalar = TestType;
+  const Setup<Scalar> s;
+  const Scalar sentinel = Scalar(-12345);
+  for (const auto& shape : {std::array<Index, 2>{kMax - 1, kHead}, std::array<Index, 2>{kMax, kHead + 1},
+                            std::array<Index, 2>{kMax, kHead - 1}, std::array<Index, 2>{0, 0}}) {
+    Matrix<Scalar> out = Matrix<Scalar>::Constant(shape[0], shape[1], sentinel);
+    const std::string got = "got [" + std::to_string(shape[0]) + ", " + std::to_string(shape[1]) + "]";
+    INFO("out " << got);
+    check_shape_error([&] { s.layer.forward_into(s.x, out); },
+                      {"HeadAttention::forward_into", "out shape", "[20, 7]", got});
+    CHECK((out.array() == sentinel).all());  // never touched
+  }
+
+  Matrix<Scalar> out = Matrix<Scalar>::Constant(kMax, kHead, sentinel);
+  check_shape_error([&] { s.layer.forward_into(s.x, -1, out); },
+                    {"HeadAttention::forward_into", "batch", ">= 0", "got -1"});
+  check_shape_error([&] { s.layer.forward_into(s.x, 3, out); },
+                    {"HeadAttention::forward_into", "x.rows()", "a multiple of batch = 3", "got 20"});
+  check_shape_error([&] { s.layer.forward_into(s.x, 0, out); },
+                    {"HeadAttention::forward_into", "x.rows()", "batch = 0", "got 20"});
+  // T is x.rows() / batch: 40 rows as one sequence are too long, as two they are fine.
+  const Matrix<Scalar> two = random_matrix<Scalar>(2 * kMax, kEmb, 14);
+  Matrix<Scalar> out_two = Matrix<Scalar>::Constant(2 * kMax, kHead, sentinel);
+  check_shape_error([&] { s.layer.forward_into(two, 1, out_two); },
+                    {"HeadAttention::forward_into", "T", "max_seq_len = 20", "got 40"});
+  const Matrix<Scalar> narrow = random_matrix<Scalar>(kMax, kEmb - 1, 15);
+  check_shape_error([&] { s.layer.forward_into(narrow, out); },
+                    {"HeadAttention::forward_into", "input width", "emb_size = 13", "got 12"});
+  CHECK((out.array() == sentinel).all());
+  CHECK((out_two.array() == sentinel).all());
+  s.layer.forward_into(two, 2, out_two);  // the same storage, used rightly
+  CHECK(out_two.allFinite());
   s.check_unchanged(s.layer);
 }
 

@@ -1,7 +1,7 @@
 // Properties of causal attention that hold whatever the weights: causality, the first row, batching, input
-// layouts, thread counts, softmax invariances. Random inputs from fixed seeds (printed on failure).
+// layouts, softmax invariances (thread counts are in unit-threads.cpp). Random inputs from fixed seeds
+// (printed on failure).
 #include <cstdint>
-#include <thread>
 #include <vector>
 
 #include "test_support.hpp"
@@ -189,73 +189,5 @@ TEMPLATE_TEST_CASE("every input layout agrees: row-major column-major Map block 
     CHECK(identical(layer.forward((x * Scalar(2)) * Scalar(0.5)), out));
     const ColMatrix<Scalar> xt = x.transpose();  // [emb, T] column-major; its transpose is row-major
     CHECK(identical(layer.forward(xt.transpose()), out));
-  }
-}
-
-TEMPLATE_TEST_CASE("multithreaded equals single-threaded", "[properties]", float, double) {
-  using Scalar = TestType;
-  struct Case {
-    Index B, T, emb, head;
-  };
-  // Large enough to pass the library's serial threshold (about 4e6 flops).
-  for (const Case& c : {Case{1, 700, 64, 32}, Case{4, 300, 32, 16}, Case{2, 1000, 16, 8}}) {
-    const std::uint64_t seed = 500 + static_cast<std::uint64_t>(c.T);
-    INFO("B " << c.B << ", T " << c.T << ", emb " << c.emb << ", head " << c.head << ", seed " << seed);
-    head_attention::BatchedHeadAttention<Scalar> batched(c.emb, c.head, c.T, seed);
-    const Tensor3<Scalar> x = random_tensor<Scalar>(c.B, c.T, c.emb, seed);
-
-    batched.head().set_num_threads(1);
-    REQUIRE(batched.head().num_threads() == 1);
-    const Tensor3<Scalar> serial = batched.forward(x);
-    const Matrix<Scalar> serial_seq = batched.head().forward(sequence(x, 0));
-
-    batched.head().set_num_threads(2);
-    REQUIRE(batched.head().num_threads() == 2);
-    const Tensor3<Scalar> parallel = batched.forward(x);
-    const Matrix<Scalar> parallel_seq = batched.head().forward(sequence(x, 0));
-
-    // The work is split into the same items whatever the thread count, each computed in the same order.
-    CHECK(max_abs_diff(parallel.data(), serial.data(), serial.size()) == 0);
-    CHECK(identical(parallel_seq, serial_seq));
-  }
-}
-
-#if defined(_OPENMP)
-TEMPLATE_TEST_CASE("forward inside an OpenMP parallel region", "[properties]", float, double) {
-  using Scalar = TestType;
-  head_attention::HeadAttention<Scalar> layer(64, 32, 700, 10);
-  layer.set_num_threads(2);
-  const Matrix<Scalar> x = random_matrix<Scalar>(700, 64, 700);
-  const Matrix<Scalar> expected = layer.forward(x);
-  std::vector<Matrix<Scalar>> results(2);
-  // The library must not fork again from inside a parallel region; every thread gets the same result.
-#pragma omp parallel for num_threads(2)
-  for (int i = 0; i < 2; ++i)
-    results[static_cast<std::size_t>(i)] = layer.forward(x);
-  CHECK(identical(results[0], expected));
-  CHECK(identical(results[1], expected));
-}
-#endif
-
-TEMPLATE_TEST_CASE("concurrent forward calls on one const layer", "[properties]", float, double) {
-  using Scalar = TestType;
-  const head_attention::HeadAttention<Scalar> layer(32, 16, 400, 9);
-  std::vector<Matrix<Scalar>> inputs, expected;
-  for (std::uint64_t i = 0; i < 4; ++i) {
-    inputs.push_back(random_matrix<Scalar>(100 + 100 * static_cast<Index>(i), 32, 600 + i));
-    expected.push_back(layer.forward(inputs.back()));
-  }
-  std::vector<Matrix<Scalar>> results(inputs.size());
-  std::vector<std::thread> threads;
-  for (std::size_t i = 0; i < inputs.size(); ++i)
-    threads.emplace_back([&, i] {
-      for (int repeat = 0; repeat < 3; ++repeat)
-        results[i] = layer.forward(inputs[i]);
-    });
-  for (std::thread& t : threads)
-    t.join();
-  for (std::size_t i = 0; i < inputs.size(); ++i) {
-    INFO("input " << i);
-    CHECK(identical(results[i], expected[i]));
   }
 }

@@ -53,14 +53,17 @@ class BatchedHeadAttention {
   template <typename Derived>
   Tensor3 forward(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x) const {
     using Traits = Eigen::internal::traits<Derived>;
-    static_assert(Traits::NumDimensions == 3,
-                  "BatchedHeadAttention::forward needs a rank-3 tensor [B, T, emb_size]");
-    static_assert(static_cast<int>(Traits::Layout) == static_cast<int>(Eigen::RowMajor),
-                  "BatchedHeadAttention::forward needs a row-major tensor (Eigen::RowMajor), as PyTorch lays "
-                  "out [B, T, emb_size]");
-    static_assert(std::is_same<std::remove_const_t<typename Traits::Scalar>, Scalar>::value,
-                  "BatchedHeadAttention<Scalar>::forward needs a tensor of the same Scalar");
-    if constexpr (detail::is_dense_tensor<Derived>::value) {
+    constexpr bool rank_3 = Traits::NumDimensions == 3;
+    constexpr bool row_major = static_cast<int>(Traits::Layout) == static_cast<int>(Eigen::RowMajor);
+    constexpr bool same_scalar = std::is_same<std::remove_const_t<typename Traits::Scalar>, Scalar>::value;
+    static_assert(rank_3, "BatchedHeadAttention::forward needs a rank-3 tensor [B, T, emb_size]");
+    static_assert(row_major,
+                  "BatchedHeadAttention::forward needs a row-major tensor (Eigen::RowMajor), laid out as "
+                  "PyTorch lays out [B, T, emb_size]");
+    static_assert(same_scalar, "BatchedHeadAttention<Scalar>::forward needs a tensor of the same Scalar");
+    if constexpr (!(rank_3 && row_major && same_scalar)) {
+      return Tensor3();  // not compiled: the static_asserts above have failed; this keeps their message alone
+    } else if constexpr (detail::is_dense_tensor<Derived>::value) {
       const Derived& t = static_cast<const Derived&>(x);
       return forward_data(t.data(), t.dimension(0), t.dimension(1), t.dimension(2));
     } else {

@@ -1,0 +1,44 @@
+// Inputs that must not compile, each selected by one HEAD_ATTENTION_COMPILE_FAIL_<case> macro, and, with none
+// defined, the control: the same calls with the right types, which must compile (it is built with the tests).
+#include <Eigen/Core>
+#include <unsupported/Eigen/CXX11/Tensor>
+
+#include <head_attention/head_attention.hpp>
+
+int main() {
+  head_attention::BatchedHeadAttention<float> batched(4, 2, 8);
+  head_attention::HeadAttention<float> layer(4, 2, 8);
+#if defined(HEAD_ATTENTION_COMPILE_FAIL_RANK2)
+  Eigen::Tensor<float, 2, Eigen::RowMajor> x(3, 4);  // [T, emb]: a sequence, not a batch
+  x.setZero();
+  (void)batched.forward(x);
+#elif defined(HEAD_ATTENTION_COMPILE_FAIL_RANK4)
+  Eigen::Tensor<float, 4, Eigen::RowMajor> x(1, 2, 3, 4);
+  x.setZero();
+  (void)batched.forward(x);
+#elif defined(HEAD_ATTENTION_COMPILE_FAIL_COLUMN_MAJOR)
+  Eigen::Tensor<float, 3> x(2, 3, 4);  // Eigen's default layout: column-major
+  x.setZero();
+  (void)batched.forward(x);
+#elif defined(HEAD_ATTENTION_COMPILE_FAIL_SCALAR)
+  Eigen::Tensor<double, 3, Eigen::RowMajor> x(2, 3, 4);
+  x.setZero();
+  (void)batched.forward(x);
+#elif defined(HEAD_ATTENTION_COMPILE_FAIL_MAP_RANK2)
+  float data[12] = {};
+  const Eigen::TensorMap<const Eigen::Tensor<float, 2, Eigen::RowMajor>> x(data, 3, 4);
+  (void)batched.forward(x);
+#elif defined(HEAD_ATTENTION_COMPILE_FAIL_MATRIX_SCALAR)
+  const Eigen::MatrixXd x = Eigen::MatrixXd::Zero(3, 4);
+  (void)layer.forward(x);
+#else
+  Eigen::Tensor<float, 3, Eigen::RowMajor> x(2, 3, 4);
+  x.setZero();
+  (void)batched.forward(x);
+  const Eigen::TensorMap<const Eigen::Tensor<float, 3, Eigen::RowMajor>> map(x.data(), 2, 3, 4);
+  (void)batched.forward(map);
+  (void)batched.forward(x * 2.0f);
+  (void)layer.forward(Eigen::MatrixXf::Zero(3, 4));
+#endif
+  return 0;
+}

@@ -1,0 +1,20 @@
+# cmake -DBUILD_DIR=... -DTARGET=... -DEXPECT=<regex> [-DCONFIG=...] -P expect_compile_error.cmake
+# Builds TARGET, which must fail to compile with a compiler message matching EXPECT (our static_assert's
+# text). A bare WILL_FAIL on the build would pass on any error at all, a typo in the test included; this
+# passes only on the intended one.
+set(config_args "")
+if(CONFIG)
+  set(config_args --config "${CONFIG}")
+endif()
+execute_process(
+  COMMAND "${CMAKE_COMMAND}" --build "${BUILD_DIR}" --target "${TARGET}" ${config_args}
+  RESULT_VARIABLE result
+  OUTPUT_VARIABLE output
+  ERROR_VARIABLE output)
+if(result EQUAL 0)
+  message(FATAL_ERROR "${TARGET} compiled, but must not")
+endif()
+if(NOT output MATCHES "${EXPECT}")
+  message(FATAL_ERROR "${TARGET} failed to compile, but without the expected message '${EXPECT}':\n${output}")
+endif()
+message(STATUS "${TARGET}: refused at compile time with '${EXPECT}'")

@@ -1,0 +1,91 @@
+// Masked keys never influence an output, even when they hold NaN or Inf: a non-finite value planted in input
+// row p may reach only the outputs that attend to row p (rows p and later, under the causal mask). Every
+// earlier output must stay bit-identical to the output of the clean input, on every path.
+//
+// (PyTorch's seed module does not give this: its weights · V multiplies the masked zeros by V, and 0 · NaN is
+// NaN, so there a NaN in row p reaches every earlier row too.)
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "test_support.hpp"
+
+namespace {
+
+using namespace ha_test;
+
+template <typename Scalar>
+const Scalar kPlanted[] = {std::numeric_limits<Scalar>::quiet_NaN(), std::numeric_limits<Scalar>::infinity(),
+                           -std::numeric_limits<Scalar>::infinity()};
+
+struct Shape {
+  Index T, emb, head;
+};
+
+// T = 10: one tile. T = 150: three query blocks in one key block. T = 320: two key blocks, so that the
+// planted row sits in the diagonal tile of some query blocks and in a full tile of later ones.
+const Shape kShapes[] = {{10, 6, 4}, {150, 12, 8}, {320, 16, 8}};
+
+/// Rows [0, p) of `got` are bit-identical to those of `clean` and finite.
+template <typename Scalar>
+bool earlier_rows_unchanged(const Matrix<Scalar>& got, const Matrix<Scalar>& clean, Index p) {
+  return identical(got.topRows(p), clean.topRows(p)) && got.topRows(p).allFinite();
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("a non-finite input row reaches only the outputs that attend to it", "[nonfinite]", float,
+                   double) {
+  using Scalar = TestType;
+  for (const Shape& shape : kShapes) {
+    const std::uint64_t seed = 900 + static_cast<std::uint64_t>(shape.T);
+    head_attention::HeadAttention<Scalar> layer(shape.emb, shape.head, shape.T, seed);
+    layer.set_num_threads(1);  // the plants below run thousands of calls; threads are covered elsewhere
+    const Matrix<Scalar> x = random_matrix<Scalar>(shape.T, shape.emb, seed + 1);
+    const Matrix<Scalar> clean = layer.forward(x);
+    const Matrix<Scalar> clean_reference =
+        head_attention::reference::forward(x, layer.query(), layer.key(), layer.value());
+    REQUIRE(clean.allFinite());
+
+    for (const Scalar value : kPlanted<Scalar>) {
+      Index fast_failures = 0, reference_failures = 0, unreached = 0;
+      for (Index p = 0; p < shape.T; ++p) {
+        Matrix<Scalar> planted = x;
+        planted(p, p % shape.emb) = value;
+        const Matrix<Scalar> fast = layer.forward(planted);
+        const Matrix<Scalar> ref = head_attention::reference::forward(planted, layer.query(), layer.key(),
+                                                                      layer.value());
+        if (!earlier_rows_unchanged(fast, clean, p)) ++fast_failures;
+        if (!earlier_rows_unchanged(ref, clean_reference, p)) ++reference_failures;
+        // The planted row itself must see its own non-finite key and value: the plant did take effect.
+        if (fast.row(p).allFinite() || ref.row(p).allFinite()) ++unreached;
+      }
+      INFO("T " << shape.T << ", planted " << value);
+      CHECK(fast_failures == 0);
+      CHECK(reference_failures == 0);
+      CHECK(unreached == 0);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("a non-finite value in one sequence leaves the others and the earlier rows unchanged",
+                   "[nonfinite]", float, double) {
+  using Scalar = TestType;
+  constexpr Index B = 3, T = 200, emb = 16, head = 8;
+  head_attention::BatchedHeadAttention<Scalar> batched(emb, head, T, 77);
+  batched.head().set_num_threads(2);  // also on the multi-threaded path, when there is one
+  const Tensor3<Scalar> x = random_tensor<Scalar>(B, T, emb, 78);
+  const Tensor3<Scalar> clean = batched.forward(x);
+  for (const Scalar value : kPlanted<Scalar>) {
+    for (const Index p : {Index(0), Index(63), Index(64), Index(100), Index(199)}) {
+      Tensor3<Scalar> planted = x;
+      planted(1, p, 3) = value;
+      const Tensor3<Scalar> out = batched.forward(planted);
+      INFO("planted " << value << " at sequence 1, row " << p);
+      CHECK(identical(sequence(out, 0), sequence(clean, 0)));
+      CHECK(identical(sequence(out, 2), sequence(clean, 2)));
+      CHECK(earlier_rows_unchanged(sequence(out, 1), sequence(clean, 1), p));
+      CHECK_FALSE(sequence(out, 1).row(p).allFinite());
+    }
+  }
+}
