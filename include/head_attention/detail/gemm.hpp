@@ -21,15 +21,35 @@
 
 namespace head_attention::detail {
 
-/// Whether Eigen's public product runs on the calling thread alone: Eigen parallelises a large product
-/// unless it is called from inside a team of more than one thread or Eigen::nbThreads() is 1.
-inline bool eigen_product_is_serial() {
+/// Keeps Eigen's public product on the calling thread for its lifetime, where it can. Eigen parallelises a
+/// large product unless it is called from inside a team of more than one thread or Eigen::nbThreads() is 1,
+/// and nbThreads() follows this thread's OpenMP thread count unless the program called Eigen::setNbThreads.
+/// So outside a team that count is set to 1 and restored afterwards; it is a per-thread setting, other
+/// threads never see it. serial() tells whether that sufficed (not after Eigen::setNbThreads(n > 1)).
+class SerialEigenProducts {
+ public:
 #if defined(EIGEN_HAS_OPENMP)
-  return omp_get_num_threads() > 1 || Eigen::nbThreads() == 1;
+  SerialEigenProducts() {
+    if (omp_get_num_threads() == 1 && omp_get_max_threads() > 1) {
+      m_saved = omp_get_max_threads();
+      omp_set_num_threads(1);
+    }
+  }
+  ~SerialEigenProducts() {
+    if (m_saved > 0) omp_set_num_threads(m_saved);
+  }
+  bool serial() const { return omp_get_num_threads() > 1 || Eigen::nbThreads() == 1; }
 #else
-  return true;
+  bool serial() const { return true; }
 #endif
-}
+  SerialEigenProducts(const SerialEigenProducts&) = delete;
+  SerialEigenProducts& operator=(const SerialEigenProducts&) = delete;
+
+#if defined(EIGEN_HAS_OPENMP)
+ private:
+  int m_saved = 0;
+#endif
+};
 
 /// True when Gemm runs Eigen 3.4's GEMM kernel directly, false on the public-API fallback.
 inline constexpr bool gemm_uses_eigen_internals = HEAD_ATTENTION_GEMM_USES_EIGEN_INTERNALS != 0;
@@ -44,9 +64,9 @@ inline constexpr bool gemm_uses_eigen_internals = HEAD_ATTENTION_GEMM_USES_EIGEN
 /// small products per call). The buffers here are allocated once, up front.
 ///
 /// The fallback (other Eigen versions, or HEAD_ATTENTION_GEMM_FALLBACK) stays on public API: Eigen's own
-/// product (allocating its packing buffers per call) where Eigen keeps it serial, that is inside a team of
-/// more than one thread (every multi-threaded forward call) or when Eigen::nbThreads() is 1; elsewhere
-/// lazyProduct, Eigen's coefficient-based product, 3-8x slower but never forking.
+/// product (allocating its packing buffers per call), kept serial by SerialEigenProducts; only after the
+/// program called Eigen::setNbThreads(n > 1), and outside a team, lazyProduct, Eigen's coefficient-based
+/// product, about 2.7x slower but never forking (and rounding differently).
 template <typename Scalar>
 class Gemm {
  public:
@@ -84,7 +104,8 @@ class Gemm {
     const Eigen::Map<const Lhs, 0, Stride> a(lhs, m, k, Stride(lhs_stride));  // [m, k]
     const Eigen::Map<const Rhs, 0, Stride> b(rhs, k, n, Stride(rhs_stride));  // [k, n]
     Eigen::Map<Res, 0, Stride> c(res, m, n, Stride(res_stride));              // [m, n]
-    if (eigen_product_is_serial()) {
+    const SerialEigenProducts serial_scope;
+    if (serial_scope.serial()) {
       c.noalias() += a * b;
     } else {
       // Eigen's GEMM would fork Eigen::nbThreads() threads here; its coefficient-based product never does.
