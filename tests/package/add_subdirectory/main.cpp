@@ -1,4 +1,5 @@
-// add_subdirectory consumer: the headers are not system headers here, so -Werror covers them too.
+// add_subdirectory consumer: the headers are not system headers here, so the warnings (errors under
+// HEAD_ATTENTION_WERROR) cover them too.
 #include <iostream>
 
 #include <head_attention/head_attention.hpp>

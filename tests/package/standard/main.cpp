@@ -7,12 +7,20 @@
 #if CONSUMER_CPLUSPLUS < 201703L
 #error "HeadAttention did not bring C++17 to its consumer"
 #endif
+// When the consumer asked for a newer standard (the test driver passes e.g. 202002L for C++20), it must get it:
+// nothing HeadAttention's package or pkg-config file adds may downgrade it.
+#if defined(CONSUMER_EXPECTED_CPLUSPLUS) && CONSUMER_CPLUSPLUS < CONSUMER_EXPECTED_CPLUSPLUS
+#error "the consumer was compiled as an older C++ standard than the one it asked for"
+#endif
 
 #include <iostream>
 
 // Found only through the package's Eigen3::Eigen dependency.
 #include <Eigen/Core>
 #include <unsupported/Eigen/CXX11/Tensor>
+#if !EIGEN_VERSION_AT_LEAST(3, 4, 0)
+#error "HeadAttention needs Eigen 3.4, but its package let an older Eigen through"
+#endif
 
 #include <head_attention/head_attention.hpp>
 
