@@ -5,6 +5,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include <Eigen/Core>
 
@@ -12,7 +13,10 @@
 #include "detail/parallel.hpp"
 #include "detail/rng.hpp"
 #include "errors.hpp"
+#include "kv_cache.hpp"
 #include "linear.hpp"
+#include "mask.hpp"
+#include "reference.hpp"
 
 namespace head_attention {
 
@@ -55,11 +59,14 @@ class HeadAttention {
   /// Builds the layer with PyTorch's default nn.Linear init, U(-1/sqrt(emb_size), 1/sqrt(emb_size)) for every
   /// weight and bias, drawn in the order q.weight, q.bias, k.weight, k.bias, v.weight, v.bias from a
   /// generator seeded with `seed` (the same seed gives the same weights, in float and double alike). Throws
-  /// shape_error unless all three sizes are positive.
-  HeadAttention(Index emb_size, Index head_size, Index max_seq_len, std::uint64_t seed = 0)
+  /// shape_error unless all three sizes are positive. `rule` is which keys each query sees (causal, the
+  /// seed's, by default; see MaskRule).
+  HeadAttention(Index emb_size, Index head_size, Index max_seq_len, std::uint64_t seed = 0,
+                const MaskRule& rule = MaskRule::causal())
       : m_emb_size(checked_size(emb_size, "emb_size")),
         m_head_size(checked_size(head_size, "head_size")),
-        m_max_seq_len(checked_size(max_seq_len, "max_seq_len")) {
+        m_max_seq_len(checked_size(max_seq_len, "max_seq_len")),
+        m_rule(rule) {
     detail::UniformSource uniform(seed);
     m_query = detail::make_linear<Scalar>(emb_size, head_size, uniform);
     m_key = detail::make_linear<Scalar>(emb_size, head_size, uniform);
@@ -80,15 +87,24 @@ class HeadAttention {
   LinearType& value() { return m_value; }
   const LinearType& value() const { return m_value; }
 
-  /// The [T, T] causal mask, true where query i may see key j (j <= i), built on request: the layer stores
-  /// none. Throws shape_error unless 0 <= T <= max_seq_len.
+  /// Which keys each query sees: causal (the default, the seed's), bidirectional or a sliding window. A
+  /// change takes effect on the next call; caches made under another rule are then refused.
+  const MaskRule& mask_rule() const { return m_rule; }
+  void set_mask_rule(const MaskRule& rule) { m_rule = rule; }
+
+  /// The [T, T] causal mask, true where query i may see key j (j <= i): the seed's _tril_mask buffer, built
+  /// on request (the layer stores none), whatever the layer's own rule. Throws shape_error unless 0 <= T <=
+  /// max_seq_len.
   Mask tril_mask(Index T) const {
     check_seq_len(T, "HeadAttention::tril_mask");
-    Mask mask(T, T);
-    for (Index i = 0; i < T; ++i)
-      for (Index j = 0; j < T; ++j)
-        mask(i, j) = j <= i;
-    return mask;
+    return rule_mask(MaskRule::causal(), T);
+  }
+
+  /// The [T, T] mask of the layer's rule, true where query i sees key j. Throws shape_error unless 0 <= T <=
+  /// max_seq_len.
+  Mask mask(Index T) const {
+    check_seq_len(T, "HeadAttention::mask");
+    return rule_mask(m_rule, T);
   }
 
   /// Caps the threads of one forward call at n; 0 (the default) follows Eigen::setNbThreads, else
@@ -121,6 +137,16 @@ class HeadAttention {
     return out;
   }
 
+  /// simple_llm's get_attention_weights for one sequence: the softmax weights [T, T] under the layer's rule,
+  /// without the product with V (masked entries are exactly 0; a row that sees no key is all 0). This one
+  /// builds the [T, T] matrix, as it must; forward() never does. Throws as forward() does.
+  template <typename Derived>
+  Matrix attention_weights(const Eigen::MatrixBase<Derived>& x) const {
+    check_input<Derived>();
+    check_call(x.cols(), x.rows(), "HeadAttention::attention_weights", "x.cols() (input width)", "x.rows() (T)");
+    return reference::attention_weights(x, m_query, m_key, m_rule);
+  }
+
   /// forward(x) written into caller-provided storage: out must be [T, head_size] (a Matrix, a Map, or a block
   /// of columns of a wider row-major matrix, such as one head's slice of a concatenation). x is read
   /// completely before out is written. Throws shape_error, before touching out, on any bad shape.
@@ -142,9 +168,60 @@ class HeadAttention {
                     "a multiple of batch = " + std::to_string(batch), std::to_string(x.rows()));
     const Index seq_len = batch > 0 ? x.rows() / batch : 0;
     check_call(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
-    detail::require(out.rows() == x.rows() && out.cols() == m_head_size, where, "out shape",
-                    detail::shape_string(x.rows(), m_head_size), detail::shape_string(out.rows(), out.cols()));
+    check_out(out, x.rows(), where);
     run(x, batch, seq_len, out.data(), out.outerStride());
+  }
+
+  /// The same with right padding: sequence b's keys at positions >= lengths[b] are masked for every query
+  /// (its padded rows still get outputs, from the valid keys they may see). Throws shape_error unless
+  /// lengths has `batch` entries, each in [0, T].
+  template <typename Derived>
+  void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
+                    const std::vector<Index>& lengths) const {
+    check_input<Derived>();
+    const char* where = "HeadAttention::forward_into";
+    detail::require(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
+    detail::require(batch > 0 ? x.rows() % batch == 0 : x.rows() == 0, where, "x.rows()",
+                    "a multiple of batch = " + std::to_string(batch), std::to_string(x.rows()));
+    const Index seq_len = batch > 0 ? x.rows() / batch : 0;
+    check_call(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
+    check_out(out, x.rows(), where);
+    check_lengths(lengths, batch, seq_len, where);
+    detail::AttentionPlan<Scalar> plan;
+    plan.rule = m_rule;
+    plan.lengths = lengths.data();
+    run(x, batch, seq_len, out.data(), out.outerStride(), plan);
+  }
+
+  /// An empty KV cache for incremental decoding with this layer (its sizes and mask rule).
+  KVCache<Scalar> make_cache() const { return KVCache<Scalar>(m_emb_size, m_head_size, m_max_seq_len, m_rule); }
+
+  /// Incremental decoding: projects the t new rows of x [t, emb_size] (any dense expression, like forward),
+  /// appends their keys and values to the cache, and returns their outputs [t, head_size]. Earlier keys and
+  /// values are read from the cache, never recomputed. Alignment is bottom-right: new row i has position
+  /// cache.size() + i and sees the cached positions and the new ones the layer's rule lets it see (under the
+  /// causal rule: all cached ones and new ones up to itself), so prefill plus chunks equals one forward over
+  /// the whole sequence. Throws shape_error, with the cache unchanged, if x is not [t, emb_size], if the cache
+  /// was made by a layer of other sizes or another rule, or if cache.size() + t > max_seq_len.
+  template <typename Derived>
+  Matrix forward_cached(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache) const {
+    Matrix out(x.rows(), m_head_size);  // [t, head]
+    KVCache<Scalar>* caches[1] = {&cache};
+    cached(x, caches, 1, out, "HeadAttention::forward_cached");
+    return out;
+  }
+
+  /// forward_cached for several sequences that advance together: x holds caches.size() chunks of equal length
+  /// t back to back ([B · t, emb_size]), chunk b extends caches[b], and out [B · t, head_size] receives their
+  /// outputs. Checks everything (every cache included) before changing anything.
+  template <typename Derived>
+  void forward_cached_into(const Eigen::MatrixBase<Derived>& x, std::vector<KVCache<Scalar>>& caches,
+                           OutputRef out) const {
+    std::vector<KVCache<Scalar>*> pointers;
+    pointers.reserve(caches.size());
+    for (KVCache<Scalar>& cache : caches)
+      pointers.push_back(&cache);
+    cached(x, pointers.data(), static_cast<Index>(pointers.size()), out, "HeadAttention::forward_cached_into");
   }
 
  private:
@@ -156,23 +233,95 @@ class HeadAttention {
 
   int requested_threads() const { return m_threads > 0 ? m_threads : detail::default_thread_count(); }
 
+  static Mask rule_mask(const MaskRule& rule, Index T) {
+    Mask mask(T, T);
+    for (Index i = 0; i < T; ++i)
+      for (Index j = 0; j < T; ++j)
+        mask(i, j) = rule.visible(i, j, T);
+    return mask;
+  }
+
+  void check_out(const OutputRef& out, Index rows, const char* where) const {
+    detail::require(out.rows() == rows && out.cols() == m_head_size, where, "out shape",
+                    detail::shape_string(rows, m_head_size), detail::shape_string(out.rows(), out.cols()));
+  }
+
+  static void check_lengths(const std::vector<Index>& lengths, Index batch, Index seq_len, const char* where) {
+    detail::require(static_cast<Index>(lengths.size()) == batch, where, "lengths.size()",
+                    "batch = " + std::to_string(batch), std::to_string(lengths.size()));
+    for (std::size_t b = 0; b < lengths.size(); ++b)
+      detail::require(lengths[b] >= 0 && lengths[b] <= seq_len, where, "lengths[" + std::to_string(b) + "]",
+                      "in [0, T = " + std::to_string(seq_len) + "]", std::to_string(lengths[b]));
+  }
+
+  /// The cached forward of `count` chunks stored back to back in x, chunk b extending *caches[b].
+  template <typename Derived>
+  void cached(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>* const* caches, Index count, OutputRef out,
+              const char* where) const {
+    check_input<Derived>();
+    detail::require(count > 0 ? x.rows() % count == 0 : x.rows() == 0, where, "x.rows()",
+                    "a multiple of the number of caches = " + std::to_string(count), std::to_string(x.rows()));
+    const Index t = count > 0 ? x.rows() / count : 0;
+    check_call(x.cols(), t, where, "x.cols() (input width)", "x.rows() (t)");
+    check_out(out, x.rows(), where);
+    for (Index b = 0; b < count; ++b) {
+      const KVCache<Scalar>& cache = *caches[b];
+      const std::string name = count == 1 ? "cache" : "caches[" + std::to_string(b) + "]";
+      detail::require(cache.emb_size() == m_emb_size && cache.head_size() == m_head_size &&
+                          cache.max_seq_len() == m_max_seq_len,
+                      where, name + " sizes (emb_size, head_size, max_seq_len)",
+                      "this layer's (" + std::to_string(m_emb_size) + ", " + std::to_string(m_head_size) + ", " +
+                          std::to_string(m_max_seq_len) + ")",
+                      "(" + std::to_string(cache.emb_size()) + ", " + std::to_string(cache.head_size()) + ", " +
+                          std::to_string(cache.max_seq_len()) + ")");
+      detail::require(cache.mask_rule() == m_rule, where, name + " mask rule", "this layer's " + m_rule.name(),
+                      cache.mask_rule().name());
+      detail::require(cache.size() + t <= m_max_seq_len, where, name + ".size() + t",
+                      "<= max_seq_len = " + std::to_string(m_max_seq_len),
+                      std::to_string(cache.size()) + " + " + std::to_string(t));
+    }
+    if (t == 0) return;
+    std::vector<detail::KVStore<Scalar>*> stores(static_cast<std::size_t>(count));
+    for (Index b = 0; b < count; ++b) {
+      detail::KVStore<Scalar>& store = caches[b]->m_store;
+      // Under a sliding window, positions before the first key of this chunk's first query are never seen
+      // again: dropped. Other rules keep everything.
+      const Index keep_from = m_rule.kind() == MaskRule::Kind::sliding_window ? m_rule.first_key(store.length()) : 0;
+      store.prepare(t, keep_from);
+      stores[static_cast<std::size_t>(b)] = &store;
+    }
+    detail::AttentionPlan<Scalar> plan;
+    plan.rule = m_rule;
+    plan.caches = stores.data();
+    run(x, count, t, out.data(), out.outerStride(), plan);
+    for (detail::KVStore<Scalar>* store : stores)
+      store->commit(t);
+  }
+
   /// `batch` sequences of `seq_len` rows stored back to back in x ([batch · seq_len, emb_size]) into out
   /// ([batch · seq_len, head_size], row-major, leading dimension out_stride). Shapes must have been checked
   /// with check_call.
   template <typename Derived>
-  void run(const Eigen::MatrixBase<Derived>& x, Index batch, Index seq_len, Scalar* out,
-           Index out_stride) const {
+  void run(const Eigen::MatrixBase<Derived>& x, Index batch, Index seq_len, Scalar* out, Index out_stride) const {
+    detail::AttentionPlan<Scalar> plan;
+    plan.rule = m_rule;
+    run(x, batch, seq_len, out, out_stride, plan);
+  }
+
+  template <typename Derived>
+  void run(const Eigen::MatrixBase<Derived>& x, Index batch, Index seq_len, Scalar* out, Index out_stride,
+           const detail::AttentionPlan<Scalar>& plan) const {
     constexpr bool in_place =
         (Derived::Flags & Eigen::DirectAccessBit) != 0 && Derived::InnerStrideAtCompileTime == 1;
     if constexpr (in_place) {
       constexpr int order = Derived::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
       const Derived& xd = x.derived();
       detail::forward<order>(xd.data(), xd.outerStride(), batch, seq_len, m_query, m_key, m_value, out,
-                             out_stride, num_threads());
+                             out_stride, num_threads(), plan);
     } else {
       const Matrix copy = x;  // an expression or strided view: evaluate it once
       detail::forward<Eigen::RowMajor>(copy.data(), copy.cols(), batch, seq_len, m_query, m_key, m_value, out,
-                                       out_stride, num_threads());
+                                       out_stride, num_threads(), plan);
     }
   }
 
@@ -200,6 +349,7 @@ class HeadAttention {
   Index m_emb_size;
   Index m_head_size;
   Index m_max_seq_len;
+  MaskRule m_rule;
   int m_threads = 0;
   LinearType m_query;  // weight [head_size, emb_size], bias [head_size]
   LinearType m_key;    // weight [head_size, emb_size], bias [head_size]

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include <Eigen/Core>
 #include <unsupported/Eigen/CXX11/Tensor>
@@ -52,6 +53,92 @@ class BatchedHeadAttention {
   /// B = 0 or T = 0 give an empty result.
   template <typename Derived>
   Tensor3 forward(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x) const {
+    return with_data(x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
+      return forward_data(data, batch, seq_len, width, nullptr);
+    });
+  }
+
+  /// The same with right padding: sequence b has lengths[b] valid positions (0 <= lengths[b] <= T), and its
+  /// keys at positions >= lengths[b] are masked for every query (its padded rows still get outputs, from the
+  /// valid keys they may see; a sequence of length 0 gives zero rows). Throws shape_error unless lengths has
+  /// B entries in [0, T], and as forward(x).
+  template <typename Derived>
+  Tensor3 forward(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x,
+                  const std::vector<Index>& lengths) const {
+    return with_data(x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
+      return forward_data(data, batch, seq_len, width, &lengths);
+    });
+  }
+
+  /// simple_llm's get_attention_weights: x [B, T, emb_size] to the softmax weights [B, T, T] under the
+  /// layer's mask rule (masked entries exactly 0). Builds [B, T, T], as it must. Throws as forward(x) does.
+  template <typename Derived>
+  Tensor3 attention_weights(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x) const {
+    return with_data(x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
+      check(batch, seq_len, width, "BatchedHeadAttention::attention_weights");
+      Tensor3 out(batch, seq_len, seq_len);  // [B, T, T]
+      for (Index b = 0; b < batch; ++b) {
+        const Eigen::Map<const Matrix> seq(data + b * seq_len * width, seq_len, width);  // [T, emb]
+        Eigen::Map<Matrix>(out.data() + b * seq_len * seq_len, seq_len, seq_len) = m_head.attention_weights(seq);
+      }
+      return out;
+    });
+  }
+
+  /// The KV cache of B sequences that advance together: one HeadAttention cache per sequence.
+  class Cache {
+   public:
+    /// Sequences in the batch.
+    Index batch() const { return static_cast<Index>(m_caches.size()); }
+    /// Positions processed so far (the same for every sequence).
+    Index size() const { return m_caches.empty() ? 0 : m_caches.front().size(); }
+    /// Rows of key/value storage allocated per sequence.
+    Index capacity() const { return m_caches.empty() ? 0 : m_caches.front().capacity(); }
+    /// Forgets every position of every sequence.
+    void clear() {
+      for (KVCache<Scalar>& cache : m_caches)
+        cache.clear();
+    }
+    /// Sequence b's cache.
+    const KVCache<Scalar>& sequence(Index b) const { return m_caches.at(static_cast<std::size_t>(b)); }
+
+   private:
+    friend class BatchedHeadAttention;
+    std::vector<KVCache<Scalar>> m_caches;
+  };
+
+  /// An empty cache for `batch` sequences decoded together. Throws shape_error if batch < 0.
+  Cache make_cache(Index batch) const {
+    detail::require(batch >= 0, "BatchedHeadAttention::make_cache", "batch", ">= 0", std::to_string(batch));
+    Cache cache;
+    cache.m_caches.assign(static_cast<std::size_t>(batch), m_head.make_cache());
+    return cache;
+  }
+
+  /// Incremental decoding of B sequences at once: x [B, t, emb_size] holds each sequence's next t rows, and
+  /// the result [B, t, head_size] their outputs, as HeadAttention::forward_cached gives for each. Throws
+  /// shape_error, with the cache unchanged, if B differs from the cache's, and as forward_cached does.
+  template <typename Derived>
+  Tensor3 forward_cached(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x, Cache& cache) const {
+    return with_data(x, [&](const Scalar* data, Index batch, Index t, Index width) {
+      const char* where = "BatchedHeadAttention::forward_cached";
+      detail::require(batch == cache.batch(), where, "x.dimension(0) (B)",
+                      "the cache's batch = " + std::to_string(cache.batch()), std::to_string(batch));
+      detail::require(width == m_head.emb_size(), where, "x.dimension(2) (input width)",
+                      "emb_size = " + std::to_string(m_head.emb_size()), std::to_string(width));
+      Tensor3 out(batch, t, m_head.head_size());                                // [B, t, head]
+      const Eigen::Map<const Matrix> rows(data, batch * t, width);              // [B·t, emb]
+      Eigen::Map<Matrix> out_rows(out.data(), batch * t, m_head.head_size());  // [B·t, head]
+      m_head.forward_cached_into(rows, cache.m_caches, out_rows);
+      return out;
+    });
+  }
+
+ private:
+  /// Checks x's rank, layout and scalar at compile time, then calls f(data, B, T, width) on its storage: an
+  /// Eigen::Tensor or TensorMap read in place, any other expression evaluated once.
+  template <typename Derived, typename F>
+  static Tensor3 with_data(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x, F&& f) {
     using Traits = Eigen::internal::traits<Derived>;
     constexpr bool rank_3 = Traits::NumDimensions == 3;
     constexpr bool row_major = static_cast<int>(Traits::Layout) == static_cast<int>(Eigen::RowMajor);
@@ -65,26 +152,33 @@ class BatchedHeadAttention {
       return Tensor3();  // not compiled: the static_asserts above have failed; this keeps their message alone
     } else if constexpr (detail::is_dense_tensor<Derived>::value) {
       const Derived& t = static_cast<const Derived&>(x);
-      return forward_data(t.data(), t.dimension(0), t.dimension(1), t.dimension(2));
+      return f(t.data(), Index(t.dimension(0)), Index(t.dimension(1)), Index(t.dimension(2)));
     } else {
       const Tensor3 t = x;  // an expression: evaluate it once
-      return forward_data(t.data(), t.dimension(0), t.dimension(1), t.dimension(2));
+      return f(t.data(), t.dimension(0), t.dimension(1), t.dimension(2));
     }
   }
 
- private:
-  Tensor3 forward_data(const Scalar* data, Index batch, Index seq_len, Index width) const {
-    const char* where = "BatchedHeadAttention::forward";
-    // Checked here first, so that the messages name this call and the tensor's dimensions.
+  /// The checks of every call, here first so that the messages name this call and the tensor's dimensions.
+  void check(Index batch, Index seq_len, Index width, const char* where) const {
+    (void)batch;
     detail::check_projections(m_head, where);
     detail::require(width == m_head.emb_size(), where, "x.dimension(2) (input width)",
                     "emb_size = " + std::to_string(m_head.emb_size()), std::to_string(width));
     detail::require(seq_len <= m_head.max_seq_len(), where, "x.dimension(1) (T)",
                     "<= max_seq_len = " + std::to_string(m_head.max_seq_len()), std::to_string(seq_len));
-    Tensor3 out(batch, seq_len, m_head.head_size());                    // [B, T, head]
-    const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);  // [B·T, emb], the batch back to back
+  }
+
+  Tensor3 forward_data(const Scalar* data, Index batch, Index seq_len, Index width,
+                       const std::vector<Index>* lengths) const {
+    check(batch, seq_len, width, "BatchedHeadAttention::forward");
+    Tensor3 out(batch, seq_len, m_head.head_size());                               // [B, T, head]
+    const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);             // [B·T, emb], back to back
     Eigen::Map<Matrix> out_rows(out.data(), batch * seq_len, m_head.head_size());  // [B·T, head]
-    m_head.forward_into(rows, batch, out_rows);
+    if (lengths == nullptr)
+      m_head.forward_into(rows, batch, out_rows);
+    else
+      m_head.forward_into(rows, batch, out_rows, *lengths);
     return out;
   }
 

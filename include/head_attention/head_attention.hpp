@@ -5,6 +5,8 @@
 #include "attention.hpp"
 #include "batched.hpp"
 #include "errors.hpp"
+#include "kv_cache.hpp"
 #include "linear.hpp"
+#include "mask.hpp"
 #include "reference.hpp"
 #include "version.hpp"

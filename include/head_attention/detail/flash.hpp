@@ -12,7 +12,9 @@
 #include <Eigen/Core>
 
 #include "../linear.hpp"
+#include "../mask.hpp"
 #include "gemm.hpp"
+#include "kv_store.hpp"
 #include "parallel.hpp"
 
 namespace head_attention::detail {
@@ -47,104 +49,139 @@ struct FlashScratch {
         clean_values(block_k, head),
         row_max(block_q),
         row_sum(block_q),
+        seen_begin(static_cast<std::size_t>(block_q)),
+        seen_end(static_cast<std::size_t>(block_q)),
         qk(block_q, block_k, head),
         pv(block_q, head, block_k) {}
 
   Matrix probs;         // [block_q, block_k] scores of one tile, then their exponentials
   Matrix acc;           // [block_q, head] un-normalised output
-  Matrix clean_values;  // [block_k, head] a diagonal tile's V with its non-finite masked rows zeroed
+  Matrix clean_values;  // [block_k, head] a masked tile's V with its non-finite rows zeroed
   Vector row_max;       // [block_q] running max of each query's scores
   Vector row_sum;       // [block_q] running sum of exp(score - row_max)
+  std::vector<Index> seen_begin;  // [block_q] the tile-relative key range each query sees in the
+  std::vector<Index> seen_end;    //            current tile
   Gemm<Scalar> qk;      // probs = Q_tile · K_tileᵀ
   Gemm<Scalar> pv;      // acc += probs · V_tile
 };
 
-/// acc[bq, head] += probs[bq, bk] · V[j0 .. j0 + bk) for the diagonal tile of queries [i0, i0 + bq), where
-/// probs is zero at every masked (query, key) pair. A GEMM multiplies those zeros by V rows the query cannot
-/// see, and 0 · NaN or 0 · Inf is NaN: masked keys would leak into earlier outputs. So the masked rows of V
-/// (keys after i0) that are not finite are zeroed in a copy for the GEMM, and added back afterwards only to
-/// the queries that see them. With finite V this is the plain GEMM, and either way every output that cannot
-/// see a key is bit-identical to what it would be if that key held any finite value.
+/// One sequence's queries: the rows at absolute positions [position, position + rows), scaled Q of row r at
+/// q + r · stride, its output row at out + r · out_stride.
 template <typename Scalar>
-void diagonal_tile_values(const Scalar* values, Eigen::Index ld, Eigen::Index head, Eigen::Index i0,
-                          Eigen::Index j0, Eigen::Index bq, Eigen::Index bk, FlashScratch<Scalar>& s) noexcept {
+struct Queries {
+  const Scalar* q;
+  Eigen::Index stride;
+  Eigen::Index position;
+  Scalar* out;
+  Eigen::Index out_stride;
+};
+
+/// acc[bq, head] += probs[bq, bk] · V_tile for a tile where some query cannot see some key (its probs are 0
+/// there). A GEMM multiplies those zeros by the V rows, and 0 · NaN or 0 · Inf is NaN: a masked key would
+/// leak into outputs that cannot see it. So when the tile's V is not all finite, its non-finite rows are
+/// zeroed in a copy for the GEMM and added back afterwards only to the queries whose range [seen_begin[r],
+/// seen_end[r]) (tile-relative) contains them. With finite V this is the plain GEMM; either way an output
+/// that cannot see a key is bit-identical to what it would be if that key held any finite value.
+template <typename Scalar>
+void partial_tile_values(const Scalar* v_tile, Eigen::Index stride, Eigen::Index head, Eigen::Index bq,
+                         Eigen::Index bk, const Eigen::Index* seen_begin, const Eigen::Index* seen_end,
+                         FlashScratch<Scalar>& s) noexcept {
   using Index = Eigen::Index;
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using Stride = Eigen::OuterStride<>;
   const Index block_k = s.probs.cols();
-  const Eigen::Map<const Matrix, 0, Stride> v(values + j0 * ld, bk, head, Stride(ld));  // V of this tile
-  const Index first_masked = i0 + 1 - j0;  // tile rows [first_masked, bk) are masked for some query
-  if (v.bottomRows(bk - first_masked).allFinite()) {
-    s.pv.template accumulate<Eigen::RowMajor, Eigen::RowMajor>(bq, head, bk, s.probs.data(), block_k,
-                                                               v.data(), ld, s.acc.data(), head);
+  const Eigen::Map<const Matrix, 0, Stride> v(v_tile, bk, head, Stride(stride));
+  if (v.allFinite()) {
+    s.pv.template accumulate<Eigen::RowMajor, Eigen::RowMajor>(bq, head, bk, s.probs.data(), block_k, v_tile,
+                                                               stride, s.acc.data(), head);
     return;
   }
   Eigen::Map<Matrix> clean(s.clean_values.data(), bk, head);
   clean = v;
-  for (Index t = first_masked; t < bk; ++t)
+  for (Index t = 0; t < bk; ++t)
     if (!v.row(t).allFinite()) clean.row(t).setZero();
   s.pv.template accumulate<Eigen::RowMajor, Eigen::RowMajor>(bq, head, bk, s.probs.data(), block_k,
                                                              clean.data(), head, s.acc.data(), head);
-  for (Index t = first_masked; t < bk; ++t) {
+  for (Index t = 0; t < bk; ++t) {
     if (v.row(t).allFinite()) continue;
-    for (Index r = j0 + t - i0; r < bq; ++r)  // the queries at or after key j0 + t
-      s.acc.row(r) += s.probs(r, t) * v.row(t);
+    for (Index r = 0; r < bq; ++r)
+      if (t >= seen_begin[r] && t < seen_end[r]) s.acc.row(r) += s.probs(r, t) * v.row(t);
   }
 }
 
-/// Causal attention of queries [i0, i0 + bq) of one sequence. qkv: [T, 3·head] row-major with Q already
-/// scaled; out: [T, head] row-major with leading dimension out_stride. Key blocks wholly above the diagonal
-/// are never visited, and the last one is clamped to the keys these queries can see; only that one is masked,
-/// and masked keys never reach an output. Never throws, never allocates.
+/// Attention of the query rows [r0, r0 + bq) of one sequence over its keys, under `rule` and the padding of
+/// `keys`. Each query sees the contiguous key range [first_key, end_key) of its position, so only the key
+/// blocks between the first row's first key and the last row's end are visited, and only tiles cut by some
+/// row's range are masked. A query that sees no key gets a zero row. Never throws, never allocates.
 template <typename Scalar>
-void attend_query_block(const Scalar* qkv, Eigen::Index head, Eigen::Index i0, Eigen::Index bq, Scalar* out,
-                        Eigen::Index out_stride, FlashScratch<Scalar>& s) noexcept {
+void attend_query_block(const Queries<Scalar>& queries, const KeyValues<Scalar>& keys, const MaskRule& rule,
+                        Eigen::Index r0, Eigen::Index bq, FlashScratch<Scalar>& s) noexcept {
   using Index = Eigen::Index;
   using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  const Index ld = 3 * head;
+  const Index head = s.acc.cols();
   const Index block_k = s.probs.cols();
-  const Index i1 = i0 + bq;
+  const Index p0 = queries.position + r0;  // absolute position of the block's first query
+  const auto first_key = [&](Index r) { return std::max(rule.first_key(p0 + r), keys.first); };
+  const auto end_key = [&](Index r) { return std::min(rule.end_key(p0 + r, keys.count), keys.valid); };
 
   s.row_max.head(bq).setConstant(-std::numeric_limits<Scalar>::infinity());
   s.row_sum.head(bq).setZero();
   s.acc.topRows(bq).setZero();
 
-  for (Index j0 = 0; j0 < i1; j0 += block_k) {
-    const Index bk = std::min(block_k, i1 - j0);  // keys at or after i1 are invisible to all these queries
+  // Both ends of a query's range never decrease with its position.
+  const Index lo = first_key(0);
+  const Index hi = end_key(bq - 1);
+  for (Index j0 = lo; j0 < hi; j0 += block_k) {
+    const Index bk = std::min(block_k, hi - j0);
+    const Scalar* k_tile = keys.k + (j0 - keys.first) * keys.stride;
+    const Scalar* v_tile = keys.v + (j0 - keys.first) * keys.stride;
     Eigen::Map<Matrix, 0, Eigen::OuterStride<>> probs(s.probs.data(), bq, bk, Eigen::OuterStride<>(block_k));
     probs.setZero();
-    s.qk.template accumulate<Eigen::RowMajor, Eigen::ColMajor>(
-        bq, bk, head, qkv + i0 * ld, ld, qkv + j0 * ld + head, ld, probs.data(), block_k);
+    s.qk.template accumulate<Eigen::RowMajor, Eigen::ColMajor>(bq, bk, head, queries.q + r0 * queries.stride,
+                                                               queries.stride, k_tile, keys.stride,
+                                                               probs.data(), block_k);
 
-    // Some key lies after some query: mask per row. Key blocks start on query-block boundaries at or
-    // before i0, so every row sees at least its own key.
-    const bool on_diagonal = j0 + bk - 1 > i0;
+    // The tile is whole when the last query's range starts and the first query's range ends outside it.
+    const bool whole = first_key(bq - 1) <= j0 && end_key(0) >= j0 + bk;
     for (Index r = 0; r < bq; ++r) {
       Eigen::Map<RowVector> row(probs.data() + r * block_k, bk);
-      const Index visible = on_diagonal ? std::min<Index>(i0 + r - j0 + 1, bk) : bk;
+      const Index a = whole ? 0 : std::clamp<Index>(first_key(r) - j0, 0, bk);
+      const Index b = whole ? bk : std::clamp<Index>(end_key(r) - j0, a, bk);
+      s.seen_begin[r] = a;
+      s.seen_end[r] = b;
+      if (a == b) {  // this query sees none of these keys
+        row.setZero();
+        continue;
+      }
       const Scalar old_max = s.row_max[r];
-      const Scalar new_max = std::max(old_max, row.head(visible).maxCoeff());
-      row.head(visible) = (row.head(visible).array() - new_max).exp();
-      row.tail(bk - visible).setZero();
+      const Scalar new_max = std::max(old_max, row.segment(a, b - a).maxCoeff());
+      row.segment(a, b - a) = (row.segment(a, b - a).array() - new_max).exp();
+      row.head(a).setZero();
+      row.tail(bk - b).setZero();
       if (new_max != old_max) {
         const Scalar rescale = std::exp(old_max - new_max);  // 0 on the first visible block
         s.row_sum[r] *= rescale;
         s.acc.row(r) *= rescale;
         s.row_max[r] = new_max;
       }
-      s.row_sum[r] += row.head(visible).sum();
+      s.row_sum[r] += row.segment(a, b - a).sum();
     }
-    if (on_diagonal)
-      diagonal_tile_values(qkv + 2 * head, ld, head, i0, j0, bq, bk, s);
+    if (whole)
+      s.pv.template accumulate<Eigen::RowMajor, Eigen::RowMajor>(bq, head, bk, probs.data(), block_k, v_tile,
+                                                                 keys.stride, s.acc.data(), head);
     else
-      s.pv.template accumulate<Eigen::RowMajor, Eigen::RowMajor>(
-          bq, head, bk, probs.data(), block_k, qkv + j0 * ld + 2 * head, ld, s.acc.data(), head);
+      partial_tile_values(v_tile, keys.stride, head, bq, bk, s.seen_begin.data(), s.seen_end.data(), s);
   }
 
-  Eigen::Map<Matrix, 0, Eigen::OuterStride<>> result(out + i0 * out_stride, bq, head,
-                                                      Eigen::OuterStride<>(out_stride));
-  result = s.acc.topRows(bq).array().colwise() / s.row_sum.head(bq).array();
+  Eigen::Map<Matrix, 0, Eigen::OuterStride<>> result(queries.out + r0 * queries.out_stride, bq, head,
+                                                      Eigen::OuterStride<>(queries.out_stride));
+  for (Index r = 0; r < bq; ++r) {
+    if (s.row_sum[r] == Scalar(0))
+      result.row(r).setZero();  // no visible key; a NaN sum (a NaN score) propagates below as it should
+    else
+      result.row(r) = s.acc.row(r) / s.row_sum[r];
+  }
 }
 
 /// The size of the OpenMP team that the last forward call made on this thread ran on (1 for a serial call).
@@ -154,14 +191,39 @@ inline int& last_team_size() noexcept {
   return size;
 }
 
+/// What differs between forward calls beyond their input: the mask rule, right padding, and a KV cache.
+template <typename Scalar>
+struct AttentionPlan {
+  MaskRule rule = MaskRule::causal();
+  /// [batch] valid keys of each sequence (keys at or after it are masked), or null: all keys are valid.
+  const Eigen::Index* lengths = nullptr;
+  /// [batch] caches the chunk extends: each sequence's new K and V are appended to its cache (room made by
+  /// KVStore::prepare beforehand) and its queries, at positions cache.length() onwards, attend over the
+  /// cache. Null: the keys are the input's own rows, at positions 0 onwards.
+  KVStore<Scalar>* const* caches = nullptr;
+};
+
+/// Useful flops of a call: the projections plus, per query, its visible keys (QKᵀ and PV), estimated.
+template <typename Scalar>
+double useful_flops(Eigen::Index batch, Eigen::Index rows_per_sequence, Eigen::Index emb, Eigen::Index head,
+                    Eigen::Index keys_per_sequence, const MaskRule& rule) {
+  const double t = static_cast<double>(rows_per_sequence);
+  const double n = static_cast<double>(keys_per_sequence);
+  double seen = rule.kind() == MaskRule::Kind::bidirectional ? n : std::max(1.0, n - t / 2);
+  if (rule.kind() == MaskRule::Kind::sliding_window) seen = std::min(seen, static_cast<double>(rule.window()));
+  const double b = static_cast<double>(batch);
+  return 2.0 * b * t * static_cast<double>(emb) * 3.0 * static_cast<double>(head) +
+         4.0 * b * t * seen * static_cast<double>(head);
+}
+
 /// The whole forward pass for `batch` sequences of `seq_len` rows stored back to back in x ([batch·seq_len,
-/// emb], storage order XOrder, leading dimension x_stride). Writes out [batch·seq_len, head] row-major with
-/// leading dimension out_stride. x is read completely before out is written. Shapes are checked by the caller.
-/// threads: the most threads to use (>= 1).
+/// emb], storage order XOrder, leading dimension x_stride): projections, then attention under `plan`. Writes
+/// out [batch·seq_len, head] row-major with leading dimension out_stride. x is read completely before out is
+/// written. Shapes are checked by the caller, and caches prepared. threads: the most threads to use (>= 1).
 template <int XOrder, typename Scalar>
 void forward(const Scalar* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::Index seq_len,
              const Linear<Scalar>& q, const Linear<Scalar>& k, const Linear<Scalar>& v, Scalar* out,
-             Eigen::Index out_stride, int threads) {
+             Eigen::Index out_stride, int threads, const AttentionPlan<Scalar>& plan = {}) {
   using Index = Eigen::Index;
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const Index rows = batch * seq_len;
@@ -171,13 +233,17 @@ void forward(const Scalar* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   const Index head = q.out_features();
   const Index ld = 3 * head;
 
+  // The most keys any sequence has after this call (cached: its cache plus the chunk).
+  Index max_keys = seq_len;
+  if (plan.caches != nullptr)
+    for (Index b = 0; b < batch; ++b)
+      max_keys = std::max(max_keys, plan.caches[b]->length() + seq_len);
+
   const Index block_q = std::min(Tuning::query_block, seq_len);
-  const Index block_k = std::min(Tuning::key_block, seq_len);
+  const Index block_k = std::min(Tuning::key_block, max_keys);
   const Index query_blocks = (seq_len + block_q - 1) / block_q;
   const Index items = batch * query_blocks;
-  const double flops = 2.0 * static_cast<double>(rows) * static_cast<double>(emb) * static_cast<double>(ld) +
-                       2.0 * static_cast<double>(batch) * static_cast<double>(seq_len) *
-                           static_cast<double>(seq_len + 1) * static_cast<double>(head);
+  const double flops = useful_flops<Scalar>(batch, seq_len, emb, head, max_keys, plan.rule);
   if (flops < Tuning::serial_below_flops || in_parallel_region()) threads = 1;
   // Short inputs are cut into one row chunk per thread, so that every thread gets projection work.
   const Index proj_rows =
@@ -221,16 +287,28 @@ void forward(const Scalar* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
       if (p == 0)
         Eigen::Map<Matrix, 0, Eigen::OuterStride<>>(qkv_rows, n, head, Eigen::OuterStride<>(ld)) *= scale;
     }
-    // (The implicit barrier above: every projection is done before any attention item reads it.)
+    // (The implicit barrier above: every projection is done before anything reads it.)
+    if (plan.caches != nullptr) {
+      HEAD_ATTENTION_OMP(for schedule(static))
+      for (Index b = 0; b < batch; ++b)
+        plan.caches[b]->write(qkv.data() + b * seq_len * ld + head, ld, seq_len);
+    }
     // Costliest items first (the last query blocks see the most keys), handed out one at a time.
     HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
     for (Index item = 0; item < items; ++item) {
       const Index qb = query_blocks - 1 - item / batch;
       const Index b = item % batch;
-      const Index i0 = qb * block_q;
-      const Index bq = std::min(block_q, seq_len - i0);
-      attend_query_block(qkv.data() + b * seq_len * ld, head, i0, bq, out + b * seq_len * out_stride,
-                         out_stride, scratch[thread]);
+      const Index r0 = qb * block_q;
+      const Index bq = std::min(block_q, seq_len - r0);
+      const Scalar* seq_qkv = qkv.data() + b * seq_len * ld;
+      Queries<Scalar> queries{seq_qkv, ld, 0, out + b * seq_len * out_stride, out_stride};
+      KeyValues<Scalar> keys{seq_qkv + head, seq_qkv + 2 * head, ld, 0, seq_len, seq_len};
+      if (plan.caches != nullptr) {
+        queries.position = plan.caches[b]->length();
+        keys = plan.caches[b]->keys(seq_len);
+      }
+      if (plan.lengths != nullptr) keys.valid = std::min(keys.valid, plan.lengths[b]);
+      attend_query_block(queries, keys, plan.rule, r0, bq, scratch[thread]);
     }
   }
 }

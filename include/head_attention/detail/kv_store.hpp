@@ -1,0 +1,96 @@
+// head-attention: the storage behind a KV cache, and the view of keys the attention kernel reads.
+#pragma once
+
+#include <algorithm>
+
+#include <Eigen/Core>
+
+namespace head_attention::detail {
+
+/// One sequence's keys and values: K and V rows of absolute positions [first, count), the row of position j
+/// at k + (j - first) · stride (and v likewise). Keys at or after `valid` are masked for every query (right
+/// padding). Positions before `first` (dropped by a sliding-window cache) are never visible.
+template <typename Scalar>
+struct KeyValues {
+  const Scalar* k;
+  const Scalar* v;
+  Eigen::Index stride;
+  Eigen::Index first;
+  Eigen::Index count;
+  Eigen::Index valid;
+};
+
+/// One sequence's cached keys and values: rows [offset, offset + stored) of kv ([capacity, 2·head], each row
+/// [k | v]) hold positions [first, length). Positions before `first` were dropped (a sliding window can never
+/// see them again). Grows by doubling up to `limit` rows, so memory follows what was stored, and compacts
+/// instead of growing when dropped rows leave room at the front, so that a windowed decode stays O(window).
+template <typename Scalar>
+class KVStore {
+ public:
+  using Index = Eigen::Index;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+  KVStore(Index head, Index limit) : m_head(head), m_limit(limit) {}
+
+  Index head() const { return m_head; }
+  /// Positions seen so far: the next row appended has this position.
+  Index length() const { return m_length; }
+  /// The first position still stored.
+  Index first() const { return m_first; }
+  /// Rows of storage allocated.
+  Index capacity() const { return m_kv.rows(); }
+
+  /// Forgets every position; keeps the storage.
+  void clear() { m_first = m_length = m_offset = 0; }
+
+  /// Makes room for `t` more rows, first dropping positions before keep_from (those no later query can see).
+  /// Throws std::bad_alloc, with nothing changed, if growing fails; the caller has checked that length() + t
+  /// stays within the limit.
+  void prepare(Index t, Index keep_from) {
+    const Index first = std::clamp(keep_from, m_first, m_length);
+    const Index stored = m_length - first;
+    const Index needed = stored + t;
+    const Index offset = m_offset + (first - m_first);
+    if (offset + needed > capacity()) {
+      if (needed > capacity() || (2 * needed > capacity() && capacity() < m_limit)) {
+        const Index grown = std::min(std::max<Index>({2 * capacity(), 2 * needed, 16}), m_limit);
+        Matrix kv(std::max(grown, needed), 2 * m_head);  // may throw: nothing has changed yet
+        if (stored > 0) kv.topRows(stored) = m_kv.middleRows(offset, stored);
+        m_kv.swap(kv);
+      } else {
+        // Compact: enough room once the dropped rows at the front are reused. Rows move towards the front, so
+        // the row-by-row copy never overwrites a row before it is read.
+        for (Index r = 0; r < stored; ++r)
+          m_kv.row(r) = m_kv.row(offset + r);
+      }
+      m_offset = 0;
+    } else {
+      m_offset = offset;
+    }
+    m_first = first;
+  }
+
+  /// Writes the K and V rows of positions [length, length + t) (k rows at k, stride; V rows at k + head) into
+  /// the room made by prepare. Does not advance length(): commit does, once the call has read them.
+  void write(const Scalar* k, Index stride, Index t) noexcept {
+    const Eigen::Map<const Matrix, 0, Eigen::OuterStride<>> rows(k, t, 2 * m_head, Eigen::OuterStride<>(stride));
+    m_kv.middleRows(m_offset + m_length - m_first, t) = rows;
+  }
+  void commit(Index t) noexcept { m_length += t; }
+
+  /// The stored keys plus the t rows written after them.
+  KeyValues<Scalar> keys(Index t) const noexcept {
+    const Scalar* base = m_kv.data() + m_offset * 2 * m_head;
+    return KeyValues<Scalar>{base, base + m_head, 2 * m_head, m_first, m_length + t, m_length + t};
+  }
+
+ private:
+  Index m_head;
+  Index m_limit;
+  Index m_first = 0;
+  Index m_length = 0;
+  Index m_offset = 0;
+  Matrix m_kv;  // [capacity, 2·head], row [k | v]
+};
+
+}  // namespace head_attention::detail

@@ -1,0 +1,49 @@
+// head-attention: KVCache, the keys and values of the positions a layer has already processed.
+#pragma once
+
+#include <Eigen/Core>
+
+#include "detail/kv_store.hpp"
+#include "mask.hpp"
+
+namespace head_attention {
+
+template <typename Scalar>
+class HeadAttention;
+
+/// The keys and values of one sequence's positions so far, for incremental decoding: made by
+/// HeadAttention::make_cache() and extended by HeadAttention::forward_cached(). It belongs to the sizes and
+/// mask rule of the layer that made it (a layer of other sizes or another rule refuses it), holds only what
+/// it has seen (its storage grows as it fills, up to max_seq_len rows), and under a sliding window only the
+/// last window positions, so that a windowed decode runs in O(window) memory.
+template <typename Scalar>
+class KVCache {
+ public:
+  using Index = Eigen::Index;
+
+  /// Positions processed so far: the next row given to forward_cached has this position.
+  Index size() const { return m_store.length(); }
+  /// Rows of key/value storage allocated now.
+  Index capacity() const { return m_store.capacity(); }
+  /// Forgets every position (the storage stays allocated): the next chunk starts at position 0.
+  void clear() { m_store.clear(); }
+
+  /// The sizes and rule of the layer that made the cache.
+  Index emb_size() const { return m_emb_size; }
+  Index head_size() const { return m_store.head(); }
+  Index max_seq_len() const { return m_max_seq_len; }
+  const MaskRule& mask_rule() const { return m_rule; }
+
+ private:
+  friend class HeadAttention<Scalar>;
+
+  KVCache(Index emb_size, Index head_size, Index max_seq_len, const MaskRule& rule)
+      : m_emb_size(emb_size), m_max_seq_len(max_seq_len), m_rule(rule), m_store(head_size, max_seq_len) {}
+
+  Index m_emb_size;
+  Index m_max_seq_len;
+  MaskRule m_rule;
+  detail::KVStore<Scalar> m_store;  // [capacity, 2·head_size], rows [k | v]
+};
+
+}  // namespace head_attention
