@@ -56,7 +56,11 @@ Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> weights(
       w.row(i).setZero();
       continue;
     }
-    w.row(i) = (w.row(i).array() - row_max).exp().matrix();
+    // Masked entries are set to exactly 0: Eigen's vectorised exp clamps its argument, so exp(-inf) would
+    // give a denormal there instead.
+    w.row(i) = (w.row(i).array() == -std::numeric_limits<Scalar>::infinity())
+                   .select(Scalar(0), (w.row(i).array() - row_max).exp())
+                   .matrix();
     w.row(i) /= w.row(i).sum();
   }
   return w;

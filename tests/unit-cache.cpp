@@ -1,0 +1,185 @@
+// Incremental decoding with a KV cache: prefill plus chunks equals one forward over the whole sequence, for
+// many random splits, under the causal and the sliding-window rules, one sequence and a batch; the cache's
+// storage; overflow and mismatch errors that leave the cache as it was.
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "test_support.hpp"
+
+namespace {
+
+using namespace ha_test;
+using head_attention::MaskRule;
+
+/// Chunk sizes that add up to T: the given ones first, then random ones.
+std::vector<Index> split(Index T, std::uint64_t seed, std::vector<Index> first = {}) {
+  std::mt19937_64 engine(seed);
+  std::vector<Index> sizes;
+  Index used = 0;
+  for (const Index s : first) {
+    if (used + s > T) break;
+    sizes.push_back(s);
+    used += s;
+  }
+  const Index choices[] = {1, 1, 2, 3, 7, 64, 65, 100};
+  while (used < T) {
+    const Index s = std::min(T - used, choices[engine() % 8]);
+    sizes.push_back(s);
+    used += s;
+  }
+  return sizes;
+}
+
+/// Tolerance relative to the output scale for a result computed in another order.
+template <typename Scalar>
+double decode_tolerance() {
+  return std::is_same<Scalar, float>::value ? 1e-5 : 1e-12;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("prefill plus chunks equals one forward", "[cache]", float, double) {
+  using Scalar = TestType;
+  constexpr Index T = 400, emb = 12, head = 8;
+  for (const MaskRule& rule : {MaskRule::causal(), MaskRule::sliding_window(1), MaskRule::sliding_window(37),
+                               MaskRule::sliding_window(300)}) {
+    head_attention::HeadAttention<Scalar> layer(emb, head, T, 1600, rule);
+    const Matrix<Scalar> x = random_matrix<Scalar>(T, emb, 1601);
+    const Matrix<Scalar> full = layer.forward(x);
+    for (std::uint64_t trial = 0; trial < 6; ++trial) {
+      std::vector<Index> sizes =
+          trial == 0 ? std::vector<Index>(static_cast<std::size_t>(T), 1)
+                     : split(T, 1700 + trial, trial == 1 ? std::vector<Index>{65, 64, 1, 2, 7} : std::vector<Index>{});
+      auto cache = layer.make_cache();
+      Matrix<Scalar> pieces(T, head);
+      Index at = 0;
+      for (const Index s : sizes) {
+        const Matrix<Scalar> out = layer.forward_cached(x.middleRows(at, s), cache);
+        REQUIRE(out.rows() == s);
+        pieces.middleRows(at, s) = out;
+        at += s;
+        REQUIRE(cache.size() == at);
+      }
+      INFO("rule " << rule.name() << ", trial " << trial << ", " << sizes.size() << " chunks");
+      CHECK(relative_error(pieces, full) <= decode_tolerance<Scalar>());
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("a sliding-window decode keeps O(window) rows", "[cache]", float, double) {
+  using Scalar = TestType;
+  constexpr Index T = 3000, emb = 4, head = 4, window = 16;
+  head_attention::HeadAttention<Scalar> layer(emb, head, T, 1750, MaskRule::sliding_window(window));
+  const Matrix<Scalar> x = random_matrix<Scalar>(T, emb, 1751);
+  const Matrix<Scalar> full = layer.forward(x);
+  auto cache = layer.make_cache();
+  Matrix<Scalar> pieces(T, head);
+  Index most = 0;
+  for (Index i = 0; i < T; ++i) {
+    pieces.row(i) = layer.forward_cached(x.row(i), cache);
+    most = std::max(most, cache.capacity());
+  }
+  CHECK(relative_error(pieces, full) <= decode_tolerance<Scalar>());
+  CHECK(most <= 4 * window + 16);  // storage for a few windows, never for T
+}
+
+TEMPLATE_TEST_CASE("a cache grows as it fills", "[cache]", float, double) {
+  using Scalar = TestType;
+  head_attention::HeadAttention<Scalar> layer(6, 4, 5000, 1800);
+  auto cache = layer.make_cache();
+  CHECK(cache.size() == 0);
+  CHECK(cache.capacity() == 0);
+  const Matrix<Scalar> x = random_matrix<Scalar>(40, 6, 1801);
+  (void)layer.forward_cached(x.topRows(3), cache);
+  CHECK(cache.capacity() >= 3);
+  CHECK(cache.capacity() <= 64);
+  (void)layer.forward_cached(x.bottomRows(37), cache);
+  CHECK(cache.size() == 40);
+  CHECK(cache.capacity() >= 40);
+  CHECK(cache.capacity() <= 128);
+  CHECK(cache.emb_size() == 6);
+  CHECK(cache.head_size() == 4);
+  CHECK(cache.max_seq_len() == 5000);
+  // clear() starts over at position 0: the same outputs again.
+  const Matrix<Scalar> first = layer.forward_cached(x.topRows(5), cache);
+  CHECK(cache.size() == 45);
+  cache.clear();
+  CHECK(cache.size() == 0);
+  CHECK(relative_error(layer.forward_cached(x.topRows(5), cache), layer.forward(x.topRows(5))) <=
+        decode_tolerance<Scalar>());
+  (void)first;
+}
+
+TEMPLATE_TEST_CASE("batched decoding equals the batched forward", "[cache]", float, double) {
+  using Scalar = TestType;
+  constexpr Index B = 3, T = 150, emb = 10, head = 6;
+  for (const MaskRule& rule : {MaskRule::causal(), MaskRule::sliding_window(20)}) {
+    head_attention::BatchedHeadAttention<Scalar> batched(emb, head, T, 1900);
+    batched.head().set_mask_rule(rule);
+    const Tensor3<Scalar> x = random_tensor<Scalar>(B, T, emb, 1901);
+    const Tensor3<Scalar> full = batched.forward(x);
+    auto cache = batched.make_cache(B);
+    CHECK(cache.batch() == B);
+    Tensor3<Scalar> pieces(B, T, head);
+    Index at = 0;
+    for (const Index s : split(T, 1902, {70, 1, 1, 2})) {
+      const Eigen::array<Index, 3> offsets = {0, at, 0};
+      const Eigen::array<Index, 3> extents = {B, s, emb};
+      const Tensor3<Scalar> chunk = x.slice(offsets, extents);
+      const Tensor3<Scalar> out = batched.forward_cached(chunk, cache);
+      const Eigen::array<Index, 3> out_extents = {B, s, head};
+      pieces.slice(offsets, out_extents) = out;
+      at += s;
+    }
+    CHECK(cache.size() == T);
+    INFO("rule " << rule.name());
+    CHECK(relative_error(Eigen::Map<const Matrix<Scalar>>(pieces.data(), B * T, head),
+                         Eigen::Map<const Matrix<Scalar>>(full.data(), B * T, head)) <= decode_tolerance<Scalar>());
+  }
+}
+
+TEMPLATE_TEST_CASE("cache errors leave the cache as it was", "[cache][errors]", float, double) {
+  using Scalar = TestType;
+  constexpr Index emb = 7, head = 3, max = 20;
+  head_attention::HeadAttention<Scalar> layer(emb, head, max, 2000);
+  const Matrix<Scalar> x = random_matrix<Scalar>(max + 5, emb, 2001);
+  auto cache = layer.make_cache();
+  (void)layer.forward_cached(x.topRows(15), cache);
+  const auto state = [&] { return std::make_pair(cache.size(), cache.capacity()); };
+  const auto before = state();
+
+  // Past max_seq_len.
+  check_shape_error([&] { (void)layer.forward_cached(x.middleRows(15, 6), cache); },
+                    {"HeadAttention::forward_cached", "cache.size() + t", "max_seq_len = 20", "15 + 6"});
+  CHECK(state() == before);
+  // Wrong width.
+  const Matrix<Scalar> narrow = random_matrix<Scalar>(2, emb - 1, 2002);
+  check_shape_error([&] { (void)layer.forward_cached(narrow, cache); },
+                    {"HeadAttention::forward_cached", "input width", "emb_size = 7", "got 6"});
+  CHECK(state() == before);
+  // A cache from a layer of other sizes, or another rule.
+  head_attention::HeadAttention<Scalar> other(emb, head + 1, max, 2003);
+  auto other_cache = other.make_cache();
+  check_shape_error([&] { (void)layer.forward_cached(x.topRows(1), other_cache); },
+                    {"HeadAttention::forward_cached", "cache sizes", "(7, 3, 20)", "got (7, 4, 20)"});
+  head_attention::HeadAttention<Scalar> windowed(emb, head, max, 2000, MaskRule::sliding_window(4));
+  check_shape_error([&] { (void)windowed.forward_cached(x.middleRows(15, 1), cache); },
+                    {"HeadAttention::forward_cached", "cache mask rule", "sliding_window(4)", "got causal"});
+  CHECK(state() == before);
+  CHECK(other_cache.size() == 0);
+
+  // The cache still continues correctly.
+  const Matrix<Scalar> rest = layer.forward_cached(x.middleRows(15, 5), cache);
+  CHECK(relative_error(rest, Matrix<Scalar>(layer.forward(x.topRows(20)).bottomRows(5))) <=
+        decode_tolerance<Scalar>());
+
+  // Batched: the batch must match, and nothing changes when one sequence's check fails.
+  head_attention::BatchedHeadAttention<Scalar> batched(layer);
+  auto bcache = batched.make_cache(2);
+  const Tensor3<Scalar> three = random_tensor<Scalar>(3, 2, emb, 2004);
+  check_shape_error([&] { (void)batched.forward_cached(three, bcache); },
+                    {"BatchedHeadAttention::forward_cached", "x.dimension(0) (B)", "batch = 2", "got 3"});
+  CHECK(bcache.size() == 0);
+  check_shape_error([&] { (void)batched.make_cache(-1); }, {"BatchedHeadAttention::make_cache", "batch", "got -1"});
+}
