@@ -21,13 +21,14 @@ class HeadAttention(nn.Module):
         self._tril_mask = torch.tril(torch.ones(max_seq_len, max_seq_len))
 
     def forward(self, x):
+        return self.get_attention_weights(x) @ self._v(x)
+
+    def get_attention_weights(self, x):
         seq_len = x.shape[1]
         if seq_len > self._max_seq_len:
             raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self._max_seq_len}")
         q = self._q(x)
         k = self._k(x)
-        v = self._v(x)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self._head_size)
         scores = scores.masked_fill(self._tril_mask[:seq_len, :seq_len] == 0, float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
-        return weights @ v
+        return torch.softmax(scores, dim=-1)

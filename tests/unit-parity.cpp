@@ -18,6 +18,13 @@ double parity_tolerance() {
   return std::is_same<Scalar, float>::value ? 2e-5 : 1e-10;
 }
 
+template <typename Scalar>
+Tensor3<Scalar> to_tensor3(const FixtureTensor<Scalar>& t, Index d0, Index d1, Index d2) {
+  Tensor3<Scalar> out(d0, d1, d2);
+  std::copy(t.values.begin(), t.values.end(), out.data());
+  return out;
+}
+
 struct Worst {
   double error = 0;
   std::string where = "-";
@@ -128,6 +135,94 @@ TEMPLATE_TEST_CASE("every path matches PyTorch on every fixture", "[parity]", fl
             << "  HeadAttention::forward          " << per_sequence.error << "  (" << per_sequence.where
             << ")\n"
             << "  reference::forward              " << reference.error << "  (" << reference.where << ")\n";
+}
+
+TEMPLATE_TEST_CASE("the other masks and the attention weights match PyTorch", "[parity][masks]", float, double) {
+  using Scalar = TestType;
+  using head_attention::MaskRule;
+  const double tolerance = parity_tolerance<Scalar>();
+  Worst bidirectional, bidirectional_ref, padded, padded_ref, weights, cached;
+  Index weight_cases = 0;
+  for (const std::string& name : fixture_cases()) {
+    const Fixture<Scalar> f = load_fixture<Scalar>(name);
+    INFO("fixture " << name << " (" << scalar_name<Scalar>() << ")");
+    head_attention::HeadAttention<Scalar> layer = f.layer();
+    const Tensor3<Scalar> x = f.x();
+
+    // Bidirectional: the seed module without its masked_fill.
+    const Tensor3<Scalar> want_bi = to_tensor3(f.tensor("out_bidirectional", {f.B, f.T, f.head}), f.B, f.T, f.head);
+    head_attention::BatchedHeadAttention<Scalar> bi(layer);
+    bi.head().set_mask_rule(MaskRule::bidirectional());
+    const Tensor3<Scalar> got_bi = bi.forward(x);
+    double e = relative_error(got_bi.data(), want_bi.data(), want_bi.size());
+    CHECK(e <= tolerance);
+    bidirectional.update(e, name);
+    double ref_e = 0;
+    for (Index b = 0; b < f.B; ++b) {
+      const Matrix<Scalar> ref = head_attention::reference::forward(sequence(x, b), layer.query(), layer.key(),
+                                                                    layer.value(), MaskRule::bidirectional());
+      ref_e = std::max(ref_e, max_abs_diff(ref.data(), sequence(want_bi, b).data(), ref.size()) /
+                                  max_abs(want_bi.data(), want_bi.size()));
+    }
+    CHECK(ref_e <= tolerance);
+    bidirectional_ref.update(ref_e, name);
+
+    // Causal plus a boolean key-padding mask.
+    const auto& length_values = f.tensor("lengths", {f.B}).values;
+    std::vector<Index> lengths;
+    for (const Scalar v : length_values)
+      lengths.push_back(static_cast<Index>(v));
+    const Tensor3<Scalar> want_pad = to_tensor3(f.tensor("out_padded", {f.B, f.T, f.head}), f.B, f.T, f.head);
+    const head_attention::BatchedHeadAttention<Scalar> causal(layer);
+    const Tensor3<Scalar> got_pad = causal.forward(x, lengths);
+    e = relative_error(got_pad.data(), want_pad.data(), want_pad.size());
+    CHECK(e <= tolerance);
+    padded.update(e, name);
+    ref_e = 0;
+    for (Index b = 0; b < f.B; ++b) {
+      const Matrix<Scalar> ref =
+          head_attention::reference::forward(sequence(x, b), layer.query(), layer.key(), layer.value(),
+                                             MaskRule::causal(), lengths[static_cast<std::size_t>(b)]);
+      ref_e = std::max(ref_e, max_abs_diff(ref.data(), sequence(want_pad, b).data(), ref.size()) /
+                                  max_abs(want_pad.data(), want_pad.size()));
+    }
+    CHECK(ref_e <= tolerance);
+    padded_ref.update(ref_e, name);
+
+    // Token-by-token decoding reproduces torch's causal output too.
+    double cached_e = 0;
+    const Tensor3<Scalar> want = f.out();
+    for (Index b = 0; b < f.B; ++b) {
+      auto cache = layer.make_cache();
+      const Matrix<Scalar> xb = sequence(x, b);
+      Matrix<Scalar> got(f.T, f.head);
+      for (Index i = 0; i < f.T; ++i)
+        got.row(i) = layer.forward_cached(xb.row(i), cache);
+      cached_e = std::max(cached_e, max_abs_diff(got.data(), sequence(want, b).data(), got.size()) /
+                                        max_abs(want.data(), want.size()));
+    }
+    CHECK(cached_e <= tolerance);
+    cached.update(cached_e, name);
+
+    // get_attention_weights, where the fixture has it.
+    if (f.tensors.count("weights") != 0) {
+      ++weight_cases;
+      const Tensor3<Scalar> want_w = to_tensor3(f.tensor("weights", {f.B, f.T, f.T}), f.B, f.T, f.T);
+      const Tensor3<Scalar> got_w = causal.attention_weights(x);
+      e = relative_error(got_w.data(), want_w.data(), want_w.size());
+      CHECK(e <= tolerance);
+      weights.update(e, name);
+    }
+  }
+  CHECK(weight_cases >= 5);
+  std::cout << "[parity] " << scalar_name<Scalar>() << ", other masks, worst max|ours - torch| / max|torch|:\n"
+            << "  bidirectional      fast " << bidirectional.error << " (" << bidirectional.where << "), reference "
+            << bidirectional_ref.error << "\n"
+            << "  causal + padding   fast " << padded.error << " (" << padded.where << "), reference "
+            << padded_ref.error << "\n"
+            << "  decoded one token at a time " << cached.error << " (" << cached.where << ")\n"
+            << "  attention_weights  " << weights.error << " (" << weights.where << ", " << weight_cases
+            << " fixtures)\n";
 }
 
 TEMPLATE_TEST_CASE("a layer built from the fixture sizes refuses what torch refuses", "[parity]", float,
