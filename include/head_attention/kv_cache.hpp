@@ -1,9 +1,12 @@
 // head-attention: KVCache, the keys and values of the positions a layer has already processed.
 #pragma once
 
+#include <string>
+
 #include <Eigen/Core>
 
 #include "detail/kv_store.hpp"
+#include "errors.hpp"
 #include "mask.hpp"
 
 namespace head_attention {
@@ -27,6 +30,26 @@ class KVCache {
   Index capacity() const { return m_store.capacity(); }
   /// Forgets every position (the storage stays allocated): the next chunk starts at position 0.
   void clear() { m_store.clear(); }
+
+  /// Forgets the positions at or after `size`, so that decoding resumes at position `size` (to roll back
+  /// rejected tokens, say). Throws shape_error, with the cache unchanged, unless 0 <= size <= this->size(),
+  /// and, under a sliding window, unless the keys position `size` sees are still stored (the window drops
+  /// older ones as it advances).
+  void truncate(Index size) {
+    const char* where = "KVCache::truncate";
+    detail::require(size >= 0 && size <= m_store.length(), where, "size",
+                    "in [0, size() = " + std::to_string(m_store.length()) + "]", std::to_string(size));
+    if (size == 0) {
+      m_store.clear();
+      return;
+    }
+    detail::require(m_rule.first_key(size) >= m_store.first(), where, "size",
+                    ">= " + std::to_string(m_store.first() + m_rule.window() - 1) +
+                        " (the sliding window has dropped the positions before " +
+                        std::to_string(m_store.first()) + ")",
+                    std::to_string(size));
+    m_store.truncate(size);
+  }
 
   /// The sizes and rule of the layer that made the cache.
   Index emb_size() const { return m_emb_size; }

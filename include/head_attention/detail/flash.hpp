@@ -25,6 +25,8 @@ struct Tuning {
   static constexpr Eigen::Index query_block = 64;
   /// Rows of K and V per inner step.
   static constexpr Eigen::Index key_block = 256;
+  /// Rows of K and V per inner step when each work item has one query row (decoding).
+  static constexpr Eigen::Index decode_key_block = 2048;
   /// Rows of x per projection work item, at most.
   static constexpr Eigen::Index projection_rows = 256;
   /// Below this many useful flops a forward call stays on one thread. Forking is cheap next to the
@@ -46,7 +48,7 @@ struct FlashScratch {
   FlashScratch(Index block_q, Index block_k, Index head)
       : probs(block_q, block_k),
         acc(block_q, head),
-        clean_values(block_k, head),
+        clean_values(block_q > 1 ? block_k : 0, head),
         row_max(block_q),
         row_sum(block_q),
         seen_begin(static_cast<std::size_t>(block_q)),
@@ -56,7 +58,7 @@ struct FlashScratch {
 
   Matrix probs;         // [block_q, block_k] scores of one tile, then their exponentials
   Matrix acc;           // [block_q, head] un-normalised output
-  Matrix clean_values;  // [block_k, head] a masked tile's V with its non-finite rows zeroed
+  Matrix clean_values;  // [block_k, head] a masked tile's V with its non-finite rows zeroed (unused for one row)
   Vector row_max;       // [block_q] running max of each query's scores
   Vector row_sum;       // [block_q] running sum of exp(score - row_max)
   std::vector<Index> seen_begin;  // [block_q] the tile-relative key range each query sees in the
@@ -91,6 +93,11 @@ void partial_tile_values(const Scalar* v_tile, Eigen::Index stride, Eigen::Index
   using Stride = Eigen::OuterStride<>;
   const Index block_k = s.probs.cols();
   const Eigen::Map<const Matrix, 0, Stride> v(v_tile, bk, head, Stride(stride));
+  if (bq == 1) {  // one query: its keys alone, so a masked row of V is never even read
+    const Index a = seen_begin[0], b = seen_end[0];
+    if (b > a) s.acc.row(0).noalias() += s.probs.row(0).segment(a, b - a) * v.middleRows(a, b - a);
+    return;
+  }
   if (v.allFinite()) {
     s.pv.template accumulate<Eigen::RowMajor, Eigen::RowMajor>(bq, head, bk, s.probs.data(), block_k, v_tile,
                                                                stride, s.acc.data(), head);
@@ -240,7 +247,9 @@ void forward(const Scalar* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
       max_keys = std::max(max_keys, plan.caches[b]->length() + seq_len);
 
   const Index block_q = std::min(Tuning::query_block, seq_len);
-  const Index block_k = std::min(Tuning::key_block, max_keys);
+  // A single query row (a decode step) has no tile to reuse K and V across rows: longer key blocks only cut
+  // the per-block overhead.
+  const Index block_k = std::min(block_q == 1 ? Tuning::decode_key_block : Tuning::key_block, max_keys);
   const Index query_blocks = (seq_len + block_q - 1) / block_q;
   const Index items = batch * query_blocks;
   const double flops = useful_flops<Scalar>(batch, seq_len, emb, head, max_keys, plan.rule);
@@ -262,7 +271,7 @@ void forward(const Scalar* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   projection_gemm.reserve(static_cast<std::size_t>(threads));
   scratch.reserve(static_cast<std::size_t>(threads));
   for (int t = 0; t < threads; ++t) {
-    projection_gemm.emplace_back(proj_rows, head, emb);
+    projection_gemm.emplace_back(std::min(proj_rows, rows), head, emb);
     scratch.emplace_back(block_q, block_k, head);
   }
   const Linear<Scalar>* const layers[3] = {&q, &k, &v};

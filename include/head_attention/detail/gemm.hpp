@@ -72,12 +72,12 @@ class Gemm {
  public:
   using Index = Eigen::Index;
 
-  /// Prepares packing buffers for products up to [max_m, max_k] · [max_k, max_n]; larger ones still work,
-  /// in more cache blocks.
+  /// Prepares packing buffers for products up to [max_m, max_k] · [max_k, max_n] (none when max_m is 1);
+  /// larger ones still work, in more cache blocks, but then Eigen allocates its buffers itself.
   Gemm(Index max_m, Index max_n, Index max_k)
 #if HEAD_ATTENTION_GEMM_USES_EIGEN_INTERNALS
       : m_blocking(max_m, max_n, max_k, 1, true) {
-    m_blocking.allocateAll();
+    if (max_m > 1) m_blocking.allocateAll();  // single rows take the matrix-vector path, which needs none
   }
 #else
   {
@@ -91,6 +91,18 @@ class Gemm {
   void accumulate(Index m, Index n, Index k, const Scalar* lhs, Index lhs_stride, const Scalar* rhs,
                   Index rhs_stride, Scalar* res, Index res_stride) {
     if (m == 0 || n == 0 || k == 0) return;
+    if (m == 1) {
+      // One row (a decode step): Eigen's matrix-vector product streams rhs once, where the GEMM kernel would
+      // first copy it into a packed panel. Public API, never threaded, no heap allocation.
+      using Rhs = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, RhsOrder>;
+      using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
+      const Eigen::Map<const RowVector, 0, Eigen::InnerStride<>> a(
+          lhs, k, Eigen::InnerStride<>(LhsOrder == Eigen::RowMajor ? 1 : lhs_stride));  // [1, k]
+      const Eigen::Map<const Rhs, 0, Eigen::OuterStride<>> b(rhs, k, n, Eigen::OuterStride<>(rhs_stride));
+      Eigen::Map<RowVector> c(res, n);  // [1, n]
+      c.noalias() += a * b;
+      return;
+    }
 #if HEAD_ATTENTION_GEMM_USES_EIGEN_INTERNALS
     Eigen::internal::general_matrix_matrix_product<Index, Scalar, LhsOrder, false, Scalar, RhsOrder, false,
                                                    Eigen::RowMajor, 1>::run(m, n, k, lhs, lhs_stride, rhs,

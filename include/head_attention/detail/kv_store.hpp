@@ -43,6 +43,9 @@ class KVStore {
   /// Forgets every position; keeps the storage.
   void clear() { m_first = m_length = m_offset = 0; }
 
+  /// Forgets the positions at or after `length` (first() <= length <= this->length()).
+  void truncate(Index length) noexcept { m_length = length; }
+
   /// Makes room for `t` more rows, first dropping positions before keep_from (those no later query can see).
   /// Throws std::bad_alloc, with nothing changed, if growing fails; the caller has checked that length() + t
   /// stays within the limit.

@@ -1,0 +1,136 @@
+// bench_decode: incremental decoding with a KV cache, and the sliding window's cost against T.
+//
+// decode/float/n:<n>: one decode step (t = 1) of HeadAttention::forward_cached against a cache holding n
+// positions, float, one thread (the cache is truncated back to n after each step, so every step sees n keys).
+// Counters, on wall-clock time per step:
+// - x_forward: a full forward over n + 1 rows (best of 5 calls, measured once in this process) divided by
+//   the step's time: what the cache saves.
+// - x_floor_kv: the step's time over the floor of reading K and V once, 2 · n · head · 4 bytes at the read
+//   bandwidth this process measured for a buffer of that size (the cache stays in the caches between steps,
+//   so that is the bandwidth it can have); x_floor: the same floor plus reading the three projection
+//   weights (3 · emb · head · 4 bytes), the other unavoidable traffic of a step.
+// - GBps: bytes of K, V and weights per second of step.
+//
+// window/<rule>/float/T:<T>: a full forward over T rows, one thread, under the causal rule and a sliding
+// window of 512: the window's cost grows as T · 512, the causal one as T².
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <benchmark/benchmark.h>
+#include <Eigen/Core>
+
+#include <head_attention/head_attention.hpp>
+
+namespace {
+
+using Index = Eigen::Index;
+using Clock = std::chrono::steady_clock;
+using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+constexpr Index kEmb = 512;
+constexpr Index kHead = 64;
+constexpr std::uint64_t kSeed = 42;
+constexpr Index kWindow = 512;
+const Index kCacheLengths[] = {128, 512, 1024, 4096, 16384};
+const Index kWindowLengths[] = {1024, 2048, 4096, 8192, 16384};
+
+Matrix random_rows(Index rows, std::uint64_t seed) {
+  std::srand(static_cast<unsigned>(seed));
+  return Matrix::Random(rows, kEmb);
+}
+
+/// Read bandwidth in bytes/s over a buffer of `bytes` (summed with vector loads, repeatedly), best of 7.
+double read_bandwidth(std::size_t bytes) {
+  const Index n = static_cast<Index>(std::max<std::size_t>(bytes / sizeof(float), 1024));
+  const Eigen::VectorXf buffer = Eigen::VectorXf::Random(n);
+  const Index repeats = std::max<Index>(1, (Index(1) << 27) / n);  // about 512 MiB read per timing
+  float sink = 0;
+  double best = 1e30;
+  for (int rep = 0; rep < 7; ++rep) {
+    const auto t0 = Clock::now();
+    for (Index r = 0; r < repeats; ++r) {
+      sink += buffer.sum();
+      benchmark::ClobberMemory();
+    }
+    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  benchmark::DoNotOptimize(sink);
+  return static_cast<double>(repeats) * static_cast<double>(n) * sizeof(float) / best;
+}
+
+void bm_decode(benchmark::State& state, Index n) {
+  head_attention::HeadAttention<float> layer(kEmb, kHead, n + 1, kSeed);
+  layer.set_num_threads(1);
+  const Matrix prompt = random_rows(n + 1, kSeed + static_cast<std::uint64_t>(n));
+  auto cache = layer.make_cache();
+  (void)layer.forward_cached(prompt.topRows(n), cache);
+  const Matrix next = prompt.bottomRows(1);
+
+  // The same output the long way, for x_forward.
+  double forward_seconds = 1e30;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = Clock::now();
+    const Matrix out = layer.forward(prompt);
+    benchmark::DoNotOptimize(out.data());
+    forward_seconds = std::min(forward_seconds, std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+
+  const double kv_bytes = 2.0 * static_cast<double>(n) * kHead * sizeof(float);
+  const double weight_bytes = 3.0 * kEmb * kHead * sizeof(float);
+  const double bandwidth = read_bandwidth(static_cast<std::size_t>(kv_bytes));
+
+  const auto t0 = Clock::now();
+  for (auto _ : state) {
+    const Matrix out = layer.forward_cached(next, cache);
+    benchmark::DoNotOptimize(out.data());
+    cache.truncate(n);
+  }
+  const double step = std::chrono::duration<double>(Clock::now() - t0).count() /
+                      static_cast<double>(state.iterations());
+  state.counters["x_forward"] = forward_seconds / step;
+  state.counters["x_floor_kv"] = step / (kv_bytes / bandwidth);
+  state.counters["x_floor"] = step / ((kv_bytes + weight_bytes) / bandwidth);
+  state.counters["GBps"] = (kv_bytes + weight_bytes) / step * 1e-9;
+  state.counters["bandwidth_GBps"] = bandwidth * 1e-9;
+}
+
+void bm_window(benchmark::State& state, Index T, bool windowed) {
+  const head_attention::MaskRule rule =
+      windowed ? head_attention::MaskRule::sliding_window(kWindow) : head_attention::MaskRule::causal();
+  head_attention::HeadAttention<float> layer(kEmb, kHead, T, kSeed, rule);
+  layer.set_num_threads(1);
+  const Matrix x = random_rows(T, kSeed + static_cast<std::uint64_t>(T));
+  Matrix out(T, kHead);
+  for (auto _ : state) {
+    layer.forward_into(x, out);
+    benchmark::DoNotOptimize(out.data());
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Eigen::setNbThreads(1);
+  for (const Index n : kCacheLengths)
+    benchmark::RegisterBenchmark(("decode/float/n:" + std::to_string(n)).c_str(), bm_decode, n)
+        ->Unit(benchmark::kMicrosecond)
+        ->UseRealTime();
+  for (const Index T : kWindowLengths) {
+    benchmark::RegisterBenchmark(("window/causal/float/T:" + std::to_string(T)).c_str(), bm_window, T, false)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+    benchmark::RegisterBenchmark(("window/sliding_512/float/T:" + std::to_string(T)).c_str(), bm_window, T, true)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+  }
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
