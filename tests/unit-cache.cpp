@@ -183,3 +183,38 @@ TEMPLATE_TEST_CASE("cache errors leave the cache as it was", "[cache][errors]", 
   CHECK(bcache.size() == 0);
   check_shape_error([&] { (void)batched.make_cache(-1); }, {"BatchedHeadAttention::make_cache", "batch", "got -1"});
 }
+
+TEMPLATE_TEST_CASE("truncate rolls a cache back", "[cache]", float, double) {
+  using Scalar = TestType;
+  constexpr Index emb = 6, head = 4, T = 80;
+  head_attention::HeadAttention<Scalar> layer(emb, head, T, 2100);
+  const Matrix<Scalar> x = random_matrix<Scalar>(T, emb, 2101);
+  const Matrix<Scalar> other = random_matrix<Scalar>(10, emb, 2102);
+  const Matrix<Scalar> full = layer.forward(x);
+  auto cache = layer.make_cache();
+  (void)layer.forward_cached(x.topRows(50), cache);
+  (void)layer.forward_cached(other, cache);  // ten rejected tokens
+  cache.truncate(50);
+  CHECK(cache.size() == 50);
+  const Matrix<Scalar> rest = layer.forward_cached(x.bottomRows(T - 50), cache);
+  CHECK(relative_error(rest, Matrix<Scalar>(full.bottomRows(T - 50))) <= decode_tolerance<Scalar>());
+  check_shape_error([&] { cache.truncate(T + 1); }, {"KVCache::truncate", "size", "in [0, size() = 80]", "got 81"});
+  check_shape_error([&] { cache.truncate(-1); }, {"KVCache::truncate", "size", "got -1"});
+  CHECK(cache.size() == T);
+  cache.truncate(0);
+  CHECK(cache.size() == 0);
+
+  // A sliding window drops old positions: truncating to before them is refused, with the cache unchanged.
+  head_attention::HeadAttention<Scalar> windowed(emb, head, T, 2100, MaskRule::sliding_window(4));
+  auto wcache = windowed.make_cache();
+  for (Index i = 0; i < 60; ++i)
+    (void)windowed.forward_cached(x.row(i), wcache);
+  check_shape_error([&] { wcache.truncate(10); }, {"KVCache::truncate", "size", "sliding window", "got 10"});
+  CHECK(wcache.size() == 60);
+  // Kept: positions 56..59, what the query at position 59 sees; position 58 would need 55 too.
+  check_shape_error([&] { wcache.truncate(58); }, {"KVCache::truncate", "must be >= 59", "got 58"});
+  wcache.truncate(59);
+  const Matrix<Scalar> wfull = windowed.forward(x);
+  const Matrix<Scalar> again = windowed.forward_cached(x.middleRows(59, 2), wcache);
+  CHECK(relative_error(again, Matrix<Scalar>(wfull.middleRows(59, 2))) <= decode_tolerance<Scalar>());
+}
