@@ -24,6 +24,32 @@ struct is_dense_tensor<Eigen::Tensor<S, Rank, Options, IndexType>> : std::true_t
 template <typename Plain, int Options, template <class> class MakePointer>
 struct is_dense_tensor<Eigen::TensorMap<Plain, Options, MakePointer>> : std::true_type {};
 
+/// Checks at compile time that x is a row-major rank-3 tensor of Scalar, then returns f(data, B, T, width)
+/// over its storage: an Eigen::Tensor or TensorMap is read in place, any other expression evaluated once.
+template <typename Scalar, typename Derived, typename F>
+auto with_tensor_data(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x, F&& f)
+    -> decltype(f(static_cast<const Scalar*>(nullptr), Eigen::Index(), Eigen::Index(), Eigen::Index())) {
+  using Result = decltype(f(static_cast<const Scalar*>(nullptr), Eigen::Index(), Eigen::Index(), Eigen::Index()));
+  using Traits = Eigen::internal::traits<Derived>;
+  constexpr bool rank_3 = Traits::NumDimensions == 3;
+  constexpr bool row_major = static_cast<int>(Traits::Layout) == static_cast<int>(Eigen::RowMajor);
+  constexpr bool same_scalar = std::is_same<std::remove_const_t<typename Traits::Scalar>, Scalar>::value;
+  static_assert(rank_3, "head_attention: forward needs a rank-3 tensor [B, T, emb_size]");
+  static_assert(row_major,
+                "head_attention: forward needs a row-major tensor (Eigen::RowMajor), laid out as PyTorch lays "
+                "out [B, T, emb_size]");
+  static_assert(same_scalar, "head_attention: forward needs a tensor of the layer's Scalar");
+  if constexpr (!(rank_3 && row_major && same_scalar)) {
+    return Result();  // not compiled: the static_asserts above have failed; this keeps their message alone
+  } else if constexpr (is_dense_tensor<Derived>::value) {
+    const Derived& t = static_cast<const Derived&>(x);
+    return f(t.data(), Eigen::Index(t.dimension(0)), Eigen::Index(t.dimension(1)), Eigen::Index(t.dimension(2)));
+  } else {
+    const Eigen::Tensor<Scalar, 3, Eigen::RowMajor> t = x;  // an expression: evaluate it once
+    return f(t.data(), Eigen::Index(t.dimension(0)), Eigen::Index(t.dimension(1)), Eigen::Index(t.dimension(2)));
+  }
+}
+
 }  // namespace detail
 
 /// The seed module's own calling convention: x [B, T, emb_size] to [B, T, head_size], each of the B sequences
@@ -53,7 +79,7 @@ class BatchedHeadAttention {
   /// B = 0 or T = 0 give an empty result.
   template <typename Derived>
   Tensor3 forward(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x) const {
-    return with_data(x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
+    return detail::with_tensor_data<Scalar>(x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
       return forward_data(data, batch, seq_len, width, nullptr);
     });
   }
@@ -65,7 +91,7 @@ class BatchedHeadAttention {
   template <typename Derived>
   Tensor3 forward(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x,
                   const std::vector<Index>& lengths) const {
-    return with_data(x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
+    return detail::with_tensor_data<Scalar>(x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
       return forward_data(data, batch, seq_len, width, &lengths);
     });
   }
@@ -74,7 +100,7 @@ class BatchedHeadAttention {
   /// layer's mask rule (masked entries exactly 0). Builds [B, T, T], as it must. Throws as forward(x) does.
   template <typename Derived>
   Tensor3 attention_weights(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x) const {
-    return with_data(x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
+    return detail::with_tensor_data<Scalar>(x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
       check(batch, seq_len, width, "BatchedHeadAttention::attention_weights");
       Tensor3 out(batch, seq_len, seq_len);  // [B, T, T]
       for (Index b = 0; b < batch; ++b) {
@@ -120,7 +146,7 @@ class BatchedHeadAttention {
   /// shape_error, with the cache unchanged, if B differs from the cache's, and as forward_cached does.
   template <typename Derived>
   Tensor3 forward_cached(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x, Cache& cache) const {
-    return with_data(x, [&](const Scalar* data, Index batch, Index t, Index width) {
+    return detail::with_tensor_data<Scalar>(x, [&](const Scalar* data, Index batch, Index t, Index width) {
       const char* where = "BatchedHeadAttention::forward_cached";
       detail::require(batch == cache.batch(), where, "x.dimension(0) (B)",
                       "the cache's batch = " + std::to_string(cache.batch()), std::to_string(batch));
@@ -135,30 +161,6 @@ class BatchedHeadAttention {
   }
 
  private:
-  /// Checks x's rank, layout and scalar at compile time, then calls f(data, B, T, width) on its storage: an
-  /// Eigen::Tensor or TensorMap read in place, any other expression evaluated once.
-  template <typename Derived, typename F>
-  static Tensor3 with_data(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x, F&& f) {
-    using Traits = Eigen::internal::traits<Derived>;
-    constexpr bool rank_3 = Traits::NumDimensions == 3;
-    constexpr bool row_major = static_cast<int>(Traits::Layout) == static_cast<int>(Eigen::RowMajor);
-    constexpr bool same_scalar = std::is_same<std::remove_const_t<typename Traits::Scalar>, Scalar>::value;
-    static_assert(rank_3, "BatchedHeadAttention::forward needs a rank-3 tensor [B, T, emb_size]");
-    static_assert(row_major,
-                  "BatchedHeadAttention::forward needs a row-major tensor (Eigen::RowMajor), laid out as "
-                  "PyTorch lays out [B, T, emb_size]");
-    static_assert(same_scalar, "BatchedHeadAttention<Scalar>::forward needs a tensor of the same Scalar");
-    if constexpr (!(rank_3 && row_major && same_scalar)) {
-      return Tensor3();  // not compiled: the static_asserts above have failed; this keeps their message alone
-    } else if constexpr (detail::is_dense_tensor<Derived>::value) {
-      const Derived& t = static_cast<const Derived&>(x);
-      return f(t.data(), Index(t.dimension(0)), Index(t.dimension(1)), Index(t.dimension(2)));
-    } else {
-      const Tensor3 t = x;  // an expression: evaluate it once
-      return f(t.data(), t.dimension(0), t.dimension(1), t.dimension(2));
-    }
-  }
-
   /// The checks of every call, here first so that the messages name this call and the tensor's dimensions.
   void check(Index batch, Index seq_len, Index width, const char* where) const {
     (void)batch;

@@ -8,5 +8,6 @@
 #include "kv_cache.hpp"
 #include "linear.hpp"
 #include "mask.hpp"
+#include "multi_head_attention.hpp"
 #include "reference.hpp"
 #include "version.hpp"

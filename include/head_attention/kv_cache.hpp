@@ -13,6 +13,8 @@ namespace head_attention {
 
 template <typename Scalar>
 class HeadAttention;
+template <typename Scalar>
+class MultiHeadAttention;
 
 /// The keys and values of one sequence's positions so far, for incremental decoding: made by
 /// HeadAttention::make_cache() and extended by HeadAttention::forward_cached(). It belongs to the sizes and
@@ -59,6 +61,7 @@ class KVCache {
 
  private:
   friend class HeadAttention<Scalar>;
+  friend class MultiHeadAttention<Scalar>;
 
   KVCache(Index emb_size, Index head_size, Index max_seq_len, const MaskRule& rule)
       : m_emb_size(emb_size), m_max_seq_len(max_seq_len), m_rule(rule), m_store(head_size, max_seq_len) {}

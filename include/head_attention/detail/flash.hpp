@@ -198,19 +198,28 @@ inline int& last_team_size() noexcept {
   return size;
 }
 
-/// What differs between forward calls beyond their input: the mask rule, right padding, and a KV cache.
+/// What differs between forward calls beyond their input: the mask rule, right padding, a KV cache, and the
+/// multi-head layer's output projection.
 template <typename Scalar>
 struct AttentionPlan {
   MaskRule rule = MaskRule::causal();
   /// [batch] valid keys of each sequence (keys at or after it are masked), or null: all keys are valid.
   const Eigen::Index* lengths = nullptr;
-  /// [batch] caches the chunk extends: each sequence's new K and V are appended to its cache (room made by
-  /// KVStore::prepare beforehand) and its queries, at positions cache.length() onwards, attend over the
-  /// cache. Null: the keys are the input's own rows, at positions 0 onwards.
+  /// [heads · batch] caches the chunk extends, head h's cache of sequence b at h · batch + b: each new K and V
+  /// row is appended to its cache (room made by KVStore::prepare beforehand) and the queries, at positions
+  /// cache.length() onwards, attend over the cache. Null: the keys are the input's own rows, at positions 0
+  /// onwards.
   KVStore<Scalar>* const* caches = nullptr;
+  /// The multi-head layer's nn.Linear(heads · head, emb) over the concatenated head outputs, or null. When
+  /// set, `out` receives the concatenation and `projected` ([rows, emb], leading dimension projected_stride)
+  /// the projection of it.
+  const Linear<Scalar>* output = nullptr;
+  Scalar* projected = nullptr;
+  Eigen::Index projected_stride = 0;
 };
 
-/// Useful flops of a call: the projections plus, per query, its visible keys (QKᵀ and PV), estimated.
+/// Useful flops of a call: the projections plus, per query, its visible keys (QKᵀ and PV), estimated, for one
+/// head.
 template <typename Scalar>
 double useful_flops(Eigen::Index batch, Eigen::Index rows_per_sequence, Eigen::Index emb, Eigen::Index head,
                     Eigen::Index keys_per_sequence, const MaskRule& rule) {
@@ -223,58 +232,64 @@ double useful_flops(Eigen::Index batch, Eigen::Index rows_per_sequence, Eigen::I
          4.0 * b * t * seen * static_cast<double>(head);
 }
 
-/// The whole forward pass for `batch` sequences of `seq_len` rows stored back to back in x ([batch·seq_len,
-/// emb], storage order XOrder, leading dimension x_stride): projections, then attention under `plan`. Writes
-/// out [batch·seq_len, head] row-major with leading dimension out_stride. x is read completely before out is
-/// written. Shapes are checked by the caller, and caches prepared. threads: the most threads to use (>= 1).
+/// The whole forward pass of `heads` attention heads over `batch` sequences of `seq_len` rows stored back to
+/// back in x ([batch·seq_len, emb], storage order XOrder, leading dimension x_stride): every head's
+/// projections, then every head's attention under `plan`, then (if plan.output) the output projection, all in
+/// one parallel region. layers: [3 · heads] nn.Linear(emb, head), head h's Q, K, V at 3h, 3h + 1, 3h + 2.
+/// Writes head h's output to columns [h · head, (h + 1) · head) of out ([batch·seq_len, heads·head] row-major,
+/// leading dimension out_stride). x is read completely before out is written. Shapes are checked by the
+/// caller, and caches prepared. threads: the most threads to use (>= 1).
 template <int XOrder, typename Scalar>
 void forward(const Scalar* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::Index seq_len,
-             const Linear<Scalar>& q, const Linear<Scalar>& k, const Linear<Scalar>& v, Scalar* out,
-             Eigen::Index out_stride, int threads, const AttentionPlan<Scalar>& plan = {}) {
+             const Linear<Scalar>* const* layers, Eigen::Index heads, Scalar* out, Eigen::Index out_stride,
+             int threads, const AttentionPlan<Scalar>& plan = {}) {
   using Index = Eigen::Index;
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const Index rows = batch * seq_len;
   last_team_size() = 1;
-  if (rows == 0) return;
-  const Index emb = q.in_features();
-  const Index head = q.out_features();
-  const Index ld = 3 * head;
+  if (rows == 0 || heads == 0) return;
+  const Index emb = layers[0]->in_features();
+  const Index head = layers[0]->out_features();
+  const Index ld = 3 * head * heads;  // qkv row: [q0 | k0 | v0 | q1 | k1 | v1 | ...]
 
   // The most keys any sequence has after this call (cached: its cache plus the chunk).
   Index max_keys = seq_len;
   if (plan.caches != nullptr)
-    for (Index b = 0; b < batch; ++b)
-      max_keys = std::max(max_keys, plan.caches[b]->length() + seq_len);
+    for (Index c = 0; c < heads * batch; ++c)
+      max_keys = std::max(max_keys, plan.caches[c]->length() + seq_len);
 
   const Index block_q = std::min(Tuning::query_block, seq_len);
   // A single query row (a decode step) has no tile to reuse K and V across rows: longer key blocks only cut
   // the per-block overhead.
   const Index block_k = std::min(block_q == 1 ? Tuning::decode_key_block : Tuning::key_block, max_keys);
   const Index query_blocks = (seq_len + block_q - 1) / block_q;
-  const Index items = batch * query_blocks;
-  const double flops = useful_flops<Scalar>(batch, seq_len, emb, head, max_keys, plan.rule);
+  const Index items = heads * batch * query_blocks;
+  const double flops =
+      static_cast<double>(heads) * useful_flops<Scalar>(batch, seq_len, emb, head, max_keys, plan.rule);
   if (flops < Tuning::serial_below_flops || in_parallel_region()) threads = 1;
   // Short inputs are cut into one row chunk per thread, so that every thread gets projection work.
   const Index proj_rows =
       std::min(Tuning::projection_rows, std::max<Index>(8, (rows + threads - 1) / threads));
-  const Index proj_items = 3 * ((rows + proj_rows - 1) / proj_rows);  // (row chunk, projection) pairs
+  const Index chunks = (rows + proj_rows - 1) / proj_rows;
+  const Index proj_items = 3 * heads * chunks;  // (row chunk, head, projection) triples
   threads = static_cast<int>(std::min<Index>(threads, std::max(items, proj_items)));
 
   // Everything is allocated here, before the parallel region: an exception thrown inside one terminates.
-  // Q, K and V side by side, each row [q | k | v]: one buffer, one pass of GEMMs over the same rows of x.
-  Matrix qkv(rows, ld);  // [rows, 3·head], the GEMMs accumulate onto the bias
-  qkv.leftCols(head).rowwise() = q.bias.transpose();
-  qkv.middleCols(head, head).rowwise() = k.bias.transpose();
-  qkv.rightCols(head).rowwise() = v.bias.transpose();
+  // Q, K and V side by side, each row [q | k | v] per head: one buffer, one pass of GEMMs over the same rows
+  // of x, which stay in cache while every head's projections read them.
+  Matrix qkv(rows, ld);  // [rows, 3·head·heads], the GEMMs accumulate onto the bias
+  for (Index p = 0; p < 3 * heads; ++p)
+    qkv.middleCols(p * head, head).rowwise() = layers[p]->bias.transpose();
+  const Index out_width = plan.output != nullptr ? plan.output->out_features() : 0;
   std::vector<Gemm<Scalar>> projection_gemm;
   std::vector<FlashScratch<Scalar>> scratch;
   projection_gemm.reserve(static_cast<std::size_t>(threads));
   scratch.reserve(static_cast<std::size_t>(threads));
   for (int t = 0; t < threads; ++t) {
-    projection_gemm.emplace_back(std::min(proj_rows, rows), head, emb);
+    projection_gemm.emplace_back(std::min(proj_rows, rows), std::max(head, out_width),
+                                 std::max(emb, heads * head));
     scratch.emplace_back(block_q, block_k, head);
   }
-  const Linear<Scalar>* const layers[3] = {&q, &k, &v};
   const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(head));
 
   HEAD_ATTENTION_OMP(parallel num_threads(threads) if (threads > 1)) {
@@ -286,38 +301,55 @@ void forward(const Scalar* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
     // callers change through query()/key()/value() references.
     HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
     for (Index item = 0; item < proj_items; ++item) {
-      const Index r0 = (item / 3) * proj_rows;
-      const Index p = item % 3;
+      const Index r0 = (item / (3 * heads)) * proj_rows;
+      const Index p = item % (3 * heads);  // head p / 3, projection p % 3
       const Index n = std::min(proj_rows, rows - r0);
       const Scalar* x_rows = XOrder == Eigen::RowMajor ? x + r0 * x_stride : x + r0;
       Scalar* qkv_rows = qkv.data() + r0 * ld + p * head;
       projection_gemm[thread].template accumulate<XOrder, Eigen::ColMajor>(
           n, head, emb, x_rows, x_stride, layers[p]->weight.data(), emb, qkv_rows, ld);
-      if (p == 0)
+      if (p % 3 == 0)
         Eigen::Map<Matrix, 0, Eigen::OuterStride<>>(qkv_rows, n, head, Eigen::OuterStride<>(ld)) *= scale;
     }
     // (The implicit barrier above: every projection is done before anything reads it.)
     if (plan.caches != nullptr) {
       HEAD_ATTENTION_OMP(for schedule(static))
-      for (Index b = 0; b < batch; ++b)
-        plan.caches[b]->write(qkv.data() + b * seq_len * ld + head, ld, seq_len);
+      for (Index c = 0; c < heads * batch; ++c) {
+        const Index h = c / batch, b = c % batch;
+        plan.caches[c]->write(qkv.data() + b * seq_len * ld + (3 * h + 1) * head, ld, seq_len);
+      }
     }
     // Costliest items first (the last query blocks see the most keys), handed out one at a time.
     HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
     for (Index item = 0; item < items; ++item) {
-      const Index qb = query_blocks - 1 - item / batch;
-      const Index b = item % batch;
+      const Index qb = query_blocks - 1 - item / (batch * heads);
+      const Index c = item % (batch * heads);  // head h = c / batch, sequence b = c % batch
+      const Index h = c / batch, b = c % batch;
       const Index r0 = qb * block_q;
       const Index bq = std::min(block_q, seq_len - r0);
-      const Scalar* seq_qkv = qkv.data() + b * seq_len * ld;
-      Queries<Scalar> queries{seq_qkv, ld, 0, out + b * seq_len * out_stride, out_stride};
+      const Scalar* seq_qkv = qkv.data() + b * seq_len * ld + 3 * h * head;
+      Queries<Scalar> queries{seq_qkv, ld, 0, out + b * seq_len * out_stride + h * head, out_stride};
       KeyValues<Scalar> keys{seq_qkv + head, seq_qkv + 2 * head, ld, 0, seq_len, seq_len};
       if (plan.caches != nullptr) {
-        queries.position = plan.caches[b]->length();
-        keys = plan.caches[b]->keys(seq_len);
+        queries.position = plan.caches[c]->length();
+        keys = plan.caches[c]->keys(seq_len);
       }
       if (plan.lengths != nullptr) keys.valid = std::min(keys.valid, plan.lengths[b]);
       attend_query_block(queries, keys, plan.rule, r0, bq, scratch[thread]);
+    }
+    if (plan.output != nullptr) {
+      // The output projection, one GEMM per row chunk of the concatenation: [rows, heads·head] · Woᵀ + bo.
+      HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
+      for (Index chunk = 0; chunk < chunks; ++chunk) {
+        const Index r0 = chunk * proj_rows;
+        const Index n = std::min(proj_rows, rows - r0);
+        Eigen::Map<Matrix, 0, Eigen::OuterStride<>> dst(plan.projected + r0 * plan.projected_stride, n,
+                                                        out_width, Eigen::OuterStride<>(plan.projected_stride));
+        dst.rowwise() = plan.output->bias.transpose();
+        projection_gemm[thread].template accumulate<Eigen::RowMajor, Eigen::ColMajor>(
+            n, out_width, heads * head, out + r0 * out_stride, out_stride, plan.output->weight.data(),
+            heads * head, dst.data(), plan.projected_stride);
+      }
     }
   }
 }

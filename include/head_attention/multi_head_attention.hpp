@@ -1,0 +1,348 @@
+// head-attention: MultiHeadAttention, simple_llm's num_heads HeadAttentions concatenated and projected back.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <Eigen/Core>
+#include <unsupported/Eigen/CXX11/Tensor>
+
+#include "attention.hpp"
+#include "batched.hpp"
+#include "detail/flash.hpp"
+#include "detail/parallel.hpp"
+#include "detail/rng.hpp"
+#include "errors.hpp"
+#include "kv_cache.hpp"
+#include "linear.hpp"
+#include "mask.hpp"
+
+namespace head_attention {
+
+/// simple_llm's MultiHeadAttention(num_heads, emb_size, head_size, max_seq_len) at inference: num_heads
+/// HeadAttentions over the same input, their outputs concatenated ([T, num_heads · head_size]) and projected
+/// back by nn.Linear(num_heads · head_size, emb_size) (PyTorch's `_layer`; its dropout is the identity at
+/// inference). x [T, emb_size] to [T, emb_size].
+///
+/// forward() runs every head in one pass: the projections of all heads over each chunk of x (which stays in
+/// cache while they read it), then the attention blocks of all heads and sequences as work items of one
+/// parallel region (all cores busy even for one sequence), then the output projection, one GEMM per row chunk.
+/// Extra memory is O(T · num_heads · head_size). const, and safe to call from many threads at once.
+template <typename Scalar>
+class MultiHeadAttention {
+  static_assert(std::is_floating_point<Scalar>::value, "MultiHeadAttention<Scalar> needs a floating-point Scalar");
+
+ public:
+  using Index = Eigen::Index;
+  using Head = HeadAttention<Scalar>;
+  using Matrix = typename Head::Matrix;
+  using Vector = typename Head::Vector;
+  using LinearType = Linear<Scalar>;
+  using OutputRef = Eigen::Ref<Matrix, 0, Eigen::OuterStride<>>;
+  using Tensor3 = Eigen::Tensor<Scalar, 3, Eigen::RowMajor>;
+
+  /// Builds num_heads heads and the output projection with PyTorch's default nn.Linear init, all drawn from
+  /// one generator seeded with `seed`: heads 0..num_heads-1 (each q.weight, q.bias, k.weight, k.bias,
+  /// v.weight, v.bias, U(±1/sqrt(emb_size))), then the projection's weight and bias, U(±1/sqrt(num_heads ·
+  /// head_size)). `rule` is every head's mask rule (causal by default). Throws shape_error unless all four
+  /// sizes are positive.
+  MultiHeadAttention(Index num_heads, Index emb_size, Index head_size, Index max_seq_len, std::uint64_t seed = 0,
+                     const MaskRule& rule = MaskRule::causal()) {
+    detail::require(num_heads > 0, "MultiHeadAttention", "num_heads", "> 0", std::to_string(num_heads));
+    m_heads.reserve(static_cast<std::size_t>(num_heads));
+    detail::UniformSource uniform(seed);
+    for (Index h = 0; h < num_heads; ++h) {
+      m_heads.emplace_back(emb_size, head_size, max_seq_len, 0, rule);  // checks the sizes
+      m_heads.back().query() = detail::make_linear<Scalar>(emb_size, head_size, uniform);
+      m_heads.back().key() = detail::make_linear<Scalar>(emb_size, head_size, uniform);
+      m_heads.back().value() = detail::make_linear<Scalar>(emb_size, head_size, uniform);
+    }
+    m_projection = detail::make_linear<Scalar>(num_heads * head_size, emb_size, uniform);
+  }
+
+  Index num_heads() const { return static_cast<Index>(m_heads.size()); }
+  Index emb_size() const { return m_heads.front().emb_size(); }
+  Index head_size() const { return m_heads.front().head_size(); }
+  Index max_seq_len() const { return m_heads.front().max_seq_len(); }
+
+  /// Head i (PyTorch's `_heads[i]`): load its trained weights through query(), key(), value(). Throws
+  /// shape_error unless 0 <= i < num_heads.
+  Head& head(Index i) { return m_heads[checked_head(i)]; }
+  const Head& head(Index i) const { return m_heads[checked_head(i)]; }
+
+  /// The output projection (PyTorch's `_layer`): weight [emb_size, num_heads · head_size], bias [emb_size].
+  LinearType& projection() { return m_projection; }
+  const LinearType& projection() const { return m_projection; }
+
+  /// Every head's mask rule (see MaskRule); set_mask_rule sets it on all heads.
+  const MaskRule& mask_rule() const { return m_heads.front().mask_rule(); }
+  void set_mask_rule(const MaskRule& rule) {
+    for (Head& head : m_heads)
+      head.set_mask_rule(rule);
+  }
+
+  /// The thread cap of a forward call, as HeadAttention::set_num_threads (0: Eigen's default). Throws
+  /// shape_error if n < 0.
+  void set_num_threads(int n) {
+    detail::require(n >= 0, "MultiHeadAttention::set_num_threads", "the thread count", ">= 0", std::to_string(n));
+    m_threads = n;
+  }
+  /// The thread count a large call made now, from this thread, would run on (1 inside a parallel region or
+  /// without OpenMP).
+  int num_threads() const {
+    if (!detail::has_openmp || detail::in_parallel_region()) return 1;
+    return m_threads > 0 ? m_threads : detail::default_thread_count();
+  }
+
+  /// One sequence: x [T, emb_size] (any dense Eigen expression of Scalar, read in place when it can be) to
+  /// [T, emb_size]. Throws shape_error if x.cols() != emb_size, T > max_seq_len, or a weight has the wrong
+  /// shape.
+  template <typename Derived>
+  Matrix forward(const Eigen::MatrixBase<Derived>& x) const {
+    check_input<Derived>();
+    check(x.cols(), x.rows(), "MultiHeadAttention::forward", "x.cols() (input width)", "x.rows() (T)");
+    Matrix out(x.rows(), emb_size());  // [T, emb]
+    run(x, 1, x.rows(), out.data(), out.outerStride(), detail::AttentionPlan<Scalar>{});
+    return out;
+  }
+
+  /// `batch` sequences of equal length back to back, x [batch · T, emb_size], into out [batch · T, emb_size];
+  /// with `lengths` (one per sequence, each in [0, T]), keys at or after lengths[b] are masked (right
+  /// padding). Throws shape_error, before touching out, on any bad shape.
+  template <typename Derived>
+  void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
+                    const std::vector<Index>* lengths = nullptr) const {
+    check_input<Derived>();
+    const char* where = "MultiHeadAttention::forward_into";
+    detail::require(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
+    detail::require(batch > 0 ? x.rows() % batch == 0 : x.rows() == 0, where, "x.rows()",
+                    "a multiple of batch = " + std::to_string(batch), std::to_string(x.rows()));
+    const Index seq_len = batch > 0 ? x.rows() / batch : 0;
+    check(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
+    detail::require(out.rows() == x.rows() && out.cols() == emb_size(), where, "out shape",
+                    detail::shape_string(x.rows(), emb_size()), detail::shape_string(out.rows(), out.cols()));
+    detail::AttentionPlan<Scalar> plan;
+    if (lengths != nullptr) {
+      check_lengths(*lengths, batch, seq_len, where);
+      plan.lengths = lengths->data();
+    }
+    run(x, batch, seq_len, out.data(), out.outerStride(), plan);
+  }
+
+  /// The seed's calling convention: x [B, T, emb_size] (an Eigen::Tensor or TensorMap, row-major, read in
+  /// place; or any tensor expression) to [B, T, emb_size]; with `lengths`, right padding as in forward_into.
+  template <typename TensorDerived>
+  Tensor3 forward(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x) const {
+    return forward_tensor(x, nullptr);
+  }
+  template <typename TensorDerived>
+  Tensor3 forward(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
+                  const std::vector<Index>& lengths) const {
+    return forward_tensor(x, &lengths);
+  }
+
+  /// The KV caches of `batch` sequences (every head's keys and values), for incremental decoding.
+  class Cache {
+   public:
+    /// Sequences in the batch.
+    Index batch() const { return m_batch; }
+    /// Positions processed so far (the same for every sequence).
+    Index size() const { return m_caches.empty() ? 0 : m_caches.front().size(); }
+    /// Rows of key/value storage allocated per head and sequence.
+    Index capacity() const { return m_caches.empty() ? 0 : m_caches.front().capacity(); }
+    /// Forgets every position.
+    void clear() {
+      for (KVCache<Scalar>& cache : m_caches)
+        cache.clear();
+    }
+    /// Forgets the positions at or after `size` (see KVCache::truncate).
+    void truncate(Index size) {
+      if (!m_caches.empty()) m_caches.front().truncate(size);  // throws, if it does, before any change
+      for (KVCache<Scalar>& cache : m_caches)
+        cache.truncate(size);
+    }
+
+   private:
+    friend class MultiHeadAttention;
+    Index m_batch = 0;
+    std::vector<KVCache<Scalar>> m_caches;  // [num_heads · batch], head h of sequence b at h · batch + b
+  };
+
+  /// An empty cache for `batch` sequences (1 by default) decoded together. Throws shape_error if batch < 0.
+  Cache make_cache(Index batch = 1) const {
+    detail::require(batch >= 0, "MultiHeadAttention::make_cache", "batch", ">= 0", std::to_string(batch));
+    Cache cache;
+    cache.m_batch = batch;
+    cache.m_caches.reserve(static_cast<std::size_t>(num_heads() * batch));
+    for (const Head& head : m_heads)
+      for (Index b = 0; b < batch; ++b)
+        cache.m_caches.push_back(head.make_cache());
+    return cache;
+  }
+
+  /// Incremental decoding of one sequence (a cache made with batch 1): the t new rows x [t, emb_size] to their
+  /// outputs [t, emb_size], as HeadAttention::forward_cached does for each head. Throws shape_error, with the
+  /// cache unchanged, on a bad shape, a cache of other sizes or rule, or cache.size() + t > max_seq_len.
+  template <typename Derived>
+  Matrix forward_cached(const Eigen::MatrixBase<Derived>& x, Cache& cache) const {
+    Matrix out(x.rows(), emb_size());  // [t, emb]
+    cached(x, cache, out, "MultiHeadAttention::forward_cached");
+    return out;
+  }
+
+  /// Incremental decoding of B sequences together: x [B, t, emb_size] to [B, t, emb_size].
+  template <typename TensorDerived>
+  Tensor3 forward_cached(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x, Cache& cache) const {
+    return detail::with_tensor_data<Scalar>(x, [&](const Scalar* data, Index batch, Index t, Index width) {
+      const char* where = "MultiHeadAttention::forward_cached";
+      detail::require(batch == cache.batch(), where, "x.dimension(0) (B)",
+                      "the cache's batch = " + std::to_string(cache.batch()), std::to_string(batch));
+      detail::require(width == emb_size(), where, "x.dimension(2) (input width)",
+                      "emb_size = " + std::to_string(emb_size()), std::to_string(width));
+      Tensor3 out(batch, t, emb_size());                                  // [B, t, emb]
+      const Eigen::Map<const Matrix> rows(data, batch * t, width);        // [B·t, emb]
+      Eigen::Map<Matrix> out_rows(out.data(), batch * t, emb_size());     // [B·t, emb]
+      cached(rows, cache, out_rows, where);
+      return out;
+    });
+  }
+
+ private:
+  template <typename Derived>
+  static constexpr void check_input() {
+    static_assert(std::is_same<typename Derived::Scalar, Scalar>::value,
+                  "MultiHeadAttention<Scalar>::forward needs an input of the same Scalar");
+  }
+
+  std::size_t checked_head(Index i) const {
+    detail::require(i >= 0 && i < num_heads(), "MultiHeadAttention::head", "i",
+                    "in [0, num_heads = " + std::to_string(num_heads()) + ")", std::to_string(i));
+    return static_cast<std::size_t>(i);
+  }
+
+  /// Throws shape_error unless every weight has its shape, all heads share one rule, and an input of this
+  /// width and length can be run.
+  void check(Index width, Index length, const char* where, const char* width_name, const char* length_name) const {
+    for (Index h = 0; h < num_heads(); ++h) {
+      const std::string at = std::string(where) + " (head " + std::to_string(h) + ")";
+      detail::check_projections(m_heads[static_cast<std::size_t>(h)], at.c_str());
+      detail::require(m_heads[static_cast<std::size_t>(h)].mask_rule() == mask_rule(), where,
+                      "head " + std::to_string(h) + "'s mask rule", "head 0's, " + mask_rule().name(),
+                      m_heads[static_cast<std::size_t>(h)].mask_rule().name());
+    }
+    detail::check_linear(m_projection, where, "projection()", num_heads() * head_size(), emb_size());
+    detail::require(width == emb_size(), where, width_name, "emb_size = " + std::to_string(emb_size()),
+                    std::to_string(width));
+    detail::require(length <= max_seq_len(), where, length_name,
+                    "<= max_seq_len = " + std::to_string(max_seq_len()), std::to_string(length));
+  }
+
+  static void check_lengths(const std::vector<Index>& lengths, Index batch, Index seq_len, const char* where) {
+    detail::require(static_cast<Index>(lengths.size()) == batch, where, "lengths.size()",
+                    "batch = " + std::to_string(batch), std::to_string(lengths.size()));
+    for (std::size_t b = 0; b < lengths.size(); ++b)
+      detail::require(lengths[b] >= 0 && lengths[b] <= seq_len, where, "lengths[" + std::to_string(b) + "]",
+                      "in [0, T = " + std::to_string(seq_len) + "]", std::to_string(lengths[b]));
+  }
+
+  template <typename TensorDerived>
+  Tensor3 forward_tensor(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
+                         const std::vector<Index>* lengths) const {
+    return detail::with_tensor_data<Scalar>(x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
+      const char* where = "MultiHeadAttention::forward";
+      check(width, seq_len, where, "x.dimension(2) (input width)", "x.dimension(1) (T)");
+      detail::AttentionPlan<Scalar> plan;
+      if (lengths != nullptr) {
+        check_lengths(*lengths, batch, seq_len, where);
+        plan.lengths = lengths->data();
+      }
+      Tensor3 out(batch, seq_len, emb_size());                               // [B, T, emb]
+      const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);     // [B·T, emb]
+      run(rows, batch, seq_len, out.data(), emb_size(), plan);
+      return out;
+    });
+  }
+
+  template <typename Derived>
+  void cached(const Eigen::MatrixBase<Derived>& x, Cache& cache, OutputRef out, const char* where) const {
+    check_input<Derived>();
+    const Index batch = cache.batch();
+    detail::require(batch > 0 ? x.rows() % batch == 0 : x.rows() == 0, where, "x.rows()",
+                    "a multiple of the cache's batch = " + std::to_string(batch), std::to_string(x.rows()));
+    const Index t = batch > 0 ? x.rows() / batch : 0;
+    check(x.cols(), t, where, "x.cols() (input width)", "x.rows() (t)");
+    detail::require(out.rows() == x.rows() && out.cols() == emb_size(), where, "out shape",
+                    detail::shape_string(x.rows(), emb_size()), detail::shape_string(out.rows(), out.cols()));
+    detail::require(static_cast<Index>(cache.m_caches.size()) == num_heads() * batch, where, "cache heads",
+                    std::to_string(num_heads()), std::to_string(batch > 0 ? cache.m_caches.size() / batch : 0));
+    const MaskRule& rule = mask_rule();
+    for (const KVCache<Scalar>& c : cache.m_caches) {
+      detail::require(c.emb_size() == emb_size() && c.head_size() == head_size() && c.max_seq_len() == max_seq_len(),
+                      where, "cache sizes (emb_size, head_size, max_seq_len)",
+                      "this layer's (" + std::to_string(emb_size()) + ", " + std::to_string(head_size()) + ", " +
+                          std::to_string(max_seq_len()) + ")",
+                      "(" + std::to_string(c.emb_size()) + ", " + std::to_string(c.head_size()) + ", " +
+                          std::to_string(c.max_seq_len()) + ")");
+      detail::require(c.mask_rule() == rule, where, "cache mask rule", "this layer's " + rule.name(),
+                      c.mask_rule().name());
+      detail::require(c.size() + t <= max_seq_len(), where, "cache.size() + t",
+                      "<= max_seq_len = " + std::to_string(max_seq_len()),
+                      std::to_string(c.size()) + " + " + std::to_string(t));
+    }
+    if (t == 0) return;
+    std::vector<detail::KVStore<Scalar>*> stores;
+    stores.reserve(cache.m_caches.size());
+    for (KVCache<Scalar>& c : cache.m_caches) {
+      detail::KVStore<Scalar>& store = c.m_store;
+      const Index keep_from = rule.kind() == MaskRule::Kind::sliding_window ? rule.first_key(store.length()) : 0;
+      store.prepare(t, keep_from);
+      stores.push_back(&store);
+    }
+    detail::AttentionPlan<Scalar> plan;
+    plan.caches = stores.data();
+    run(x, batch, t, out.data(), out.outerStride(), plan);
+    for (detail::KVStore<Scalar>* store : stores)
+      store->commit(t);
+  }
+
+  /// All heads and the output projection over `batch` sequences of `seq_len` rows: out [batch · seq_len,
+  /// emb_size], leading dimension out_stride. Shapes must have been checked.
+  template <typename Derived>
+  void run(const Eigen::MatrixBase<Derived>& x, Index batch, Index seq_len, Scalar* out, Index out_stride,
+           detail::AttentionPlan<Scalar> plan) const {
+    const Index rows = batch * seq_len;
+    if (rows == 0) return;
+    std::vector<const LinearType*> layers;
+    layers.reserve(static_cast<std::size_t>(3 * num_heads()));
+    for (const Head& head : m_heads) {
+      layers.push_back(&head.query());
+      layers.push_back(&head.key());
+      layers.push_back(&head.value());
+    }
+    Matrix concat(rows, num_heads() * head_size());  // [rows, num_heads · head], the heads' outputs side by side
+    plan.rule = mask_rule();
+    plan.output = &m_projection;
+    plan.projected = out;
+    plan.projected_stride = out_stride;
+    constexpr bool in_place =
+        (Derived::Flags & Eigen::DirectAccessBit) != 0 && Derived::InnerStrideAtCompileTime == 1;
+    if constexpr (in_place) {
+      constexpr int order = Derived::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
+      const Derived& xd = x.derived();
+      detail::forward<order>(xd.data(), xd.outerStride(), batch, seq_len, layers.data(), num_heads(), concat.data(),
+                             concat.outerStride(), num_threads(), plan);
+    } else {
+      const Matrix copy = x;  // an expression or strided view: evaluate it once
+      detail::forward<Eigen::RowMajor>(copy.data(), copy.cols(), batch, seq_len, layers.data(), num_heads(),
+                                       concat.data(), concat.outerStride(), num_threads(), plan);
+    }
+  }
+
+  std::vector<Head> m_heads;  // num_heads × HeadAttention(emb_size, head_size, max_seq_len)
+  LinearType m_projection;    // weight [emb_size, num_heads · head_size], bias [emb_size]
+  int m_threads = 0;
+};
+
+}  // namespace head_attention

@@ -1,0 +1,193 @@
+// MultiHeadAttention against its definition (every head by the reference path, concatenated, projected in
+// double precision), seeded initialisation, the batched, padded, masked and cached forms, and its errors.
+// (PyTorch parity of the multi-head layer: unit-safetensors.cpp, from PyTorch's own weights and outputs.)
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "test_support.hpp"
+
+namespace {
+
+using namespace ha_test;
+using head_attention::MaskRule;
+
+/// The layer's definition, in double: each head by reference::forward, side by side, then x Woᵀ + bo.
+template <typename Scalar>
+Eigen::MatrixXd definition(const head_attention::MultiHeadAttention<Scalar>& mha, const Matrix<Scalar>& x,
+                           const MaskRule& rule, Index valid = -1) {
+  const Matrix<double> xd = x.template cast<double>();
+  Matrix<double> concat(x.rows(), mha.num_heads() * mha.head_size());
+  for (Index h = 0; h < mha.num_heads(); ++h) {
+    const auto cast = [](const head_attention::Linear<Scalar>& l) {
+      head_attention::Linear<double> d;
+      d.weight = l.weight.template cast<double>();
+      d.bias = l.bias.template cast<double>();
+      return d;
+    };
+    const auto& head = mha.head(h);
+    concat.middleCols(h * mha.head_size(), mha.head_size()) = head_attention::reference::forward(
+        xd, cast(head.query()), cast(head.key()), cast(head.value()), rule, valid);
+  }
+  const Matrix<double> w = mha.projection().weight.template cast<double>();
+  const Eigen::VectorXd b = mha.projection().bias.template cast<double>();
+  return (concat * w.transpose()).rowwise() + b.transpose();
+}
+
+template <typename Scalar>
+double error_vs(const Matrix<Scalar>& got, const Eigen::MatrixXd& want) {
+  return relative_error(Matrix<double>(got.template cast<double>()), Matrix<double>(want));
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("MultiHeadAttention equals its definition", "[multihead]", float, double) {
+  using Scalar = TestType;
+  struct Case {
+    Index heads, emb, head, T;
+  };
+  for (const Case& c : {Case{1, 8, 4, 5}, Case{3, 16, 8, 70}, Case{4, 12, 5, 300}, Case{8, 32, 4, 129}}) {
+    for (const MaskRule& rule : {MaskRule::causal(), MaskRule::bidirectional(), MaskRule::sliding_window(30)}) {
+      head_attention::MultiHeadAttention<Scalar> mha(c.heads, c.emb, c.head, c.T, 2200, rule);
+      const Matrix<Scalar> x = random_matrix<Scalar>(c.T, c.emb, 2201);
+      const Matrix<Scalar> out = mha.forward(x);
+      REQUIRE(out.rows() == c.T);
+      REQUIRE(out.cols() == c.emb);
+      INFO("heads " << c.heads << ", emb " << c.emb << ", head " << c.head << ", T " << c.T << ", rule "
+                    << rule.name());
+      CHECK(error_vs(out, definition(mha, x, rule)) <= rounding_tolerance<Scalar>());
+
+      // The same as separate HeadAttention calls and one projection.
+      Matrix<Scalar> concat(c.T, c.heads * c.head);
+      for (Index h = 0; h < c.heads; ++h)
+        mha.head(h).forward_into(x, concat.middleCols(h * c.head, c.head));
+      const Matrix<Scalar> separate =
+          (concat * mha.projection().weight.transpose()).rowwise() + mha.projection().bias.transpose();
+      CHECK(relative_error(out, separate) <= rounding_tolerance<Scalar>());
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("MultiHeadAttention: seeded init draws the heads, then the projection", "[multihead]", float,
+                   double) {
+  using Scalar = TestType;
+  const head_attention::MultiHeadAttention<Scalar> mha(3, 10, 4, 16, 77);
+  CHECK(mha.num_heads() == 3);
+  CHECK(mha.emb_size() == 10);
+  CHECK(mha.head_size() == 4);
+  CHECK(mha.max_seq_len() == 16);
+  CHECK(mha.projection().weight.rows() == 10);
+  CHECK(mha.projection().weight.cols() == 12);
+  CHECK(mha.projection().bias.size() == 10);
+  // Head 0 comes first from the stream: it is the head a HeadAttention with the same seed draws.
+  const head_attention::HeadAttention<Scalar> alone(10, 4, 16, 77);
+  CHECK(identical(mha.head(0).query().weight, alone.query().weight));
+  CHECK(identical(mha.head(0).value().bias, alone.value().bias));
+  CHECK_FALSE(identical(mha.head(1).query().weight, alone.query().weight));
+  // nn.Linear's bounds: 1/sqrt(emb) for the heads, 1/sqrt(heads · head) for the projection.
+  for (Index h = 0; h < 3; ++h)
+    CHECK(mha.head(h).key().weight.cwiseAbs().maxCoeff() <= Scalar(1 / std::sqrt(10.0)));
+  CHECK(mha.projection().weight.cwiseAbs().maxCoeff() <= Scalar(1 / std::sqrt(12.0)));
+  CHECK(mha.projection().weight.cwiseAbs().maxCoeff() > Scalar(0.5 / std::sqrt(12.0)));
+  const head_attention::MultiHeadAttention<Scalar> again(3, 10, 4, 16, 77);
+  CHECK(identical(again.projection().weight, mha.projection().weight));
+}
+
+TEMPLATE_TEST_CASE("MultiHeadAttention: batches, padding and threads", "[multihead]", float, double) {
+  using Scalar = TestType;
+  constexpr Index B = 3, T = 140, emb = 16, head = 8, heads = 4;
+  head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 2300);
+  const Tensor3<Scalar> x = random_tensor<Scalar>(B, T, emb, 2301);
+  const Tensor3<Scalar> out = mha.forward(x);
+  REQUIRE(out.dimension(2) == emb);
+  for (Index b = 0; b < B; ++b)
+    CHECK(relative_error(sequence(out, b), mha.forward(sequence(x, b))) <= rounding_tolerance<Scalar>());
+  const std::vector<Index> lengths = {T, 1, 77};
+  const Tensor3<Scalar> padded = mha.forward(x, lengths);
+  for (Index b = 0; b < B; ++b)
+    CHECK(error_vs(sequence(padded, b), definition(mha, sequence(x, b), MaskRule::causal(),
+                                                   lengths[static_cast<std::size_t>(b)])) <=
+          rounding_tolerance<Scalar>());
+  // The thread count changes nothing, and a large call does use the threads set.
+  mha.set_num_threads(1);
+  const Tensor3<Scalar> serial = mha.forward(x);
+  CHECK(head_attention::detail::last_team_size() == 1);
+  mha.set_num_threads(2);
+  const Tensor3<Scalar> parallel = mha.forward(x);
+  if (head_attention::detail::has_openmp) CHECK(head_attention::detail::last_team_size() == 2);
+  CHECK(max_abs_diff(serial.data(), parallel.data(), serial.size()) == 0);
+}
+
+TEMPLATE_TEST_CASE("MultiHeadAttention: decoding with a cache equals the forward", "[multihead][cache]", float,
+                   double) {
+  using Scalar = TestType;
+  constexpr Index T = 90, emb = 12, head = 4, heads = 3;
+  for (const MaskRule& rule : {MaskRule::causal(), MaskRule::sliding_window(7)}) {
+    head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 2400, rule);
+    const Matrix<Scalar> x = random_matrix<Scalar>(T, emb, 2401);
+    const Matrix<Scalar> full = mha.forward(x);
+    auto cache = mha.make_cache();
+    Matrix<Scalar> pieces(T, emb);
+    Index at = 0;
+    for (const Index s : {Index(30), Index(1), Index(1), Index(20), Index(38)}) {
+      pieces.middleRows(at, s) = mha.forward_cached(x.middleRows(at, s), cache);
+      at += s;
+    }
+    CHECK(cache.size() == T);
+    INFO("rule " << rule.name());
+    CHECK(relative_error(pieces, full) <= (std::is_same<Scalar, float>::value ? 1e-5 : 1e-12));
+
+    // Two sequences at once.
+    const Tensor3<Scalar> xb = random_tensor<Scalar>(2, T, emb, 2402);
+    const Tensor3<Scalar> fullb = mha.forward(xb);
+    auto bcache = mha.make_cache(2);
+    Tensor3<Scalar> piecesb(2, T, emb);
+    for (Index i = 0; i < T; i += 30) {
+      const Eigen::array<Index, 3> offsets = {0, i, 0}, extents = {2, 30, emb};
+      piecesb.slice(offsets, extents) = mha.forward_cached(Tensor3<Scalar>(xb.slice(offsets, extents)), bcache);
+    }
+    CHECK(relative_error(piecesb.data(), fullb.data(), fullb.size()) <=
+          (std::is_same<Scalar, float>::value ? 1e-5 : 1e-12));
+  }
+}
+
+TEMPLATE_TEST_CASE("MultiHeadAttention: bad input is refused, the layer unchanged", "[multihead][errors]", float,
+                   double) {
+  using Scalar = TestType;
+  check_shape_error([] { head_attention::MultiHeadAttention<Scalar>(0, 8, 4, 16); },
+                    {"MultiHeadAttention", "num_heads", "> 0", "got 0"});
+  check_shape_error([] { head_attention::MultiHeadAttention<Scalar>(2, 8, -1, 16); },
+                    {"HeadAttention", "head_size", "> 0", "got -1"});
+  head_attention::MultiHeadAttention<Scalar> mha(2, 8, 4, 16, 2500);
+  const Matrix<Scalar> x = random_matrix<Scalar>(10, 8, 2501);
+  const Matrix<Scalar> before = mha.forward(x);
+  check_shape_error([&] { (void)mha.head(2); }, {"MultiHeadAttention::head", "i", "[0, num_heads = 2)", "got 2"});
+  check_shape_error([&] { (void)mha.forward(Matrix<Scalar>(17, 8)); },
+                    {"MultiHeadAttention::forward", "T", "max_seq_len = 16", "got 17"});
+  check_shape_error([&] { (void)mha.forward(Matrix<Scalar>(3, 9)); },
+                    {"MultiHeadAttention::forward", "input width", "emb_size = 8", "got 9"});
+  {
+    auto copy = mha;
+    copy.projection().weight = Matrix<Scalar>::Zero(8, 9);
+    check_shape_error([&] { (void)copy.forward(x); },
+                      {"MultiHeadAttention::forward", "projection().weight shape", "[8, 8]", "got [8, 9]"});
+    copy = mha;
+    copy.head(1).key().bias = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>::Zero(3);
+    check_shape_error([&] { (void)copy.forward(x); }, {"(head 1)", "key().bias size", "must be 4", "got 3"});
+    copy = mha;
+    copy.head(1).set_mask_rule(MaskRule::bidirectional());
+    check_shape_error([&] { (void)copy.forward(x); }, {"head 1's mask rule", "causal", "got bidirectional"});
+  }
+  Matrix<Scalar> out = Matrix<Scalar>::Constant(10, 7, Scalar(3));
+  check_shape_error([&] { mha.forward_into(x, 1, out); }, {"MultiHeadAttention::forward_into", "out shape"});
+  CHECK((out.array() == Scalar(3)).all());
+  auto cache = mha.make_cache();
+  (void)mha.forward_cached(x, cache);
+  check_shape_error([&] { (void)mha.forward_cached(x, cache); },
+                    {"MultiHeadAttention::forward_cached", "cache.size() + t", "max_seq_len = 16", "10 + 10"});
+  CHECK(cache.size() == 10);
+  const head_attention::MultiHeadAttention<Scalar> other(2, 8, 5, 16);
+  auto other_cache = other.make_cache();
+  check_shape_error([&] { (void)mha.forward_cached(x, other_cache); }, {"cache sizes", "(8, 4, 16)", "(8, 5, 16)"});
+  CHECK(identical(mha.forward(x), before));
+}
