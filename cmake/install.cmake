@@ -31,6 +31,24 @@ install(
   FILE HeadAttentionTargets.cmake
   DESTINATION "${HEAD_ATTENTION_INSTALL_CMAKEDIR}")
 
+# HeadAttention::safetensors, when nlohmann_json was found, in an export file of its own: the package config loads
+# it only when nlohmann_json can be found too, so that users without nlohmann_json still get the core target.
+if(TARGET HeadAttention_safetensors)
+  set(HEAD_ATTENTION_EXPORTS_SAFETENSORS ON)
+  install(TARGETS HeadAttention_safetensors EXPORT HeadAttentionSafetensorsTargets)
+  install(
+    EXPORT HeadAttentionSafetensorsTargets
+    NAMESPACE HeadAttention::
+    FILE HeadAttentionSafetensorsTargets.cmake
+    DESTINATION "${HEAD_ATTENTION_INSTALL_CMAKEDIR}")
+  export(
+    EXPORT HeadAttentionSafetensorsTargets
+    NAMESPACE HeadAttention::
+    FILE "${PROJECT_BINARY_DIR}/HeadAttentionSafetensorsTargets.cmake")
+else()
+  set(HEAD_ATTENTION_EXPORTS_SAFETENSORS OFF)
+endif()
+
 # The config and version files are written to the top of the build tree, next to the build-tree export below,
 # so that -DHeadAttention_DIR=<this build dir> works as well as an installed copy.
 configure_package_config_file(

@@ -1,7 +1,8 @@
 # cmake -DBUILD_DIR=... -DPREFIX=... -DSOURCE_DIR=... -DINCLUDEDIR=... -DCMAKEDIR=... -DPKGCONFIGDIR=...
-#       [-DCONFIG=...] -P install_and_check.cmake
+#       [-DSAFETENSORS=1] [-DCONFIG=...] -P install_and_check.cmake
 # Installs the build in BUILD_DIR into a fresh PREFIX and checks that exactly the expected files arrived: every
-# header under include/head_attention, the CMake package files and the pkg-config file, and nothing else.
+# header under include/head_attention, the CMake package files (with HeadAttentionSafetensorsTargets.cmake when
+# SAFETENSORS, i.e. the build has HeadAttention::safetensors) and the pkg-config file, and nothing else.
 
 file(REMOVE_RECURSE "${PREFIX}")
 set(config_args "")
@@ -21,6 +22,9 @@ foreach(header IN LISTS headers)
 endforeach()
 list(APPEND expected "${CMAKEDIR}/HeadAttentionConfig.cmake" "${CMAKEDIR}/HeadAttentionConfigVersion.cmake"
      "${CMAKEDIR}/HeadAttentionTargets.cmake" "${PKGCONFIGDIR}/head_attention.pc")
+if(SAFETENSORS)
+  list(APPEND expected "${CMAKEDIR}/HeadAttentionSafetensorsTargets.cmake")
+endif()
 list(SORT expected)
 
 file(GLOB_RECURSE installed RELATIVE "${PREFIX}" "${PREFIX}/*")
