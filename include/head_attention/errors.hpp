@@ -18,7 +18,14 @@ class shape_error : public std::invalid_argument {
 namespace detail {
 
 inline std::string shape_string(Eigen::Index rows, Eigen::Index cols) {
-  return "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]";
+  // Appended piece by piece: GCC 12 at -O2 and above in C++20 mode reports a false -Wrestrict for
+  // "literal" + std::string (GCC bug 105329), and a user's -Werror build must not fail on it.
+  std::string text = "[";
+  text += std::to_string(rows);
+  text += ", ";
+  text += std::to_string(cols);
+  text += "]";
+  return text;
 }
 
 /// Throws shape_error("<where>: <what> must be <expected>, got <actual>") unless ok.
