@@ -90,8 +90,8 @@ void bm_decode(benchmark::State& state, Index n) {
     benchmark::DoNotOptimize(out.data());
     cache.truncate(n);
   }
-  const double step = std::chrono::duration<double>(Clock::now() - t0).count() /
-                      static_cast<double>(state.iterations());
+  const double step =
+      std::chrono::duration<double>(Clock::now() - t0).count() / static_cast<double>(state.iterations());
   state.counters["x_forward"] = forward_seconds / step;
   state.counters["x_floor_kv"] = step / (kv_bytes / bandwidth);
   state.counters["x_floor"] = step / ((kv_bytes + weight_bytes) / bandwidth);
@@ -124,7 +124,8 @@ int main(int argc, char** argv) {
     benchmark::RegisterBenchmark(("window/causal/float/T:" + std::to_string(T)).c_str(), bm_window, T, false)
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
-    benchmark::RegisterBenchmark(("window/sliding_512/float/T:" + std::to_string(T)).c_str(), bm_window, T, true)
+    benchmark::RegisterBenchmark(("window/sliding_512/float/T:" + std::to_string(T)).c_str(), bm_window, T,
+                                 true)
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
   }

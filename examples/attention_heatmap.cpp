@@ -56,18 +56,28 @@ std::string escape(const std::string& text) {
   std::string out;
   for (const char c : text) {
     switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"': out += "&quot;"; break;
-      default: out += c;
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '"':
+        out += "&quot;";
+        break;
+      default:
+        out += c;
     }
   }
   return out;
 }
 
 /// The heatmap: queries down the left, keys along the top, one cell per pair.
-std::string svg(const std::vector<std::string>& tokens, const Layer::Matrix& weights, const Layer::Mask& visible) {
+std::string svg(const std::vector<std::string>& tokens, const Layer::Matrix& weights,
+                const Layer::Mask& visible) {
   const int n = static_cast<int>(tokens.size());
   const int cell = 56, left = 90, top = 110, scale_x = left + n * cell + 40, scale_h = n * cell;
   const int width = scale_x + 110, height = top + n * cell + 50;
@@ -112,10 +122,12 @@ std::string svg(const std::vector<std::string>& tokens, const Layer::Matrix& wei
       }
       const double w = weights(i, j);
       s << "  <rect class=\"cell\" x=\"" << x << "\" y=\"" << y << "\" width=\"" << cell << "\" height=\""
-        << cell << "\" fill=\"" << colour(w) << "\" stroke=\"white\"><title>" << escape(tokens[static_cast<std::size_t>(i)])
-        << " -> " << escape(tokens[static_cast<std::size_t>(j)]) << ": " << w << "</title></rect>\n"
-        << "  <text x=\"" << x + cell / 2 << "\" y=\"" << y + cell / 2 + 5 << "\" text-anchor=\"middle\" fill=\""
-        << (w > 0.55 ? "white" : "black") << "\" font-size=\"12\">" << w << "</text>\n";
+        << cell << "\" fill=\"" << colour(w) << "\" stroke=\"white\"><title>"
+        << escape(tokens[static_cast<std::size_t>(i)]) << " -> "
+        << escape(tokens[static_cast<std::size_t>(j)]) << ": " << w << "</title></rect>\n"
+        << "  <text x=\"" << x + cell / 2 << "\" y=\"" << y + cell / 2 + 5
+        << "\" text-anchor=\"middle\" fill=\"" << (w > 0.55 ? "white" : "black") << "\" font-size=\"12\">"
+        << w << "</text>\n";
     }
   }
   // The colour scale with its values, and the key to the masked cells.
@@ -129,7 +141,8 @@ std::string svg(const std::vector<std::string>& tokens, const Layer::Matrix& wei
       << "  <text x=\"" << scale_x + 30 << "\" y=\"" << y + 5 << "\" class=\"scale-label\">" << value
       << "</text>\n";
   }
-  s << "  <rect x=\"" << left << "\" y=\"" << top + n * cell + 16 << "\" width=\"18\" height=\"18\" "
+  s << "  <rect x=\"" << left << "\" y=\"" << top + n * cell + 16
+    << "\" width=\"18\" height=\"18\" "
        "fill=\"url(#masked)\" stroke=\"#444444\"/>\n"
     << "  <text x=\"" << left + 26 << "\" y=\"" << top + n * cell + 30
     << "\">masked (a later token: the causal mask hides it)</text>\n"
@@ -144,9 +157,9 @@ int main(int argc, char** argv) {
   const std::vector<std::string> tokens = {"the", "cat", "sat", "on", "the", "mat"};
 
   const Layer layer(kEmb, kHead, /*max_seq_len=*/16, /*seed=*/7);  // fixed weights
-  const Layer::Matrix x = embed(tokens);                          // [6, 16]
-  const Layer::Matrix weights = layer.attention_weights(x);       // [6, 6], rows sum to 1
-  const Layer::Mask visible = layer.mask(x.rows());               // [6, 6], the causal mask
+  const Layer::Matrix x = embed(tokens);                           // [6, 16]
+  const Layer::Matrix weights = layer.attention_weights(x);        // [6, 6], rows sum to 1
+  const Layer::Mask visible = layer.mask(x.rows());                // [6, 6], the causal mask
 
   std::ofstream out(path);
   out << svg(tokens, weights, visible);

@@ -18,9 +18,9 @@
 #if defined(HEAD_ATTENTION_CATCH2_V3) && defined(SKIP)
 #define HA_SKIP(message) SKIP(message)
 #else
-#define HA_SKIP(message)         \
-  do {                           \
+#define HA_SKIP(message)          \
+  do {                            \
     WARN("SKIPPED: " << message); \
-    return;                      \
+    return;                       \
   } while (false)
 #endif

@@ -1,7 +1,8 @@
-// The C++ half of the PyTorch check of save_state_dict (tests/safetensors_pytorch_check.cmake): writes, into the
-// directory given as its argument, the state_dict of a HeadAttention and of a MultiHeadAttention in float and in
-// double, each with <name>.io.safetensors holding an input x [B, T, emb] and our output for it. Then prints one
-// line per file with the arguments of `tests/generate_safetensors.py --check`: <file> <kind> <sizes...>.
+// The C++ half of the PyTorch check of save_state_dict (tests/safetensors_pytorch_check.cmake): writes, into
+// the directory given as its argument, the state_dict of a HeadAttention and of a MultiHeadAttention in float
+// and in double, each with <name>.io.safetensors holding an input x [B, T, emb] and our output for it. Then
+// prints one line per file with the arguments of `tests/generate_safetensors.py --check`: <file> <kind>
+// <sizes...>.
 #include <cstdint>
 #include <iostream>
 #include <map>

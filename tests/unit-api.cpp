@@ -156,7 +156,8 @@ TEMPLATE_TEST_CASE("forward_into writes forward's result into caller storage", "
   CHECK(none.rows() == 0);
 }
 
-TEMPLATE_TEST_CASE("BatchedHeadAttention reads tensor expressions of the right rank", "[api]", float, double) {
+TEMPLATE_TEST_CASE("BatchedHeadAttention reads tensor expressions of the right rank", "[api]", float,
+                   double) {
   using Scalar = TestType;
   const head_attention::BatchedHeadAttention<Scalar> batched(6, 3, 20, 41);
   const Tensor3<Scalar> x = random_tensor<Scalar>(2, 9, 6, 42);

@@ -50,7 +50,8 @@ TEMPLATE_TEST_CASE("prefill plus chunks equals one forward", "[cache]", float, d
     for (std::uint64_t trial = 0; trial < 6; ++trial) {
       std::vector<Index> sizes =
           trial == 0 ? std::vector<Index>(static_cast<std::size_t>(T), 1)
-                     : split(T, 1700 + trial, trial == 1 ? std::vector<Index>{65, 64, 1, 2, 7} : std::vector<Index>{});
+                     : split(T, 1700 + trial,
+                             trial == 1 ? std::vector<Index>{65, 64, 1, 2, 7} : std::vector<Index>{});
       auto cache = layer.make_cache();
       Matrix<Scalar> pieces(T, head);
       Index at = 0;
@@ -135,7 +136,8 @@ TEMPLATE_TEST_CASE("batched decoding equals the batched forward", "[cache]", flo
     CHECK(cache.size() == T);
     INFO("rule " << rule.name());
     CHECK(relative_error(Eigen::Map<const Matrix<Scalar>>(pieces.data(), B * T, head),
-                         Eigen::Map<const Matrix<Scalar>>(full.data(), B * T, head)) <= decode_tolerance<Scalar>());
+                         Eigen::Map<const Matrix<Scalar>>(full.data(), B * T, head)) <=
+          decode_tolerance<Scalar>());
   }
 }
 
@@ -181,7 +183,8 @@ TEMPLATE_TEST_CASE("cache errors leave the cache as it was", "[cache][errors]", 
   check_shape_error([&] { (void)batched.forward_cached(three, bcache); },
                     {"BatchedHeadAttention::forward_cached", "x.dimension(0) (B)", "batch = 2", "got 3"});
   CHECK(bcache.size() == 0);
-  check_shape_error([&] { (void)batched.make_cache(-1); }, {"BatchedHeadAttention::make_cache", "batch", "got -1"});
+  check_shape_error([&] { (void)batched.make_cache(-1); },
+                    {"BatchedHeadAttention::make_cache", "batch", "got -1"});
 }
 
 TEMPLATE_TEST_CASE("truncate rolls a cache back", "[cache]", float, double) {
@@ -198,7 +201,8 @@ TEMPLATE_TEST_CASE("truncate rolls a cache back", "[cache]", float, double) {
   CHECK(cache.size() == 50);
   const Matrix<Scalar> rest = layer.forward_cached(x.bottomRows(T - 50), cache);
   CHECK(relative_error(rest, Matrix<Scalar>(full.bottomRows(T - 50))) <= decode_tolerance<Scalar>());
-  check_shape_error([&] { cache.truncate(T + 1); }, {"KVCache::truncate", "size", "in [0, size() = 80]", "got 81"});
+  check_shape_error([&] { cache.truncate(T + 1); },
+                    {"KVCache::truncate", "size", "in [0, size() = 80]", "got 81"});
   check_shape_error([&] { cache.truncate(-1); }, {"KVCache::truncate", "size", "got -1"});
   CHECK(cache.size() == T);
   cache.truncate(0);

@@ -9,8 +9,8 @@
 
 #include <array>
 #include <cstdint>
-#include <type_traits>
 #include <random>
+#include <type_traits>
 
 #include <Eigen/Core>
 
@@ -23,7 +23,8 @@ template <typename Scalar>
 using RowMatrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 template <typename Scalar, int Order>
-Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Order> random(Index rows, Index cols, std::uint64_t seed) {
+Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Order> random(Index rows, Index cols,
+                                                                    std::uint64_t seed) {
   std::mt19937_64 engine(seed);
   std::uniform_real_distribution<double> uniform(-1.0, 1.0);
   Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Order> m(rows, cols);
@@ -48,9 +49,9 @@ void check_gemm(Index m, Index n, Index k) {
   gemm.template accumulate<LhsOrder, RhsOrder>(m, n, k, lhs.data(), lhs.outerStride(), rhs.data(),
                                                rhs.outerStride(), res.data(), res.outerStride());
 
-  const Eigen::MatrixXd expected = before.leftCols(n).template cast<double>() +
-                                   lhs.topLeftCorner(m, k).template cast<double>() *
-                                       rhs.topLeftCorner(k, n).template cast<double>();
+  const Eigen::MatrixXd expected =
+      before.leftCols(n).template cast<double>() +
+      lhs.topLeftCorner(m, k).template cast<double>() * rhs.topLeftCorner(k, n).template cast<double>();
   const double tolerance = (std::is_same<Scalar, float>::value ? 1e-5 : 1e-13) * static_cast<double>(k);
   INFO("m " << m << ", n " << n << ", k " << k);
   CHECK((res.leftCols(n).template cast<double>() - expected).cwiseAbs().maxCoeff() <= tolerance);

@@ -18,12 +18,18 @@ struct Shape {
 };
 
 // Block edges (64 queries, 256 keys) in different places.
-const Shape kShapes[] = {{1, 8, 4}, {7, 5, 3}, {64, 16, 16}, {65, 6, 5}, {150, 13, 7}, {300, 8, 4}, {520, 8, 8}};
+const Shape kShapes[] = {{1, 8, 4},    {7, 5, 3},   {64, 16, 16}, {65, 6, 5},
+                         {150, 13, 7}, {300, 8, 4}, {520, 8, 8}};
 
 std::vector<MaskRule> rules() {
-  return {MaskRule::causal(),          MaskRule::bidirectional(),       MaskRule::sliding_window(1),
-          MaskRule::sliding_window(3), MaskRule::sliding_window(64),    MaskRule::sliding_window(100),
-          MaskRule::sliding_window(257), MaskRule::sliding_window(10000)};
+  return {MaskRule::causal(),
+          MaskRule::bidirectional(),
+          MaskRule::sliding_window(1),
+          MaskRule::sliding_window(3),
+          MaskRule::sliding_window(64),
+          MaskRule::sliding_window(100),
+          MaskRule::sliding_window(257),
+          MaskRule::sliding_window(10000)};
 }
 
 }  // namespace
@@ -91,7 +97,8 @@ TEMPLATE_TEST_CASE("right padding: fast path equals the reference per sequence",
   for (const MaskRule& rule : {MaskRule::causal(), MaskRule::bidirectional(), MaskRule::sliding_window(40)}) {
     for (const Index T : {Index(9), Index(150), Index(300)}) {
       const Index emb = 10, head = 6;
-      head_attention::BatchedHeadAttention<Scalar> batched(emb, head, T, 1300 + static_cast<std::uint64_t>(T));
+      head_attention::BatchedHeadAttention<Scalar> batched(emb, head, T,
+                                                           1300 + static_cast<std::uint64_t>(T));
       batched.head().set_mask_rule(rule);
       const std::vector<Index> lengths = {T, 0, 1, T / 2, T - 1};
       const Index B = static_cast<Index>(lengths.size());
@@ -121,7 +128,8 @@ TEMPLATE_TEST_CASE("non-finite values in masked positions leave every output tha
   const Scalar planted[] = {std::numeric_limits<Scalar>::quiet_NaN(), std::numeric_limits<Scalar>::infinity(),
                             -std::numeric_limits<Scalar>::infinity()};
   constexpr Index T = 300, emb = 8, head = 4;
-  for (const MaskRule& rule : {MaskRule::sliding_window(1), MaskRule::sliding_window(50), MaskRule::causal()}) {
+  for (const MaskRule& rule :
+       {MaskRule::sliding_window(1), MaskRule::sliding_window(50), MaskRule::causal()}) {
     head_attention::HeadAttention<Scalar> layer(emb, head, T, 1400, rule);
     layer.set_num_threads(1);
     const Matrix<Scalar> x = random_matrix<Scalar>(T, emb, 1401);
@@ -165,8 +173,8 @@ TEMPLATE_TEST_CASE("non-finite values in masked positions leave every output tha
   }
 }
 
-TEMPLATE_TEST_CASE("attention_weights: the reference's softmax, rows summing to 1, masked entries 0", "[masks]",
-                   float, double) {
+TEMPLATE_TEST_CASE("attention_weights: the reference's softmax, rows summing to 1, masked entries 0",
+                   "[masks]", float, double) {
   using Scalar = TestType;
   for (const MaskRule& rule : {MaskRule::causal(), MaskRule::bidirectional(), MaskRule::sliding_window(5)}) {
     head_attention::HeadAttention<Scalar> layer(9, 4, 40, 1500, rule);
@@ -179,7 +187,8 @@ TEMPLATE_TEST_CASE("attention_weights: the reference's softmax, rows summing to 
     CHECK((mask.select(Matrix<Scalar>::Zero(33, 33), w).array() == Scalar(0)).all());
     CHECK((w.rowwise().sum().array() - Scalar(1)).abs().maxCoeff() <= 10 * rounding_tolerance<Scalar>());
     // weights · V is the forward output.
-    const Matrix<Scalar> V = (x * layer.value().weight.transpose()).rowwise() + layer.value().bias.transpose();
+    const Matrix<Scalar> V =
+        (x * layer.value().weight.transpose()).rowwise() + layer.value().bias.transpose();
     CHECK(relative_error(Matrix<Scalar>(w * V), layer.forward(x)) <= rounding_tolerance<Scalar>());
 
     head_attention::BatchedHeadAttention<Scalar> batched(layer);

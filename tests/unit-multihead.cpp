@@ -47,7 +47,8 @@ TEMPLATE_TEST_CASE("MultiHeadAttention equals its definition", "[multihead]", fl
     Index heads, emb, head, T;
   };
   for (const Case& c : {Case{1, 8, 4, 5}, Case{3, 16, 8, 70}, Case{4, 12, 5, 300}, Case{8, 32, 4, 129}}) {
-    for (const MaskRule& rule : {MaskRule::causal(), MaskRule::bidirectional(), MaskRule::sliding_window(30)}) {
+    for (const MaskRule& rule :
+         {MaskRule::causal(), MaskRule::bidirectional(), MaskRule::sliding_window(30)}) {
       head_attention::MultiHeadAttention<Scalar> mha(c.heads, c.emb, c.head, c.T, 2200, rule);
       const Matrix<Scalar> x = random_matrix<Scalar>(c.T, c.emb, 2201);
       const Matrix<Scalar> out = mha.forward(x);
@@ -68,8 +69,8 @@ TEMPLATE_TEST_CASE("MultiHeadAttention equals its definition", "[multihead]", fl
   }
 }
 
-TEMPLATE_TEST_CASE("MultiHeadAttention: seeded init draws the heads, then the projection", "[multihead]", float,
-                   double) {
+TEMPLATE_TEST_CASE("MultiHeadAttention: seeded init draws the heads, then the projection", "[multihead]",
+                   float, double) {
   using Scalar = TestType;
   const head_attention::MultiHeadAttention<Scalar> mha(3, 10, 4, 16, 77);
   CHECK(mha.num_heads() == 3);
@@ -118,8 +119,8 @@ TEMPLATE_TEST_CASE("MultiHeadAttention: batches, padding and threads", "[multihe
   CHECK(max_abs_diff(serial.data(), parallel.data(), serial.size()) == 0);
 }
 
-TEMPLATE_TEST_CASE("MultiHeadAttention: decoding with a cache equals the forward", "[multihead][cache]", float,
-                   double) {
+TEMPLATE_TEST_CASE("MultiHeadAttention: decoding with a cache equals the forward", "[multihead][cache]",
+                   float, double) {
   using Scalar = TestType;
   constexpr Index T = 90, emb = 12, head = 4, heads = 3;
   for (const MaskRule& rule : {MaskRule::causal(), MaskRule::sliding_window(7)}) {
@@ -144,15 +145,16 @@ TEMPLATE_TEST_CASE("MultiHeadAttention: decoding with a cache equals the forward
     Tensor3<Scalar> piecesb(2, T, emb);
     for (Index i = 0; i < T; i += 30) {
       const Eigen::array<Index, 3> offsets = {0, i, 0}, extents = {2, 30, emb};
-      piecesb.slice(offsets, extents) = mha.forward_cached(Tensor3<Scalar>(xb.slice(offsets, extents)), bcache);
+      piecesb.slice(offsets, extents) =
+          mha.forward_cached(Tensor3<Scalar>(xb.slice(offsets, extents)), bcache);
     }
     CHECK(relative_error(piecesb.data(), fullb.data(), fullb.size()) <=
           (std::is_same<Scalar, float>::value ? 1e-5 : 1e-12));
   }
 }
 
-TEMPLATE_TEST_CASE("MultiHeadAttention: bad input is refused, the layer unchanged", "[multihead][errors]", float,
-                   double) {
+TEMPLATE_TEST_CASE("MultiHeadAttention: bad input is refused, the layer unchanged", "[multihead][errors]",
+                   float, double) {
   using Scalar = TestType;
   check_shape_error([] { head_attention::MultiHeadAttention<Scalar>(0, 8, 4, 16); },
                     {"MultiHeadAttention", "num_heads", "> 0", "got 0"});
@@ -161,7 +163,8 @@ TEMPLATE_TEST_CASE("MultiHeadAttention: bad input is refused, the layer unchange
   head_attention::MultiHeadAttention<Scalar> mha(2, 8, 4, 16, 2500);
   const Matrix<Scalar> x = random_matrix<Scalar>(10, 8, 2501);
   const Matrix<Scalar> before = mha.forward(x);
-  check_shape_error([&] { (void)mha.head(2); }, {"MultiHeadAttention::head", "i", "[0, num_heads = 2)", "got 2"});
+  check_shape_error([&] { (void)mha.head(2); },
+                    {"MultiHeadAttention::head", "i", "[0, num_heads = 2)", "got 2"});
   check_shape_error([&] { (void)mha.forward(Matrix<Scalar>(17, 8)); },
                     {"MultiHeadAttention::forward", "T", "max_seq_len = 16", "got 17"});
   check_shape_error([&] { (void)mha.forward(Matrix<Scalar>(3, 9)); },
@@ -183,11 +186,13 @@ TEMPLATE_TEST_CASE("MultiHeadAttention: bad input is refused, the layer unchange
   CHECK((out.array() == Scalar(3)).all());
   auto cache = mha.make_cache();
   (void)mha.forward_cached(x, cache);
-  check_shape_error([&] { (void)mha.forward_cached(x, cache); },
-                    {"MultiHeadAttention::forward_cached", "cache.size() + t", "max_seq_len = 16", "10 + 10"});
+  check_shape_error(
+      [&] { (void)mha.forward_cached(x, cache); },
+      {"MultiHeadAttention::forward_cached", "cache.size() + t", "max_seq_len = 16", "10 + 10"});
   CHECK(cache.size() == 10);
   const head_attention::MultiHeadAttention<Scalar> other(2, 8, 5, 16);
   auto other_cache = other.make_cache();
-  check_shape_error([&] { (void)mha.forward_cached(x, other_cache); }, {"cache sizes", "(8, 4, 16)", "(8, 5, 16)"});
+  check_shape_error([&] { (void)mha.forward_cached(x, other_cache); },
+                    {"cache sizes", "(8, 4, 16)", "(8, 5, 16)"});
   CHECK(identical(mha.forward(x), before));
 }

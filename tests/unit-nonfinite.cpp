@@ -53,8 +53,8 @@ TEMPLATE_TEST_CASE("a non-finite input row reaches only the outputs that attend 
         Matrix<Scalar> planted = x;
         planted(p, p % shape.emb) = value;
         const Matrix<Scalar> fast = layer.forward(planted);
-        const Matrix<Scalar> ref = head_attention::reference::forward(planted, layer.query(), layer.key(),
-                                                                      layer.value());
+        const Matrix<Scalar> ref =
+            head_attention::reference::forward(planted, layer.query(), layer.key(), layer.value());
         if (!earlier_rows_unchanged(fast, clean, p)) ++fast_failures;
         if (!earlier_rows_unchanged(ref, clean_reference, p)) ++reference_failures;
         // The planted row itself must see its own non-finite key and value: the plant did take effect.

@@ -137,7 +137,8 @@ TEMPLATE_TEST_CASE("every path matches PyTorch on every fixture", "[parity]", fl
             << "  reference::forward              " << reference.error << "  (" << reference.where << ")\n";
 }
 
-TEMPLATE_TEST_CASE("the other masks and the attention weights match PyTorch", "[parity][masks]", float, double) {
+TEMPLATE_TEST_CASE("the other masks and the attention weights match PyTorch", "[parity][masks]", float,
+                   double) {
   using Scalar = TestType;
   using head_attention::MaskRule;
   const double tolerance = parity_tolerance<Scalar>();
@@ -150,7 +151,8 @@ TEMPLATE_TEST_CASE("the other masks and the attention weights match PyTorch", "[
     const Tensor3<Scalar> x = f.x();
 
     // Bidirectional: the seed module without its masked_fill.
-    const Tensor3<Scalar> want_bi = to_tensor3(f.tensor("out_bidirectional", {f.B, f.T, f.head}), f.B, f.T, f.head);
+    const Tensor3<Scalar> want_bi =
+        to_tensor3(f.tensor("out_bidirectional", {f.B, f.T, f.head}), f.B, f.T, f.head);
     head_attention::BatchedHeadAttention<Scalar> bi(layer);
     bi.head().set_mask_rule(MaskRule::bidirectional());
     const Tensor3<Scalar> got_bi = bi.forward(x);
@@ -159,8 +161,8 @@ TEMPLATE_TEST_CASE("the other masks and the attention weights match PyTorch", "[
     bidirectional.update(e, name);
     double ref_e = 0;
     for (Index b = 0; b < f.B; ++b) {
-      const Matrix<Scalar> ref = head_attention::reference::forward(sequence(x, b), layer.query(), layer.key(),
-                                                                    layer.value(), MaskRule::bidirectional());
+      const Matrix<Scalar> ref = head_attention::reference::forward(
+          sequence(x, b), layer.query(), layer.key(), layer.value(), MaskRule::bidirectional());
       ref_e = std::max(ref_e, max_abs_diff(ref.data(), sequence(want_bi, b).data(), ref.size()) /
                                   max_abs(want_bi.data(), want_bi.size()));
     }
@@ -215,9 +217,10 @@ TEMPLATE_TEST_CASE("the other masks and the attention weights match PyTorch", "[
     }
   }
   CHECK(weight_cases >= 5);
-  std::cout << "[parity] " << scalar_name<Scalar>() << ", other masks, worst max|ours - torch| / max|torch|:\n"
-            << "  bidirectional      fast " << bidirectional.error << " (" << bidirectional.where << "), reference "
-            << bidirectional_ref.error << "\n"
+  std::cout << "[parity] " << scalar_name<Scalar>()
+            << ", other masks, worst max|ours - torch| / max|torch|:\n"
+            << "  bidirectional      fast " << bidirectional.error << " (" << bidirectional.where
+            << "), reference " << bidirectional_ref.error << "\n"
             << "  causal + padding   fast " << padded.error << " (" << padded.where << "), reference "
             << padded_ref.error << "\n"
             << "  decoded one token at a time " << cached.error << " (" << cached.where << ")\n"

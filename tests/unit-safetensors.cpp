@@ -1,5 +1,5 @@
-// safetensors.hpp: PyTorch's state_dict files (tests/generate_safetensors.py) in F64, F32, F16 and BF16 load and
-// reproduce PyTorch's outputs; save then load round-trips bit-exactly; a prefix picks one head out of a
+// safetensors.hpp: PyTorch's state_dict files (tests/generate_safetensors.py) in F64, F32, F16 and BF16 load
+// and reproduce PyTorch's outputs; save then load round-trips bit-exactly; a prefix picks one head out of a
 // multi-head file; and every malformed file is refused with the right exception type and message, the module
 // left exactly as it was.
 #include <cmath>
@@ -32,7 +32,9 @@ using head_attention::MultiHeadAttention;
 using head_attention::shape_error;
 using nlohmann::json;
 
-std::string golden(const std::string& name) { return fixture_dir() + "/safetensors/" + name; }
+std::string golden(const std::string& name) {
+  return fixture_dir() + "/safetensors/" + name;
+}
 
 /// A fresh directory under the system's temp dir, removed with everything in it at the end of the scope.
 class TempDir {
@@ -101,8 +103,9 @@ std::vector<RawTensor> tensors_of(const std::string& path) {
   for (auto it = header.begin(); it != header.end(); ++it) {
     if (it.key() == "__metadata__") continue;
     const std::uint64_t begin = it.value()["data_offsets"][0], end = it.value()["data_offsets"][1];
-    found.push_back({begin, {it.key(), it.value()["dtype"].get<std::string>(), it.value()["shape"],
-                             data.substr(begin, end - begin)}});
+    found.push_back({begin,
+                     {it.key(), it.value()["dtype"].get<std::string>(), it.value()["shape"],
+                      data.substr(begin, end - begin)}});
   }
   std::sort(found.begin(), found.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   std::vector<RawTensor> tensors;
@@ -111,14 +114,16 @@ std::vector<RawTensor> tensors_of(const std::string& path) {
   return tensors;
 }
 
-/// A file holding `tensors` back to back in the given order, its header optionally edited before it is written,
-/// and `trailing` bytes after the data.
+/// A file holding `tensors` back to back in the given order, its header optionally edited before it is
+/// written, and `trailing` bytes after the data.
 std::string layout(const std::vector<RawTensor>& tensors, const std::function<void(json&)>& edit = {},
                    const std::string& trailing = "") {
   json header = json::object();
   std::string data;
   for (const RawTensor& t : tensors) {
-    header[t.name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {data.size(), data.size() + t.bytes.size()}}};
+    header[t.name] = {{"dtype", t.dtype},
+                      {"shape", t.shape},
+                      {"data_offsets", {data.size(), data.size() + t.bytes.size()}}};
     data += t.bytes;
   }
   if (edit) edit(header);
@@ -126,8 +131,9 @@ std::string layout(const std::vector<RawTensor>& tensors, const std::function<vo
 }
 
 std::vector<RawTensor> without(std::vector<RawTensor> tensors, const std::string& name) {
-  tensors.erase(std::remove_if(tensors.begin(), tensors.end(), [&](const RawTensor& t) { return t.name == name; }),
-                tensors.end());
+  tensors.erase(
+      std::remove_if(tensors.begin(), tensors.end(), [&](const RawTensor& t) { return t.name == name; }),
+      tensors.end());
   return tensors;
 }
 
@@ -175,7 +181,8 @@ using Linear = head_attention::Linear<Scalar>;
 
 template <typename Scalar>
 bool same(const Linear<Scalar>& a, const Linear<Scalar>& b) {
-  return identical(a.weight, b.weight) && a.bias.size() == b.bias.size() && (a.bias.array() == b.bias.array()).all();
+  return identical(a.weight, b.weight) && a.bias.size() == b.bias.size() &&
+         (a.bias.array() == b.bias.array()).all();
 }
 
 /// Every output of `layer` on the sequences of x [B, T, emb] stacked: [B·T, out].
@@ -195,9 +202,9 @@ Matrix<Scalar> outputs(const Layer& layer, const head_attention::StoredTensor<Sc
 
 const std::vector<std::string> kDtypes = {"F64", "F32", "F16", "BF16"};
 
-/// The bound of the golden comparison (relative to the output's largest magnitude): 1e-10 for float64 weights in
-/// a double layer; 2e-5 whenever float32 arithmetic is involved, on either side (for F16 and BF16 the reference is
-/// PyTorch's float32 output of the rounded weights).
+/// The bound of the golden comparison (relative to the output's largest magnitude): 1e-10 for float64 weights
+/// in a double layer; 2e-5 whenever float32 arithmetic is involved, on either side (for F16 and BF16 the
+/// reference is PyTorch's float32 output of the rounded weights).
 template <typename Scalar>
 double golden_bound(const std::string& dtype) {
   return std::is_same<Scalar, double>::value && dtype == "F64" ? 1e-10 : 2e-5;
@@ -238,8 +245,8 @@ TEST_CASE("F16 and BF16 convert exactly, all 65536 bit patterns against Eigen::h
 // ---------------------------------------------------------------------------------------------------------
 // Golden files from PyTorch.
 
-TEMPLATE_TEST_CASE("golden: PyTorch's HeadAttention state_dict in F64, F32, F16 and BF16", "[safetensors]", float,
-                   double) {
+TEMPLATE_TEST_CASE("golden: PyTorch's HeadAttention state_dict in F64, F32, F16 and BF16", "[safetensors]",
+                   float, double) {
   using Scalar = TestType;
   std::ostringstream measured;
   for (const std::string& dtype : kDtypes) {
@@ -258,8 +265,8 @@ TEMPLATE_TEST_CASE("golden: PyTorch's HeadAttention state_dict in F64, F32, F16 
   WARN("HeadAttention<" << scalar_name<Scalar>() << "> vs PyTorch, relative error:" << measured.str());
 }
 
-TEMPLATE_TEST_CASE("golden: PyTorch's MultiHeadAttention state_dict in F64, F32, F16 and BF16", "[safetensors]",
-                   float, double) {
+TEMPLATE_TEST_CASE("golden: PyTorch's MultiHeadAttention state_dict in F64, F32, F16 and BF16",
+                   "[safetensors]", float, double) {
   using Scalar = TestType;
   std::ostringstream measured;
   for (const std::string& dtype : kDtypes) {
@@ -293,13 +300,15 @@ TEMPLATE_TEST_CASE("a prefix loads one head of a multi-head file", "[safetensors
     CHECK(same(head.value(), mha.head(h).value()));
     CHECK(identical(outputs(head, x), outputs(mha.head(h), x)));
     // The file's value, converted: _heads.h._q.weight as load_tensor reads it.
-    CHECK(identical(head.query().weight,
-                    head_attention::load_tensor<Scalar>(path, "_heads." + std::to_string(h) + "._q.weight").matrix()));
+    CHECK(identical(
+        head.query().weight,
+        head_attention::load_tensor<Scalar>(path, "_heads." + std::to_string(h) + "._q.weight").matrix()));
   }
 
   HeadAttention<Scalar> head(16, 8, 12, 2);
   const Linear<Scalar> q = head.query();
-  // Without a prefix the keys are those of the multi-head layer: every head key missing, all others unexpected.
+  // Without a prefix the keys are those of the multi-head layer: every head key missing, all others
+  // unexpected.
   std::string message = expect_error<shape_error>([&] { head_attention::load_state_dict(head, path); });
   CHECK(message.find("missing key(s): _q.weight") != std::string::npos);
   CHECK(message.find("unexpected key(s): _heads.0._k.bias") != std::string::npos);
@@ -316,8 +325,8 @@ TEMPLATE_TEST_CASE("a prefix loads one head of a multi-head file", "[safetensors
 // ---------------------------------------------------------------------------------------------------------
 // Save.
 
-TEMPLATE_TEST_CASE("save then load round-trips bit-exactly, with and without a prefix", "[safetensors]", float,
-                   double) {
+TEMPLATE_TEST_CASE("save then load round-trips bit-exactly, with and without a prefix", "[safetensors]",
+                   float, double) {
   using Scalar = TestType;
   const TempDir dir;
   const HeadAttention<Scalar> a(16, 8, 12, 1);
@@ -376,7 +385,8 @@ TEMPLATE_TEST_CASE("save writes PyTorch's state_dict: its names, the masks, an a
     keys.insert(it.key());
   std::set<std::string> expected = {"__metadata__", "_layer.weight", "_layer.bias"};
   for (const char* h : {"_heads.0.", "_heads.1."})
-    for (const char* p : {"_q.weight", "_q.bias", "_k.weight", "_k.bias", "_v.weight", "_v.bias", "_tril_mask"})
+    for (const char* p :
+         {"_q.weight", "_q.bias", "_k.weight", "_k.bias", "_v.weight", "_v.bias", "_tril_mask"})
       expected.insert(std::string(h) + p);
   CHECK(keys == expected);
   const char* dtype = std::is_same<Scalar, float>::value ? "F32" : "F64";
@@ -401,7 +411,8 @@ TEST_CASE("save refuses a layer with a malformed projection, and a path it canno
   const TempDir dir;
   HeadAttention<double> layer(6, 4, 5, 1);
   layer.key().weight.resize(4, 7);
-  std::string message = expect_error<shape_error>([&] { head_attention::save_state_dict(layer, dir.file("x")); });
+  std::string message =
+      expect_error<shape_error>([&] { head_attention::save_state_dict(layer, dir.file("x")); });
   CHECK(message.find("key().weight shape") != std::string::npos);
   CHECK_FALSE(fs::exists(dir.file("x")));
 
@@ -428,8 +439,8 @@ TEST_CASE("load_tensor and save_tensors", "[safetensors]") {
   CHECK(back.values == std::vector<double>(t.values.begin(), t.values.end()));
   CHECK(back.matrix().rows() == 6);
   CHECK(back.matrix().cols() == 2);
-  const std::string message =
-      expect_error<shape_error>([&] { (void)head_attention::load_tensor<float>(dir.file("t.safetensors"), "y"); });
+  const std::string message = expect_error<shape_error>(
+      [&] { (void)head_attention::load_tensor<float>(dir.file("t.safetensors"), "y"); });
   CHECK(message.find("no tensor 'y'") != std::string::npos);
   t.values.pop_back();
   CHECK_THROWS_AS(head_attention::save_tensors<float>(dir.file("u.safetensors"), {{"x", t}}), shape_error);
@@ -493,8 +504,10 @@ std::vector<Case> malformed_cases(const std::vector<RawTensor>& valid) {
     add("duplicate field in an entry", file_bytes(twice, data), F, "duplicate key 'dtype'");
   }
   add("header entry not an object", edited([](json& h) { h["_q.bias"] = 3; }), F, "must be an object");
-  add("__metadata__ not strings", edited([](json& h) { h["__metadata__"] = {{"format", 1}}; }), F,
-      "__metadata__ entry 'format' is not a string");
+  add("__metadata__ not strings", edited([](json& h) {
+        h["__metadata__"] = {{"format", 1}};
+      }),
+      F, "__metadata__ entry 'format' is not a string");
   add("an entry without data_offsets", edited([](json& h) { h["_q.bias"].erase("data_offsets"); }), F,
       "tensor '_q.bias': no data_offsets");
   add("an entry with an unknown field", edited([](json& h) { h["_q.bias"]["offsets"] = 0; }), F,
@@ -502,13 +515,22 @@ std::vector<Case> malformed_cases(const std::vector<RawTensor>& valid) {
   // Offsets.
   add("offsets out of range", edited([&](json& h) { h["_v.weight"]["data_offsets"][1] = data_size + 8; }), F,
       "out of range: the data section has " + std::to_string(data_size) + " bytes");
-  add("offsets begin > end", edited([](json& h) { h["_q.bias"]["data_offsets"] = {64, 32}; }), F, "out of range");
-  add("negative offsets", edited([](json& h) { h["_q.bias"]["data_offsets"] = {-8, 24}; }), F,
-      "two non-negative integers");
-  add("fractional offsets", edited([](json& h) { h["_q.bias"]["data_offsets"] = {0.0, 32.0}; }), F,
-      "two non-negative integers");
-  add("three offsets", edited([](json& h) { h["_q.bias"]["data_offsets"] = {0, 16, 32}; }), F,
-      "data_offsets must be [begin, end]");
+  add("offsets begin > end", edited([](json& h) {
+        h["_q.bias"]["data_offsets"] = {64, 32};
+      }),
+      F, "out of range");
+  add("negative offsets", edited([](json& h) {
+        h["_q.bias"]["data_offsets"] = {-8, 24};
+      }),
+      F, "two non-negative integers");
+  add("fractional offsets", edited([](json& h) {
+        h["_q.bias"]["data_offsets"] = {0.0, 32.0};
+      }),
+      F, "two non-negative integers");
+  add("three offsets", edited([](json& h) {
+        h["_q.bias"]["data_offsets"] = {0, 16, 32};
+      }),
+      F, "data_offsets must be [begin, end]");
   add("overlapping tensors", edited([](json& h) {
         // valid[1] (_k.weight) moved 8 bytes back: it overlaps valid[0] and leaves a gap at its end.
         h["_k.weight"]["data_offsets"][0] = h["_k.weight"]["data_offsets"][0].get<std::uint64_t>() - 8;
@@ -517,10 +539,13 @@ std::vector<Case> malformed_cases(const std::vector<RawTensor>& valid) {
       F, "overlap");
   {
     std::vector<RawTensor> gap = valid;
-    find(gap, "_q.bias").bytes += std::string(8, '\0');  // 8 bytes of the data section after _q.bias: nobody's
-    add("a gap between tensors (non-contiguous)", layout(gap, [](json& h) {
-          h["_q.bias"]["data_offsets"][1] = h["_q.bias"]["data_offsets"][1].get<std::uint64_t>() - 8;
-        }),
+    find(gap, "_q.bias").bytes +=
+        std::string(8, '\0');  // 8 bytes of the data section after _q.bias: nobody's
+    add("a gap between tensors (non-contiguous)",
+        layout(gap,
+               [](json& h) {
+                 h["_q.bias"]["data_offsets"][1] = h["_q.bias"]["data_offsets"][1].get<std::uint64_t>() - 8;
+               }),
         F, "gap in the data section: bytes [");
   }
   add("trailing bytes after the last tensor", layout(valid, {}, std::string(8, '\0')), F,
@@ -530,17 +555,23 @@ std::vector<Case> malformed_cases(const std::vector<RawTensor>& valid) {
       "data_offsets give 32 bytes, but shape [5] of F64 needs 40");
   add("byte size != shape x dtype size (dtype)", edited([](json& h) { h["_q.bias"]["dtype"] = "F32"; }), F,
       "needs 16");
-  add("element count overflow", edited([](json& h) { h["_q.bias"]["shape"] = {1ull << 32, 1ull << 32, 1ull << 32}; }),
+  add("element count overflow", edited([](json& h) {
+        h["_q.bias"]["shape"] = {1ull << 32, 1ull << 32, 1ull << 32};
+      }),
       F, "overflows");
   add("byte size overflow", edited([](json& h) { h["_q.bias"]["shape"] = {1ull << 62}; }), F, "byte size");
   add("unknown dtype", edited([](json& h) { h["_q.bias"]["dtype"] = "F128"; }), F, "unknown dtype 'F128'");
   add("a dtype that is not a parameter's", edited([](json& h) { h["_q.bias"]["dtype"] = "I64"; }), F,
       "tensor '_q.bias' has dtype I64; it must be one of F64, F32, F16, BF16");
   // The module.
-  add("wrong shape for the module", edited([](json& h) { h["_k.weight"]["shape"] = {kEmb, kHead}; }), S,
-      "the shape of '_k.weight' must be [4, 6], got [6, 4]");
-  add("wrong rank for the module", edited([](json& h) { h["_k.bias"]["shape"] = {kHead, 1}; }), S,
-      "the shape of '_k.bias' must be [4], got [4, 1]");
+  add("wrong shape for the module", edited([](json& h) {
+        h["_k.weight"]["shape"] = {kEmb, kHead};
+      }),
+      S, "the shape of '_k.weight' must be [4, 6], got [6, 4]");
+  add("wrong rank for the module", edited([](json& h) {
+        h["_k.bias"]["shape"] = {kHead, 1};
+      }),
+      S, "the shape of '_k.bias' must be [4], got [4, 1]");
   add("missing key", layout(without(valid, "_v.bias")), S, "missing key(s): _v.bias");
   {
     std::vector<RawTensor> extra = valid;
@@ -583,8 +614,8 @@ void check_same_layer(const HeadAttention<Scalar>& layer, const HeadAttention<Sc
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("malformed files are refused, naming the problem, and the layer is unchanged", "[safetensors]",
-                   float, double) {
+TEMPLATE_TEST_CASE("malformed files are refused, naming the problem, and the layer is unchanged",
+                   "[safetensors]", float, double) {
   using Scalar = TestType;
   const TempDir dir;
   const std::string valid_path = dir.file("valid.safetensors");
@@ -602,8 +633,9 @@ TEMPLATE_TEST_CASE("malformed files are refused, naming the problem, and the lay
     head_attention::load_state_dict(probe, dir.file("good.safetensors"));
     write_bytes(dir.file("no_mask.safetensors"), layout(without(valid, "_tril_mask")));
     head_attention::load_state_dict(probe, dir.file("no_mask.safetensors"));
-    write_bytes(dir.file("metadata.safetensors"),
-                layout(valid, [](json& h) { h["__metadata__"] = {{"format", "pt"}, {"note", "ü"}}; }));
+    write_bytes(dir.file("metadata.safetensors"), layout(valid, [](json& h) {
+                  h["__metadata__"] = {{"format", "pt"}, {"note", "ü"}};
+                }));
     head_attention::load_state_dict(probe, dir.file("metadata.safetensors"));
     write_bytes(dir.file("padded.safetensors"), file_bytes(json::parse("{}").dump() + "    ", ""));
     CHECK_THROWS_AS(head_attention::load_state_dict(probe, dir.file("padded.safetensors")), shape_error);
@@ -616,8 +648,8 @@ TEMPLATE_TEST_CASE("malformed files are refused, naming the problem, and the lay
     const std::string path = dir.file("case" + std::to_string(i) + ".safetensors");
     write_bytes(path, c.bytes);
     const auto load = [&] { head_attention::load_state_dict(layer, path); };
-    const std::string message = c.expect == Expect::format ? expect_error<format_error>(load)
-                                                           : expect_error<shape_error>(load);
+    const std::string message =
+        c.expect == Expect::format ? expect_error<format_error>(load) : expect_error<shape_error>(load);
     INFO("message: " << message);
     CHECK(message.find(c.fragment) != std::string::npos);
     CHECK(message.find(path) != std::string::npos);  // the file is named
@@ -626,13 +658,14 @@ TEMPLATE_TEST_CASE("malformed files are refused, naming the problem, and the lay
   WARN(cases.size() << " malformed files refused");
 
   const std::string missing = dir.file("does_not_exist.safetensors");
-  const std::string message = expect_error<format_error>([&] { head_attention::load_state_dict(layer, missing); });
+  const std::string message =
+      expect_error<format_error>([&] { head_attention::load_state_dict(layer, missing); });
   CHECK(message.find("cannot open the file") != std::string::npos);
   check_same_layer(layer, before);
 }
 
-TEMPLATE_TEST_CASE("a failed multi-head load leaves every head and the projection unchanged", "[safetensors]", float,
-                   double) {
+TEMPLATE_TEST_CASE("a failed multi-head load leaves every head and the projection unchanged", "[safetensors]",
+                   float, double) {
   using Scalar = TestType;
   const TempDir dir;
   const std::string valid_path = dir.file("valid.safetensors");
@@ -655,7 +688,8 @@ TEMPLATE_TEST_CASE("a failed multi-head load leaves every head and the projectio
     // The last mask is checked after every parameter has been read and converted: still nothing assigned.
     std::vector<RawTensor> t = valid;
     find(t, "_heads.2._tril_mask").bytes[1] = 1;
-    cases.push_back({"bad mask of the last head", layout(t), Expect::format, "'_heads.2._tril_mask' is not the causal"});
+    cases.push_back(
+        {"bad mask of the last head", layout(t), Expect::format, "'_heads.2._tril_mask' is not the causal"});
   }
   cases.push_back({"missing head key", layout(without(valid, "_heads.1._v.weight")), Expect::shape,
                    "missing key(s): _heads.1._v.weight"});
@@ -665,8 +699,11 @@ TEMPLATE_TEST_CASE("a failed multi-head load leaves every head and the projectio
     cases.push_back({"a fourth head", layout(t), Expect::shape, "unexpected key(s): _heads.3._q.bias"});
   }
   cases.push_back({"projection of the wrong shape",
-                   layout(valid, [](json& h) { h["_layer.weight"]["shape"] = {3 * kHead, kEmb}; }), Expect::shape,
-                   "the shape of '_layer.weight' must be [6, 12], got [12, 6]"});
+                   layout(valid,
+                          [](json& h) {
+                            h["_layer.weight"]["shape"] = {3 * kHead, kEmb};
+                          }),
+                   Expect::shape, "the shape of '_layer.weight' must be [6, 12], got [12, 6]"});
   cases.push_back({"a head's weight in an unknown dtype",
                    layout(valid, [](json& h) { h["_heads.2._k.weight"]["dtype"] = "Q4"; }), Expect::format,
                    "unknown dtype 'Q4'"});
@@ -677,8 +714,8 @@ TEMPLATE_TEST_CASE("a failed multi-head load leaves every head and the projectio
     const std::string path = dir.file("case" + std::to_string(i) + ".safetensors");
     write_bytes(path, c.bytes);
     const auto load = [&] { head_attention::load_state_dict(mha, path); };
-    const std::string message = c.expect == Expect::format ? expect_error<format_error>(load)
-                                                           : expect_error<shape_error>(load);
+    const std::string message =
+        c.expect == Expect::format ? expect_error<format_error>(load) : expect_error<shape_error>(load);
     INFO("message: " << message);
     CHECK(message.find(c.fragment) != std::string::npos);
     check_unchanged();
@@ -690,6 +727,7 @@ TEMPLATE_TEST_CASE("a failed multi-head load leaves every head and the projectio
                              "_heads.2._tril_mask")));
   head_attention::load_state_dict(mha, dir.file("no_masks.safetensors"));
   MultiHeadAttention<Scalar> two(2, kEmb, kHead, kMax, 1);
-  const std::string message = expect_error<shape_error>([&] { head_attention::load_state_dict(two, valid_path); });
+  const std::string message =
+      expect_error<shape_error>([&] { head_attention::load_state_dict(two, valid_path); });
   CHECK(message.find("unexpected key(s): _heads.2._k.bias") != std::string::npos);
 }

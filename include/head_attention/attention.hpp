@@ -39,9 +39,9 @@ void check_projections(const HeadAttention<Scalar>& layer, const char* where) {
 /// max_seq_len): out = softmax(mask(Q Kᵀ / sqrt(head_size))) V with Q, K, V = nn.Linear(emb_size,
 /// head_size)(x).
 ///
-/// forward() runs the fused path: one pass of projection GEMMs into a single Q|K|V buffer, then a tiled online
-/// softmax that never builds the [T, T] score matrix, on all cores when compiled with OpenMP. It is const and
-/// may be called from many threads at once.
+/// forward() runs the fused path: one pass of projection GEMMs into a single Q|K|V buffer, then a tiled
+/// online softmax that never builds the [T, T] score matrix, on all cores when compiled with OpenMP. It is
+/// const and may be called from many threads at once.
 template <typename Scalar>
 class HeadAttention {
   static_assert(std::is_floating_point<Scalar>::value, "HeadAttention<Scalar> needs a floating-point Scalar");
@@ -108,12 +108,13 @@ class HeadAttention {
   }
 
   /// Caps the threads of one forward call at n; 0 (the default) follows Eigen::setNbThreads, else
-  /// OMP_NUM_THREADS, else one per core. Every thread that calls forward forks a team of its own: callers that
-  /// run several forward calls at once on their own threads should set 1 here (or OMP_NUM_THREADS=1) to avoid
-  /// oversubscribing the cores. Without OpenMP the setting is kept but every call runs on one thread. Throws
-  /// shape_error if n < 0.
+  /// OMP_NUM_THREADS, else one per core. Every thread that calls forward forks a team of its own: callers
+  /// that run several forward calls at once on their own threads should set 1 here (or OMP_NUM_THREADS=1) to
+  /// avoid oversubscribing the cores. Without OpenMP the setting is kept but every call runs on one thread.
+  /// Throws shape_error if n < 0.
   void set_num_threads(int n) {
-    detail::require(n >= 0, "HeadAttention::set_num_threads", "the thread count", ">= 0", std::to_string(n));
+    HEAD_ATTENTION_REQUIRE(n >= 0, "HeadAttention::set_num_threads", "the thread count", ">= 0",
+                           std::to_string(n));
     m_threads = n;
   }
   /// The thread count a large forward call made now, from this thread, would run on: the setting (or its
@@ -143,7 +144,8 @@ class HeadAttention {
   template <typename Derived>
   Matrix attention_weights(const Eigen::MatrixBase<Derived>& x) const {
     check_input<Derived>();
-    check_call(x.cols(), x.rows(), "HeadAttention::attention_weights", "x.cols() (input width)", "x.rows() (T)");
+    check_call(x.cols(), x.rows(), "HeadAttention::attention_weights", "x.cols() (input width)",
+               "x.rows() (T)");
     return reference::attention_weights(x, m_query, m_key, m_rule);
   }
 
@@ -163,9 +165,9 @@ class HeadAttention {
   void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out) const {
     check_input<Derived>();
     const char* where = "HeadAttention::forward_into";
-    detail::require(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
-    detail::require(batch > 0 ? x.rows() % batch == 0 : x.rows() == 0, where, "x.rows()",
-                    "a multiple of batch = " + std::to_string(batch), std::to_string(x.rows()));
+    HEAD_ATTENTION_REQUIRE(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
+    HEAD_ATTENTION_REQUIRE(batch > 0 ? x.rows() % batch == 0 : x.rows() == 0, where, "x.rows()",
+                           "a multiple of batch = " + std::to_string(batch), std::to_string(x.rows()));
     const Index seq_len = batch > 0 ? x.rows() / batch : 0;
     check_call(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
     check_out(out, x.rows(), where);
@@ -180,9 +182,9 @@ class HeadAttention {
                     const std::vector<Index>& lengths) const {
     check_input<Derived>();
     const char* where = "HeadAttention::forward_into";
-    detail::require(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
-    detail::require(batch > 0 ? x.rows() % batch == 0 : x.rows() == 0, where, "x.rows()",
-                    "a multiple of batch = " + std::to_string(batch), std::to_string(x.rows()));
+    HEAD_ATTENTION_REQUIRE(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
+    HEAD_ATTENTION_REQUIRE(batch > 0 ? x.rows() % batch == 0 : x.rows() == 0, where, "x.rows()",
+                           "a multiple of batch = " + std::to_string(batch), std::to_string(x.rows()));
     const Index seq_len = batch > 0 ? x.rows() / batch : 0;
     check_call(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
     check_out(out, x.rows(), where);
@@ -194,15 +196,17 @@ class HeadAttention {
   }
 
   /// An empty KV cache for incremental decoding with this layer (its sizes and mask rule).
-  KVCache<Scalar> make_cache() const { return KVCache<Scalar>(m_emb_size, m_head_size, m_max_seq_len, m_rule); }
+  KVCache<Scalar> make_cache() const {
+    return KVCache<Scalar>(m_emb_size, m_head_size, m_max_seq_len, m_rule);
+  }
 
   /// Incremental decoding: projects the t new rows of x [t, emb_size] (any dense expression, like forward),
   /// appends their keys and values to the cache, and returns their outputs [t, head_size]. Earlier keys and
   /// values are read from the cache, never recomputed. Alignment is bottom-right: new row i has position
   /// cache.size() + i and sees the cached positions and the new ones the layer's rule lets it see (under the
   /// causal rule: all cached ones and new ones up to itself), so prefill plus chunks equals one forward over
-  /// the whole sequence. Throws shape_error, with the cache unchanged, if x is not [t, emb_size], if the cache
-  /// was made by a layer of other sizes or another rule, or if cache.size() + t > max_seq_len.
+  /// the whole sequence. Throws shape_error, with the cache unchanged, if x is not [t, emb_size], if the
+  /// cache was made by a layer of other sizes or another rule, or if cache.size() + t > max_seq_len.
   template <typename Derived>
   Matrix forward_cached(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache) const {
     Matrix out(x.rows(), m_head_size);  // [t, head]
@@ -221,7 +225,8 @@ class HeadAttention {
     pointers.reserve(caches.size());
     for (KVCache<Scalar>& cache : caches)
       pointers.push_back(&cache);
-    cached(x, pointers.data(), static_cast<Index>(pointers.size()), out, "HeadAttention::forward_cached_into");
+    cached(x, pointers.data(), static_cast<Index>(pointers.size()), out,
+           "HeadAttention::forward_cached_into");
   }
 
  private:
@@ -242,16 +247,19 @@ class HeadAttention {
   }
 
   void check_out(const OutputRef& out, Index rows, const char* where) const {
-    detail::require(out.rows() == rows && out.cols() == m_head_size, where, "out shape",
-                    detail::shape_string(rows, m_head_size), detail::shape_string(out.rows(), out.cols()));
+    HEAD_ATTENTION_REQUIRE(out.rows() == rows && out.cols() == m_head_size, where, "out shape",
+                           detail::shape_string(rows, m_head_size),
+                           detail::shape_string(out.rows(), out.cols()));
   }
 
-  static void check_lengths(const std::vector<Index>& lengths, Index batch, Index seq_len, const char* where) {
-    detail::require(static_cast<Index>(lengths.size()) == batch, where, "lengths.size()",
-                    "batch = " + std::to_string(batch), std::to_string(lengths.size()));
+  static void check_lengths(const std::vector<Index>& lengths, Index batch, Index seq_len,
+                            const char* where) {
+    HEAD_ATTENTION_REQUIRE(static_cast<Index>(lengths.size()) == batch, where, "lengths.size()",
+                           "batch = " + std::to_string(batch), std::to_string(lengths.size()));
     for (std::size_t b = 0; b < lengths.size(); ++b)
-      detail::require(lengths[b] >= 0 && lengths[b] <= seq_len, where, "lengths[" + std::to_string(b) + "]",
-                      "in [0, T = " + std::to_string(seq_len) + "]", std::to_string(lengths[b]));
+      HEAD_ATTENTION_REQUIRE(lengths[b] >= 0 && lengths[b] <= seq_len, where,
+                             "lengths[" + std::to_string(b) + "]",
+                             "in [0, T = " + std::to_string(seq_len) + "]", std::to_string(lengths[b]));
   }
 
   /// The cached forward of `count` chunks stored back to back in x, chunk b extending *caches[b].
@@ -259,26 +267,28 @@ class HeadAttention {
   void cached(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>* const* caches, Index count, OutputRef out,
               const char* where) const {
     check_input<Derived>();
-    detail::require(count > 0 ? x.rows() % count == 0 : x.rows() == 0, where, "x.rows()",
-                    "a multiple of the number of caches = " + std::to_string(count), std::to_string(x.rows()));
+    HEAD_ATTENTION_REQUIRE(count > 0 ? x.rows() % count == 0 : x.rows() == 0, where, "x.rows()",
+                           "a multiple of the number of caches = " + std::to_string(count),
+                           std::to_string(x.rows()));
     const Index t = count > 0 ? x.rows() / count : 0;
     check_call(x.cols(), t, where, "x.cols() (input width)", "x.rows() (t)");
     check_out(out, x.rows(), where);
     for (Index b = 0; b < count; ++b) {
       const KVCache<Scalar>& cache = *caches[b];
       const std::string name = count == 1 ? "cache" : "caches[" + std::to_string(b) + "]";
-      detail::require(cache.emb_size() == m_emb_size && cache.head_size() == m_head_size &&
-                          cache.max_seq_len() == m_max_seq_len,
-                      where, name + " sizes (emb_size, head_size, max_seq_len)",
-                      "this layer's (" + std::to_string(m_emb_size) + ", " + std::to_string(m_head_size) + ", " +
-                          std::to_string(m_max_seq_len) + ")",
-                      "(" + std::to_string(cache.emb_size()) + ", " + std::to_string(cache.head_size()) + ", " +
-                          std::to_string(cache.max_seq_len()) + ")");
-      detail::require(cache.mask_rule() == m_rule, where, name + " mask rule", "this layer's " + m_rule.name(),
-                      cache.mask_rule().name());
-      detail::require(cache.size() + t <= m_max_seq_len, where, name + ".size() + t",
-                      "<= max_seq_len = " + std::to_string(m_max_seq_len),
-                      std::to_string(cache.size()) + " + " + std::to_string(t));
+      HEAD_ATTENTION_REQUIRE(cache.emb_size() == m_emb_size && cache.head_size() == m_head_size &&
+                                 cache.max_seq_len() == m_max_seq_len,
+                             where, name + " sizes (emb_size, head_size, max_seq_len)",
+                             "this layer's (" + std::to_string(m_emb_size) + ", " +
+                                 std::to_string(m_head_size) + ", " + std::to_string(m_max_seq_len) + ")",
+                             "(" + std::to_string(cache.emb_size()) + ", " +
+                                 std::to_string(cache.head_size()) + ", " +
+                                 std::to_string(cache.max_seq_len()) + ")");
+      HEAD_ATTENTION_REQUIRE(cache.mask_rule() == m_rule, where, name + " mask rule",
+                             "this layer's " + m_rule.name(), cache.mask_rule().name());
+      HEAD_ATTENTION_REQUIRE(cache.size() + t <= m_max_seq_len, where, name + ".size() + t",
+                             "<= max_seq_len = " + std::to_string(m_max_seq_len),
+                             std::to_string(cache.size()) + " + " + std::to_string(t));
     }
     if (t == 0) return;
     std::vector<detail::KVStore<Scalar>*> stores(static_cast<std::size_t>(count));
@@ -286,7 +296,8 @@ class HeadAttention {
       detail::KVStore<Scalar>& store = caches[b]->m_store;
       // Under a sliding window, positions before the first key of this chunk's first query are never seen
       // again: dropped. Other rules keep everything.
-      const Index keep_from = m_rule.kind() == MaskRule::Kind::sliding_window ? m_rule.first_key(store.length()) : 0;
+      const Index keep_from =
+          m_rule.kind() == MaskRule::Kind::sliding_window ? m_rule.first_key(store.length()) : 0;
       store.prepare(t, keep_from);
       stores[static_cast<std::size_t>(b)] = &store;
     }
@@ -302,7 +313,8 @@ class HeadAttention {
   /// ([batch · seq_len, head_size], row-major, leading dimension out_stride). Shapes must have been checked
   /// with check_call.
   template <typename Derived>
-  void run(const Eigen::MatrixBase<Derived>& x, Index batch, Index seq_len, Scalar* out, Index out_stride) const {
+  void run(const Eigen::MatrixBase<Derived>& x, Index batch, Index seq_len, Scalar* out,
+           Index out_stride) const {
     detail::AttentionPlan<Scalar> plan;
     plan.rule = m_rule;
     run(x, batch, seq_len, out, out_stride, plan);
@@ -331,20 +343,20 @@ class HeadAttention {
   void check_call(Index width, Index length, const char* where, const char* width_name,
                   const char* length_name) const {
     detail::check_projections(*this, where);
-    detail::require(width == m_emb_size, where, width_name, "emb_size = " + std::to_string(m_emb_size),
-                    std::to_string(width));
-    detail::require(length <= m_max_seq_len, where, length_name,
-                    "<= max_seq_len = " + std::to_string(m_max_seq_len), std::to_string(length));
+    HEAD_ATTENTION_REQUIRE(width == m_emb_size, where, width_name, "emb_size = " + std::to_string(m_emb_size),
+                           std::to_string(width));
+    HEAD_ATTENTION_REQUIRE(length <= m_max_seq_len, where, length_name,
+                           "<= max_seq_len = " + std::to_string(m_max_seq_len), std::to_string(length));
   }
 
   static Index checked_size(Index value, const char* name) {
-    detail::require(value > 0, "HeadAttention", name, "> 0", std::to_string(value));
+    HEAD_ATTENTION_REQUIRE(value > 0, "HeadAttention", name, "> 0", std::to_string(value));
     return value;
   }
 
   void check_seq_len(Index T, const char* where) const {
-    detail::require(T >= 0 && T <= m_max_seq_len, where, "T",
-                    "in [0, max_seq_len = " + std::to_string(m_max_seq_len) + "]", std::to_string(T));
+    HEAD_ATTENTION_REQUIRE(T >= 0 && T <= m_max_seq_len, where, "T",
+                           "in [0, max_seq_len = " + std::to_string(m_max_seq_len) + "]", std::to_string(T));
   }
 
   Index m_emb_size;

@@ -29,24 +29,28 @@ struct is_dense_tensor<Eigen::TensorMap<Plain, Options, MakePointer>> : std::tru
 template <typename Scalar, typename Derived, typename F>
 auto with_tensor_data(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x, F&& f)
     -> decltype(f(static_cast<const Scalar*>(nullptr), Eigen::Index(), Eigen::Index(), Eigen::Index())) {
-  using Result = decltype(f(static_cast<const Scalar*>(nullptr), Eigen::Index(), Eigen::Index(), Eigen::Index()));
+  using Result =
+      decltype(f(static_cast<const Scalar*>(nullptr), Eigen::Index(), Eigen::Index(), Eigen::Index()));
   using Traits = Eigen::internal::traits<Derived>;
   constexpr bool rank_3 = Traits::NumDimensions == 3;
   constexpr bool row_major = static_cast<int>(Traits::Layout) == static_cast<int>(Eigen::RowMajor);
   constexpr bool same_scalar = std::is_same<std::remove_const_t<typename Traits::Scalar>, Scalar>::value;
   static_assert(rank_3, "head_attention: forward needs a rank-3 tensor [B, T, emb_size]");
-  static_assert(row_major,
-                "head_attention: forward needs a row-major tensor (Eigen::RowMajor), laid out as PyTorch lays "
-                "out [B, T, emb_size]");
+  static_assert(
+      row_major,
+      "head_attention: forward needs a row-major tensor (Eigen::RowMajor), laid out as PyTorch lays "
+      "out [B, T, emb_size]");
   static_assert(same_scalar, "head_attention: forward needs a tensor of the layer's Scalar");
   if constexpr (!(rank_3 && row_major && same_scalar)) {
     return Result();  // not compiled: the static_asserts above have failed; this keeps their message alone
   } else if constexpr (is_dense_tensor<Derived>::value) {
     const Derived& t = static_cast<const Derived&>(x);
-    return f(t.data(), Eigen::Index(t.dimension(0)), Eigen::Index(t.dimension(1)), Eigen::Index(t.dimension(2)));
+    return f(t.data(), Eigen::Index(t.dimension(0)), Eigen::Index(t.dimension(1)),
+             Eigen::Index(t.dimension(2)));
   } else {
     const Eigen::Tensor<Scalar, 3, Eigen::RowMajor> t = x;  // an expression: evaluate it once
-    return f(t.data(), Eigen::Index(t.dimension(0)), Eigen::Index(t.dimension(1)), Eigen::Index(t.dimension(2)));
+    return f(t.data(), Eigen::Index(t.dimension(0)), Eigen::Index(t.dimension(1)),
+             Eigen::Index(t.dimension(2)));
   }
 }
 
@@ -79,9 +83,10 @@ class BatchedHeadAttention {
   /// B = 0 or T = 0 give an empty result.
   template <typename Derived>
   Tensor3 forward(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x) const {
-    return detail::with_tensor_data<Scalar>(x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
-      return forward_data(data, batch, seq_len, width, nullptr);
-    });
+    return detail::with_tensor_data<Scalar>(x,
+                                            [&](const Scalar* data, Index batch, Index seq_len, Index width) {
+                                              return forward_data(data, batch, seq_len, width, nullptr);
+                                            });
   }
 
   /// The same with right padding: sequence b has lengths[b] valid positions (0 <= lengths[b] <= T), and its
@@ -91,24 +96,27 @@ class BatchedHeadAttention {
   template <typename Derived>
   Tensor3 forward(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x,
                   const std::vector<Index>& lengths) const {
-    return detail::with_tensor_data<Scalar>(x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
-      return forward_data(data, batch, seq_len, width, &lengths);
-    });
+    return detail::with_tensor_data<Scalar>(x,
+                                            [&](const Scalar* data, Index batch, Index seq_len, Index width) {
+                                              return forward_data(data, batch, seq_len, width, &lengths);
+                                            });
   }
 
   /// simple_llm's get_attention_weights: x [B, T, emb_size] to the softmax weights [B, T, T] under the
   /// layer's mask rule (masked entries exactly 0). Builds [B, T, T], as it must. Throws as forward(x) does.
   template <typename Derived>
   Tensor3 attention_weights(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x) const {
-    return detail::with_tensor_data<Scalar>(x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
-      check(batch, seq_len, width, "BatchedHeadAttention::attention_weights");
-      Tensor3 out(batch, seq_len, seq_len);  // [B, T, T]
-      for (Index b = 0; b < batch; ++b) {
-        const Eigen::Map<const Matrix> seq(data + b * seq_len * width, seq_len, width);  // [T, emb]
-        Eigen::Map<Matrix>(out.data() + b * seq_len * seq_len, seq_len, seq_len) = m_head.attention_weights(seq);
-      }
-      return out;
-    });
+    return detail::with_tensor_data<Scalar>(
+        x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
+          check(batch, seq_len, width, "BatchedHeadAttention::attention_weights");
+          Tensor3 out(batch, seq_len, seq_len);  // [B, T, T]
+          for (Index b = 0; b < batch; ++b) {
+            const Eigen::Map<const Matrix> seq(data + b * seq_len * width, seq_len, width);  // [T, emb]
+            Eigen::Map<Matrix>(out.data() + b * seq_len * seq_len, seq_len, seq_len) =
+                m_head.attention_weights(seq);
+          }
+          return out;
+        });
   }
 
   /// The KV cache of B sequences that advance together: one HeadAttention cache per sequence.
@@ -135,7 +143,8 @@ class BatchedHeadAttention {
 
   /// An empty cache for `batch` sequences decoded together. Throws shape_error if batch < 0.
   Cache make_cache(Index batch) const {
-    detail::require(batch >= 0, "BatchedHeadAttention::make_cache", "batch", ">= 0", std::to_string(batch));
+    HEAD_ATTENTION_REQUIRE(batch >= 0, "BatchedHeadAttention::make_cache", "batch", ">= 0",
+                           std::to_string(batch));
     Cache cache;
     cache.m_caches.assign(static_cast<std::size_t>(batch), m_head.make_cache());
     return cache;
@@ -148,12 +157,12 @@ class BatchedHeadAttention {
   Tensor3 forward_cached(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x, Cache& cache) const {
     return detail::with_tensor_data<Scalar>(x, [&](const Scalar* data, Index batch, Index t, Index width) {
       const char* where = "BatchedHeadAttention::forward_cached";
-      detail::require(batch == cache.batch(), where, "x.dimension(0) (B)",
-                      "the cache's batch = " + std::to_string(cache.batch()), std::to_string(batch));
-      detail::require(width == m_head.emb_size(), where, "x.dimension(2) (input width)",
-                      "emb_size = " + std::to_string(m_head.emb_size()), std::to_string(width));
-      Tensor3 out(batch, t, m_head.head_size());                                // [B, t, head]
-      const Eigen::Map<const Matrix> rows(data, batch * t, width);              // [B·t, emb]
+      HEAD_ATTENTION_REQUIRE(batch == cache.batch(), where, "x.dimension(0) (B)",
+                             "the cache's batch = " + std::to_string(cache.batch()), std::to_string(batch));
+      HEAD_ATTENTION_REQUIRE(width == m_head.emb_size(), where, "x.dimension(2) (input width)",
+                             "emb_size = " + std::to_string(m_head.emb_size()), std::to_string(width));
+      Tensor3 out(batch, t, m_head.head_size());                               // [B, t, head]
+      const Eigen::Map<const Matrix> rows(data, batch * t, width);             // [B·t, emb]
       Eigen::Map<Matrix> out_rows(out.data(), batch * t, m_head.head_size());  // [B·t, head]
       m_head.forward_cached_into(rows, cache.m_caches, out_rows);
       return out;
@@ -165,17 +174,18 @@ class BatchedHeadAttention {
   void check(Index batch, Index seq_len, Index width, const char* where) const {
     (void)batch;
     detail::check_projections(m_head, where);
-    detail::require(width == m_head.emb_size(), where, "x.dimension(2) (input width)",
-                    "emb_size = " + std::to_string(m_head.emb_size()), std::to_string(width));
-    detail::require(seq_len <= m_head.max_seq_len(), where, "x.dimension(1) (T)",
-                    "<= max_seq_len = " + std::to_string(m_head.max_seq_len()), std::to_string(seq_len));
+    HEAD_ATTENTION_REQUIRE(width == m_head.emb_size(), where, "x.dimension(2) (input width)",
+                           "emb_size = " + std::to_string(m_head.emb_size()), std::to_string(width));
+    HEAD_ATTENTION_REQUIRE(seq_len <= m_head.max_seq_len(), where, "x.dimension(1) (T)",
+                           "<= max_seq_len = " + std::to_string(m_head.max_seq_len()),
+                           std::to_string(seq_len));
   }
 
   Tensor3 forward_data(const Scalar* data, Index batch, Index seq_len, Index width,
                        const std::vector<Index>* lengths) const {
     check(batch, seq_len, width, "BatchedHeadAttention::forward");
-    Tensor3 out(batch, seq_len, m_head.head_size());                               // [B, T, head]
-    const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);             // [B·T, emb], back to back
+    Tensor3 out(batch, seq_len, m_head.head_size());                    // [B, T, head]
+    const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);  // [B·T, emb], back to back
     Eigen::Map<Matrix> out_rows(out.data(), batch * seq_len, m_head.head_size());  // [B·T, head]
     if (lengths == nullptr)
       m_head.forward_into(rows, batch, out_rows);

@@ -36,3 +36,11 @@ inline void require(bool ok, const char* where, const std::string& what, const s
 
 }  // namespace detail
 }  // namespace head_attention
+
+/// Throws head_attention::shape_error("<where>: <what> must be <expected>, got <actual>") unless ok. A macro,
+/// so that the message strings are built only on failure: the checks run on every call, decode steps
+/// included.
+#define HEAD_ATTENTION_REQUIRE(ok, where, what, expected, actual)                       \
+  do {                                                                                  \
+    if (!(ok)) ::head_attention::detail::require(false, where, what, expected, actual); \
+  } while (false)

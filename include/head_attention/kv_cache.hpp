@@ -39,17 +39,17 @@ class KVCache {
   /// older ones as it advances).
   void truncate(Index size) {
     const char* where = "KVCache::truncate";
-    detail::require(size >= 0 && size <= m_store.length(), where, "size",
-                    "in [0, size() = " + std::to_string(m_store.length()) + "]", std::to_string(size));
+    HEAD_ATTENTION_REQUIRE(size >= 0 && size <= m_store.length(), where, "size",
+                           "in [0, size() = " + std::to_string(m_store.length()) + "]", std::to_string(size));
     if (size == 0) {
       m_store.clear();
       return;
     }
-    detail::require(m_rule.first_key(size) >= m_store.first(), where, "size",
-                    ">= " + std::to_string(m_store.first() + m_rule.window() - 1) +
-                        " (the sliding window has dropped the positions before " +
-                        std::to_string(m_store.first()) + ")",
-                    std::to_string(size));
+    HEAD_ATTENTION_REQUIRE(m_rule.first_key(size) >= m_store.first(), where, "size",
+                           ">= " + std::to_string(m_store.first() + m_rule.window() - 1) +
+                               " (the sliding window has dropped the positions before " +
+                               std::to_string(m_store.first()) + ")",
+                           std::to_string(size));
     m_store.truncate(size);
   }
 
@@ -69,7 +69,7 @@ class KVCache {
   Index m_emb_size;
   Index m_max_seq_len;
   MaskRule m_rule;
-  detail::KVStore<Scalar> m_store;  // [capacity, 2·head_size], rows [k | v]
+  detail::KVStore<Scalar> m_store;  // K and V, [capacity, head_size] each
 };
 
 }  // namespace head_attention

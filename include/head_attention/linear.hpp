@@ -49,10 +49,11 @@ Linear<Scalar> make_linear(Eigen::Index in, Eigen::Index out, UniformSource& uni
 template <typename Scalar>
 void check_linear(const Linear<Scalar>& layer, const char* where, const char* name, Eigen::Index in,
                   Eigen::Index out) {
-  require(layer.weight.rows() == out && layer.weight.cols() == in, where, std::string(name) + ".weight shape",
-          shape_string(out, in), shape_string(layer.weight.rows(), layer.weight.cols()));
-  require(layer.bias.size() == out, where, std::string(name) + ".bias size", std::to_string(out),
-          std::to_string(layer.bias.size()));
+  HEAD_ATTENTION_REQUIRE(layer.weight.rows() == out && layer.weight.cols() == in, where,
+                         std::string(name) + ".weight shape", shape_string(out, in),
+                         shape_string(layer.weight.rows(), layer.weight.cols()));
+  HEAD_ATTENTION_REQUIRE(layer.bias.size() == out, where, std::string(name) + ".bias size",
+                         std::to_string(out), std::to_string(layer.bias.size()));
 }
 
 }  // namespace detail

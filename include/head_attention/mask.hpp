@@ -29,7 +29,7 @@ class MaskRule {
   static MaskRule bidirectional() { return MaskRule(Kind::bidirectional, 0); }
   /// Query i sees keys max(0, i - window + 1)..i, its own included. Throws shape_error unless window >= 1.
   static MaskRule sliding_window(Index window) {
-    detail::require(window >= 1, "MaskRule::sliding_window", "window", ">= 1", std::to_string(window));
+    HEAD_ATTENTION_REQUIRE(window >= 1, "MaskRule::sliding_window", "window", ">= 1", std::to_string(window));
     return MaskRule(Kind::sliding_window, window);
   }
 
@@ -38,7 +38,9 @@ class MaskRule {
   Index window() const { return m_window; }
 
   /// The first key the query at position i sees.
-  Index first_key(Index i) const { return m_kind == Kind::sliding_window ? std::max<Index>(0, i - m_window + 1) : 0; }
+  Index first_key(Index i) const {
+    return m_kind == Kind::sliding_window ? std::max<Index>(0, i - m_window + 1) : 0;
+  }
   /// One past the last key the query at position i sees, when keys 0..n-1 exist.
   Index end_key(Index i, Index n) const { return m_kind == Kind::bidirectional ? n : std::min(i + 1, n); }
   /// Whether the query at position i sees the key at position j (of keys 0..n-1).

@@ -28,11 +28,12 @@ namespace head_attention {
 ///
 /// forward() runs every head in one pass: the projections of all heads over each chunk of x (which stays in
 /// cache while they read it), then the attention blocks of all heads and sequences as work items of one
-/// parallel region (all cores busy even for one sequence), then the output projection, one GEMM per row chunk.
-/// Extra memory is O(T · num_heads · head_size). const, and safe to call from many threads at once.
+/// parallel region (all cores busy even for one sequence), then the output projection, one GEMM per row
+/// chunk. Extra memory is O(T · num_heads · head_size). const, and safe to call from many threads at once.
 template <typename Scalar>
 class MultiHeadAttention {
-  static_assert(std::is_floating_point<Scalar>::value, "MultiHeadAttention<Scalar> needs a floating-point Scalar");
+  static_assert(std::is_floating_point<Scalar>::value,
+                "MultiHeadAttention<Scalar> needs a floating-point Scalar");
 
  public:
   using Index = Eigen::Index;
@@ -48,9 +49,10 @@ class MultiHeadAttention {
   /// v.weight, v.bias, U(±1/sqrt(emb_size))), then the projection's weight and bias, U(±1/sqrt(num_heads ·
   /// head_size)). `rule` is every head's mask rule (causal by default). Throws shape_error unless all four
   /// sizes are positive.
-  MultiHeadAttention(Index num_heads, Index emb_size, Index head_size, Index max_seq_len, std::uint64_t seed = 0,
-                     const MaskRule& rule = MaskRule::causal()) {
-    detail::require(num_heads > 0, "MultiHeadAttention", "num_heads", "> 0", std::to_string(num_heads));
+  MultiHeadAttention(Index num_heads, Index emb_size, Index head_size, Index max_seq_len,
+                     std::uint64_t seed = 0, const MaskRule& rule = MaskRule::causal()) {
+    HEAD_ATTENTION_REQUIRE(num_heads > 0, "MultiHeadAttention", "num_heads", "> 0",
+                           std::to_string(num_heads));
     m_heads.reserve(static_cast<std::size_t>(num_heads));
     detail::UniformSource uniform(seed);
     for (Index h = 0; h < num_heads; ++h) {
@@ -86,7 +88,8 @@ class MultiHeadAttention {
   /// The thread cap of a forward call, as HeadAttention::set_num_threads (0: Eigen's default). Throws
   /// shape_error if n < 0.
   void set_num_threads(int n) {
-    detail::require(n >= 0, "MultiHeadAttention::set_num_threads", "the thread count", ">= 0", std::to_string(n));
+    HEAD_ATTENTION_REQUIRE(n >= 0, "MultiHeadAttention::set_num_threads", "the thread count", ">= 0",
+                           std::to_string(n));
     m_threads = n;
   }
   /// The thread count a large call made now, from this thread, would run on (1 inside a parallel region or
@@ -116,13 +119,14 @@ class MultiHeadAttention {
                     const std::vector<Index>* lengths = nullptr) const {
     check_input<Derived>();
     const char* where = "MultiHeadAttention::forward_into";
-    detail::require(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
-    detail::require(batch > 0 ? x.rows() % batch == 0 : x.rows() == 0, where, "x.rows()",
-                    "a multiple of batch = " + std::to_string(batch), std::to_string(x.rows()));
+    HEAD_ATTENTION_REQUIRE(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
+    HEAD_ATTENTION_REQUIRE(batch > 0 ? x.rows() % batch == 0 : x.rows() == 0, where, "x.rows()",
+                           "a multiple of batch = " + std::to_string(batch), std::to_string(x.rows()));
     const Index seq_len = batch > 0 ? x.rows() / batch : 0;
     check(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
-    detail::require(out.rows() == x.rows() && out.cols() == emb_size(), where, "out shape",
-                    detail::shape_string(x.rows(), emb_size()), detail::shape_string(out.rows(), out.cols()));
+    HEAD_ATTENTION_REQUIRE(out.rows() == x.rows() && out.cols() == emb_size(), where, "out shape",
+                           detail::shape_string(x.rows(), emb_size()),
+                           detail::shape_string(out.rows(), out.cols()));
     detail::AttentionPlan<Scalar> plan;
     if (lengths != nullptr) {
       check_lengths(*lengths, batch, seq_len, where);
@@ -172,7 +176,8 @@ class MultiHeadAttention {
 
   /// An empty cache for `batch` sequences (1 by default) decoded together. Throws shape_error if batch < 0.
   Cache make_cache(Index batch = 1) const {
-    detail::require(batch >= 0, "MultiHeadAttention::make_cache", "batch", ">= 0", std::to_string(batch));
+    HEAD_ATTENTION_REQUIRE(batch >= 0, "MultiHeadAttention::make_cache", "batch", ">= 0",
+                           std::to_string(batch));
     Cache cache;
     cache.m_batch = batch;
     cache.m_caches.reserve(static_cast<std::size_t>(num_heads() * batch));
@@ -182,9 +187,10 @@ class MultiHeadAttention {
     return cache;
   }
 
-  /// Incremental decoding of one sequence (a cache made with batch 1): the t new rows x [t, emb_size] to their
-  /// outputs [t, emb_size], as HeadAttention::forward_cached does for each head. Throws shape_error, with the
-  /// cache unchanged, on a bad shape, a cache of other sizes or rule, or cache.size() + t > max_seq_len.
+  /// Incremental decoding of one sequence (a cache made with batch 1): the t new rows x [t, emb_size] to
+  /// their outputs [t, emb_size], as HeadAttention::forward_cached does for each head. Throws shape_error,
+  /// with the cache unchanged, on a bad shape, a cache of other sizes or rule, or cache.size() + t >
+  /// max_seq_len.
   template <typename Derived>
   Matrix forward_cached(const Eigen::MatrixBase<Derived>& x, Cache& cache) const {
     Matrix out(x.rows(), emb_size());  // [t, emb]
@@ -194,16 +200,17 @@ class MultiHeadAttention {
 
   /// Incremental decoding of B sequences together: x [B, t, emb_size] to [B, t, emb_size].
   template <typename TensorDerived>
-  Tensor3 forward_cached(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x, Cache& cache) const {
+  Tensor3 forward_cached(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
+                         Cache& cache) const {
     return detail::with_tensor_data<Scalar>(x, [&](const Scalar* data, Index batch, Index t, Index width) {
       const char* where = "MultiHeadAttention::forward_cached";
-      detail::require(batch == cache.batch(), where, "x.dimension(0) (B)",
-                      "the cache's batch = " + std::to_string(cache.batch()), std::to_string(batch));
-      detail::require(width == emb_size(), where, "x.dimension(2) (input width)",
-                      "emb_size = " + std::to_string(emb_size()), std::to_string(width));
-      Tensor3 out(batch, t, emb_size());                                  // [B, t, emb]
-      const Eigen::Map<const Matrix> rows(data, batch * t, width);        // [B·t, emb]
-      Eigen::Map<Matrix> out_rows(out.data(), batch * t, emb_size());     // [B·t, emb]
+      HEAD_ATTENTION_REQUIRE(batch == cache.batch(), where, "x.dimension(0) (B)",
+                             "the cache's batch = " + std::to_string(cache.batch()), std::to_string(batch));
+      HEAD_ATTENTION_REQUIRE(width == emb_size(), where, "x.dimension(2) (input width)",
+                             "emb_size = " + std::to_string(emb_size()), std::to_string(width));
+      Tensor3 out(batch, t, emb_size());                               // [B, t, emb]
+      const Eigen::Map<const Matrix> rows(data, batch * t, width);     // [B·t, emb]
+      Eigen::Map<Matrix> out_rows(out.data(), batch * t, emb_size());  // [B·t, emb]
       cached(rows, cache, out_rows, where);
       return out;
     });
@@ -217,86 +224,95 @@ class MultiHeadAttention {
   }
 
   std::size_t checked_head(Index i) const {
-    detail::require(i >= 0 && i < num_heads(), "MultiHeadAttention::head", "i",
-                    "in [0, num_heads = " + std::to_string(num_heads()) + ")", std::to_string(i));
+    HEAD_ATTENTION_REQUIRE(i >= 0 && i < num_heads(), "MultiHeadAttention::head", "i",
+                           "in [0, num_heads = " + std::to_string(num_heads()) + ")", std::to_string(i));
     return static_cast<std::size_t>(i);
   }
 
   /// Throws shape_error unless every weight has its shape, all heads share one rule, and an input of this
   /// width and length can be run.
-  void check(Index width, Index length, const char* where, const char* width_name, const char* length_name) const {
+  void check(Index width, Index length, const char* where, const char* width_name,
+             const char* length_name) const {
     for (Index h = 0; h < num_heads(); ++h) {
       const std::string at = std::string(where) + " (head " + std::to_string(h) + ")";
       detail::check_projections(m_heads[static_cast<std::size_t>(h)], at.c_str());
-      detail::require(m_heads[static_cast<std::size_t>(h)].mask_rule() == mask_rule(), where,
-                      "head " + std::to_string(h) + "'s mask rule", "head 0's, " + mask_rule().name(),
-                      m_heads[static_cast<std::size_t>(h)].mask_rule().name());
+      HEAD_ATTENTION_REQUIRE(m_heads[static_cast<std::size_t>(h)].mask_rule() == mask_rule(), where,
+                             "head " + std::to_string(h) + "'s mask rule", "head 0's, " + mask_rule().name(),
+                             m_heads[static_cast<std::size_t>(h)].mask_rule().name());
     }
     detail::check_linear(m_projection, where, "projection()", num_heads() * head_size(), emb_size());
-    detail::require(width == emb_size(), where, width_name, "emb_size = " + std::to_string(emb_size()),
-                    std::to_string(width));
-    detail::require(length <= max_seq_len(), where, length_name,
-                    "<= max_seq_len = " + std::to_string(max_seq_len()), std::to_string(length));
+    HEAD_ATTENTION_REQUIRE(width == emb_size(), where, width_name, "emb_size = " + std::to_string(emb_size()),
+                           std::to_string(width));
+    HEAD_ATTENTION_REQUIRE(length <= max_seq_len(), where, length_name,
+                           "<= max_seq_len = " + std::to_string(max_seq_len()), std::to_string(length));
   }
 
-  static void check_lengths(const std::vector<Index>& lengths, Index batch, Index seq_len, const char* where) {
-    detail::require(static_cast<Index>(lengths.size()) == batch, where, "lengths.size()",
-                    "batch = " + std::to_string(batch), std::to_string(lengths.size()));
+  static void check_lengths(const std::vector<Index>& lengths, Index batch, Index seq_len,
+                            const char* where) {
+    HEAD_ATTENTION_REQUIRE(static_cast<Index>(lengths.size()) == batch, where, "lengths.size()",
+                           "batch = " + std::to_string(batch), std::to_string(lengths.size()));
     for (std::size_t b = 0; b < lengths.size(); ++b)
-      detail::require(lengths[b] >= 0 && lengths[b] <= seq_len, where, "lengths[" + std::to_string(b) + "]",
-                      "in [0, T = " + std::to_string(seq_len) + "]", std::to_string(lengths[b]));
+      HEAD_ATTENTION_REQUIRE(lengths[b] >= 0 && lengths[b] <= seq_len, where,
+                             "lengths[" + std::to_string(b) + "]",
+                             "in [0, T = " + std::to_string(seq_len) + "]", std::to_string(lengths[b]));
   }
 
   template <typename TensorDerived>
   Tensor3 forward_tensor(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
                          const std::vector<Index>* lengths) const {
-    return detail::with_tensor_data<Scalar>(x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
-      const char* where = "MultiHeadAttention::forward";
-      check(width, seq_len, where, "x.dimension(2) (input width)", "x.dimension(1) (T)");
-      detail::AttentionPlan<Scalar> plan;
-      if (lengths != nullptr) {
-        check_lengths(*lengths, batch, seq_len, where);
-        plan.lengths = lengths->data();
-      }
-      Tensor3 out(batch, seq_len, emb_size());                               // [B, T, emb]
-      const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);     // [B·T, emb]
-      run(rows, batch, seq_len, out.data(), emb_size(), plan);
-      return out;
-    });
+    return detail::with_tensor_data<Scalar>(
+        x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
+          const char* where = "MultiHeadAttention::forward";
+          check(width, seq_len, where, "x.dimension(2) (input width)", "x.dimension(1) (T)");
+          detail::AttentionPlan<Scalar> plan;
+          if (lengths != nullptr) {
+            check_lengths(*lengths, batch, seq_len, where);
+            plan.lengths = lengths->data();
+          }
+          Tensor3 out(batch, seq_len, emb_size());                            // [B, T, emb]
+          const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);  // [B·T, emb]
+          run(rows, batch, seq_len, out.data(), emb_size(), plan);
+          return out;
+        });
   }
 
   template <typename Derived>
   void cached(const Eigen::MatrixBase<Derived>& x, Cache& cache, OutputRef out, const char* where) const {
     check_input<Derived>();
     const Index batch = cache.batch();
-    detail::require(batch > 0 ? x.rows() % batch == 0 : x.rows() == 0, where, "x.rows()",
-                    "a multiple of the cache's batch = " + std::to_string(batch), std::to_string(x.rows()));
+    HEAD_ATTENTION_REQUIRE(batch > 0 ? x.rows() % batch == 0 : x.rows() == 0, where, "x.rows()",
+                           "a multiple of the cache's batch = " + std::to_string(batch),
+                           std::to_string(x.rows()));
     const Index t = batch > 0 ? x.rows() / batch : 0;
     check(x.cols(), t, where, "x.cols() (input width)", "x.rows() (t)");
-    detail::require(out.rows() == x.rows() && out.cols() == emb_size(), where, "out shape",
-                    detail::shape_string(x.rows(), emb_size()), detail::shape_string(out.rows(), out.cols()));
-    detail::require(static_cast<Index>(cache.m_caches.size()) == num_heads() * batch, where, "cache heads",
-                    std::to_string(num_heads()), std::to_string(batch > 0 ? cache.m_caches.size() / batch : 0));
+    HEAD_ATTENTION_REQUIRE(out.rows() == x.rows() && out.cols() == emb_size(), where, "out shape",
+                           detail::shape_string(x.rows(), emb_size()),
+                           detail::shape_string(out.rows(), out.cols()));
+    HEAD_ATTENTION_REQUIRE(static_cast<Index>(cache.m_caches.size()) == num_heads() * batch, where,
+                           "cache heads", std::to_string(num_heads()),
+                           std::to_string(batch > 0 ? cache.m_caches.size() / batch : 0));
     const MaskRule& rule = mask_rule();
     for (const KVCache<Scalar>& c : cache.m_caches) {
-      detail::require(c.emb_size() == emb_size() && c.head_size() == head_size() && c.max_seq_len() == max_seq_len(),
-                      where, "cache sizes (emb_size, head_size, max_seq_len)",
-                      "this layer's (" + std::to_string(emb_size()) + ", " + std::to_string(head_size()) + ", " +
-                          std::to_string(max_seq_len()) + ")",
-                      "(" + std::to_string(c.emb_size()) + ", " + std::to_string(c.head_size()) + ", " +
-                          std::to_string(c.max_seq_len()) + ")");
-      detail::require(c.mask_rule() == rule, where, "cache mask rule", "this layer's " + rule.name(),
-                      c.mask_rule().name());
-      detail::require(c.size() + t <= max_seq_len(), where, "cache.size() + t",
-                      "<= max_seq_len = " + std::to_string(max_seq_len()),
-                      std::to_string(c.size()) + " + " + std::to_string(t));
+      HEAD_ATTENTION_REQUIRE(
+          c.emb_size() == emb_size() && c.head_size() == head_size() && c.max_seq_len() == max_seq_len(),
+          where, "cache sizes (emb_size, head_size, max_seq_len)",
+          "this layer's (" + std::to_string(emb_size()) + ", " + std::to_string(head_size()) + ", " +
+              std::to_string(max_seq_len()) + ")",
+          "(" + std::to_string(c.emb_size()) + ", " + std::to_string(c.head_size()) + ", " +
+              std::to_string(c.max_seq_len()) + ")");
+      HEAD_ATTENTION_REQUIRE(c.mask_rule() == rule, where, "cache mask rule", "this layer's " + rule.name(),
+                             c.mask_rule().name());
+      HEAD_ATTENTION_REQUIRE(c.size() + t <= max_seq_len(), where, "cache.size() + t",
+                             "<= max_seq_len = " + std::to_string(max_seq_len()),
+                             std::to_string(c.size()) + " + " + std::to_string(t));
     }
     if (t == 0) return;
     std::vector<detail::KVStore<Scalar>*> stores;
     stores.reserve(cache.m_caches.size());
     for (KVCache<Scalar>& c : cache.m_caches) {
       detail::KVStore<Scalar>& store = c.m_store;
-      const Index keep_from = rule.kind() == MaskRule::Kind::sliding_window ? rule.first_key(store.length()) : 0;
+      const Index keep_from =
+          rule.kind() == MaskRule::Kind::sliding_window ? rule.first_key(store.length()) : 0;
       store.prepare(t, keep_from);
       stores.push_back(&store);
     }
@@ -321,7 +337,8 @@ class MultiHeadAttention {
       layers.push_back(&head.key());
       layers.push_back(&head.value());
     }
-    Matrix concat(rows, num_heads() * head_size());  // [rows, num_heads · head], the heads' outputs side by side
+    Matrix concat(rows,
+                  num_heads() * head_size());  // [rows, num_heads · head], the heads' outputs side by side
     plan.rule = mask_rule();
     plan.output = &m_projection;
     plan.projected = out;
@@ -331,8 +348,8 @@ class MultiHeadAttention {
     if constexpr (in_place) {
       constexpr int order = Derived::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
       const Derived& xd = x.derived();
-      detail::forward<order>(xd.data(), xd.outerStride(), batch, seq_len, layers.data(), num_heads(), concat.data(),
-                             concat.outerStride(), num_threads(), plan);
+      detail::forward<order>(xd.data(), xd.outerStride(), batch, seq_len, layers.data(), num_heads(),
+                             concat.data(), concat.outerStride(), num_threads(), plan);
     } else {
       const Matrix copy = x;  // an expression or strided view: evaluate it once
       detail::forward<Eigen::RowMajor>(copy.data(), copy.cols(), batch, seq_len, layers.data(), num_heads(),

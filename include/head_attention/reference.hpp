@@ -22,8 +22,9 @@ using head_attention::detail::require;
 /// The checks both entry points share: x [T, emb] and projections nn.Linear(emb, head); 0 <= valid <= T
 /// (valid < 0 means T).
 template <typename Scalar, typename Derived>
-Eigen::Index checked_valid(const Eigen::MatrixBase<Derived>& x, const Linear<Scalar>& q, const Linear<Scalar>& k,
-                           const Linear<Scalar>* v, Eigen::Index valid, const char* where) {
+Eigen::Index checked_valid(const Eigen::MatrixBase<Derived>& x, const Linear<Scalar>& q,
+                           const Linear<Scalar>& k, const Linear<Scalar>* v, Eigen::Index valid,
+                           const char* where) {
   const Eigen::Index emb = q.in_features();
   const Eigen::Index head = q.out_features();
   check_linear(q, where, "query", emb, head);
@@ -40,8 +41,8 @@ Eigen::Index checked_valid(const Eigen::MatrixBase<Derived>& x, const Linear<Sca
 /// Q Kᵀ / sqrt(head_size), masked entries set to -inf, a max-subtracted softmax. A row that sees no key is 0.
 template <typename Scalar, typename Derived>
 Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> weights(
-    const Eigen::MatrixBase<Derived>& x, const Linear<Scalar>& q, const Linear<Scalar>& k, const MaskRule& rule,
-    Eigen::Index valid) {
+    const Eigen::MatrixBase<Derived>& x, const Linear<Scalar>& q, const Linear<Scalar>& k,
+    const MaskRule& rule, Eigen::Index valid) {
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const Eigen::Index T = x.rows();
   const Eigen::Index head = q.out_features();
@@ -69,16 +70,16 @@ Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> weights(
 }  // namespace detail
 
 /// The seed module step by step: Q, K, V projections, the full [T, T] scores Q Kᵀ / sqrt(head_size), masked
-/// entries as -inf, a max-subtracted softmax and the weighted sum of the visible rows of V (a masked key never
-/// reaches an output, even when it holds NaN or Inf; a query that sees no key gives a zero row). O(T²) memory
-/// by design: tests check the fast path against it, and the benchmarks measure the fast path's speedup over
-/// it. x: [T, emb]; q, k, v: nn.Linear(emb, head); rule: which keys each query sees (causal, the seed's, by
-/// default); valid_keys: keys at or after it are masked (right padding), -1 for none. Returns [T, head].
+/// entries as -inf, a max-subtracted softmax and the weighted sum of the visible rows of V (a masked key
+/// never reaches an output, even when it holds NaN or Inf; a query that sees no key gives a zero row). O(T²)
+/// memory by design: tests check the fast path against it, and the benchmarks measure the fast path's speedup
+/// over it. x: [T, emb]; q, k, v: nn.Linear(emb, head); rule: which keys each query sees (causal, the seed's,
+/// by default); valid_keys: keys at or after it are masked (right padding), -1 for none. Returns [T, head].
 /// Throws shape_error on mismatched shapes.
 template <typename Scalar, typename Derived>
 Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> forward(
-    const Eigen::MatrixBase<Derived>& x, const Linear<Scalar>& q, const Linear<Scalar>& k, const Linear<Scalar>& v,
-    const MaskRule& rule = MaskRule::causal(), Eigen::Index valid_keys = -1) {
+    const Eigen::MatrixBase<Derived>& x, const Linear<Scalar>& q, const Linear<Scalar>& k,
+    const Linear<Scalar>& v, const MaskRule& rule = MaskRule::causal(), Eigen::Index valid_keys = -1) {
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const Eigen::Index valid =
       detail::checked_valid(x, q, k, &v, valid_keys, "head_attention::reference::forward");
@@ -106,8 +107,8 @@ template <typename Scalar, typename Derived>
 Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> attention_weights(
     const Eigen::MatrixBase<Derived>& x, const Linear<Scalar>& q, const Linear<Scalar>& k,
     const MaskRule& rule = MaskRule::causal(), Eigen::Index valid_keys = -1) {
-  const Eigen::Index valid =
-      detail::checked_valid<Scalar>(x, q, k, nullptr, valid_keys, "head_attention::reference::attention_weights");
+  const Eigen::Index valid = detail::checked_valid<Scalar>(x, q, k, nullptr, valid_keys,
+                                                           "head_attention::reference::attention_weights");
   return detail::weights(x, q, k, rule, valid);
 }
 

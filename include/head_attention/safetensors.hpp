@@ -1,8 +1,8 @@
-// head-attention: weights from and to PyTorch in the safetensors format (https://github.com/huggingface/safetensors),
-// with the exact state_dict() names of simple_llm's modules.
+// head-attention: weights from and to PyTorch in the safetensors format
+// (https://github.com/huggingface/safetensors), with the exact state_dict() names of simple_llm's modules.
 //
-// Not part of the umbrella header head_attention.hpp: this one needs nlohmann/json (3.x), which the rest of the
-// library does not. Include it explicitly and link HeadAttention::safetensors.
+// Not part of the umbrella header head_attention.hpp: this one needs nlohmann/json (3.x), which the rest of
+// the library does not. Include it explicitly and link HeadAttention::safetensors.
 #pragma once
 
 #include <algorithm>
@@ -29,9 +29,9 @@
 namespace head_attention {
 
 /// Thrown when a safetensors file is not a valid one: truncated, a bad header length, invalid JSON or UTF-8,
-/// duplicate keys, data offsets out of range, overlapping or leaving gaps, a byte size that disagrees with the
-/// shape and dtype, an unknown or unusable dtype, a _tril_mask that is not the causal mask. (A valid file that
-/// does not fit the module, by its keys or shapes, gives shape_error instead.) Also thrown when the file
+/// duplicate keys, data offsets out of range, overlapping or leaving gaps, a byte size that disagrees with
+/// the shape and dtype, an unknown or unusable dtype, a _tril_mask that is not the causal mask. (A valid file
+/// that does not fit the module, by its keys or shapes, gives shape_error instead.) Also thrown when the file
 /// cannot be opened, read or written.
 class format_error : public std::runtime_error {
  public:
@@ -47,8 +47,8 @@ struct StoredTensor {
   std::vector<Index> shape;
   std::vector<Scalar> values;  // row-major, product(shape) of them
 
-  /// The values as a row-major matrix [product of all dimensions but the last, last dimension]: [B, T, C] gives
-  /// [B·T, C], [n] gives [1, n], a scalar [1, 1].
+  /// The values as a row-major matrix [product of all dimensions but the last, last dimension]: [B, T, C]
+  /// gives [B·T, C], [n] gives [1, n], a scalar [1, 1].
   Matrix matrix() const {
     Index cols = shape.empty() ? 1 : shape.back();
     Index rows = 1;
@@ -67,8 +67,8 @@ constexpr std::uint64_t max_header_size = 100000000;
 /// Element sizes of the dtypes of the safetensors format. Any other dtype string is refused.
 inline bool dtype_size(const std::string& dtype, std::uint64_t& size) {
   static const std::map<std::string, std::uint64_t> sizes = {
-      {"BOOL", 1}, {"U8", 1},   {"I8", 1},   {"F8_E5M2", 1}, {"F8_E4M3", 1}, {"I16", 2}, {"U16", 2}, {"F16", 2},
-      {"BF16", 2}, {"I32", 4},  {"U32", 4},  {"F32", 4},     {"F64", 8},     {"I64", 8}, {"U64", 8}};
+      {"BOOL", 1}, {"U8", 1},  {"I8", 1},  {"F8_E5M2", 1}, {"F8_E4M3", 1}, {"I16", 2}, {"U16", 2}, {"F16", 2},
+      {"BF16", 2}, {"I32", 4}, {"U32", 4}, {"F32", 4},     {"F64", 8},     {"I64", 8}, {"U64", 8}};
   const auto it = sizes.find(dtype);
   if (it == sizes.end()) return false;
   size = it->second;
@@ -143,7 +143,8 @@ inline float bfloat16_to_float(std::uint16_t b) {
 /// A safetensors file opened for reading, its header fully validated:
 ///   8 bytes: N, the header length, little-endian, N <= max_header_size and 8 + N <= file size;
 ///   N bytes: a UTF-8 JSON object starting with '{' (trailing spaces allowed), no key twice in any object;
-///            "__metadata__" (optional): an object of strings; every other key a tensor name mapped to exactly
+///            "__metadata__" (optional): an object of strings; every other key a tensor name mapped to
+///            exactly
 ///            {"dtype": known dtype, "shape": [non-negative integers], "data_offsets": [begin, end]};
 ///   the rest: the data section. Sorted by begin, the tensors tile it exactly, from 0 to its end (no gap,
 ///   no overlap), and end - begin == product(shape) · dtype size for each.
@@ -182,7 +183,8 @@ class Reader {
   /// The raw bytes of one entry of entries().
   std::vector<unsigned char> bytes(const Entry& e) {
     const std::uint64_t n = e.end - e.begin;
-    if (n > static_cast<std::uint64_t>(std::numeric_limits<std::size_t>::max())) fail("a tensor is too large");
+    if (n > static_cast<std::uint64_t>(std::numeric_limits<std::size_t>::max()))
+      fail("a tensor is too large");
     std::vector<unsigned char> out(static_cast<std::size_t>(n));
     if (n > 0) read_exact(m_data_start + e.begin, out.data(), n);
     return out;
@@ -238,8 +240,8 @@ class Reader {
 
   void parse_header(const std::string& header) {
     if (header.empty() || header[0] != '{') fail("the JSON header must start with '{'");
-    // nlohmann keeps the last of two equal keys in an object: a callback sees every key first. One set of keys
-    // per open object.
+    // nlohmann keeps the last of two equal keys in an object: a callback sees every key first. One set of
+    // keys per open object.
     std::vector<std::set<std::string>> open;
     std::string duplicate;
     const nlohmann::json::parser_callback_t callback = [&](int, nlohmann::json::parse_event_t event,
@@ -330,7 +332,8 @@ class Reader {
     e.count = empty ? 0 : 1;
     for (std::uint64_t d : e.shape) {
       if (empty) break;
-      if (e.count > max / d) fail(tensor + ": the element count of shape " + shape_string(e.shape) + " overflows");
+      if (e.count > max / d)
+        fail(tensor + ": the element count of shape " + shape_string(e.shape) + " overflows");
       e.count *= d;
     }
     if (e.count > max / e.element_size)
@@ -402,9 +405,9 @@ inline OutTensor tril_tensor(std::string name, std::uint64_t n) {
   return t;
 }
 
-/// Writes a safetensors file: tensors of larger elements first (so every tensor is aligned to its element size
-/// within an 8-byte aligned data section), by name within a dtype; the header padded with spaces to a multiple
-/// of 8 bytes, with __metadata__ {"format": "pt"} as PyTorch's writers put it.
+/// Writes a safetensors file: tensors of larger elements first (so every tensor is aligned to its element
+/// size within an 8-byte aligned data section), by name within a dtype; the header padded with spaces to a
+/// multiple of 8 bytes, with __metadata__ {"format": "pt"} as PyTorch's writers put it.
 inline void write_file(const std::string& path, std::vector<OutTensor> tensors, const std::string& where) {
   std::uint64_t size = 0;
   std::sort(tensors.begin(), tensors.end(), [](const OutTensor& a, const OutTensor& b) {
@@ -417,7 +420,8 @@ inline void write_file(const std::string& path, std::vector<OutTensor> tensors, 
   header["__metadata__"] = {{"format", "pt"}};
   for (const OutTensor& t : tensors) {
     if (header.contains(t.name)) throw format_error(where + ": " + path + ": tensor '" + t.name + "' twice");
-    header[t.name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {size, size + t.bytes.size()}}};
+    header[t.name] = {
+        {"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {size, size + t.bytes.size()}}};
     size += t.bytes.size();
   }
   std::string text = header.dump();
@@ -443,7 +447,9 @@ struct ModuleSpec {
   std::uint64_t mask_size = 0;
 };
 
-inline std::uint64_t u64(Eigen::Index v) { return static_cast<std::uint64_t>(v); }
+inline std::uint64_t u64(Eigen::Index v) {
+  return static_cast<std::uint64_t>(v);
+}
 
 inline void add_linear(ModuleSpec& spec, const std::string& name, Eigen::Index in, Eigen::Index out) {
   spec.params.push_back({name + ".weight", {u64(out), u64(in)}});
@@ -467,9 +473,10 @@ inline std::string join(const std::vector<std::string>& names, const std::string
 }
 
 /// Reads and checks everything the spec names from the file, keys taken relative to `prefix` (keys outside it
-/// are ignored): every parameter present with its exact shape and a floating-point dtype, no other key but the
-/// masks, and each mask present BOOL [mask_size, mask_size] equal to the causal mask. Returns the parameters
-/// converted to Scalar, by name. Throws format_error (file content) or shape_error (mismatch with the module).
+/// are ignored): every parameter present with its exact shape and a floating-point dtype, no other key but
+/// the masks, and each mask present BOOL [mask_size, mask_size] equal to the causal mask. Returns the
+/// parameters converted to Scalar, by name. Throws format_error (file content) or shape_error (mismatch with
+/// the module).
 template <typename Scalar>
 std::map<std::string, std::vector<Scalar>> load_module(const std::string& path, const std::string& prefix,
                                                        const ModuleSpec& spec, const std::string& where) {
@@ -478,7 +485,8 @@ std::map<std::string, std::vector<Scalar>> load_module(const std::string& path, 
 
   std::map<std::string, const Entry*> selected;  // key without the prefix
   for (const auto& kv : reader.entries())
-    if (kv.first.compare(0, prefix.size(), prefix) == 0) selected[kv.first.substr(prefix.size())] = &kv.second;
+    if (kv.first.compare(0, prefix.size(), prefix) == 0)
+      selected[kv.first.substr(prefix.size())] = &kv.second;
 
   std::vector<std::string> missing, extra;
   std::set<std::string> known;
@@ -518,17 +526,19 @@ std::map<std::string, std::vector<Scalar>> load_module(const std::string& path, 
     const auto it = selected.find(m);
     if (it == selected.end()) continue;
     const std::string name = "'" + prefix + m + "'";
-    if (it->second->dtype != "BOOL") reader.fail(name + " has dtype " + it->second->dtype + "; it must be BOOL");
+    if (it->second->dtype != "BOOL")
+      reader.fail(name + " has dtype " + it->second->dtype + "; it must be BOOL");
     const std::vector<unsigned char> bytes = reader.bytes(*it->second);
     const std::uint64_t n = spec.mask_size;
     for (std::uint64_t i = 0; i < n; ++i)
       for (std::uint64_t j = 0; j < n; ++j) {
         const unsigned char b = bytes[static_cast<std::size_t>(i * n + j)];
-        if (b > 1) reader.fail(name + ": entry [" + std::to_string(i) + ", " + std::to_string(j) +
-                               "] is byte " + std::to_string(b) + ", not a BOOL (0 or 1)");
+        if (b > 1)
+          reader.fail(name + ": entry [" + std::to_string(i) + ", " + std::to_string(j) + "] is byte " +
+                      std::to_string(b) + ", not a BOOL (0 or 1)");
         if ((b == 1) != (j <= i))
-          reader.fail(name + " is not the causal mask (lower-triangular ones): entry [" + std::to_string(i) + ", " +
-                      std::to_string(j) + "] is " + (b ? "true" : "false"));
+          reader.fail(name + " is not the causal mask (lower-triangular ones): entry [" + std::to_string(i) +
+                      ", " + std::to_string(j) + "] is " + (b ? "true" : "false"));
       }
   }
   return values;
@@ -539,7 +549,8 @@ template <typename Scalar>
 Linear<Scalar> take_linear(std::map<std::string, std::vector<Scalar>>& values, const std::string& name,
                            Eigen::Index in, Eigen::Index out) {
   Linear<Scalar> layer;
-  layer.weight = Eigen::Map<const typename Linear<Scalar>::Matrix>(values.at(name + ".weight").data(), out, in);
+  layer.weight =
+      Eigen::Map<const typename Linear<Scalar>::Matrix>(values.at(name + ".weight").data(), out, in);
   layer.bias = Eigen::Map<const typename Linear<Scalar>::Vector>(values.at(name + ".bias").data(), out);
   return layer;
 }
@@ -566,9 +577,9 @@ void put_head(std::vector<OutTensor>& out, const std::string& base, const HeadAt
 /// Loads simple_llm's HeadAttention state_dict from a safetensors file: keys `<prefix>_q.weight`
 /// [head_size, emb_size], `<prefix>_q.bias` [head_size], the same for `_k` and `_v`, and optionally
 /// `<prefix>_tril_mask` (BOOL [max_seq_len, max_seq_len], checked to be the causal mask, otherwise ignored).
-/// Keys outside the prefix are ignored; those inside must be exactly these. F64, F32, F16 and BF16 tensors are
-/// converted to Scalar. Throws format_error for an invalid file, shape_error for a missing or unexpected key
-/// or a shape that does not fit the layer; the layer is left unchanged by a failed load.
+/// Keys outside the prefix are ignored; those inside must be exactly these. F64, F32, F16 and BF16 tensors
+/// are converted to Scalar. Throws format_error for an invalid file, shape_error for a missing or unexpected
+/// key or a shape that does not fit the layer; the layer is left unchanged by a failed load.
 template <typename Scalar>
 void load_state_dict(HeadAttention<Scalar>& layer, const std::string& path, const std::string& prefix = "") {
   namespace st = detail::safetensors;
@@ -587,7 +598,8 @@ void load_state_dict(HeadAttention<Scalar>& layer, const std::string& path, cons
 /// HeadAttention keys (each `_tril_mask` optional and checked), and `<prefix>_layer.weight` [emb_size,
 /// num_heads · head_size], `<prefix>_layer.bias` [emb_size]. Same rules and guarantees as for HeadAttention.
 template <typename Scalar>
-void load_state_dict(MultiHeadAttention<Scalar>& mha, const std::string& path, const std::string& prefix = "") {
+void load_state_dict(MultiHeadAttention<Scalar>& mha, const std::string& path,
+                     const std::string& prefix = "") {
   namespace st = detail::safetensors;
   using Index = Eigen::Index;
   const Index heads = mha.num_heads(), emb = mha.emb_size(), head = mha.head_size();
@@ -610,12 +622,13 @@ void load_state_dict(MultiHeadAttention<Scalar>& mha, const std::string& path, c
   mha.projection() = std::move(layer);
 }
 
-/// Writes the layer's state_dict as PyTorch's HeadAttention has it, so that torch's load_state_dict(strict=True)
-/// takes it: `<prefix>_q.weight`, `<prefix>_q.bias`, ... and `<prefix>_tril_mask` (BOOL [max_seq_len,
-/// max_seq_len]), in F32 for float and F64 for double. Throws shape_error if a projection does not have the
-/// layer's shape, format_error if the file cannot be written.
+/// Writes the layer's state_dict as PyTorch's HeadAttention has it, so that torch's
+/// load_state_dict(strict=True) takes it: `<prefix>_q.weight`, `<prefix>_q.bias`, ... and
+/// `<prefix>_tril_mask` (BOOL [max_seq_len, max_seq_len]), in F32 for float and F64 for double. Throws
+/// shape_error if a projection does not have the layer's shape, format_error if the file cannot be written.
 template <typename Scalar>
-void save_state_dict(const HeadAttention<Scalar>& layer, const std::string& path, const std::string& prefix = "") {
+void save_state_dict(const HeadAttention<Scalar>& layer, const std::string& path,
+                     const std::string& prefix = "") {
   namespace st = detail::safetensors;
   detail::check_projections(layer, "head_attention::save_state_dict");
   std::vector<st::OutTensor> tensors;
@@ -636,14 +649,15 @@ void save_state_dict(const MultiHeadAttention<Scalar>& mha, const std::string& p
     detail::check_projections(mha.head(i), where);
     st::put_head(tensors, prefix + "_heads." + std::to_string(i) + ".", mha.head(i));
   }
-  detail::check_linear(mha.projection(), where, "projection()", mha.num_heads() * mha.head_size(), mha.emb_size());
+  detail::check_linear(mha.projection(), where, "projection()", mha.num_heads() * mha.head_size(),
+                       mha.emb_size());
   st::put_linear(tensors, prefix + "_layer", mha.projection());
   st::write_file(path, std::move(tensors), where);
 }
 
 /// One tensor of any safetensors file (e.g. an input and PyTorch's output stored next to the weights),
-/// converted to Scalar from F64, F32, F16 or BF16. The whole file is validated as load_state_dict does. Throws
-/// format_error for an invalid file or another dtype, shape_error if there is no tensor of that name.
+/// converted to Scalar from F64, F32, F16 or BF16. The whole file is validated as load_state_dict does.
+/// Throws format_error for an invalid file or another dtype, shape_error if there is no tensor of that name.
 template <typename Scalar>
 StoredTensor<Scalar> load_tensor(const std::string& path, const std::string& name) {
   const std::string where = "head_attention::load_tensor";
@@ -672,12 +686,14 @@ void save_tensors(const std::string& path, const std::map<std::string, StoredTen
     std::vector<std::uint64_t> shape;
     std::uint64_t count = 1;
     for (Eigen::Index d : kv.second.shape) {
-      detail::require(d >= 0, where.c_str(), "the dimensions of '" + kv.first + "'", ">= 0", std::to_string(d));
+      detail::require(d >= 0, where.c_str(), "the dimensions of '" + kv.first + "'", ">= 0",
+                      std::to_string(d));
       shape.push_back(st::u64(d));
       count *= st::u64(d);
     }
     detail::require(count == kv.second.values.size(), where.c_str(), "the value count of '" + kv.first + "'",
-                    std::to_string(count) + " (the product of its shape)", std::to_string(kv.second.values.size()));
+                    std::to_string(count) + " (the product of its shape)",
+                    std::to_string(kv.second.values.size()));
     out.push_back(st::make_out(kv.first, std::move(shape), kv.second.values.data(), kv.second.values.size()));
   }
   st::write_file(path, std::move(out), where);

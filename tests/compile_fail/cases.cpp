@@ -26,7 +26,7 @@ int main() {
   (void)batched.forward(x);
 #elif defined(HEAD_ATTENTION_COMPILE_FAIL_MAP_RANK2)
   float data[12] = {};
-  const Eigen::TensorMap<const Eigen::Tensor<float, 2, Eigen::RowMajor>> x(data, 3, 4);
+  const Eigen::TensorMap<const Eigen::Tensor<float, 2, Eigen::RowMajor> > x(data, 3, 4);
   (void)batched.forward(x);
 #elif defined(HEAD_ATTENTION_COMPILE_FAIL_MATRIX_SCALAR)
   const Eigen::MatrixXd x = Eigen::MatrixXd::Zero(3, 4);
@@ -35,7 +35,7 @@ int main() {
   Eigen::Tensor<float, 3, Eigen::RowMajor> x(2, 3, 4);
   x.setZero();
   (void)batched.forward(x);
-  const Eigen::TensorMap<const Eigen::Tensor<float, 3, Eigen::RowMajor>> map(x.data(), 2, 3, 4);
+  const Eigen::TensorMap<const Eigen::Tensor<float, 3, Eigen::RowMajor> > map(x.data(), 2, 3, 4);
   (void)batched.forward(map);
   (void)batched.forward(x * 2.0f);
   (void)layer.forward(Eigen::MatrixXf::Zero(3, 4));

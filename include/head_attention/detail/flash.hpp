@@ -56,15 +56,16 @@ struct FlashScratch {
         qk(block_q, block_k, head),
         pv(block_q, head, block_k) {}
 
-  Matrix probs;         // [block_q, block_k] scores of one tile, then their exponentials
-  Matrix acc;           // [block_q, head] un-normalised output
-  Matrix clean_values;  // [block_k, head] a masked tile's V with its non-finite rows zeroed (unused for one row)
-  Vector row_max;       // [block_q] running max of each query's scores
-  Vector row_sum;       // [block_q] running sum of exp(score - row_max)
+  Matrix probs;  // [block_q, block_k] scores of one tile, then their exponentials
+  Matrix acc;    // [block_q, head] un-normalised output
+  Matrix
+      clean_values;  // [block_k, head] a masked tile's V with its non-finite rows zeroed (unused for one row)
+  Vector row_max;    // [block_q] running max of each query's scores
+  Vector row_sum;    // [block_q] running sum of exp(score - row_max)
   std::vector<Index> seen_begin;  // [block_q] the tile-relative key range each query sees in the
   std::vector<Index> seen_end;    //            current tile
-  Gemm<Scalar> qk;      // probs = Q_tile · K_tileᵀ
-  Gemm<Scalar> pv;      // acc += probs · V_tile
+  Gemm<Scalar> qk;                // probs = Q_tile · K_tileᵀ
+  Gemm<Scalar> pv;                // acc += probs · V_tile
 };
 
 /// One sequence's queries: the rows at absolute positions [position, position + rows), scaled Q of row r at
@@ -182,7 +183,7 @@ void attend_query_block(const Queries<Scalar>& queries, const KeyValues<Scalar>&
   }
 
   Eigen::Map<Matrix, 0, Eigen::OuterStride<>> result(queries.out + r0 * queries.out_stride, bq, head,
-                                                      Eigen::OuterStride<>(queries.out_stride));
+                                                     Eigen::OuterStride<>(queries.out_stride));
   for (Index r = 0; r < bq; ++r) {
     if (s.row_sum[r] == Scalar(0))
       result.row(r).setZero();  // no visible key; a NaN sum (a NaN score) propagates below as it should
@@ -205,8 +206,8 @@ struct AttentionPlan {
   MaskRule rule = MaskRule::causal();
   /// [batch] valid keys of each sequence (keys at or after it are masked), or null: all keys are valid.
   const Eigen::Index* lengths = nullptr;
-  /// [heads · batch] caches the chunk extends, head h's cache of sequence b at h · batch + b: each new K and V
-  /// row is appended to its cache (room made by KVStore::prepare beforehand) and the queries, at positions
+  /// [heads · batch] caches the chunk extends, head h's cache of sequence b at h · batch + b: each new K and
+  /// V row is appended to its cache (room made by KVStore::prepare beforehand) and the queries, at positions
   /// cache.length() onwards, attend over the cache. Null: the keys are the input's own rows, at positions 0
   /// onwards.
   KVStore<Scalar>* const* caches = nullptr;
@@ -226,7 +227,8 @@ double useful_flops(Eigen::Index batch, Eigen::Index rows_per_sequence, Eigen::I
   const double t = static_cast<double>(rows_per_sequence);
   const double n = static_cast<double>(keys_per_sequence);
   double seen = rule.kind() == MaskRule::Kind::bidirectional ? n : std::max(1.0, n - t / 2);
-  if (rule.kind() == MaskRule::Kind::sliding_window) seen = std::min(seen, static_cast<double>(rule.window()));
+  if (rule.kind() == MaskRule::Kind::sliding_window)
+    seen = std::min(seen, static_cast<double>(rule.window()));
   const double b = static_cast<double>(batch);
   return 2.0 * b * t * static_cast<double>(emb) * 3.0 * static_cast<double>(head) +
          4.0 * b * t * seen * static_cast<double>(head);
@@ -236,9 +238,9 @@ double useful_flops(Eigen::Index batch, Eigen::Index rows_per_sequence, Eigen::I
 /// back in x ([batch·seq_len, emb], storage order XOrder, leading dimension x_stride): every head's
 /// projections, then every head's attention under `plan`, then (if plan.output) the output projection, all in
 /// one parallel region. layers: [3 · heads] nn.Linear(emb, head), head h's Q, K, V at 3h, 3h + 1, 3h + 2.
-/// Writes head h's output to columns [h · head, (h + 1) · head) of out ([batch·seq_len, heads·head] row-major,
-/// leading dimension out_stride). x is read completely before out is written. Shapes are checked by the
-/// caller, and caches prepared. threads: the most threads to use (>= 1).
+/// Writes head h's output to columns [h · head, (h + 1) · head) of out ([batch·seq_len, heads·head]
+/// row-major, leading dimension out_stride). x is read completely before out is written. Shapes are checked
+/// by the caller, and caches prepared. threads: the most threads to use (>= 1).
 template <int XOrder, typename Scalar>
 void forward(const Scalar* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::Index seq_len,
              const Linear<Scalar>* const* layers, Eigen::Index heads, Scalar* out, Eigen::Index out_stride,
@@ -344,7 +346,8 @@ void forward(const Scalar* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
         const Index r0 = chunk * proj_rows;
         const Index n = std::min(proj_rows, rows - r0);
         Eigen::Map<Matrix, 0, Eigen::OuterStride<>> dst(plan.projected + r0 * plan.projected_stride, n,
-                                                        out_width, Eigen::OuterStride<>(plan.projected_stride));
+                                                        out_width,
+                                                        Eigen::OuterStride<>(plan.projected_stride));
         dst.rowwise() = plan.output->bias.transpose();
         projection_gemm[thread].template accumulate<Eigen::RowMajor, Eigen::ColMajor>(
             n, out_width, heads * head, out + r0 * out_stride, out_stride, plan.output->weight.data(),

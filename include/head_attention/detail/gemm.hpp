@@ -9,7 +9,8 @@
 // stride, gemm_blocking_space) is internal API, and this exact form is the one of Eigen 3.4. Later Eigen
 // versions (3.4.90 development, 5.x) may change it, so it is used only with 3.4.x; anything else, or
 // HEAD_ATTENTION_GEMM_FALLBACK defined by the user, takes the fallback on Eigen's public product API.
-#if !defined(HEAD_ATTENTION_GEMM_FALLBACK) && EIGEN_VERSION_AT_LEAST(3, 4, 0) && !EIGEN_VERSION_AT_LEAST(3, 4, 90)
+#if !defined(HEAD_ATTENTION_GEMM_FALLBACK) && EIGEN_VERSION_AT_LEAST(3, 4, 0) && \
+    !EIGEN_VERSION_AT_LEAST(3, 4, 90)
 #define HEAD_ATTENTION_GEMM_USES_EIGEN_INTERNALS 1
 #else
 #define HEAD_ATTENTION_GEMM_USES_EIGEN_INTERNALS 0
@@ -38,9 +39,13 @@ class SerialEigenProducts {
   ~SerialEigenProducts() {
     if (m_saved > 0) omp_set_num_threads(m_saved);
   }
-  bool serial() const { return omp_get_num_threads() > 1 || Eigen::nbThreads() == 1; }
+  bool serial() const {
+    return omp_get_num_threads() > 1 || Eigen::nbThreads() == 1;
+  }
 #else
-  bool serial() const { return true; }
+  bool serial() const {
+    return true;
+  }
 #endif
   SerialEigenProducts(const SerialEigenProducts&) = delete;
   SerialEigenProducts& operator=(const SerialEigenProducts&) = delete;
