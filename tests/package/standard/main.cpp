@@ -7,8 +7,8 @@
 #if CONSUMER_CPLUSPLUS < 201703L
 #error "HeadAttention did not bring C++17 to its consumer"
 #endif
-// When the consumer asked for a newer standard (the test driver passes e.g. 202002L for C++20), it must get it:
-// nothing HeadAttention's package or pkg-config file adds may downgrade it.
+// When the consumer asked for a newer standard (the test driver passes e.g. 202002L for C++20), it must get
+// it: nothing HeadAttention's package or pkg-config file adds may downgrade it.
 #if defined(CONSUMER_EXPECTED_CPLUSPLUS) && CONSUMER_CPLUSPLUS < CONSUMER_EXPECTED_CPLUSPLUS
 #error "the consumer was compiled as an older C++ standard than the one it asked for"
 #endif
