@@ -44,7 +44,8 @@ void check_projections(const HeadAttention<Scalar>& layer, const char* where) {
 /// const and may be called from many threads at once.
 template <typename Scalar>
 class HeadAttention {
-  static_assert(std::is_floating_point<Scalar>::value, "HeadAttention<Scalar> needs a floating-point Scalar");
+  static_assert(detail::is_layer_scalar<Scalar>,
+                "HeadAttention<Scalar> needs float, double, Eigen::half or Eigen::bfloat16");
 
  public:
   using Index = Eigen::Index;
@@ -52,6 +53,9 @@ class HeadAttention {
   using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
   using Mask = Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using LinearType = Linear<Scalar>;
+  /// The type products and softmax run in: Scalar for float and double, float for Eigen::half and
+  /// Eigen::bfloat16 (which only store).
+  using Compute = detail::compute_t<Scalar>;
   /// Where forward_into writes: any row-major [rows, head_size] storage with contiguous rows (a Matrix, a
   /// Map over caller memory, a block of columns of a wider row-major matrix).
   using OutputRef = Eigen::Ref<Matrix, 0, Eigen::OuterStride<>>;
@@ -146,7 +150,14 @@ class HeadAttention {
     check_input<Derived>();
     check_call(x.cols(), x.rows(), "HeadAttention::attention_weights", "x.cols() (input width)",
                "x.rows() (T)");
-    return reference::attention_weights(x, m_query, m_key, m_rule);
+    if constexpr (std::is_same<Compute, Scalar>::value) {
+      return reference::attention_weights(x, m_query, m_key, m_rule);
+    } else {  // computed in float, like forward
+      const Eigen::Matrix<Compute, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> wide =
+          x.template cast<Compute>();
+      return reference::attention_weights(wide, detail::widen(m_query), detail::widen(m_key), m_rule)
+          .template cast<Scalar>();
+    }
   }
 
   /// forward(x) written into caller-provided storage: out must be [T, head_size] (a Matrix, a Map, or a block
@@ -195,9 +206,12 @@ class HeadAttention {
     run(x, batch, seq_len, out.data(), out.outerStride(), plan);
   }
 
-  /// An empty KV cache for incremental decoding with this layer (its sizes and mask rule).
-  KVCache<Scalar> make_cache() const {
-    return KVCache<Scalar>(m_emb_size, m_head_size, m_max_seq_len, m_rule);
+  /// An empty KV cache for incremental decoding with this layer (its sizes and mask rule), storing keys and
+  /// values in `storage` (by default the layer's Scalar). A float layer's cache in bfloat16 or float16 holds
+  /// half the bytes, so a decode step streams half as much; keys and values are rounded to nearest even
+  /// when stored and computed with in the layer's precision.
+  KVCache<Scalar> make_cache(Precision storage = precision_of<Scalar>()) const {
+    return KVCache<Scalar>(m_emb_size, m_head_size, m_max_seq_len, m_rule, storage);
   }
 
   /// Incremental decoding: projects the t new rows of x [t, emb_size] (any dense expression, like forward),
@@ -291,9 +305,9 @@ class HeadAttention {
                              std::to_string(cache.size()) + " + " + std::to_string(t));
     }
     if (t == 0) return;
-    std::vector<detail::KVStore<Scalar>*> stores(static_cast<std::size_t>(count));
+    std::vector<detail::KVStore*> stores(static_cast<std::size_t>(count));
     for (Index b = 0; b < count; ++b) {
-      detail::KVStore<Scalar>& store = caches[b]->m_store;
+      detail::KVStore& store = caches[b]->m_store;
       // Under a sliding window, positions before the first key of this chunk's first query are never seen
       // again: dropped. Other rules keep everything.
       const Index keep_from =
@@ -305,7 +319,7 @@ class HeadAttention {
     plan.rule = m_rule;
     plan.caches = stores.data();
     run(x, count, t, out.data(), out.outerStride(), plan);
-    for (detail::KVStore<Scalar>* store : stores)
+    for (detail::KVStore* store : stores)
       store->commit(t);
   }
 

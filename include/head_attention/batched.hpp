@@ -141,12 +141,13 @@ class BatchedHeadAttention {
     std::vector<KVCache<Scalar>> m_caches;
   };
 
-  /// An empty cache for `batch` sequences decoded together. Throws shape_error if batch < 0.
-  Cache make_cache(Index batch) const {
+  /// An empty cache for `batch` sequences decoded together, keys and values stored in `storage` (see
+  /// HeadAttention::make_cache). Throws shape_error if batch < 0.
+  Cache make_cache(Index batch, Precision storage = precision_of<Scalar>()) const {
     HEAD_ATTENTION_REQUIRE(batch >= 0, "BatchedHeadAttention::make_cache", "batch", ">= 0",
                            std::to_string(batch));
     Cache cache;
-    cache.m_caches.assign(static_cast<std::size_t>(batch), m_head.make_cache());
+    cache.m_caches.assign(static_cast<std::size_t>(batch), m_head.make_cache(storage));
     return cache;
   }
 

@@ -9,5 +9,6 @@
 #include "linear.hpp"
 #include "mask.hpp"
 #include "multi_head_attention.hpp"
+#include "precision.hpp"
 #include "reference.hpp"
 #include "version.hpp"

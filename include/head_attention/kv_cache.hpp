@@ -8,6 +8,7 @@
 #include "detail/kv_store.hpp"
 #include "errors.hpp"
 #include "mask.hpp"
+#include "precision.hpp"
 
 namespace head_attention {
 
@@ -58,18 +59,23 @@ class KVCache {
   Index head_size() const { return m_store.head(); }
   Index max_seq_len() const { return m_max_seq_len; }
   const MaskRule& mask_rule() const { return m_rule; }
+  /// The precision keys and values are stored in (chosen by make_cache).
+  Precision precision() const { return m_store.precision(); }
 
  private:
   friend class HeadAttention<Scalar>;
   friend class MultiHeadAttention<Scalar>;
 
-  KVCache(Index emb_size, Index head_size, Index max_seq_len, const MaskRule& rule)
-      : m_emb_size(emb_size), m_max_seq_len(max_seq_len), m_rule(rule), m_store(head_size, max_seq_len) {}
+  KVCache(Index emb_size, Index head_size, Index max_seq_len, const MaskRule& rule, Precision storage)
+      : m_emb_size(emb_size),
+        m_max_seq_len(max_seq_len),
+        m_rule(rule),
+        m_store(head_size, max_seq_len, storage) {}
 
   Index m_emb_size;
   Index m_max_seq_len;
   MaskRule m_rule;
-  detail::KVStore<Scalar> m_store;  // K and V, [capacity, head_size] each
+  detail::KVStore m_store;  // K and V, [capacity, head_size] each, in precision()
 };
 
 }  // namespace head_attention

@@ -7,6 +7,7 @@
 
 #include "detail/rng.hpp"
 #include "errors.hpp"
+#include "precision.hpp"
 
 namespace head_attention {
 
@@ -43,6 +44,13 @@ Linear<Scalar> make_linear(Eigen::Index in, Eigen::Index out, UniformSource& uni
   for (Eigen::Index i = 0; i < out; ++i)
     layer.bias(i) = static_cast<Scalar>(uniform(-bound, bound));
   return layer;
+}
+
+/// The layer converted to the type it computes in (itself for float and double).
+template <typename Scalar>
+Linear<compute_t<Scalar>> widen(const Linear<Scalar>& layer) {
+  return Linear<compute_t<Scalar>>{layer.weight.template cast<compute_t<Scalar>>(),
+                                   layer.bias.template cast<compute_t<Scalar>>()};
 }
 
 /// Throws unless layer has the [out, in] weight and [out] bias that the owning layer expects.

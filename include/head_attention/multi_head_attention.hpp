@@ -32,8 +32,8 @@ namespace head_attention {
 /// chunk. Extra memory is O(T · num_heads · head_size). const, and safe to call from many threads at once.
 template <typename Scalar>
 class MultiHeadAttention {
-  static_assert(std::is_floating_point<Scalar>::value,
-                "MultiHeadAttention<Scalar> needs a floating-point Scalar");
+  static_assert(detail::is_layer_scalar<Scalar>,
+                "MultiHeadAttention<Scalar> needs float, double, Eigen::half or Eigen::bfloat16");
 
  public:
   using Index = Eigen::Index;
@@ -174,8 +174,9 @@ class MultiHeadAttention {
     std::vector<KVCache<Scalar>> m_caches;  // [num_heads · batch], head h of sequence b at h · batch + b
   };
 
-  /// An empty cache for `batch` sequences (1 by default) decoded together. Throws shape_error if batch < 0.
-  Cache make_cache(Index batch = 1) const {
+  /// An empty cache for `batch` sequences (1 by default) decoded together, keys and values stored in
+  /// `storage` (see HeadAttention::make_cache). Throws shape_error if batch < 0.
+  Cache make_cache(Index batch = 1, Precision storage = precision_of<Scalar>()) const {
     HEAD_ATTENTION_REQUIRE(batch >= 0, "MultiHeadAttention::make_cache", "batch", ">= 0",
                            std::to_string(batch));
     Cache cache;
@@ -183,7 +184,7 @@ class MultiHeadAttention {
     cache.m_caches.reserve(static_cast<std::size_t>(num_heads() * batch));
     for (const Head& head : m_heads)
       for (Index b = 0; b < batch; ++b)
-        cache.m_caches.push_back(head.make_cache());
+        cache.m_caches.push_back(head.make_cache(storage));
     return cache;
   }
 
@@ -307,10 +308,10 @@ class MultiHeadAttention {
                              std::to_string(c.size()) + " + " + std::to_string(t));
     }
     if (t == 0) return;
-    std::vector<detail::KVStore<Scalar>*> stores;
+    std::vector<detail::KVStore*> stores;
     stores.reserve(cache.m_caches.size());
     for (KVCache<Scalar>& c : cache.m_caches) {
-      detail::KVStore<Scalar>& store = c.m_store;
+      detail::KVStore& store = c.m_store;
       const Index keep_from =
           rule.kind() == MaskRule::Kind::sliding_window ? rule.first_key(store.length()) : 0;
       store.prepare(t, keep_from);
@@ -319,7 +320,7 @@ class MultiHeadAttention {
     detail::AttentionPlan<Scalar> plan;
     plan.caches = stores.data();
     run(x, batch, t, out.data(), out.outerStride(), plan);
-    for (detail::KVStore<Scalar>* store : stores)
+    for (detail::KVStore* store : stores)
       store->commit(t);
   }
 
@@ -337,8 +338,6 @@ class MultiHeadAttention {
       layers.push_back(&head.key());
       layers.push_back(&head.value());
     }
-    Matrix concat(rows,
-                  num_heads() * head_size());  // [rows, num_heads · head], the heads' outputs side by side
     plan.rule = mask_rule();
     plan.output = &m_projection;
     plan.projected = out;
@@ -349,11 +348,11 @@ class MultiHeadAttention {
       constexpr int order = Derived::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
       const Derived& xd = x.derived();
       detail::forward<order>(xd.data(), xd.outerStride(), batch, seq_len, layers.data(), num_heads(),
-                             concat.data(), concat.outerStride(), num_threads(), plan);
+                             static_cast<Scalar*>(nullptr), 0, num_threads(), plan);
     } else {
       const Matrix copy = x;  // an expression or strided view: evaluate it once
       detail::forward<Eigen::RowMajor>(copy.data(), copy.cols(), batch, seq_len, layers.data(), num_heads(),
-                                       concat.data(), concat.outerStride(), num_threads(), plan);
+                                       static_cast<Scalar*>(nullptr), 0, num_threads(), plan);
     }
   }
 

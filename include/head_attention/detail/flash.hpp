@@ -7,12 +7,14 @@
 #include <cmath>
 #include <cstddef>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
 
 #include "../linear.hpp"
 #include "../mask.hpp"
+#include "../precision.hpp"
 #include "gemm.hpp"
 #include "kv_store.hpp"
 #include "parallel.hpp"
@@ -48,10 +50,13 @@ struct FlashScratch {
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
 
-  FlashScratch(Index block_q, Index block_k, Index head)
+  /// wide_keys: also room for one converted K and V tile (keys stored in another precision).
+  FlashScratch(Index block_q, Index block_k, Index head, bool wide_keys = false)
       : probs(block_q, block_k),
         acc(block_q, head),
         clean_values(block_q > 1 ? block_k : 0, head),
+        wide_k(wide_keys ? block_k : 0, head),
+        wide_v(wide_keys ? block_k : 0, head),
         row_max(block_q),
         row_sum(block_q),
         seen_begin(static_cast<std::size_t>(block_q)),
@@ -63,6 +68,8 @@ struct FlashScratch {
   Matrix acc;    // [block_q, head] un-normalised output
   Matrix
       clean_values;  // [block_k, head] a masked tile's V with its non-finite rows zeroed (unused for one row)
+  Matrix wide_k;     // [block_k, head] a K tile converted from the cache's precision (or unused)
+  Matrix wide_v;     // [block_k, head] its V tile
   Vector row_max;    // [block_q] running max of each query's scores
   Vector row_sum;    // [block_q] running sum of exp(score - row_max)
   std::vector<Index> seen_begin;  // [block_q] the tile-relative key range each query sees in the
@@ -72,13 +79,14 @@ struct FlashScratch {
 };
 
 /// One sequence's queries: the rows at absolute positions [position, position + rows), scaled Q of row r at
-/// q + r · stride, its output row at out + r · out_stride.
-template <typename Scalar>
+/// q + r · stride, its output row at out + r · out_stride (stored as Out: the layer's Scalar, or the compute
+/// type for an intermediate buffer).
+template <typename Scalar, typename Out = Scalar>
 struct Queries {
   const Scalar* q;
   Eigen::Index stride;
   Eigen::Index position;
-  Scalar* out;
+  Out* out;
   Eigen::Index out_stride;
 };
 
@@ -123,9 +131,10 @@ void partial_tile_values(const Scalar* v_tile, Eigen::Index stride, Eigen::Index
 /// Attention of the query rows [r0, r0 + bq) of one sequence over its keys, under `rule` and the padding of
 /// `keys`. Each query sees the contiguous key range [first_key, end_key) of its position, so only the key
 /// blocks between the first row's first key and the last row's end are visited, and only tiles cut by some
-/// row's range are masked. A query that sees no key gets a zero row. Never throws, never allocates.
-template <typename Scalar>
-void attend_query_block(const Queries<Scalar>& queries, const KeyValues<Scalar>& keys, const MaskRule& rule,
+/// row's range are masked. A query that sees no key gets a zero row. Keys stored in another precision than
+/// Scalar are converted tile by tile into the scratch's wide_k / wide_v. Never throws, never allocates.
+template <typename Scalar, typename Out>
+void attend_query_block(const Queries<Scalar, Out>& queries, const KeyValues& keys, const MaskRule& rule,
                         Eigen::Index r0, Eigen::Index bq, FlashScratch<Scalar>& s) noexcept {
   using Index = Eigen::Index;
   using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
@@ -145,12 +154,27 @@ void attend_query_block(const Queries<Scalar>& queries, const KeyValues<Scalar>&
   const Index hi = end_key(bq - 1);
   for (Index j0 = lo; j0 < hi; j0 += block_k) {
     const Index bk = std::min(block_k, hi - j0);
-    const Scalar* k_tile = keys.k + (j0 - keys.first) * keys.stride;
-    const Scalar* v_tile = keys.v + (j0 - keys.first) * keys.stride;
+    const Scalar* k_tile;
+    const Scalar* v_tile;
+    Index kv_stride = keys.stride;
+    const std::ptrdiff_t skip = static_cast<std::ptrdiff_t>((j0 - keys.first) * keys.stride);
+    if (keys.precision == precision_of<Scalar>()) {
+      k_tile = static_cast<const Scalar*>(keys.k) + skip;
+      v_tile = static_cast<const Scalar*>(keys.v) + skip;
+    } else {
+      const std::ptrdiff_t bytes = skip * static_cast<std::ptrdiff_t>(precision_bytes(keys.precision));
+      convert_rows(keys.precision, static_cast<const unsigned char*>(keys.k) + bytes, keys.stride, bk, head,
+                   s.wide_k.data(), head);
+      convert_rows(keys.precision, static_cast<const unsigned char*>(keys.v) + bytes, keys.stride, bk, head,
+                   s.wide_v.data(), head);
+      k_tile = s.wide_k.data();
+      v_tile = s.wide_v.data();
+      kv_stride = head;
+    }
     Eigen::Map<Matrix, 0, Eigen::OuterStride<>> probs(s.probs.data(), bq, bk, Eigen::OuterStride<>(block_k));
     probs.setZero();
     s.qk.template accumulate<Eigen::RowMajor, Eigen::ColMajor>(bq, bk, head, queries.q + r0 * queries.stride,
-                                                               queries.stride, k_tile, keys.stride,
+                                                               queries.stride, k_tile, kv_stride,
                                                                probs.data(), block_k);
 
     // The tile is whole when the last query's range starts and the first query's range ends outside it.
@@ -180,18 +204,19 @@ void attend_query_block(const Queries<Scalar>& queries, const KeyValues<Scalar>&
     }
     if (whole)
       s.pv.template accumulate<Eigen::RowMajor, Eigen::RowMajor>(bq, head, bk, probs.data(), block_k, v_tile,
-                                                                 keys.stride, s.acc.data(), head);
+                                                                 kv_stride, s.acc.data(), head);
     else
-      partial_tile_values(v_tile, keys.stride, head, bq, bk, s.seen_begin.data(), s.seen_end.data(), s);
+      partial_tile_values(v_tile, kv_stride, head, bq, bk, s.seen_begin.data(), s.seen_end.data(), s);
   }
 
-  Eigen::Map<Matrix, 0, Eigen::OuterStride<>> result(queries.out + r0 * queries.out_stride, bq, head,
-                                                     Eigen::OuterStride<>(queries.out_stride));
+  using OutMatrix = Eigen::Matrix<Out, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  Eigen::Map<OutMatrix, 0, Eigen::OuterStride<>> result(queries.out + r0 * queries.out_stride, bq, head,
+                                                        Eigen::OuterStride<>(queries.out_stride));
   for (Index r = 0; r < bq; ++r) {
     if (s.row_sum[r] == Scalar(0))
       result.row(r).setZero();  // no visible key; a NaN sum (a NaN score) propagates below as it should
     else
-      result.row(r) = s.acc.row(r) / s.row_sum[r];
+      result.row(r) = (s.acc.row(r) / s.row_sum[r]).template cast<Out>();
   }
 }
 
@@ -203,7 +228,7 @@ inline int& last_team_size() noexcept {
 }
 
 /// What differs between forward calls beyond their input: the mask rule, right padding, a KV cache, and the
-/// multi-head layer's output projection.
+/// multi-head layer's output projection. Scalar is the layer's (stored) type.
 template <typename Scalar>
 struct AttentionPlan {
   MaskRule rule = MaskRule::causal();
@@ -213,10 +238,10 @@ struct AttentionPlan {
   /// V row is appended to its cache (room made by KVStore::prepare beforehand) and the queries, at positions
   /// cache.length() onwards, attend over the cache. Null: the keys are the input's own rows, at positions 0
   /// onwards.
-  KVStore<Scalar>* const* caches = nullptr;
+  KVStore* const* caches = nullptr;
   /// The multi-head layer's nn.Linear(heads · head, emb) over the concatenated head outputs, or null. When
-  /// set, `out` receives the concatenation and `projected` ([rows, emb], leading dimension projected_stride)
-  /// the projection of it.
+  /// set, the concatenation is kept in an internal buffer of the compute type (`out` is not used) and
+  /// `projected` ([rows, emb], leading dimension projected_stride) receives its projection.
   const Linear<Scalar>* output = nullptr;
   Scalar* projected = nullptr;
   Eigen::Index projected_stride = 0;
@@ -244,24 +269,52 @@ double useful_flops(Eigen::Index batch, Eigen::Index rows_per_sequence, Eigen::I
 /// Writes head h's output to columns [h · head, (h + 1) · head) of out ([batch·seq_len, heads·head]
 /// row-major, leading dimension out_stride). x is read completely before out is written. Shapes are checked
 /// by the caller, and caches prepared. threads: the most threads to use (>= 1).
-template <int XOrder, typename Scalar>
-void forward(const Scalar* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::Index seq_len,
-             const Linear<Scalar>* const* layers, Eigen::Index heads, Scalar* out, Eigen::Index out_stride,
-             int threads, const AttentionPlan<Scalar>& plan = {}) {
+///
+/// Stored is the layer's type; everything is computed in compute_t<Stored>. For the 16-bit types the
+/// weights are converted once per call, each row chunk of x when it is projected, and outputs when written:
+/// no GEMM ever runs on emulated 16-bit arithmetic.
+template <int XOrder, typename Stored>
+void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::Index seq_len,
+             const Linear<Stored>* const* stored_layers, Eigen::Index heads, Stored* out,
+             Eigen::Index out_stride, int threads, const AttentionPlan<Stored>& plan = {}) {
+  using Scalar = compute_t<Stored>;
   using Index = Eigen::Index;
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  constexpr bool wide = !std::is_same<Scalar, Stored>::value;  // a 16-bit layer computing in float
   const Index rows = batch * seq_len;
   last_team_size() = 1;
   if (rows == 0 || heads == 0) return;
+
+  // The weights in the compute type: the layer's own for float and double, converted copies otherwise.
+  const Linear<Scalar>* const* layers;
+  const Linear<Scalar>* output = nullptr;
+  std::vector<Linear<Scalar>> wide_layers;
+  std::vector<const Linear<Scalar>*> wide_pointers;
+  if constexpr (wide) {
+    wide_layers.reserve(static_cast<std::size_t>(3 * heads + 1));
+    for (Index p = 0; p < 3 * heads; ++p)
+      wide_layers.push_back(widen(*stored_layers[p]));
+    if (plan.output != nullptr) wide_layers.push_back(widen(*plan.output));
+    for (const Linear<Scalar>& l : wide_layers)
+      wide_pointers.push_back(&l);
+    layers = wide_pointers.data();
+    if (plan.output != nullptr) output = wide_pointers.back();
+  } else {
+    layers = stored_layers;
+    output = plan.output;
+  }
   const Index emb = layers[0]->in_features();
   const Index head = layers[0]->out_features();
   const Index ld = 3 * head;  // qkv row of one head: [q | k | v]
 
   // The most keys any sequence has after this call (cached: its cache plus the chunk).
   Index max_keys = seq_len;
+  bool wide_keys = false;  // some cache stores its keys in another precision: tiles are converted
   if (plan.caches != nullptr)
-    for (Index c = 0; c < heads * batch; ++c)
+    for (Index c = 0; c < heads * batch; ++c) {
       max_keys = std::max(max_keys, plan.caches[c]->length() + seq_len);
+      wide_keys = wide_keys || plan.caches[c]->precision() != precision_of<Scalar>();
+    }
 
   const Index block_q = std::min(Tuning::query_block, seq_len);
   // A single query row (a decode step) has no tile to reuse K and V across rows: longer key blocks only cut
@@ -290,19 +343,28 @@ void forward(const Scalar* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   Matrix qkv(heads * rows, ld);  // [heads · rows, 3·head], the GEMMs accumulate onto the bias
   for (Index p = 0; p < 3 * heads; ++p)
     qkv.block((p / 3) * rows, (p % 3) * head, rows, head).rowwise() = layers[p]->bias.transpose();
-  const Index out_width = plan.output != nullptr ? plan.output->out_features() : 0;
+  const Index out_width = output != nullptr ? output->out_features() : 0;
+  // The multi-head layer's concatenation of head outputs, in the compute type.
+  Matrix concat(output != nullptr ? rows : 0, heads * head);  // [rows, heads · head]
   // One GEMM blocking per product shape: Eigen sizes its cache blocks for the largest product given, and the
   // [rows, head] projections run slower with blocks made for the [rows, emb] output projection.
   std::vector<Gemm<Scalar>> projection_gemm, output_gemm;
   std::vector<FlashScratch<Scalar>> scratch;
+  // A 16-bit layer's row chunk of x and chunk of projected output, in the compute type, per thread.
+  std::vector<Matrix> x_wide, projected_wide;
+  std::vector<Index> x_wide_chunk(static_cast<std::size_t>(threads), -1);  // which chunk x_wide holds
   // Reserved first: a Gemm owns its packing buffers and must never be relocated by a growing vector.
   projection_gemm.reserve(static_cast<std::size_t>(threads));
   output_gemm.reserve(static_cast<std::size_t>(threads));
   scratch.reserve(static_cast<std::size_t>(threads));
   for (int t = 0; t < threads; ++t) {
     projection_gemm.emplace_back(std::min(proj_rows, rows), head, emb);
-    if (plan.output != nullptr) output_gemm.emplace_back(std::min(proj_rows, rows), out_width, heads * head);
-    scratch.emplace_back(block_q, block_k, head);
+    if (output != nullptr) output_gemm.emplace_back(std::min(proj_rows, rows), out_width, heads * head);
+    scratch.emplace_back(block_q, block_k, head, wide_keys);
+    if constexpr (wide) {
+      x_wide.emplace_back(std::min(proj_rows, rows), emb);
+      projected_wide.emplace_back(output != nullptr ? std::min(proj_rows, rows) : 0, out_width);
+    }
   }
   const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(head));
 
@@ -318,10 +380,23 @@ void forward(const Scalar* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
       const Index r0 = (item / (3 * heads)) * proj_rows;
       const Index p = item % (3 * heads);  // head p / 3, projection p % 3
       const Index n = std::min(proj_rows, rows - r0);
-      const Scalar* x_rows = XOrder == Eigen::RowMajor ? x + r0 * x_stride : x + r0;
+      const Stored* x_rows = XOrder == Eigen::RowMajor ? x + r0 * x_stride : x + r0;
       Scalar* qkv_rows = qkv.data() + ((p / 3) * rows + r0) * ld + (p % 3) * head;
-      projection_gemm[thread].template accumulate<XOrder, Eigen::ColMajor>(
-          n, head, emb, x_rows, x_stride, layers[p]->weight.data(), emb, qkv_rows, ld);
+      if constexpr (wide) {
+        Matrix& xw = x_wide[thread];
+        if (x_wide_chunk[thread] != r0) {  // items of one chunk often follow each other on a thread
+          using XMatrix = Eigen::Matrix<Stored, Eigen::Dynamic, Eigen::Dynamic, XOrder>;
+          const Eigen::Map<const XMatrix, 0, Eigen::OuterStride<>> xs(x_rows, n, emb,
+                                                                      Eigen::OuterStride<>(x_stride));
+          xw.topRows(n) = xs.template cast<Scalar>();
+          x_wide_chunk[thread] = r0;
+        }
+        projection_gemm[thread].template accumulate<Eigen::RowMajor, Eigen::ColMajor>(
+            n, head, emb, xw.data(), emb, layers[p]->weight.data(), emb, qkv_rows, ld);
+      } else {
+        projection_gemm[thread].template accumulate<XOrder, Eigen::ColMajor>(
+            n, head, emb, x_rows, x_stride, layers[p]->weight.data(), emb, qkv_rows, ld);
+      }
       if (p % 3 == 0)
         Eigen::Map<Matrix, 0, Eigen::OuterStride<>>(qkv_rows, n, head, Eigen::OuterStride<>(ld)) *= scale;
     }
@@ -342,28 +417,49 @@ void forward(const Scalar* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
       const Index r0 = qb * block_q;
       const Index bq = std::min(block_q, seq_len - r0);
       const Scalar* seq_qkv = qkv.data() + (h * rows + b * seq_len) * ld;
-      Queries<Scalar> queries{seq_qkv, ld, 0, out + b * seq_len * out_stride + h * head, out_stride};
-      KeyValues<Scalar> keys{seq_qkv + head, seq_qkv + 2 * head, ld, 0, seq_len, seq_len};
+      KeyValues keys{seq_qkv + head, seq_qkv + 2 * head, precision_of<Scalar>(), ld, 0, seq_len, seq_len};
+      Index position = 0;
       if (plan.caches != nullptr) {
-        queries.position = plan.caches[c]->length();
+        position = plan.caches[c]->length();
         keys = plan.caches[c]->keys(seq_len);
       }
       if (plan.lengths != nullptr) keys.valid = std::min(keys.valid, plan.lengths[b]);
-      attend_query_block(queries, keys, plan.rule, r0, bq, scratch[thread]);
+      const Index first_row = b * seq_len;
+      if (output != nullptr)
+        attend_query_block(
+            Queries<Scalar>{seq_qkv, ld, position, concat.data() + first_row * concat.cols() + h * head,
+                            concat.cols()},
+            keys, plan.rule, r0, bq, scratch[thread]);
+      else
+        attend_query_block(Queries<Scalar, Stored>{seq_qkv, ld, position,
+                                                   out + first_row * out_stride + h * head, out_stride},
+                           keys, plan.rule, r0, bq, scratch[thread]);
     }
-    if (plan.output != nullptr) {
+    if (output != nullptr) {
       // The output projection, one GEMM per row chunk of the concatenation: [rows, heads·head] · Woᵀ + bo.
       HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
       for (Index chunk = 0; chunk < chunks; ++chunk) {
         const Index r0 = chunk * proj_rows;
         const Index n = std::min(proj_rows, rows - r0);
-        Eigen::Map<Matrix, 0, Eigen::OuterStride<>> dst(plan.projected + r0 * plan.projected_stride, n,
-                                                        out_width,
-                                                        Eigen::OuterStride<>(plan.projected_stride));
-        dst.rowwise() = plan.output->bias.transpose();
+        using StoredMatrix = Eigen::Matrix<Stored, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+        Eigen::Map<StoredMatrix, 0, Eigen::OuterStride<>> dst(plan.projected + r0 * plan.projected_stride, n,
+                                                              out_width,
+                                                              Eigen::OuterStride<>(plan.projected_stride));
+        Scalar* result = nullptr;
+        Index result_stride = 0;
+        if constexpr (wide) {
+          result = projected_wide[thread].data();
+          result_stride = out_width;
+        } else {
+          result = dst.data();
+          result_stride = plan.projected_stride;
+        }
+        Eigen::Map<Matrix, 0, Eigen::OuterStride<>>(result, n, out_width, Eigen::OuterStride<>(result_stride))
+            .rowwise() = output->bias.transpose();
         output_gemm[thread].template accumulate<Eigen::RowMajor, Eigen::ColMajor>(
-            n, out_width, heads * head, out + r0 * out_stride, out_stride, plan.output->weight.data(),
-            heads * head, dst.data(), plan.projected_stride);
+            n, out_width, heads * head, concat.data() + r0 * concat.cols(), concat.cols(),
+            output->weight.data(), heads * head, result, result_stride);
+        if constexpr (wide) dst = projected_wide[thread].topRows(n).template cast<Stored>();
       }
     }
   }

@@ -3,17 +3,22 @@
 
 #include <algorithm>
 
+#include <cstddef>
+
 #include <Eigen/Core>
+
+#include "../precision.hpp"
 
 namespace head_attention::detail {
 
-/// One sequence's keys and values: K and V rows of absolute positions [first, count), the row of position j
-/// at k + (j - first) · stride (and v likewise). Keys at or after `valid` are masked for every query (right
-/// padding). Positions before `first` (dropped by a sliding-window cache) are never visible.
-template <typename Scalar>
+/// One sequence's keys and values: K and V rows of absolute positions [first, count), stored in `precision`,
+/// the row of position j at element k + (j - first) · stride (and v likewise). Keys at or after `valid` are
+/// masked for every query (right padding). Positions before `first` (dropped by a sliding-window cache) are
+/// never visible.
 struct KeyValues {
-  const Scalar* k;
-  const Scalar* v;
+  const void* k;
+  const void* v;
+  Precision precision;
   Eigen::Index stride;
   Eigen::Index first;
   Eigen::Index count;
@@ -25,16 +30,19 @@ struct KeyValues {
 /// and two contiguous streams were measured 26% faster than one interleaved [k | v] array. Positions before
 /// `first` were dropped (a sliding window can never see them again). Grows by doubling up to `limit` rows, so
 /// memory follows what was stored, and compacts instead of growing when dropped rows leave room at the front,
-/// so that a windowed decode stays O(window).
-template <typename Scalar>
+/// so that a windowed decode stays O(window). Rows are kept as raw elements of the precision chosen at
+/// construction (a float layer may keep its keys and values in bfloat16 or float16, halving what a decode
+/// step streams): written from the layer's compute type, converted back tile by tile by the kernel.
 class KVStore {
  public:
   using Index = Eigen::Index;
-  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using Bytes = Eigen::Matrix<unsigned char, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-  KVStore(Index head, Index limit) : m_head(head), m_limit(limit) {}
+  KVStore(Index head, Index limit, Precision precision)
+      : m_head(head), m_limit(limit), m_precision(precision) {}
 
   Index head() const { return m_head; }
+  Precision precision() const { return m_precision; }
   /// Positions seen so far: the next row appended has this position.
   Index length() const { return m_length; }
   /// The first position still stored.
@@ -59,8 +67,8 @@ class KVStore {
     if (offset + needed > capacity()) {
       if (needed > capacity() || (2 * needed > capacity() && capacity() < m_limit)) {
         const Index grown = std::min(std::max<Index>({2 * capacity(), 2 * needed, 16}), m_limit);
-        Matrix k(std::max(grown, needed), m_head);  // may throw: nothing has changed yet
-        Matrix v(std::max(grown, needed), m_head);
+        Bytes k(std::max(grown, needed), row_bytes());  // may throw: nothing has changed yet
+        Bytes v(std::max(grown, needed), row_bytes());
         if (stored > 0) {
           k.topRows(stored) = m_k.middleRows(offset, stored);
           v.topRows(stored) = m_v.middleRows(offset, stored);
@@ -82,34 +90,35 @@ class KVStore {
     m_first = first;
   }
 
-  /// Writes the K and V rows of positions [length, length + t) (k rows at k, stride; V rows at k + head) into
-  /// the room made by prepare. Does not advance length(): commit does, once the call has read them.
+  /// Writes the K and V rows of positions [length, length + t) (k rows at k, stride; V rows at k + head),
+  /// converted to the store's precision, into the room made by prepare. Does not advance length(): commit
+  /// does, once the call has read them.
+  template <typename Scalar>
   void write(const Scalar* k, Index stride, Index t) noexcept {
-    using Rows = Eigen::Map<const Matrix, 0, Eigen::OuterStride<>>;
     const Index at = m_offset + m_length - m_first;
-    m_k.middleRows(at, t) = Rows(k, t, m_head, Eigen::OuterStride<>(stride));
-    m_v.middleRows(at, t) = Rows(k + m_head, t, m_head, Eigen::OuterStride<>(stride));
+    store_rows(k, stride, t, m_head, m_precision, m_k.row(at).data(), m_head);
+    store_rows(k + m_head, stride, t, m_head, m_precision, m_v.row(at).data(), m_head);
   }
   void commit(Index t) noexcept { m_length += t; }
 
   /// The stored keys plus the t rows written after them.
-  KeyValues<Scalar> keys(Index t) const noexcept {
-    return KeyValues<Scalar>{m_k.data() + m_offset * m_head,
-                             m_v.data() + m_offset * m_head,
-                             m_head,
-                             m_first,
-                             m_length + t,
-                             m_length + t};
+  KeyValues keys(Index t) const noexcept {
+    const std::ptrdiff_t skip = static_cast<std::ptrdiff_t>(m_offset) * m_k.cols();
+    return KeyValues{m_k.data() + skip, m_v.data() + skip, m_precision, m_head,
+                     m_first,           m_length + t,      m_length + t};
   }
 
  private:
+  Index row_bytes() const { return m_head * static_cast<Index>(precision_bytes(m_precision)); }
+
   Index m_head;
   Index m_limit;
+  Precision m_precision;
   Index m_first = 0;
   Index m_length = 0;
   Index m_offset = 0;
-  Matrix m_k;  // [capacity, head]
-  Matrix m_v;  // [capacity, head]
+  Bytes m_k;  // [capacity, head · element size] keys
+  Bytes m_v;  // [capacity, head · element size] values
 };
 
 }  // namespace head_attention::detail
