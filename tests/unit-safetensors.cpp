@@ -285,6 +285,43 @@ TEMPLATE_TEST_CASE("golden: PyTorch's MultiHeadAttention state_dict in F64, F32,
   WARN("MultiHeadAttention<" << scalar_name<Scalar>() << "> vs PyTorch, relative error:" << measured.str());
 }
 
+TEMPLATE_TEST_CASE("16-bit modules: PyTorch's F16 / BF16 files, and save then load bit-exactly",
+                   "[safetensors]", Eigen::half, Eigen::bfloat16) {
+  using Scalar = TestType;
+  const bool half = std::is_same<Scalar, Eigen::half>::value;
+  const std::string dtype = half ? "F16" : "BF16";
+  // The weights load exactly (the file's own type); x is rounded to 16 bits and so are the outputs: the
+  // bounds of a 16-bit layer against a double definition (unit-precision.cpp).
+  const double bound = half ? 1e-3 : 1e-2;
+  HeadAttention<Scalar> layer(16, 8, 12, 99);
+  head_attention::load_state_dict(layer, golden("head." + dtype + ".safetensors"));
+  const std::string io = golden("head." + dtype + ".io.safetensors");
+  const double head_error = relative_error(
+      Matrix<float>(outputs(layer, head_attention::load_tensor<Scalar>(io, "x")).template cast<float>()),
+      head_attention::load_tensor<float>(io, "out").matrix());
+  CHECK(head_error <= bound);
+
+  MultiHeadAttention<Scalar> mha(3, 16, 8, 12, 99);
+  head_attention::load_state_dict(mha, golden("mha." + dtype + ".safetensors"));
+  const std::string mha_io = golden("mha." + dtype + ".io.safetensors");
+  const double mha_error = relative_error(
+      Matrix<float>(outputs(mha, head_attention::load_tensor<Scalar>(mha_io, "x")).template cast<float>()),
+      head_attention::load_tensor<float>(mha_io, "out").matrix());
+  CHECK(mha_error <= bound);
+  WARN("MultiHeadAttention<" << dtype << "> vs PyTorch: head " << head_error << ", multi-head " << mha_error);
+
+  // Saved as the module's own dtype: the file loads back bit-exactly, and into float exactly too.
+  const TempDir dir;
+  head_attention::save_state_dict(mha, dir.file("mha.safetensors"));
+  MultiHeadAttention<Scalar> copy(3, 16, 8, 12, 6);
+  head_attention::load_state_dict(copy, dir.file("mha.safetensors"));
+  for (Index h = 0; h < 3; ++h)
+    CHECK(same(mha.head(h).value(), copy.head(h).value()));
+  CHECK(same(mha.projection(), copy.projection()));
+  const auto weight = head_attention::load_tensor<float>(dir.file("mha.safetensors"), "_layer.weight");
+  CHECK(identical(weight.matrix(), mha.projection().weight.template cast<float>()));
+}
+
 TEMPLATE_TEST_CASE("a prefix loads one head of a multi-head file", "[safetensors]", float, double) {
   using Scalar = TestType;
   const std::string path = golden("mha.F64.safetensors");

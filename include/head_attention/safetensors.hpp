@@ -25,6 +25,7 @@
 #include "errors.hpp"
 #include "linear.hpp"
 #include "multi_head_attention.hpp"
+#include "precision.hpp"
 
 namespace head_attention {
 
@@ -370,11 +371,19 @@ struct OutTensor {
   std::string bytes;
 };
 
+/// The safetensors dtype a module's Scalar is written as: its own, so that save then load is exact.
 template <typename Scalar>
 const char* dtype_of() {
-  static_assert(std::is_same<Scalar, float>::value || std::is_same<Scalar, double>::value,
-                "safetensors: only float (F32) and double (F64) values can be written");
-  return std::is_same<Scalar, float>::value ? "F32" : "F64";
+  switch (precision_of<Scalar>()) {
+    case Precision::float64:
+      return "F64";
+    case Precision::float32:
+      return "F32";
+    case Precision::float16:
+      return "F16";
+    default:
+      return "BF16";
+  }
 }
 
 template <typename Scalar>
@@ -382,7 +391,11 @@ OutTensor make_out(std::string name, std::vector<std::uint64_t> shape, const Sca
   OutTensor t{std::move(name), dtype_of<Scalar>(), std::move(shape), std::string()};
   t.bytes.reserve(n * sizeof(Scalar));
   for (std::size_t i = 0; i < n; ++i) {
-    if constexpr (std::is_same<Scalar, float>::value) {
+    if constexpr (sizeof(Scalar) == 2) {  // Eigen::half, Eigen::bfloat16: their 16 bits as they are
+      std::uint16_t bits;
+      std::memcpy(&bits, &values[i], sizeof bits);
+      write_le(bits, 2, t.bytes);
+    } else if constexpr (std::is_same<Scalar, float>::value) {
       std::uint32_t bits;
       std::memcpy(&bits, &values[i], sizeof bits);
       write_le(bits, 4, t.bytes);
