@@ -14,8 +14,14 @@ PyTorch is timed in child processes of this script (one per BLAS): with the BLAS
 bench/README.md). Debian's python3-torch calls whatever libblas.so.3 the system has, which is the slow netlib
 reference BLAS unless an optimised one is installed.
 
+With --multihead BUILD/bench/bench_multihead it compares the multi-head layer instead (issue 8): our
+MultiHeadAttention<float> (fused, and as 8 separate HeadAttention calls plus one GEMM) against simple_llm's
+PyTorch MultiHeadAttention (8 heads of 64, emb 512), B = 8 T = 1024 and B = 1 T = 4096, in interleaved rounds,
+and writes multihead_comparison.md and multihead_comparison.json.
+
 Usage (always /usr/bin/python3, which has torch):
   /usr/bin/python3 bench/torch_compare.py BUILD/bench/bench_attention [--quick] [--openblas-dir DIR]
+  /usr/bin/python3 bench/torch_compare.py --multihead BUILD/bench/bench_multihead [--openblas-dir DIR] [--rounds N]
 """
 
 import argparse
@@ -37,6 +43,10 @@ SHAPES = [(2, 10), (8, 1024)] + [(1, t) for t in (128, 256, 512, 1024, 2048, 409
 QUICK_SHAPES = [(2, 10), (8, 1024), (1, 4096)]
 DTYPES = {"float": "float32", "double": "float64"}  # C++ name -> torch name
 NAME_RE = re.compile(r"^attention/(fast|reference)/(float|double)/B:(\d+)/T:(\d+)/threads:(\d+)")
+# The multi-head comparison: simple_llm's sizes, 8 heads of 64 over emb 512, the shapes of issue 8.
+MH_HEADS = 8
+MH_SHAPES = [(8, 1024), (1, 4096)]
+MH_NAME_RE = re.compile(r"^multihead/(fused|separate)/(float)/B:(\d+)/T:(\d+)/threads:(\d+)")
 
 
 def useful_flops(b, t):
@@ -49,7 +59,12 @@ def torch_worker(args):
     import torch
 
     sys.path.insert(0, os.path.join(HERE, os.pardir, "tests"))
-    from simple_llm_head import HeadAttention  # the module the parity fixtures come from
+    from simple_llm_head import HeadAttention, MultiHeadAttention  # the modules the parity fixtures come from
+
+    def make_module(t, dtype):
+        if args.module == "multihead":  # .eval(): its dropout is the identity, as at inference
+            return MultiHeadAttention(MH_HEADS, EMB, HEAD, t, dtype=dtype).eval()
+        return HeadAttention(EMB, HEAD, t, dtype=dtype).eval()
 
     blas = sorted({line.split()[-1] for line in open("/proc/self/maps") if "blas" in line and ".so" in line})
     results = []
@@ -59,7 +74,7 @@ def torch_worker(args):
             continue
         for dtype_name in args.dtypes:
             dtype = getattr(torch, DTYPES[dtype_name])
-            module = HeadAttention(EMB, HEAD, t, dtype=dtype).eval()
+            module = make_module(t, dtype)
             x = torch.rand(b, t, EMB, dtype=dtype) * 2 - 1
             for threads in args.threads:
                 torch.set_num_threads(threads)
@@ -98,7 +113,8 @@ def torch_worker(args):
                 )
             del module, x
     json.dump(
-        {"label": args.label, "torch_version": torch.__version__, "blas_libraries": blas, "results": results},
+        {"label": args.label, "module": args.module, "torch_version": torch.__version__, "blas_libraries": blas,
+         "results": results},
         sys.stdout,
     )
 
@@ -116,6 +132,7 @@ def run_torch(args, label, max_t, openblas_dir=None):
     cmd += ["--dtypes", *args.dtypes, "--threads", *map(str, args.threads)]
     cmd += ["--torch-reps", str(args.torch_reps), "--torch-min-reps", str(args.torch_min_reps)]
     cmd += ["--torch-budget", str(args.torch_budget), "--torch-max-t", str(max_t)]
+    cmd += ["--module", args.module]
     print(f"[torch_compare] PyTorch ({label}): {' '.join(map(shlex.quote, cmd))}", file=sys.stderr, flush=True)
     out = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out)
@@ -385,9 +402,253 @@ def write_plot(args, ours, torch_runs, path):
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------- multi-head comparison mode
+def multihead_filter(shapes, threads):
+    shape_re = "|".join(f"B:{b}/T:{t}" for b, t in shapes)
+    threads_re = "|".join(str(n) for n in threads)
+    return f"^multihead/(fused|separate)/float/({shape_re})/threads:({threads_re})/"
+
+
+def parse_multihead(path):
+    """{(path, B, T, threads): {"ms": median wall ms, "cpu_ms": median CPU ms, "reps_ms": [...]}} of one run."""
+    with open(path) as f:
+        data = json.load(f)
+    unit = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
+    runs = {}
+    for entry in data["benchmarks"]:
+        m = MH_NAME_RE.match(entry.get("run_name", entry["name"]))
+        if not m or entry.get("run_type") == "aggregate":
+            continue
+        key = (m.group(1), int(m.group(3)), int(m.group(4)), int(m.group(5)))
+        scale = unit[entry.get("time_unit", "ns")]
+        runs.setdefault(key, []).append((entry["real_time"] * scale, entry["cpu_time"] * scale))
+    out = {}
+    for key, reps in runs.items():
+        out[key] = {"ms": statistics.median(r[0] for r in reps), "cpu_ms": statistics.median(r[1] for r in reps),
+                    "reps_ms": [r[0] for r in reps], "reps_cpu_ms": [r[1] for r in reps]}
+    return out, data.get("context", {})
+
+
+def run_multihead_rounds(args):
+    """Interleaved rounds: each round runs bench_multihead once and each PyTorch child once, in an order rotated
+    by one every round. Returns the list of rounds, each {"order", "ours": {...}, "torch": {label: run}}."""
+    steps = [("ours", None)]
+    if not args.no_system_torch:
+        steps.append(("system BLAS", None))
+    if args.openblas_dir:
+        steps.append(("OpenBLAS", args.openblas_dir))
+    rounds = []
+    for i in range(args.rounds):
+        order = steps[i % len(steps):] + steps[:i % len(steps)]
+        print(f"[torch_compare] round {i + 1}/{args.rounds}: {', '.join(label for label, _ in order)}",
+              file=sys.stderr, flush=True)
+        rnd = {"order": [label for label, _ in order], "torch": {}}
+        for label, openblas_dir in order:
+            if label == "ours":
+                if args.wait_quiet > 0:
+                    wait_quiet(args.wait_quiet)
+                json_path = os.path.join(args.out_dir, f"multihead_bench_round{i + 1}.json")
+                cmd = [os.path.abspath(args.multihead), f"--benchmark_out={json_path}",
+                       "--benchmark_out_format=json",
+                       "--benchmark_filter=" + multihead_filter(args.shapes, args.threads),
+                       f"--benchmark_repetitions={args.mh_reps}", f"--benchmark_min_time={args.mh_min_time}",
+                       "--benchmark_display_aggregates_only=true"] + args.bench_args
+                print(f"[torch_compare] ours: {' '.join(map(shlex.quote, cmd))}", file=sys.stderr, flush=True)
+                subprocess.run(cmd, check=True)
+                ours, context = parse_multihead(json_path)
+                os.remove(json_path)  # everything it held is kept in multihead_comparison.json
+                rnd["ours"] = {"/".join(map(str, k)): v for k, v in ours.items()}
+                rnd["ours_cmd"] = " ".join(map(shlex.quote, cmd))
+                rnd["bench_context"] = context
+            else:
+                max_t = args.torch_max_t if openblas_dir else min(args.torch_max_t, args.torch_system_max_t)
+                rnd["torch"][label] = run_torch(args, label, max_t, openblas_dir)
+        rnd["busy_after"] = machine_busy(1.0)
+        rounds.append(rnd)
+    return rounds
+
+
+def summarise_multihead(args, rounds):
+    """Median over the rounds of each round's median: {("fused"|"separate"|label, B, T, threads): {...}}."""
+    series = {}
+    for rnd in rounds:
+        for key, row in rnd["ours"].items():
+            path, b, t, threads = key.split("/")
+            series.setdefault((path, int(b), int(t), int(threads)), []).append((row["ms"], row["cpu_ms"]))
+        for label, run in rnd["torch"].items():
+            for r in run["results"]:
+                series.setdefault((label, r["B"], r["T"], r["threads"]), []).append(
+                    (r["median_ms"], r.get("median_thread_cpu_ms")))
+    summary = {}
+    for key, vals in series.items():
+        walls = [v[0] for v in vals]
+        cpus = [v[1] for v in vals if v[1] is not None]
+        summary[key] = {"ms": statistics.median(walls), "cpu_ms": statistics.median(cpus) if cpus else None,
+                        "min_ms": min(walls), "max_ms": max(walls), "rounds": len(vals)}
+    return summary
+
+
+def write_multihead_table(args, rounds, summary, run_info, path):
+    labels = [lab for lab in ("system BLAS", "OpenBLAS") if any(lab in r["torch"] for r in rounds)]
+    lines = ["# head-attention: MultiHeadAttention vs simple_llm's PyTorch MultiHeadAttention\n"]
+    lines.append(f"Measured {run_info.get('date', '?')} by `bench/torch_compare.py --multihead`"
+                 + (f", table written {datetime.datetime.now().isoformat(timespec='seconds')}"
+                    if run_info.get("reused") else "") + ".\n")
+    lines.append(f"- Machine: {lscpu_summary()}. A shared machine: compare rows within this one run only.")
+    lines.append(f"- Layer: {MH_HEADS} heads of {HEAD}, emb {EMB}, causal, float32; times in milliseconds per "
+                 "forward call of the whole [B, T, emb] batch.")
+    lines.append(f"- {len(rounds)} interleaved rounds: each round runs our benchmark once "
+                 f"({args.mh_reps} repetitions, `--benchmark_min_time={args.mh_min_time}`) and each PyTorch child "
+                 "once, in an order rotated by one every round. Each cell is the median over the rounds of each "
+                 "round's median; the JSON keeps every round.")
+    lines.append("- ours fused = `MultiHeadAttention<float>::forward_into` (`set_num_threads(threads)`: all heads' "
+                 "projections, attention blocks and the output projection in one parallel region); ours separate = "
+                 f"{MH_HEADS} `HeadAttention<float>::forward_into` calls (each on `threads` threads) into the "
+                 "columns of a preallocated concatenation, then one Eigen GEMM with `Eigen::setNbThreads(threads)` "
+                 "plus the bias (bench/bench_multihead.cpp).")
+    for label in labels:
+        run = next(r["torch"][label] for r in rounds if label in r["torch"])
+        libs = ", ".join(os.path.basename(p) + f" ({os.path.dirname(p)})" for p in run["blas_libraries"]) or "none"
+        lines.append(f"- PyTorch [{label}]: torch {run['torch_version']}, CPU, `torch.no_grad()`, "
+                     "`torch.set_num_threads(threads)`, simple_llm's `MultiHeadAttention` from "
+                     f"tests/simple_llm_head.py in `eval()` (dropout = identity); BLAS loaded: {libs}. At most "
+                     f"{args.torch_reps} timed calls after one warm-up, within about {args.torch_budget:g} s.")
+    ratios = sorted(r["cpu_ms"] / r["ms"] for rnd in rounds for k, r in rnd["ours"].items()
+                    if k.endswith("/1") and r.get("ms"))
+    if ratios:
+        lines.append(f"- Contention check: our one-thread benchmarks got CPU time / wall time = "
+                     f"{statistics.median(ratios):.2f} (median over rounds; lowest {ratios[0]:.2f}); near 1 means no "
+                     f"other process took the core away. Machine busy share after each round: "
+                     + ", ".join(f"{r['busy_after']:.0%}" if r.get("busy_after") is not None else "?" for r in rounds)
+                     + f"; load average after the run {run_info.get('loadavg', '?')}.")
+    busy = [r["busy_after"] for r in rounds if r.get("busy_after") is not None]
+    if 2 in args.threads and busy and max(busy) > 0.25:
+        lines.append(f"- **Other processes kept the machine up to {max(busy):.0%} busy during this run: the threads = 2 "
+                     "rows (ours and PyTorch's alike) are unreliable.** Compare the one-thread rows, and above all "
+                     "the CPU-time table.")
+    if run_info.get("library_commit"):
+        lines.append(f"- Library: {run_info['library_commit']}.")
+    lines.append("- Commands: " + "; ".join(f"`{c}`" for c in run_info.get("commands", [])) + ".")
+    lines.append("")
+
+    def cell(key, field="ms"):
+        row = summary.get(key)
+        return row.get(field) if row else None
+
+    head = ["shape (B, T)", "threads", "ours fused (ms)", "ours separate (ms)", "fused vs separate"]
+    head += [f"PyTorch {lab} (ms)" for lab in labels]
+    head += [f"fused vs PyTorch {lab}" for lab in labels]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|")
+    for b, t in args.shapes:
+        for threads in args.threads:
+            fused, sep = cell(("fused", b, t, threads)), cell(("separate", b, t, threads))
+            pt = [cell((lab, b, t, threads)) for lab in labels]
+            row = [f"{b}, {t}", str(threads), fmt_ms(fused), fmt_ms(sep), fmt_x(sep, fused)]
+            row += [fmt_ms(v) for v in pt] + [fmt_x(v, fused) for v in pt]
+            lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append("Ratios are of the medians above: > 1 means the fused layer is faster (fused vs separate = "
+                 "separate / fused; fused vs PyTorch = PyTorch / fused).")
+    if 1 in args.threads:
+        lines.append("")
+        lines.append("## One thread, CPU time\n")
+        lines.append("The same runs, one thread, timed by the CPU time of the calling thread (Google Benchmark's "
+                     "`cpu_time`, Python's `time.thread_time()`): time other processes take the core away does not "
+                     "count, so these are the steadier ratios.\n")
+        head = ["shape (B, T)", "ours fused CPU (ms)", "ours separate CPU (ms)", "fused vs separate"]
+        head += [f"PyTorch {lab} CPU (ms)" for lab in labels]
+        head += [f"fused vs PyTorch {lab}" for lab in labels]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|---|" + "|".join(["---:"] * (len(head) - 1)) + "|")
+        for b, t in args.shapes:
+            fused, sep = cell(("fused", b, t, 1), "cpu_ms"), cell(("separate", b, t, 1), "cpu_ms")
+            pt = [cell((lab, b, t, 1), "cpu_ms") for lab in labels]
+            row = [f"{b}, {t}", fmt_ms(fused), fmt_ms(sep), fmt_x(sep, fused)]
+            row += [fmt_ms(v) for v in pt] + [fmt_x(v, fused) for v in pt]
+            lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append("## Spread over the rounds (wall clock, min – max of the per-round medians)\n")
+    names = ["fused", "separate"] + labels
+    lines.append("| shape (B, T) | threads | " + " | ".join(names) + " |")
+    lines.append("|---|---|" + "|".join(["---:"] * len(names)) + "|")
+    for b, t in args.shapes:
+        for threads in args.threads:
+            cells = []
+            for name in names:
+                row = summary.get((name, b, t, threads))
+                cells.append(f"{fmt_ms(row['min_ms'])} – {fmt_ms(row['max_ms'])} ({row['rounds']})" if row else "—")
+            lines.append(f"| {b}, {t} | {threads} | " + " | ".join(cells) + " |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def git_head():
+    """The commit of the checkout this script lives in, marked when include/ has uncommitted changes (the
+    benchmark binary is only known to match it when it was built from this checkout)."""
+    try:
+        root = os.path.join(HERE, os.pardir)
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "include"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout.strip()
+        return f"commit {head} of this checkout" + (", include/ modified" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def multihead_main(args):
+    args.module = "multihead"
+    if args.out_dir is None:
+        args.out_dir = os.path.join(HERE, "results", "quick") if args.quick else os.path.join(HERE, "results")
+    os.makedirs(args.out_dir, exist_ok=True)
+    json_path = os.path.join(args.out_dir, "multihead_comparison.json")
+    md_path = os.path.join(args.out_dir, "multihead_comparison.md")
+    if args.mh_json:
+        with open(args.mh_json) as f:
+            saved = json.load(f)
+        rounds, run_info = saved["rounds"], saved["run_info"]
+        args.shapes = [tuple(s) for s in saved["shapes"]]
+        args.threads = saved["threads"]
+        for name in ("rounds", "mh_reps", "mh_min_time", "torch_reps", "torch_budget"):
+            setattr(args, name, saved["settings"][name])
+        run_info["reused"] = True
+    else:
+        run_info = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "commands": [" ".join(map(shlex.quote, [sys.executable] + sys.argv))],
+                    "library_commit": git_head()}
+        rounds = run_multihead_rounds(args)
+        run_info["commands"].insert(0, rounds[0]["ours_cmd"])
+        run_info["loadavg"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+        run_info["cpu_pressure"] = cpu_pressure()
+    summary = summarise_multihead(args, rounds)
+    if not args.mh_json:
+        with open(json_path, "w") as f:
+            json.dump({"run_info": run_info, "shapes": args.shapes, "threads": args.threads,
+                       "settings": {"rounds": args.rounds, "mh_reps": args.mh_reps, "mh_min_time": args.mh_min_time,
+                                    "torch_reps": args.torch_reps, "torch_budget": args.torch_budget},
+                       "summary": [{"name": k[0], "B": k[1], "T": k[2], "threads": k[3], **v}
+                                   for k, v in sorted(summary.items(), key=lambda kv: str(kv[0]))],
+                       "rounds": rounds}, f, indent=1)
+    write_multihead_table(args, rounds, summary, run_info, md_path)
+    print(f"[torch_compare] wrote {md_path}" + ("" if args.mh_json else f" and {json_path}"), file=sys.stderr)
+    with open(md_path) as f:
+        print(f.read())
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench_binary", nargs="?", help="path to bench_attention (not needed with --bench-json)")
+    p.add_argument("bench_binary", nargs="?", help="path to bench_attention (not needed with --bench-json or "
+                   "--multihead)")
+    p.add_argument("--multihead", metavar="BENCH_MULTIHEAD",
+                   help="compare MultiHeadAttention instead: run this bench_multihead binary and simple_llm's "
+                   f"PyTorch MultiHeadAttention on {MH_SHAPES}, float; writes multihead_comparison.md and .json")
+    p.add_argument("--mh-json", help="with --multihead: redo multihead_comparison.md from this saved JSON")
+    p.add_argument("--rounds", type=int, default=3, help="with --multihead: interleaved rounds (default 3)")
+    p.add_argument("--mh-reps", type=int, default=3,
+                   help="with --multihead: --benchmark_repetitions of each bench_multihead run (default 3)")
+    p.add_argument("--mh-min-time", type=float, default=0.5,
+                   help="with --multihead: --benchmark_min_time of each bench_multihead run (default 0.5)")
     p.add_argument("--bench-json", help="reuse this bench_attention JSON output instead of running the binary")
     p.add_argument("--bench-args", nargs=argparse.REMAINDER, default=[],
                    help="everything after this goes to bench_attention (e.g. --benchmark_repetitions=9)")
@@ -411,7 +672,19 @@ def main():
     p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--label", default="system BLAS", help=argparse.SUPPRESS)
     p.add_argument("--shapes", help=argparse.SUPPRESS)
+    p.add_argument("--module", choices=["head", "multihead"], default="head", help=argparse.SUPPRESS)
     args = p.parse_args()
+
+    if args.multihead or args.mh_json:
+        if args.torch_worker:
+            p.error("--multihead is not a worker option")
+        args.dtypes = ["float"]
+        args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes \
+            else MH_SHAPES
+        if args.quick:
+            args.rounds = 1
+        multihead_main(args)
+        return
 
     if args.dtypes is None:
         args.dtypes = ["float"] if args.quick else ["float", "double"]
@@ -469,8 +742,11 @@ def main():
     md = os.path.join(args.out_dir, "comparison.md")
     png = os.path.join(args.out_dir, "time_vs_T.png")
     write_table(args, ours, context, torch_runs, run_info, md)
-    write_plot(args, ours, torch_runs, png)
-    print(f"[torch_compare] wrote {md} and {png}", file=sys.stderr)
+    try:
+        write_plot(args, ours, torch_runs, png)
+        print(f"[torch_compare] wrote {md} and {png}", file=sys.stderr)
+    except ImportError as e:  # matplotlib missing: the table is still written
+        print(f"[torch_compare] wrote {md}; no plot ({e}: install python3-matplotlib)", file=sys.stderr)
     with open(md) as f:
         print(f.read())
 
