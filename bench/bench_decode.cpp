@@ -1,11 +1,14 @@
 // bench_decode: incremental decoding with a KV cache, and the sliding window's cost against T.
 //
-// decode/float/n:<n>: one decode step (t = 1) of HeadAttention::forward_cached against a cache holding n
-// positions, float, one thread (the cache is truncated back to n after each step, so every step sees n keys).
+// decode/float/cache:<precision>/n:<n>: one decode step (t = 1) of a float HeadAttention's forward_cached
+// against a cache holding n positions, one thread (the cache is truncated back to n after each step, so every
+// step sees n keys). The cache stores keys and values in float32, or in float16 / bfloat16 (half the bytes,
+// converted back tile by tile).
 // Counters, on wall-clock time per step:
 // - x_forward: a full forward over n + 1 rows (best of 5 calls, measured once in this process) divided by
 //   the step's time: what the cache saves.
-// - x_floor_kv: the step's time over the floor of reading K and V once, 2 · n · head · 4 bytes at the read
+// - x_floor_kv: the step's time over the floor of reading K and V once, 2 · n · head · 4 bytes (2 for a
+//   16-bit cache) at the read
 //   bandwidth this process measured for a buffer of that size (the cache stays in the caches between steps,
 //   so that is the bandwidth it can have); x_floor: the same floor plus reading the three projection
 //   weights (3 · emb · head · 4 bytes), the other unavoidable traffic of a step.
@@ -63,11 +66,11 @@ double read_bandwidth(std::size_t bytes) {
   return static_cast<double>(repeats) * static_cast<double>(n) * sizeof(float) / best;
 }
 
-void bm_decode(benchmark::State& state, Index n) {
+void bm_decode(benchmark::State& state, Index n, head_attention::Precision storage) {
   head_attention::HeadAttention<float> layer(kEmb, kHead, n + 1, kSeed);
   layer.set_num_threads(1);
   const Matrix prompt = random_rows(n + 1, kSeed + static_cast<std::uint64_t>(n));
-  auto cache = layer.make_cache();
+  auto cache = layer.make_cache(storage);
   (void)layer.forward_cached(prompt.topRows(n), cache);
   const Matrix next = prompt.bottomRows(1);
 
@@ -80,7 +83,8 @@ void bm_decode(benchmark::State& state, Index n) {
     forward_seconds = std::min(forward_seconds, std::chrono::duration<double>(Clock::now() - t0).count());
   }
 
-  const double kv_bytes = 2.0 * static_cast<double>(n) * kHead * sizeof(float);
+  const double kv_bytes =
+      2.0 * static_cast<double>(n) * kHead * static_cast<double>(head_attention::precision_bytes(storage));
   const double weight_bytes = 3.0 * kEmb * kHead * sizeof(float);
   const double bandwidth = read_bandwidth(static_cast<std::size_t>(kv_bytes));
 
@@ -116,10 +120,16 @@ void bm_window(benchmark::State& state, Index T, bool windowed) {
 
 int main(int argc, char** argv) {
   Eigen::setNbThreads(1);
-  for (const Index n : kCacheLengths)
-    benchmark::RegisterBenchmark(("decode/float/n:" + std::to_string(n)).c_str(), bm_decode, n)
-        ->Unit(benchmark::kMicrosecond)
-        ->UseRealTime();
+  using head_attention::Precision;
+  for (const Precision storage : {Precision::float32, Precision::float16, Precision::bfloat16})
+    for (const Index n : kCacheLengths) {
+      if (storage != Precision::float32 && n < 1024) continue;
+      const std::string name = std::string("decode/float/cache:") + head_attention::precision_name(storage) +
+                               "/n:" + std::to_string(n);
+      benchmark::RegisterBenchmark(name.c_str(), bm_decode, n, storage)
+          ->Unit(benchmark::kMicrosecond)
+          ->UseRealTime();
+    }
   for (const Index T : kWindowLengths) {
     benchmark::RegisterBenchmark(("window/causal/float/T:" + std::to_string(T)).c_str(), bm_window, T, false)
         ->Unit(benchmark::kMillisecond)

@@ -169,7 +169,10 @@ TEMPLATE_TEST_CASE("16-bit layers are seeded like float ones, and thread-count i
 }
 
 TEST_CASE("A float layer's KV cache in float16 or bfloat16", "[precision][cache]") {
-  const Index emb = 64, head = 32, T = 600;  // decode crosses key blocks
+  // head 32: decode steps read 16-bit keys in place where the build allows it (AVX2 + F16C + FMA); head 12
+  // (not a multiple of 8) and other builds convert tiles first. T = 600 crosses key blocks.
+  const Index head = GENERATE(Index(32), Index(12));
+  const Index emb = 64, T = 600;
   head_attention::HeadAttention<float> layer(emb, head, 1024, 5);
   const Matrix<float> x = random_matrix<float>(T, emb, 12);
   const Eigen::MatrixXd want = definition(layer, x, MaskRule::causal());
@@ -209,6 +212,34 @@ TEST_CASE("A bfloat16 cache under a sliding window keeps O(window) rows", "[prec
     out.row(i) = layer.forward_cached(x.row(i), cache);
   CHECK(error_vs(out, want) < 1e-2);
   CHECK(cache.capacity() <= 4 * window);
+}
+
+TEST_CASE("16-bit to float conversion is exact for every bit pattern", "[precision]") {
+  std::vector<std::uint16_t> bits(65536 + 5);  // + 5: a tail that is not a whole vector
+  for (std::size_t i = 0; i < bits.size(); ++i)
+    bits[i] = static_cast<std::uint16_t>(i * 40503u);  // a permutation of the patterns, then 5 more
+  std::vector<float> wide(bits.size());
+  for (const Precision p : {Precision::float16, Precision::bfloat16}) {
+    const Index n = static_cast<Index>(bits.size());
+    head_attention::detail::convert_rows(p, bits.data(), n, 1, n, wide.data(), n);
+    Index wrong = 0;
+    for (std::size_t i = 0; i < bits.size(); ++i) {
+      const float want =
+          p == Precision::float16
+              ? static_cast<float>(Eigen::half(Eigen::half_impl::raw_uint16_to_half(bits[i])))
+              : static_cast<float>(Eigen::bfloat16(Eigen::bfloat16_impl::raw_uint16_to_bfloat16(bits[i])));
+      const bool same = std::isnan(want) ? std::isnan(wide[i])
+                                         : wide[i] == want && std::signbit(wide[i]) == std::signbit(want);
+      wrong += same ? 0 : 1;
+    }
+    INFO(head_attention::precision_name(p));
+    CHECK(wrong == 0);
+  }
+  // Strided rows go row by row.
+  const Matrix<Eigen::half> h = random16<Eigen::half>(3, 20, 1);
+  Matrix<float> f(3, 20);
+  head_attention::detail::convert_rows(Precision::float16, h.data(), 20, 3, 17, f.data(), 20);
+  CHECK(identical(f.leftCols(17), h.leftCols(17).cast<float>()));
 }
 
 TEST_CASE("Precision names and sizes", "[precision]") {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -16,6 +17,7 @@
 #include "../mask.hpp"
 #include "../precision.hpp"
 #include "gemm.hpp"
+#include "kernels16.hpp"
 #include "kv_store.hpp"
 #include "parallel.hpp"
 
@@ -29,6 +31,9 @@ struct Tuning {
   static constexpr Eigen::Index key_block = 256;
   /// Rows of K and V per inner step when each work item has one query row (decoding).
   static constexpr Eigen::Index decode_key_block = 2048;
+  /// The same for keys stored in another precision: each tile is converted into scratch first, which must
+  /// stay in L2.
+  static constexpr Eigen::Index decode_wide_key_block = 256;
   /// Inputs shorter than projection_split · projection_rows rows are cut into about this many projection
   /// chunks (of a multiple of 8 rows), whatever the thread count.
   static constexpr Eigen::Index projection_split = 8;
@@ -149,16 +154,26 @@ void attend_query_block(const Queries<Scalar, Out>& queries, const KeyValues& ke
   s.row_sum.head(bq).setZero();
   s.acc.topRows(bq).setZero();
 
+  // One query over 16-bit keys (a decode step): read them in place, converted in registers.
+  const bool fused = bq == 1 && fused_16bit<Scalar>(keys.precision, head);
   // Both ends of a query's range never decrease with its position.
   const Index lo = first_key(0);
   const Index hi = end_key(bq - 1);
   for (Index j0 = lo; j0 < hi; j0 += block_k) {
     const Index bk = std::min(block_k, hi - j0);
-    const Scalar* k_tile;
-    const Scalar* v_tile;
+    const Scalar* k_tile = nullptr;
+    const Scalar* v_tile = nullptr;
     Index kv_stride = keys.stride;
     const std::ptrdiff_t skip = static_cast<std::ptrdiff_t>((j0 - keys.first) * keys.stride);
-    if (keys.precision == precision_of<Scalar>()) {
+    Eigen::Map<Matrix, 0, Eigen::OuterStride<>> probs(s.probs.data(), bq, bk, Eigen::OuterStride<>(block_k));
+    if (fused) {
+      // Scores of the visible keys only: the loop below zeroes the rest of the row.
+      const Index a = std::clamp<Index>(first_key(0) - j0, 0, bk);
+      const Index b = std::clamp<Index>(end_key(0) - j0, a, bk);
+      dot_rows16(keys.precision, queries.q + r0 * queries.stride,
+                 static_cast<const std::uint16_t*>(keys.k) + skip + a * keys.stride, keys.stride, b - a, head,
+                 probs.data() + a);
+    } else if (keys.precision == precision_of<Scalar>()) {
       k_tile = static_cast<const Scalar*>(keys.k) + skip;
       v_tile = static_cast<const Scalar*>(keys.v) + skip;
     } else {
@@ -171,11 +186,12 @@ void attend_query_block(const Queries<Scalar, Out>& queries, const KeyValues& ke
       v_tile = s.wide_v.data();
       kv_stride = head;
     }
-    Eigen::Map<Matrix, 0, Eigen::OuterStride<>> probs(s.probs.data(), bq, bk, Eigen::OuterStride<>(block_k));
-    probs.setZero();
-    s.qk.template accumulate<Eigen::RowMajor, Eigen::ColMajor>(bq, bk, head, queries.q + r0 * queries.stride,
-                                                               queries.stride, k_tile, kv_stride,
-                                                               probs.data(), block_k);
+    if (!fused) {
+      probs.setZero();
+      s.qk.template accumulate<Eigen::RowMajor, Eigen::ColMajor>(
+          bq, bk, head, queries.q + r0 * queries.stride, queries.stride, k_tile, kv_stride, probs.data(),
+          block_k);
+    }
 
     // The tile is whole when the last query's range starts and the first query's range ends outside it.
     const bool whole = first_key(bq - 1) <= j0 && end_key(0) >= j0 + bk;
@@ -202,7 +218,11 @@ void attend_query_block(const Queries<Scalar, Out>& queries, const KeyValues& ke
       }
       s.row_sum[r] += row.segment(a, b - a).sum();
     }
-    if (whole)
+    if (fused)
+      weighted_rows16(keys.precision, probs.data() + s.seen_begin[0],
+                      static_cast<const std::uint16_t*>(keys.v) + skip + s.seen_begin[0] * keys.stride,
+                      keys.stride, s.seen_end[0] - s.seen_begin[0], head, s.acc.data());
+    else if (whole)
       s.pv.template accumulate<Eigen::RowMajor, Eigen::RowMajor>(bq, head, bk, probs.data(), block_k, v_tile,
                                                                  kv_stride, s.acc.data(), head);
     else
@@ -309,17 +329,21 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
 
   // The most keys any sequence has after this call (cached: its cache plus the chunk).
   Index max_keys = seq_len;
-  bool wide_keys = false;  // some cache stores its keys in another precision: tiles are converted
+  bool wide_keys = false;        // some cache stores its keys in another precision
+  bool converted_tiles = false;  // ... and its tiles are converted into scratch (not read in place)
   if (plan.caches != nullptr)
     for (Index c = 0; c < heads * batch; ++c) {
       max_keys = std::max(max_keys, plan.caches[c]->length() + seq_len);
-      wide_keys = wide_keys || plan.caches[c]->precision() != precision_of<Scalar>();
+      const Precision p = plan.caches[c]->precision();
+      wide_keys = wide_keys || p != precision_of<Scalar>();
+      converted_tiles = converted_tiles || (p != precision_of<Scalar>() && !fused_16bit<Scalar>(p, head));
     }
 
   const Index block_q = std::min(Tuning::query_block, seq_len);
   // A single query row (a decode step) has no tile to reuse K and V across rows: longer key blocks only cut
   // the per-block overhead.
-  const Index block_k = std::min(block_q == 1 ? Tuning::decode_key_block : Tuning::key_block, max_keys);
+  const Index decode_block = converted_tiles ? Tuning::decode_wide_key_block : Tuning::decode_key_block;
+  const Index block_k = std::min(block_q == 1 ? decode_block : Tuning::key_block, max_keys);
   const Index query_blocks = (seq_len + block_q - 1) / block_q;
   const Index items = heads * batch * query_blocks;
   const double flops =
@@ -385,10 +409,14 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
       if constexpr (wide) {
         Matrix& xw = x_wide[thread];
         if (x_wide_chunk[thread] != r0) {  // items of one chunk often follow each other on a thread
-          using XMatrix = Eigen::Matrix<Stored, Eigen::Dynamic, Eigen::Dynamic, XOrder>;
-          const Eigen::Map<const XMatrix, 0, Eigen::OuterStride<>> xs(x_rows, n, emb,
-                                                                      Eigen::OuterStride<>(x_stride));
-          xw.topRows(n) = xs.template cast<Scalar>();
+          if constexpr (XOrder == Eigen::RowMajor) {
+            convert_rows(precision_of<Stored>(), x_rows, x_stride, n, emb, xw.data(), emb);
+          } else {
+            using XMatrix = Eigen::Matrix<Stored, Eigen::Dynamic, Eigen::Dynamic, XOrder>;
+            const Eigen::Map<const XMatrix, 0, Eigen::OuterStride<>> xs(x_rows, n, emb,
+                                                                        Eigen::OuterStride<>(x_stride));
+            xw.topRows(n) = xs.template cast<Scalar>();
+          }
           x_wide_chunk[thread] = r0;
         }
         projection_gemm[thread].template accumulate<Eigen::RowMajor, Eigen::ColMajor>(

@@ -1,0 +1,136 @@
+// head-attention: a decode step over keys and values stored in 16 bits, converted in registers.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <Eigen/Core>
+
+#include "../precision.hpp"
+
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define HEAD_ATTENTION_FUSED_16BIT 1
+#else
+#define HEAD_ATTENTION_FUSED_16BIT 0
+#endif
+
+namespace head_attention::detail {
+
+/// Whether one query's scores and weighted sum can read 16-bit keys and values directly: a float layer, a
+/// float16 or bfloat16 cache, head a multiple of 8, and a build for AVX2 + F16C + FMA (-march=haswell or
+/// later). A decode step reads every key once: converting a tile into scratch and reading it again there
+/// costs more than the dot products (measured 2x a float cache's time), converting in registers costs
+/// nothing. Elsewhere tiles are converted (detail::convert_rows) and Eigen's kernels run on them.
+template <typename Scalar>
+constexpr bool fused_16bit(Precision keys, Eigen::Index head) {
+  return HEAD_ATTENTION_FUSED_16BIT && std::is_same<Scalar, float>::value &&
+         (keys == Precision::float16 || keys == Precision::bfloat16) && head % 8 == 0;
+}
+
+#if HEAD_ATTENTION_FUSED_16BIT
+
+/// 8 stored 16-bit values at p, widened to float.
+template <Precision P>
+inline __m256 load8(const std::uint16_t* p) noexcept {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (P == Precision::float16)
+    return _mm256_cvtph_ps(bits);
+  else
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+inline float sum8(__m256 v) noexcept {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+/// scores[j] = q · key_j for j in [0, rows), key j's `head` values at keys + j · stride.
+template <Precision P>
+void dot_rows16(const float* q, const std::uint16_t* keys, Eigen::Index stride, Eigen::Index rows,
+                Eigen::Index head, float* scores) noexcept {
+  Eigen::Index j = 0;
+  for (; j + 4 <= rows; j += 4) {  // four rows at a time: one reduction for four scores
+    const std::uint16_t* k = keys + j * stride;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (Eigen::Index d = 0; d < head; d += 8) {
+      const __m256 qd = _mm256_loadu_ps(q + d);
+      a0 = _mm256_fmadd_ps(qd, load8<P>(k + d), a0);
+      a1 = _mm256_fmadd_ps(qd, load8<P>(k + stride + d), a1);
+      a2 = _mm256_fmadd_ps(qd, load8<P>(k + 2 * stride + d), a2);
+      a3 = _mm256_fmadd_ps(qd, load8<P>(k + 3 * stride + d), a3);
+    }
+    // [a0 a1 a2 a3] summed lane-wise: two horizontal adds give each row's halves, the last add joins them.
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    _mm_storeu_ps(scores + j, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+  }
+  for (; j < rows; ++j) {
+    const std::uint16_t* k = keys + j * stride;
+    __m256 a = _mm256_setzero_ps();
+    for (Eigen::Index d = 0; d < head; d += 8)
+      a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8<P>(k + d), a);
+    scores[j] = sum8(a);
+  }
+}
+
+/// acc[0, head) += Σ_j weights[j] · value_j over j in [0, rows), value j at values + j · stride.
+template <Precision P>
+void weighted_rows16(const float* weights, const std::uint16_t* values, Eigen::Index stride,
+                     Eigen::Index rows, Eigen::Index head, float* acc) noexcept {
+  Eigen::Index d = 0;
+  for (; d + 32 <= head; d += 32) {  // 32 outputs stay in registers over all rows
+    __m256 o0 = _mm256_loadu_ps(acc + d), o1 = _mm256_loadu_ps(acc + d + 8);
+    __m256 o2 = _mm256_loadu_ps(acc + d + 16), o3 = _mm256_loadu_ps(acc + d + 24);
+    for (Eigen::Index j = 0; j < rows; ++j) {
+      const __m256 w = _mm256_set1_ps(weights[j]);
+      const std::uint16_t* v = values + j * stride + d;
+      o0 = _mm256_fmadd_ps(w, load8<P>(v), o0);
+      o1 = _mm256_fmadd_ps(w, load8<P>(v + 8), o1);
+      o2 = _mm256_fmadd_ps(w, load8<P>(v + 16), o2);
+      o3 = _mm256_fmadd_ps(w, load8<P>(v + 24), o3);
+    }
+    _mm256_storeu_ps(acc + d, o0);
+    _mm256_storeu_ps(acc + d + 8, o1);
+    _mm256_storeu_ps(acc + d + 16, o2);
+    _mm256_storeu_ps(acc + d + 24, o3);
+  }
+  for (; d < head; d += 8) {
+    __m256 o = _mm256_loadu_ps(acc + d);
+    for (Eigen::Index j = 0; j < rows; ++j)
+      o = _mm256_fmadd_ps(_mm256_set1_ps(weights[j]), load8<P>(values + j * stride + d), o);
+    _mm256_storeu_ps(acc + d, o);
+  }
+}
+
+#endif  // HEAD_ATTENTION_FUSED_16BIT
+
+/// dot_rows16 for keys stored in `precision` (float16 or bfloat16), when fused_16bit allows it.
+inline void dot_rows16(Precision precision, const float* q, const void* keys, Eigen::Index stride,
+                       Eigen::Index rows, Eigen::Index head, float* scores) noexcept {
+#if HEAD_ATTENTION_FUSED_16BIT
+  const std::uint16_t* k = static_cast<const std::uint16_t*>(keys);
+  if (precision == Precision::float16)
+    dot_rows16<Precision::float16>(q, k, stride, rows, head, scores);
+  else
+    dot_rows16<Precision::bfloat16>(q, k, stride, rows, head, scores);
+#else
+  (void)precision, (void)q, (void)keys, (void)stride, (void)rows, (void)head, (void)scores;
+#endif
+}
+
+/// weighted_rows16 for values stored in `precision` (float16 or bfloat16), when fused_16bit allows it.
+inline void weighted_rows16(Precision precision, const float* weights, const void* values,
+                            Eigen::Index stride, Eigen::Index rows, Eigen::Index head, float* acc) noexcept {
+#if HEAD_ATTENTION_FUSED_16BIT
+  const std::uint16_t* v = static_cast<const std::uint16_t*>(values);
+  if (precision == Precision::float16)
+    weighted_rows16<Precision::float16>(weights, v, stride, rows, head, acc);
+  else
+    weighted_rows16<Precision::bfloat16>(weights, v, stride, rows, head, acc);
+#else
+  (void)precision, (void)weights, (void)values, (void)stride, (void)rows, (void)head, (void)acc;
+#endif
+}
+
+}  // namespace head_attention::detail
