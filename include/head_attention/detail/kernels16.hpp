@@ -105,32 +105,40 @@ void weighted_rows16(const float* weights, const std::uint16_t* values, Eigen::I
 
 #endif  // HEAD_ATTENTION_FUSED_16BIT
 
-/// dot_rows16 for keys stored in `precision` (float16 or bfloat16), when fused_16bit allows it.
-inline void dot_rows16(Precision precision, const float* q, const void* keys, Eigen::Index stride,
-                       Eigen::Index rows, Eigen::Index head, float* scores) noexcept {
+/// dot_rows16 for keys stored in `precision` (float16 or bfloat16), when fused_16bit<Scalar> allows it (a
+/// no-op otherwise, never called).
+template <typename Scalar>
+void dot_rows16(Precision precision, const Scalar* q, const void* keys, Eigen::Index stride,
+                Eigen::Index rows, Eigen::Index head, Scalar* scores) noexcept {
 #if HEAD_ATTENTION_FUSED_16BIT
-  const std::uint16_t* k = static_cast<const std::uint16_t*>(keys);
-  if (precision == Precision::float16)
-    dot_rows16<Precision::float16>(q, k, stride, rows, head, scores);
-  else
-    dot_rows16<Precision::bfloat16>(q, k, stride, rows, head, scores);
-#else
-  (void)precision, (void)q, (void)keys, (void)stride, (void)rows, (void)head, (void)scores;
+  if constexpr (std::is_same<Scalar, float>::value) {
+    const std::uint16_t* k = static_cast<const std::uint16_t*>(keys);
+    if (precision == Precision::float16)
+      dot_rows16<Precision::float16>(q, k, stride, rows, head, scores);
+    else
+      dot_rows16<Precision::bfloat16>(q, k, stride, rows, head, scores);
+    return;
+  }
 #endif
+  (void)precision, (void)q, (void)keys, (void)stride, (void)rows, (void)head, (void)scores;
 }
 
-/// weighted_rows16 for values stored in `precision` (float16 or bfloat16), when fused_16bit allows it.
-inline void weighted_rows16(Precision precision, const float* weights, const void* values,
-                            Eigen::Index stride, Eigen::Index rows, Eigen::Index head, float* acc) noexcept {
+/// weighted_rows16 for values stored in `precision` (float16 or bfloat16), when fused_16bit<Scalar> allows
+/// it (a no-op otherwise, never called).
+template <typename Scalar>
+void weighted_rows16(Precision precision, const Scalar* weights, const void* values, Eigen::Index stride,
+                     Eigen::Index rows, Eigen::Index head, Scalar* acc) noexcept {
 #if HEAD_ATTENTION_FUSED_16BIT
-  const std::uint16_t* v = static_cast<const std::uint16_t*>(values);
-  if (precision == Precision::float16)
-    weighted_rows16<Precision::float16>(weights, v, stride, rows, head, acc);
-  else
-    weighted_rows16<Precision::bfloat16>(weights, v, stride, rows, head, acc);
-#else
-  (void)precision, (void)weights, (void)values, (void)stride, (void)rows, (void)head, (void)acc;
+  if constexpr (std::is_same<Scalar, float>::value) {
+    const std::uint16_t* v = static_cast<const std::uint16_t*>(values);
+    if (precision == Precision::float16)
+      weighted_rows16<Precision::float16>(weights, v, stride, rows, head, acc);
+    else
+      weighted_rows16<Precision::bfloat16>(weights, v, stride, rows, head, acc);
+    return;
+  }
 #endif
+  (void)precision, (void)weights, (void)values, (void)stride, (void)rows, (void)head, (void)acc;
 }
 
 }  // namespace head_attention::detail
