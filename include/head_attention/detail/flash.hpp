@@ -35,8 +35,13 @@ struct Tuning {
   /// stay in L2.
   static constexpr Eigen::Index decode_wide_key_block = 256;
   /// Inputs shorter than projection_split · projection_rows rows are cut into about this many projection
-  /// chunks (of a multiple of 8 rows), whatever the thread count.
+  /// chunks (of a multiple of 8 rows, at least projection_min_rows), whatever the thread count.
   static constexpr Eigen::Index projection_split = 8;
+  /// Rows of x per projection work item, at least (unless x has fewer). Each item packs its weight matrix
+  /// (head · emb values) for the GEMM kernel: with chunks of 8 rows that packing took as long as the products
+  /// (perf: gemm_pack_lhs 46% of a multi-head call at B = 2, T = 10); 32 was measured 28% faster there on one
+  /// thread and 12% on two, 64 no better.
+  static constexpr Eigen::Index projection_min_rows = 32;
   /// Rows of x per projection work item, at most.
   static constexpr Eigen::Index projection_rows = 256;
   /// Below this many useful flops a forward call stays on one thread. Forking is cheap next to the
@@ -354,7 +359,8 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   // depending on where it falls in a chunk, and results must not depend on the thread count.
   const Index proj_rows = std::min(
       Tuning::projection_rows,
-      std::max<Index>(8, ((rows + Tuning::projection_split - 1) / Tuning::projection_split + 7) / 8 * 8));
+      std::max<Index>(Tuning::projection_min_rows,
+                      ((rows + Tuning::projection_split - 1) / Tuning::projection_split + 7) / 8 * 8));
   const Index chunks = (rows + proj_rows - 1) / proj_rows;
   const Index proj_items = 3 * heads * chunks;  // (row chunk, head, projection) triples
   threads = static_cast<int>(std::min<Index>(threads, std::max(items, proj_items)));
@@ -436,11 +442,14 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
         plan.caches[c]->write(qkv.data() + (h * rows + b * seq_len) * ld + head, ld, seq_len);
       }
     }
-    // Costliest items first (the last query blocks see the most keys), handed out one at a time.
+    // One (head, sequence) after another, its costliest query blocks first (the last ones see the most keys),
+    // handed out one at a time. Consecutive items read the same K and V rows (2 MB at T = 4096), which stay
+    // in cache; interleaving all heads and sequences at each query block made every item's K and V cold (the
+    // working set is all of Q|K|V, 25 to 50 MB for 8 heads) and was measured 15-20% slower on one thread.
     HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
     for (Index item = 0; item < items; ++item) {
-      const Index qb = query_blocks - 1 - item / (batch * heads);
-      const Index c = item % (batch * heads);  // head h = c / batch, sequence b = c % batch
+      const Index qb = query_blocks - 1 - item % query_blocks;
+      const Index c = item / query_blocks;  // head h = c / batch, sequence b = c % batch
       const Index h = c / batch, b = c % batch;
       const Index r0 = qb * block_q;
       const Index bq = std::min(block_q, seq_len - r0);
