@@ -33,6 +33,17 @@ void check_projections(const HeadAttention<Scalar>& layer, const char* where) {
   check_linear(layer.value(), where, "value()", layer.emb_size(), layer.head_size());
 }
 
+/// Throws shape_error unless lengths has `batch` entries, each in [0, seq_len].
+inline void check_lengths(const std::vector<Eigen::Index>& lengths, Eigen::Index batch, Eigen::Index seq_len,
+                          const char* where) {
+  HEAD_ATTENTION_REQUIRE(static_cast<Eigen::Index>(lengths.size()) == batch, where, "lengths.size()",
+                         "batch = " + std::to_string(batch), std::to_string(lengths.size()));
+  for (std::size_t b = 0; b < lengths.size(); ++b)
+    HEAD_ATTENTION_REQUIRE(lengths[b] >= 0 && lengths[b] <= seq_len, where,
+                           "lengths[" + std::to_string(b) + "]",
+                           "in [0, T = " + std::to_string(seq_len) + "]", std::to_string(lengths[b]));
+}
+
 }  // namespace detail
 
 /// Causal single-head self-attention, the C++ twin of simple_llm's PyTorch HeadAttention(emb_size, head_size,
@@ -174,15 +185,7 @@ class HeadAttention {
   /// of it (0 rows when batch = 0), and on any bad shape.
   template <typename Derived>
   void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out) const {
-    check_input<Derived>();
-    const char* where = "HeadAttention::forward_into";
-    HEAD_ATTENTION_REQUIRE(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
-    HEAD_ATTENTION_REQUIRE(batch > 0 ? x.rows() % batch == 0 : x.rows() == 0, where, "x.rows()",
-                           "a multiple of batch = " + std::to_string(batch), std::to_string(x.rows()));
-    const Index seq_len = batch > 0 ? x.rows() / batch : 0;
-    check_call(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
-    check_out(out, x.rows(), where);
-    run(x, batch, seq_len, out.data(), out.outerStride());
+    batch_into(x, batch, out, nullptr);
   }
 
   /// The same with right padding: sequence b's keys at positions >= lengths[b] are masked for every query
@@ -191,19 +194,7 @@ class HeadAttention {
   template <typename Derived>
   void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
                     const std::vector<Index>& lengths) const {
-    check_input<Derived>();
-    const char* where = "HeadAttention::forward_into";
-    HEAD_ATTENTION_REQUIRE(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
-    HEAD_ATTENTION_REQUIRE(batch > 0 ? x.rows() % batch == 0 : x.rows() == 0, where, "x.rows()",
-                           "a multiple of batch = " + std::to_string(batch), std::to_string(x.rows()));
-    const Index seq_len = batch > 0 ? x.rows() / batch : 0;
-    check_call(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
-    check_out(out, x.rows(), where);
-    check_lengths(lengths, batch, seq_len, where);
-    detail::AttentionPlan<Scalar> plan;
-    plan.rule = m_rule;
-    plan.lengths = lengths.data();
-    run(x, batch, seq_len, out.data(), out.outerStride(), plan);
+    batch_into(x, batch, out, &lengths);
   }
 
   /// An empty KV cache for incremental decoding with this layer (its sizes and mask rule), storing keys and
@@ -266,14 +257,25 @@ class HeadAttention {
                            detail::shape_string(out.rows(), out.cols()));
   }
 
-  static void check_lengths(const std::vector<Index>& lengths, Index batch, Index seq_len,
-                            const char* where) {
-    HEAD_ATTENTION_REQUIRE(static_cast<Index>(lengths.size()) == batch, where, "lengths.size()",
-                           "batch = " + std::to_string(batch), std::to_string(lengths.size()));
-    for (std::size_t b = 0; b < lengths.size(); ++b)
-      HEAD_ATTENTION_REQUIRE(lengths[b] >= 0 && lengths[b] <= seq_len, where,
-                             "lengths[" + std::to_string(b) + "]",
-                             "in [0, T = " + std::to_string(seq_len) + "]", std::to_string(lengths[b]));
+  /// forward_into over `batch` sequences back to back, with right padding when lengths is not null.
+  template <typename Derived>
+  void batch_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef& out,
+                  const std::vector<Index>* lengths) const {
+    check_input<Derived>();
+    const char* where = "HeadAttention::forward_into";
+    HEAD_ATTENTION_REQUIRE(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
+    HEAD_ATTENTION_REQUIRE(batch > 0 ? x.rows() % batch == 0 : x.rows() == 0, where, "x.rows()",
+                           "a multiple of batch = " + std::to_string(batch), std::to_string(x.rows()));
+    const Index seq_len = batch > 0 ? x.rows() / batch : 0;
+    check_call(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
+    check_out(out, x.rows(), where);
+    detail::AttentionPlan<Scalar> plan;
+    plan.rule = m_rule;
+    if (lengths != nullptr) {
+      detail::check_lengths(*lengths, batch, seq_len, where);
+      plan.lengths = lengths->data();
+    }
+    run(x, batch, seq_len, out.data(), out.outerStride(), plan);
   }
 
   /// The cached forward of `count` chunks stored back to back in x, chunk b extending *caches[b].
@@ -287,23 +289,9 @@ class HeadAttention {
     const Index t = count > 0 ? x.rows() / count : 0;
     check_call(x.cols(), t, where, "x.cols() (input width)", "x.rows() (t)");
     check_out(out, x.rows(), where);
-    for (Index b = 0; b < count; ++b) {
-      const KVCache<Scalar>& cache = *caches[b];
-      const std::string name = count == 1 ? "cache" : "caches[" + std::to_string(b) + "]";
-      HEAD_ATTENTION_REQUIRE(cache.emb_size() == m_emb_size && cache.head_size() == m_head_size &&
-                                 cache.max_seq_len() == m_max_seq_len,
-                             where, name + " sizes (emb_size, head_size, max_seq_len)",
-                             "this layer's (" + std::to_string(m_emb_size) + ", " +
-                                 std::to_string(m_head_size) + ", " + std::to_string(m_max_seq_len) + ")",
-                             "(" + std::to_string(cache.emb_size()) + ", " +
-                                 std::to_string(cache.head_size()) + ", " +
-                                 std::to_string(cache.max_seq_len()) + ")");
-      HEAD_ATTENTION_REQUIRE(cache.mask_rule() == m_rule, where, name + " mask rule",
-                             "this layer's " + m_rule.name(), cache.mask_rule().name());
-      HEAD_ATTENTION_REQUIRE(cache.size() + t <= m_max_seq_len, where, name + ".size() + t",
-                             "<= max_seq_len = " + std::to_string(m_max_seq_len),
-                             std::to_string(cache.size()) + " + " + std::to_string(t));
-    }
+    for (Index b = 0; b < count; ++b)
+      caches[b]->check_fits(m_emb_size, m_head_size, m_max_seq_len, m_rule, t, where,
+                            count == 1 ? "cache" : "caches[" + std::to_string(b) + "]");
     if (t == 0) return;
     std::vector<detail::KVStore*> stores(static_cast<std::size_t>(count));
     for (Index b = 0; b < count; ++b) {

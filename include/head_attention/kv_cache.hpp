@@ -66,6 +66,24 @@ class KVCache {
   friend class HeadAttention<Scalar>;
   friend class MultiHeadAttention<Scalar>;
 
+  /// Throws shape_error unless the cache belongs to a layer of these sizes and this rule and has room for t
+  /// more positions; `name` is what the message calls it.
+  void check_fits(Index emb_size, Index head_size, Index max_seq_len, const MaskRule& rule, Index t,
+                  const char* where, const std::string& name) const {
+    HEAD_ATTENTION_REQUIRE(
+        m_emb_size == emb_size && this->head_size() == head_size && m_max_seq_len == max_seq_len, where,
+        name + " sizes (emb_size, head_size, max_seq_len)",
+        "this layer's (" + std::to_string(emb_size) + ", " + std::to_string(head_size) + ", " +
+            std::to_string(max_seq_len) + ")",
+        "(" + std::to_string(m_emb_size) + ", " + std::to_string(this->head_size()) + ", " +
+            std::to_string(m_max_seq_len) + ")");
+    HEAD_ATTENTION_REQUIRE(m_rule == rule, where, name + " mask rule", "this layer's " + rule.name(),
+                           m_rule.name());
+    HEAD_ATTENTION_REQUIRE(size() + t <= max_seq_len, where, name + ".size() + t",
+                           "<= max_seq_len = " + std::to_string(max_seq_len),
+                           std::to_string(size()) + " + " + std::to_string(t));
+  }
+
   KVCache(Index emb_size, Index head_size, Index max_seq_len, const MaskRule& rule, Precision storage)
       : m_emb_size(emb_size),
         m_max_seq_len(max_seq_len),

@@ -129,7 +129,7 @@ class MultiHeadAttention {
                            detail::shape_string(out.rows(), out.cols()));
     detail::AttentionPlan<Scalar> plan;
     if (lengths != nullptr) {
-      check_lengths(*lengths, batch, seq_len, where);
+      detail::check_lengths(*lengths, batch, seq_len, where);
       plan.lengths = lengths->data();
     }
     run(x, batch, seq_len, out.data(), out.outerStride(), plan);
@@ -248,16 +248,6 @@ class MultiHeadAttention {
                            "<= max_seq_len = " + std::to_string(max_seq_len()), std::to_string(length));
   }
 
-  static void check_lengths(const std::vector<Index>& lengths, Index batch, Index seq_len,
-                            const char* where) {
-    HEAD_ATTENTION_REQUIRE(static_cast<Index>(lengths.size()) == batch, where, "lengths.size()",
-                           "batch = " + std::to_string(batch), std::to_string(lengths.size()));
-    for (std::size_t b = 0; b < lengths.size(); ++b)
-      HEAD_ATTENTION_REQUIRE(lengths[b] >= 0 && lengths[b] <= seq_len, where,
-                             "lengths[" + std::to_string(b) + "]",
-                             "in [0, T = " + std::to_string(seq_len) + "]", std::to_string(lengths[b]));
-  }
-
   template <typename TensorDerived>
   Tensor3 forward_tensor(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
                          const std::vector<Index>* lengths) const {
@@ -267,7 +257,7 @@ class MultiHeadAttention {
           check(width, seq_len, where, "x.dimension(2) (input width)", "x.dimension(1) (T)");
           detail::AttentionPlan<Scalar> plan;
           if (lengths != nullptr) {
-            check_lengths(*lengths, batch, seq_len, where);
+            detail::check_lengths(*lengths, batch, seq_len, where);
             plan.lengths = lengths->data();
           }
           Tensor3 out(batch, seq_len, emb_size());                            // [B, T, emb]
@@ -293,20 +283,8 @@ class MultiHeadAttention {
                            "cache heads", std::to_string(num_heads()),
                            std::to_string(batch > 0 ? cache.m_caches.size() / batch : 0));
     const MaskRule& rule = mask_rule();
-    for (const KVCache<Scalar>& c : cache.m_caches) {
-      HEAD_ATTENTION_REQUIRE(
-          c.emb_size() == emb_size() && c.head_size() == head_size() && c.max_seq_len() == max_seq_len(),
-          where, "cache sizes (emb_size, head_size, max_seq_len)",
-          "this layer's (" + std::to_string(emb_size()) + ", " + std::to_string(head_size()) + ", " +
-              std::to_string(max_seq_len()) + ")",
-          "(" + std::to_string(c.emb_size()) + ", " + std::to_string(c.head_size()) + ", " +
-              std::to_string(c.max_seq_len()) + ")");
-      HEAD_ATTENTION_REQUIRE(c.mask_rule() == rule, where, "cache mask rule", "this layer's " + rule.name(),
-                             c.mask_rule().name());
-      HEAD_ATTENTION_REQUIRE(c.size() + t <= max_seq_len(), where, "cache.size() + t",
-                             "<= max_seq_len = " + std::to_string(max_seq_len()),
-                             std::to_string(c.size()) + " + " + std::to_string(t));
-    }
+    for (const KVCache<Scalar>& c : cache.m_caches)
+      c.check_fits(emb_size(), head_size(), max_seq_len(), rule, t, where, "cache");
     if (t == 0) return;
     std::vector<detail::KVStore*> stores;
     stores.reserve(cache.m_caches.size());
