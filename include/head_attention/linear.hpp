@@ -49,8 +49,16 @@ Linear<Scalar> make_linear(Eigen::Index in, Eigen::Index out, UniformSource& uni
 /// The layer converted to the type it computes in (itself for float and double).
 template <typename Scalar>
 Linear<compute_t<Scalar>> widen(const Linear<Scalar>& layer) {
-  return Linear<compute_t<Scalar>>{layer.weight.template cast<compute_t<Scalar>>(),
-                                   layer.bias.template cast<compute_t<Scalar>>()};
+  using Wide = compute_t<Scalar>;
+  Linear<Wide> wide;
+  wide.weight.resize(layer.weight.rows(), layer.weight.cols());
+  wide.bias.resize(layer.bias.size());
+  // convert_rows rather than Eigen's cast, which widens 16-bit values one at a time (measured: 2x the time of
+  // a whole call at B = 2, T = 10 for bfloat16).
+  convert_rows(precision_of<Scalar>(), layer.weight.data(), layer.weight.cols(), layer.weight.rows(),
+               layer.weight.cols(), wide.weight.data(), wide.weight.cols());
+  convert_rows(precision_of<Scalar>(), layer.bias.data(), 1, layer.bias.size(), 1, wide.bias.data(), 1);
+  return wide;
 }
 
 /// Throws unless layer has the [out, in] weight and [out] bias that the owning layer expects.
