@@ -1,9 +1,11 @@
 // bench_multihead: MultiHeadAttention's one-pass forward against the same layer run as separate HeadAttention
 // calls (each head's forward_into writing its slice of the concatenation) plus one projection GEMM.
 //
-// multihead/<fused|separate>/float/B:<B>/T:<T>/threads:<n>: emb 512, 8 heads of 64, simple_llm's sizes. The
-// fused path shares one parallel region between all heads' projections, attention blocks and the output
-// projection; the separate path forks once per head and once for the GEMM (Eigen's, limited to n threads).
+// multihead/<fused|fused_workspace|separate>/float/B:<B>/T:<T>/threads:<n>: emb 512, 8 heads of 64,
+// simple_llm's sizes. The fused path shares one parallel region between all heads' projections, attention
+// blocks and the output projection (fused_workspace: with a Workspace kept across calls, so that its buffers
+// are not allocated and page-faulted again each call); the separate path forks once per head and once for the
+// GEMM (Eigen's, limited to n threads).
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -27,14 +29,18 @@ struct Shape {
 };
 const Shape kShapes[] = {{2, 10}, {8, 1024}, {1, 4096}};
 
-void bm_fused(benchmark::State& state, Shape s, int threads) {
+void bm_fused(benchmark::State& state, Shape s, int threads, bool reuse) {
   head_attention::MultiHeadAttention<float> mha(kHeads, kEmb, kHead, s.seq_len, kSeed);
   mha.set_num_threads(threads);
   std::srand(7);
   const Matrix x = Matrix::Random(s.batch * s.seq_len, kEmb);  // [B·T, emb]
   Matrix out(s.batch * s.seq_len, kEmb);
+  head_attention::Workspace<float> workspace;
   for (auto _ : state) {
-    mha.forward_into(x, s.batch, out);
+    if (reuse)
+      mha.forward_into(x, s.batch, out, workspace);
+    else
+      mha.forward_into(x, s.batch, out);
     benchmark::DoNotOptimize(out.data());
   }
 }
@@ -67,13 +73,14 @@ int main(int argc, char** argv) {
   Eigen::setNbThreads(1);
   for (const Shape& s : kShapes)
     for (const int threads : {1, 2})
-      for (const bool fused : {true, false}) {
-        const std::string name = std::string("multihead/") + (fused ? "fused" : "separate") +
-                                 "/float/B:" + std::to_string(s.batch) + "/T:" + std::to_string(s.seq_len) +
-                                 "/threads:" + std::to_string(threads);
-        benchmark::RegisterBenchmark(name.c_str(), fused ? bm_fused : bm_separate, s, threads)
-            ->Unit(benchmark::kMillisecond)
-            ->UseRealTime();
+      for (const char* kind : {"fused", "fused_workspace", "separate"}) {
+        const std::string name = std::string("multihead/") + kind + "/float/B:" + std::to_string(s.batch) +
+                                 "/T:" + std::to_string(s.seq_len) + "/threads:" + std::to_string(threads);
+        const std::string k = kind;
+        benchmark::internal::Benchmark* b =
+            k == "separate" ? benchmark::RegisterBenchmark(name.c_str(), bm_separate, s, threads)
+                            : benchmark::RegisterBenchmark(name.c_str(), bm_fused, s, threads, k != "fused");
+        b->Unit(benchmark::kMillisecond)->UseRealTime();
       }
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

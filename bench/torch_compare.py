@@ -46,7 +46,7 @@ NAME_RE = re.compile(r"^attention/(fast|reference)/(float|double)/B:(\d+)/T:(\d+
 # The multi-head comparison: simple_llm's sizes, 8 heads of 64 over emb 512, the shapes of issue 8.
 MH_HEADS = 8
 MH_SHAPES = [(8, 1024), (1, 4096)]
-MH_NAME_RE = re.compile(r"^multihead/(fused|separate)/(float)/B:(\d+)/T:(\d+)/threads:(\d+)")
+MH_NAME_RE = re.compile(r"^multihead/(fused|fused_workspace|separate)/(float)/B:(\d+)/T:(\d+)/threads:(\d+)")
 
 
 def useful_flops(b, t):
@@ -406,7 +406,7 @@ def write_plot(args, ours, torch_runs, path):
 def multihead_filter(shapes, threads):
     shape_re = "|".join(f"B:{b}/T:{t}" for b, t in shapes)
     threads_re = "|".join(str(n) for n in threads)
-    return f"^multihead/(fused|separate)/float/({shape_re})/threads:({threads_re})/"
+    return f"^multihead/(fused|fused_workspace|separate)/float/({shape_re})/threads:({threads_re})/"
 
 
 def parse_multihead(path):
@@ -502,7 +502,9 @@ def write_multihead_table(args, rounds, summary, run_info, path):
                  "once, in an order rotated by one every round. Each cell is the median over the rounds of each "
                  "round's median; the JSON keeps every round.")
     lines.append("- ours fused = `MultiHeadAttention<float>::forward_into` (`set_num_threads(threads)`: all heads' "
-                 "projections, attention blocks and the output projection in one parallel region); ours separate = "
+                 "projections, attention blocks and the output projection in one parallel region); ours fused + "
+                 "Workspace = the same call given one `Workspace<float>` kept across calls (its buffers are "
+                 "neither allocated nor page-faulted again); ours separate = "
                  f"{MH_HEADS} `HeadAttention<float>::forward_into` calls (each on `threads` threads) into the "
                  "columns of a preallocated concatenation, then one Eigen GEMM with `Eigen::setNbThreads(threads)` "
                  "plus the bias (bench/bench_multihead.cpp).")
@@ -535,7 +537,8 @@ def write_multihead_table(args, rounds, summary, run_info, path):
         row = summary.get(key)
         return row.get(field) if row else None
 
-    head = ["shape (B, T)", "threads", "ours fused (ms)", "ours separate (ms)", "fused vs separate"]
+    head = ["shape (B, T)", "threads", "ours fused (ms)", "ours fused + Workspace (ms)", "ours separate (ms)",
+            "fused vs separate", "fused + Workspace vs separate"]
     head += [f"PyTorch {lab} (ms)" for lab in labels]
     head += [f"fused vs PyTorch {lab}" for lab in labels]
     lines.append("| " + " | ".join(head) + " |")
@@ -543,8 +546,10 @@ def write_multihead_table(args, rounds, summary, run_info, path):
     for b, t in args.shapes:
         for threads in args.threads:
             fused, sep = cell(("fused", b, t, threads)), cell(("separate", b, t, threads))
+            ws = cell(("fused_workspace", b, t, threads))
             pt = [cell((lab, b, t, threads)) for lab in labels]
-            row = [f"{b}, {t}", str(threads), fmt_ms(fused), fmt_ms(sep), fmt_x(sep, fused)]
+            row = [f"{b}, {t}", str(threads), fmt_ms(fused), fmt_ms(ws), fmt_ms(sep), fmt_x(sep, fused),
+                   fmt_x(sep, ws)]
             row += [fmt_ms(v) for v in pt] + [fmt_x(v, fused) for v in pt]
             lines.append("| " + " | ".join(row) + " |")
     lines.append("")
@@ -556,20 +561,22 @@ def write_multihead_table(args, rounds, summary, run_info, path):
         lines.append("The same runs, one thread, timed by the CPU time of the calling thread (Google Benchmark's "
                      "`cpu_time`, Python's `time.thread_time()`): time other processes take the core away does not "
                      "count, so these are the steadier ratios.\n")
-        head = ["shape (B, T)", "ours fused CPU (ms)", "ours separate CPU (ms)", "fused vs separate"]
+        head = ["shape (B, T)", "ours fused CPU (ms)", "ours fused + Workspace CPU (ms)", "ours separate CPU (ms)",
+                "fused vs separate", "fused + Workspace vs separate"]
         head += [f"PyTorch {lab} CPU (ms)" for lab in labels]
         head += [f"fused vs PyTorch {lab}" for lab in labels]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|---|" + "|".join(["---:"] * (len(head) - 1)) + "|")
         for b, t in args.shapes:
             fused, sep = cell(("fused", b, t, 1), "cpu_ms"), cell(("separate", b, t, 1), "cpu_ms")
+            ws = cell(("fused_workspace", b, t, 1), "cpu_ms")
             pt = [cell((lab, b, t, 1), "cpu_ms") for lab in labels]
-            row = [f"{b}, {t}", fmt_ms(fused), fmt_ms(sep), fmt_x(sep, fused)]
+            row = [f"{b}, {t}", fmt_ms(fused), fmt_ms(ws), fmt_ms(sep), fmt_x(sep, fused), fmt_x(sep, ws)]
             row += [fmt_ms(v) for v in pt] + [fmt_x(v, fused) for v in pt]
             lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append("## Spread over the rounds (wall clock, min – max of the per-round medians)\n")
-    names = ["fused", "separate"] + labels
+    names = ["fused", "fused_workspace", "separate"] + labels
     lines.append("| shape (B, T) | threads | " + " | ".join(names) + " |")
     lines.append("|---|---|" + "|".join(["---:"] * len(names)) + "|")
     for b, t in args.shapes:

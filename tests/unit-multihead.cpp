@@ -196,3 +196,50 @@ TEMPLATE_TEST_CASE("MultiHeadAttention: bad input is refused, the layer unchange
                     {"cache sizes", "(8, 4, 16)", "(8, 5, 16)"});
   CHECK(identical(mha.forward(x), before));
 }
+
+TEMPLATE_TEST_CASE("a Workspace gives the same results and stops growing", "[multihead][workspace]", float,
+                   double) {
+  using Scalar = TestType;
+  head_attention::MultiHeadAttention<Scalar> mha(3, 24, 8, 300, 17);
+  head_attention::HeadAttention<Scalar> head(24, 8, 300, 18);
+  head_attention::Workspace<Scalar> workspace;
+  CHECK(workspace.bytes() == 0);
+  std::size_t grown = 0;
+  // A large shape, a small one, the large one again, and padding: each equal to the call without a workspace.
+  for (const Index T : {Index(300), Index(7), Index(300), Index(65)}) {
+    const Index B = 2;
+    const Matrix<Scalar> x = random_matrix<Scalar>(B * T, 24, 100 + static_cast<std::uint64_t>(T));
+    Matrix<Scalar> with(B * T, 24), without(B * T, 24);
+    mha.forward_into(x, B, with, workspace);
+    mha.forward_into(x, B, without);
+    CHECK(identical(with, without));
+    const std::vector<Index> lengths = {T, T / 2};
+    mha.forward_into(x, B, with, workspace, &lengths);
+    mha.forward_into(x, B, without, &lengths);
+    CHECK(identical(with, without));
+    Matrix<Scalar> one(B * T, 8), two(B * T, 8);
+    head.forward_into(x, B, one, workspace);  // another layer, the same workspace
+    head.forward_into(x, B, two);
+    CHECK(identical(one, two));
+    if (T == 300) {
+      if (grown == 0) grown = workspace.bytes();
+      CHECK(workspace.bytes() == grown);  // the second large call found everything in place
+    }
+  }
+  CHECK(grown > 0);
+  workspace.release();
+  CHECK(workspace.bytes() == 0);
+}
+
+TEST_CASE("a Workspace serves 16-bit layers", "[multihead][workspace]") {
+  using Scalar = Eigen::half;
+  head_attention::MultiHeadAttention<Scalar> mha(2, 16, 8, 80, 3);
+  head_attention::Workspace<Scalar> workspace;
+  for (int call = 0; call < 2; ++call) {
+    const Matrix<Scalar> x = random_matrix<float>(80, 16, 5 + static_cast<std::uint64_t>(call)).cast<Scalar>();
+    Matrix<Scalar> with(80, 16), without(80, 16);
+    mha.forward_into(x, 1, with, workspace);
+    mha.forward_into(x, 1, without);
+    CHECK(identical(with, without));
+  }
+}

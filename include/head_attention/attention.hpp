@@ -17,6 +17,7 @@
 #include "linear.hpp"
 #include "mask.hpp"
 #include "reference.hpp"
+#include "workspace.hpp"
 
 namespace head_attention {
 
@@ -185,7 +186,15 @@ class HeadAttention {
   /// of it (0 rows when batch = 0), and on any bad shape.
   template <typename Derived>
   void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out) const {
-    batch_into(x, batch, out, nullptr);
+    batch_into(x, batch, out, nullptr, nullptr);
+  }
+
+  /// The same, with its working memory taken from (and left in) `workspace`: repeated calls of one shape
+  /// allocate no large buffer (see Workspace).
+  template <typename Derived>
+  void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
+                    Workspace<Scalar>& workspace) const {
+    batch_into(x, batch, out, nullptr, &workspace);
   }
 
   /// The same with right padding: sequence b's keys at positions >= lengths[b] are masked for every query
@@ -194,7 +203,7 @@ class HeadAttention {
   template <typename Derived>
   void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
                     const std::vector<Index>& lengths) const {
-    batch_into(x, batch, out, &lengths);
+    batch_into(x, batch, out, &lengths, nullptr);
   }
 
   /// An empty KV cache for incremental decoding with this layer (its sizes and mask rule), storing keys and
@@ -260,7 +269,7 @@ class HeadAttention {
   /// forward_into over `batch` sequences back to back, with right padding when lengths is not null.
   template <typename Derived>
   void batch_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef& out,
-                  const std::vector<Index>* lengths) const {
+                  const std::vector<Index>* lengths, Workspace<Scalar>* workspace) const {
     check_input<Derived>();
     const char* where = "HeadAttention::forward_into";
     HEAD_ATTENTION_REQUIRE(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
@@ -275,6 +284,7 @@ class HeadAttention {
       detail::check_lengths(*lengths, batch, seq_len, where);
       plan.lengths = lengths->data();
     }
+    if (workspace != nullptr) plan.buffers = &workspace->m_buffers;
     run(x, batch, seq_len, out.data(), out.outerStride(), plan);
   }
 

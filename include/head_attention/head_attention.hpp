@@ -12,3 +12,4 @@
 #include "precision.hpp"
 #include "reference.hpp"
 #include "version.hpp"
+#include "workspace.hpp"

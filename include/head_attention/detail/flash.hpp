@@ -252,6 +252,80 @@ inline int& last_team_size() noexcept {
   return size;
 }
 
+/// Every buffer a forward call needs, kept between the calls that share it (a Workspace) so that a call of a
+/// shape seen before allocates nothing: flat storage only grows, and the GEMM packing buffers and attention
+/// scratch are rebuilt only when the shape they were made for changes. Scalar is the compute type.
+template <typename Scalar>
+struct ForwardBuffers {
+  using Index = Eigen::Index;
+  using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+
+  /// At least `size` elements of v (reallocated only when it has fewer; old contents are not kept).
+  static Scalar* grow(Vector& v, Index size) {
+    if (v.size() < size) {
+      v.resize(0);  // free first: never hold both
+      v.resize(size);
+    }
+    return v.data();
+  }
+
+  /// Makes the per-thread GEMMs and scratch fit this shape, rebuilding them only if it differs from the last.
+  void fit(int threads, Index rows, Index head, Index emb, Index out_width, Index concat_width, Index block_q,
+           Index block_k, bool wide_keys, bool wide) {
+    const std::vector<Index> key = {threads,      rows,    head,    emb,       out_width,
+                                    concat_width, block_q, block_k, wide_keys, wide};
+    if (key == m_key) return;
+    m_key.clear();  // invalid until everything is rebuilt (a bad_alloc on the way leaves it so)
+    projection_gemm.clear();
+    output_gemm.clear();
+    scratch.clear();
+    // Reserved first: a Gemm owns its packing buffers and must never be relocated by a growing vector.
+    projection_gemm.reserve(static_cast<std::size_t>(threads));
+    output_gemm.reserve(static_cast<std::size_t>(threads));
+    scratch.reserve(static_cast<std::size_t>(threads));
+    x_wide.resize(static_cast<std::size_t>(threads));
+    projected_wide.resize(static_cast<std::size_t>(threads));
+    for (int t = 0; t < threads; ++t) {
+      projection_gemm.emplace_back(rows, head, emb);
+      if (out_width > 0) output_gemm.emplace_back(rows, out_width, concat_width);
+      scratch.emplace_back(block_q, block_k, head, wide_keys);
+      if (wide) {
+        grow(x_wide[static_cast<std::size_t>(t)], rows * emb);
+        grow(projected_wide[static_cast<std::size_t>(t)], rows * out_width);
+      }
+    }
+    m_key = key;
+  }
+
+  /// Bytes held (roughly: the packing buffers are counted by their sizes).
+  std::size_t bytes() const {
+    std::size_t n = static_cast<std::size_t>(qkv.size() + concat.size());
+    for (const Vector& v : x_wide)
+      n += static_cast<std::size_t>(v.size());
+    for (const Vector& v : projected_wide)
+      n += static_cast<std::size_t>(v.size());
+    for (const Linear<Scalar>& l : wide_layers)
+      n += static_cast<std::size_t>(l.weight.size() + l.bias.size());
+    n *= sizeof(Scalar);
+    for (const FlashScratch<Scalar>& f : scratch)
+      n += sizeof(Scalar) * static_cast<std::size_t>(f.probs.size() + f.acc.size() + f.clean_values.size() +
+                                                     f.wide_k.size() + f.wide_v.size());
+    return n;
+  }
+
+  Vector qkv;     // [heads · rows, 3 · head] Q | K | V of every head
+  Vector concat;  // [rows, heads · head] the multi-head layer's concatenated head outputs
+  std::vector<Gemm<Scalar>> projection_gemm, output_gemm;  // per thread
+  std::vector<FlashScratch<Scalar>> scratch;               // per thread
+  std::vector<Vector> x_wide, projected_wide;  // per thread, 16-bit layers: a chunk of x and of the output
+  std::vector<Index> x_wide_chunk;             // per thread: which chunk x_wide holds
+  std::vector<Linear<Scalar>> wide_layers;     // 16-bit layers: the weights converted for this call
+  std::vector<const Linear<Scalar>*> wide_pointers;
+
+ private:
+  std::vector<Index> m_key;  // the shape the GEMMs and scratch were made for
+};
+
 /// What differs between forward calls beyond their input: the mask rule, right padding, a KV cache, and the
 /// multi-head layer's output projection. Scalar is the layer's (stored) type.
 template <typename Scalar>
@@ -270,6 +344,8 @@ struct AttentionPlan {
   const Linear<Scalar>* output = nullptr;
   Scalar* projected = nullptr;
   Eigen::Index projected_stride = 0;
+  /// Buffers to reuse (a Workspace's), or null: the call allocates its own.
+  ForwardBuffers<compute_t<Scalar>>* buffers = nullptr;
 };
 
 /// Useful flops of a call: the projections plus, per query, its visible keys (QKᵀ and PV), estimated, for one
@@ -310,20 +386,28 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   last_team_size() = 1;
   if (rows == 0 || heads == 0) return;
 
+  // Everything is allocated before the parallel region (an exception thrown inside one terminates), in the
+  // caller's buffers when it passed some, else in this call's own.
+  ForwardBuffers<Scalar> own;
+  ForwardBuffers<Scalar>& buffers = plan.buffers != nullptr ? *plan.buffers : own;
+
   // The weights in the compute type: the layer's own for float and double, converted copies otherwise.
   const Linear<Scalar>* const* layers;
   const Linear<Scalar>* output = nullptr;
-  std::vector<Linear<Scalar>> wide_layers;
-  std::vector<const Linear<Scalar>*> wide_pointers;
   if constexpr (wide) {
-    wide_layers.reserve(static_cast<std::size_t>(3 * heads + 1));
-    for (Index p = 0; p < 3 * heads; ++p)
-      wide_layers.push_back(widen(*stored_layers[p]));
-    if (plan.output != nullptr) wide_layers.push_back(widen(*plan.output));
-    for (const Linear<Scalar>& l : wide_layers)
-      wide_pointers.push_back(&l);
-    layers = wide_pointers.data();
-    if (plan.output != nullptr) output = wide_pointers.back();
+    const Index count = 3 * heads + (plan.output != nullptr ? 1 : 0);
+    buffers.wide_layers.resize(static_cast<std::size_t>(count));
+    buffers.wide_pointers.resize(static_cast<std::size_t>(count));
+    for (Index p = 0; p < count; ++p) {
+      const Linear<Stored>& from = p < 3 * heads ? *stored_layers[p] : *plan.output;
+      Linear<Scalar>& to = buffers.wide_layers[static_cast<std::size_t>(p)];
+      to.weight.resize(from.weight.rows(), from.weight.cols());  // no reallocation for the same shape
+      to.bias.resize(from.bias.size());
+      widen_into(from, to);
+      buffers.wide_pointers[static_cast<std::size_t>(p)] = &to;
+    }
+    layers = buffers.wide_pointers.data();
+    if (plan.output != nullptr) output = buffers.wide_pointers.back();
   } else {
     layers = stored_layers;
     output = plan.output;
@@ -365,37 +449,30 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   const Index proj_items = 3 * heads * chunks;  // (row chunk, head, projection) triples
   threads = static_cast<int>(std::min<Index>(threads, std::max(items, proj_items)));
 
-  // Everything is allocated here, before the parallel region: an exception thrown inside one terminates.
   // Q, K and V side by side, each row [q | k | v], head after head (head h's rows at h · rows): one buffer,
   // one pass of GEMMs over the same rows of x, which stay in cache while every head's projections read them.
   // Head-major, so that a head's K and V rows are 3·head apart: interleaving the heads in each row (rows of
   // 3·head·heads) was measured 15% slower for 8 heads, the tiles' rows being that much further apart.
-  Matrix qkv(heads * rows, ld);  // [heads · rows, 3·head], the GEMMs accumulate onto the bias
+  Eigen::Map<Matrix> qkv(ForwardBuffers<Scalar>::grow(buffers.qkv, heads * rows * ld), heads * rows,
+                         ld);  // [heads · rows, 3·head], the GEMMs accumulate onto the bias
   for (Index p = 0; p < 3 * heads; ++p)
     qkv.block((p / 3) * rows, (p % 3) * head, rows, head).rowwise() = layers[p]->bias.transpose();
   const Index out_width = output != nullptr ? output->out_features() : 0;
   // The multi-head layer's concatenation of head outputs, in the compute type.
-  Matrix concat(output != nullptr ? rows : 0, heads * head);  // [rows, heads · head]
+  const Index concat_rows = output != nullptr ? rows : 0;
+  Eigen::Map<Matrix> concat(ForwardBuffers<Scalar>::grow(buffers.concat, concat_rows * heads * head),
+                            concat_rows,
+                            heads * head);  // [rows, heads · head]
   // One GEMM blocking per product shape: Eigen sizes its cache blocks for the largest product given, and the
-  // [rows, head] projections run slower with blocks made for the [rows, emb] output projection.
-  std::vector<Gemm<Scalar>> projection_gemm, output_gemm;
-  std::vector<FlashScratch<Scalar>> scratch;
-  // A 16-bit layer's row chunk of x and chunk of projected output, in the compute type, per thread.
-  std::vector<Matrix> x_wide, projected_wide;
-  std::vector<Index> x_wide_chunk(static_cast<std::size_t>(threads), -1);  // which chunk x_wide holds
-  // Reserved first: a Gemm owns its packing buffers and must never be relocated by a growing vector.
-  projection_gemm.reserve(static_cast<std::size_t>(threads));
-  output_gemm.reserve(static_cast<std::size_t>(threads));
-  scratch.reserve(static_cast<std::size_t>(threads));
-  for (int t = 0; t < threads; ++t) {
-    projection_gemm.emplace_back(std::min(proj_rows, rows), head, emb);
-    if (output != nullptr) output_gemm.emplace_back(std::min(proj_rows, rows), out_width, heads * head);
-    scratch.emplace_back(block_q, block_k, head, wide_keys);
-    if constexpr (wide) {
-      x_wide.emplace_back(std::min(proj_rows, rows), emb);
-      projected_wide.emplace_back(output != nullptr ? std::min(proj_rows, rows) : 0, out_width);
-    }
-  }
+  // [rows, head] projections run slower with blocks made for the [rows, emb] output projection. A 16-bit
+  // layer also has, per thread, a row chunk of x and of the projected output in the compute type.
+  buffers.fit(threads, std::min(proj_rows, rows), head, emb, out_width, heads * head, block_q, block_k,
+              wide_keys, wide);
+  std::vector<Gemm<Scalar>>& projection_gemm = buffers.projection_gemm;
+  std::vector<Gemm<Scalar>>& output_gemm = buffers.output_gemm;
+  std::vector<FlashScratch<Scalar>>& scratch = buffers.scratch;
+  std::vector<Index>& x_wide_chunk = buffers.x_wide_chunk;
+  x_wide_chunk.assign(static_cast<std::size_t>(threads), -1);
   const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(head));
 
   HEAD_ATTENTION_OMP(parallel num_threads(threads) if (threads > 1)) {
@@ -413,7 +490,7 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
       const Stored* x_rows = XOrder == Eigen::RowMajor ? x + r0 * x_stride : x + r0;
       Scalar* qkv_rows = qkv.data() + ((p / 3) * rows + r0) * ld + (p % 3) * head;
       if constexpr (wide) {
-        Matrix& xw = x_wide[thread];
+        Eigen::Map<Matrix> xw(buffers.x_wide[thread].data(), std::min(proj_rows, rows), emb);
         if (x_wide_chunk[thread] != r0) {  // items of one chunk often follow each other on a thread
           if constexpr (XOrder == Eigen::RowMajor) {
             convert_rows(precision_of<Stored>(), x_rows, x_stride, n, emb, xw.data(), emb);
@@ -485,7 +562,7 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
         Scalar* result = nullptr;
         Index result_stride = 0;
         if constexpr (wide) {
-          result = projected_wide[thread].data();
+          result = buffers.projected_wide[thread].data();
           result_stride = out_width;
         } else {
           result = dst.data();
@@ -496,7 +573,9 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
         output_gemm[thread].template accumulate<Eigen::RowMajor, Eigen::ColMajor>(
             n, out_width, heads * head, concat.data() + r0 * concat.cols(), concat.cols(),
             output->weight.data(), heads * head, result, result_stride);
-        if constexpr (wide) dst = projected_wide[thread].topRows(n).template cast<Stored>();
+        if constexpr (wide)
+          dst =
+              Eigen::Map<Matrix>(buffers.projected_wide[thread].data(), n, out_width).template cast<Stored>();
       }
     }
   }

@@ -1,0 +1,37 @@
+// head-attention: Workspace, working memory kept between forward calls.
+#pragma once
+
+#include <cstddef>
+
+#include "detail/flash.hpp"
+#include "precision.hpp"
+
+namespace head_attention {
+
+template <typename Scalar>
+class HeadAttention;
+template <typename Scalar>
+class MultiHeadAttention;
+
+/// Working memory for forward calls, kept between them. A forward_into call given a workspace takes its
+/// buffers from it (the Q|K|V buffer of all heads, the GEMM packing buffers, the attention scratch, a 16-bit
+/// layer's converted weights) and leaves them there: once the workspace has served a shape, further calls of
+/// that shape allocate none of them. That saves the allocation and, above all, the page faults of the large
+/// buffers: glibc maps a buffer above its threshold fresh for every call (50 MB for 8 heads at B = 8,
+/// T = 1024, about 19 ms of page faults per call). Any layer of the same Scalar may use it, one call at a
+/// time: threads that run forward calls at once need one workspace each.
+template <typename Scalar>
+class Workspace {
+ public:
+  /// Bytes of working memory held now.
+  std::size_t bytes() const { return m_buffers.bytes(); }
+  /// Frees everything; the next call grows it again.
+  void release() { m_buffers = detail::ForwardBuffers<detail::compute_t<Scalar>>(); }
+
+ private:
+  friend class HeadAttention<Scalar>;
+  friend class MultiHeadAttention<Scalar>;
+  detail::ForwardBuffers<detail::compute_t<Scalar>> m_buffers;
+};
+
+}  // namespace head_attention
