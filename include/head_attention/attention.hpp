@@ -13,6 +13,7 @@
 #include "detail/parallel.hpp"
 #include "detail/rng.hpp"
 #include "errors.hpp"
+#include "fwd.hpp"
 #include "kv_cache.hpp"
 #include "linear.hpp"
 #include "mask.hpp"
@@ -20,9 +21,6 @@
 #include "workspace.hpp"
 
 namespace head_attention {
-
-template <typename Scalar>
-class HeadAttention;
 
 namespace detail {
 
@@ -32,6 +30,15 @@ void check_projections(const HeadAttention<Scalar>& layer, const char* where) {
   check_linear(layer.query(), where, "query()", layer.emb_size(), layer.head_size());
   check_linear(layer.key(), where, "key()", layer.emb_size(), layer.head_size());
   check_linear(layer.value(), where, "value()", layer.emb_size(), layer.head_size());
+}
+
+/// The length T of `batch` equal sequences stored back to back in `rows` rows. Throws shape_error unless
+/// batch >= 0 and rows is a multiple of it (0 rows when batch = 0).
+inline Eigen::Index sequence_length(Eigen::Index rows, Eigen::Index batch, const char* where) {
+  HEAD_ATTENTION_REQUIRE(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
+  HEAD_ATTENTION_REQUIRE(batch > 0 ? rows % batch == 0 : rows == 0, where, "x.rows()",
+                         "a multiple of batch = " + std::to_string(batch), std::to_string(rows));
+  return batch > 0 ? rows / batch : 0;
 }
 
 /// Throws shape_error unless lengths has `batch` entries, each in [0, seq_len].
@@ -272,10 +279,7 @@ class HeadAttention {
                   const std::vector<Index>* lengths, Workspace<Scalar>* workspace) const {
     check_input<Derived>();
     const char* where = "HeadAttention::forward_into";
-    HEAD_ATTENTION_REQUIRE(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
-    HEAD_ATTENTION_REQUIRE(batch > 0 ? x.rows() % batch == 0 : x.rows() == 0, where, "x.rows()",
-                           "a multiple of batch = " + std::to_string(batch), std::to_string(x.rows()));
-    const Index seq_len = batch > 0 ? x.rows() / batch : 0;
+    const Index seq_len = detail::sequence_length(x.rows(), batch, where);
     check_call(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
     check_out(out, x.rows(), where);
     detail::AttentionPlan<Scalar> plan;

@@ -7,15 +7,11 @@
 
 #include "detail/kv_store.hpp"
 #include "errors.hpp"
+#include "fwd.hpp"
 #include "mask.hpp"
 #include "precision.hpp"
 
 namespace head_attention {
-
-template <typename Scalar>
-class HeadAttention;
-template <typename Scalar>
-class MultiHeadAttention;
 
 /// The keys and values of one sequence's positions so far, for incremental decoding: made by
 /// HeadAttention::make_cache() and extended by HeadAttention::forward_cached(). It belongs to the sizes and

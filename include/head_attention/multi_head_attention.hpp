@@ -216,10 +216,7 @@ class MultiHeadAttention {
                   const std::vector<Index>* lengths, Workspace<Scalar>* workspace) const {
     check_input<Derived>();
     const char* where = "MultiHeadAttention::forward_into";
-    HEAD_ATTENTION_REQUIRE(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
-    HEAD_ATTENTION_REQUIRE(batch > 0 ? x.rows() % batch == 0 : x.rows() == 0, where, "x.rows()",
-                           "a multiple of batch = " + std::to_string(batch), std::to_string(x.rows()));
-    const Index seq_len = batch > 0 ? x.rows() / batch : 0;
+    const Index seq_len = detail::sequence_length(x.rows(), batch, where);
     check(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
     HEAD_ATTENTION_REQUIRE(out.rows() == x.rows() && out.cols() == emb_size(), where, "out shape",
                            detail::shape_string(x.rows(), emb_size()),

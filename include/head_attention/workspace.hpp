@@ -4,14 +4,10 @@
 #include <cstddef>
 
 #include "detail/flash.hpp"
+#include "fwd.hpp"
 #include "precision.hpp"
 
 namespace head_attention {
-
-template <typename Scalar>
-class HeadAttention;
-template <typename Scalar>
-class MultiHeadAttention;
 
 /// Working memory for forward calls, kept between them. A forward_into call given a workspace takes its
 /// buffers from it (the Q|K|V buffer of all heads, the GEMM packing buffers, the attention scratch, a 16-bit
