@@ -369,8 +369,8 @@ def write_md(args, saved, path):
         lines.append(f"- PyTorch + OpenBLAS: torch {ort['versions']['torch']}, simple_llm's module, "
                      f"`torch.no_grad()`, `torch.set_num_threads(threads)`, timed by torch_compare.py's worker "
                      f"(median of up to 7 calls after a warm-up; BLAS loaded: {libs}); no overhead subtracted.")
-    lines.append(f"- {saved['settings']['rounds']} interleaved rounds (per shape: ours and ORT in an order rotated "
-                 "every round); a cell is the median over rounds of each round's median.")
+    lines.append(f"- {saved['settings']['rounds']} interleaved rounds (per shape: ours, the ORT process and, if asked, "
+                 "PyTorch, in an order rotated every round); a cell is the median over rounds of each round's median.")
     ratios = sorted(r["cpu_ms"] / r["ms"] for rec in saved["rounds"] for r in rec["ours"]
                     if r["threads"] == 1 and r.get("cpu_ms") and r.get("ms"))
     if ratios:
