@@ -236,7 +236,8 @@ TEST_CASE("a Workspace serves 16-bit layers", "[multihead][workspace]") {
   head_attention::MultiHeadAttention<Scalar> mha(2, 16, 8, 80, 3);
   head_attention::Workspace<Scalar> workspace;
   for (int call = 0; call < 2; ++call) {
-    const Matrix<Scalar> x = random_matrix<float>(80, 16, 5 + static_cast<std::uint64_t>(call)).cast<Scalar>();
+    const Matrix<Scalar> x =
+        random_matrix<float>(80, 16, 5 + static_cast<std::uint64_t>(call)).cast<Scalar>();
     Matrix<Scalar> with(80, 16), without(80, 16);
     mha.forward_into(x, 1, with, workspace);
     mha.forward_into(x, 1, without);
