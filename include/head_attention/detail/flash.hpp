@@ -19,6 +19,7 @@
 #include "gemm.hpp"
 #include "kernels16.hpp"
 #include "kv_store.hpp"
+#include "microkernel.hpp"
 #include "parallel.hpp"
 
 namespace head_attention::detail {
@@ -71,8 +72,7 @@ struct FlashScratch {
         row_sum(block_q),
         seen_begin(static_cast<std::size_t>(block_q)),
         seen_end(static_cast<std::size_t>(block_q)),
-        qk(block_q, block_k, head),
-        pv(block_q, head, block_k) {}
+        qk(block_q, block_k, head) {}
 
   Matrix probs;  // [block_q, block_k] scores of one tile, then their exponentials
   Matrix acc;    // [block_q, head] un-normalised output
@@ -84,8 +84,7 @@ struct FlashScratch {
   Vector row_sum;    // [block_q] running sum of exp(score - row_max)
   std::vector<Index> seen_begin;  // [block_q] the tile-relative key range each query sees in the
   std::vector<Index> seen_end;    //            current tile
-  Gemm<Scalar> qk;                // probs = Q_tile · K_tileᵀ
-  Gemm<Scalar> pv;                // acc += probs · V_tile
+  Gemm<Scalar> qk;                // probs = Q_tile · K_tileᵀ, for keys not stored transposed (a cache)
 };
 
 /// One sequence's queries: the rows at absolute positions [position, position + rows), scaled Q of row r at
@@ -121,16 +120,14 @@ void partial_tile_values(const Scalar* v_tile, Eigen::Index stride, Eigen::Index
     return;
   }
   if (v.allFinite()) {
-    s.pv.template accumulate<Eigen::RowMajor, Eigen::RowMajor>(bq, head, bk, s.probs.data(), block_k, v_tile,
-                                                               stride, s.acc.data(), head);
+    gemm_nn(bq, head, bk, s.probs.data(), block_k, v_tile, stride, s.acc.data(), head);
     return;
   }
   Eigen::Map<Matrix> clean(s.clean_values.data(), bk, head);
   clean = v;
   for (Index t = 0; t < bk; ++t)
     if (!v.row(t).allFinite()) clean.row(t).setZero();
-  s.pv.template accumulate<Eigen::RowMajor, Eigen::RowMajor>(bq, head, bk, s.probs.data(), block_k,
-                                                             clean.data(), head, s.acc.data(), head);
+  gemm_nn(bq, head, bk, s.probs.data(), block_k, clean.data(), head, s.acc.data(), head);
   for (Index t = 0; t < bk; ++t) {
     if (v.row(t).allFinite()) continue;
     for (Index r = 0; r < bq; ++r)
@@ -191,7 +188,11 @@ void attend_query_block(const Queries<Scalar, Out>& queries, const KeyValues& ke
       v_tile = s.wide_v.data();
       kv_stride = head;
     }
-    if (!fused) {
+    if (keys.kt != nullptr) {
+      probs.setZero();
+      gemm_nn(bq, bk, head, queries.q + r0 * queries.stride, queries.stride,
+              static_cast<const Scalar*>(keys.kt) + (j0 - keys.first), keys.kt_stride, probs.data(), block_k);
+    } else if (!fused) {
       probs.setZero();
       s.qk.template accumulate<Eigen::RowMajor, Eigen::ColMajor>(
           bq, bk, head, queries.q + r0 * queries.stride, queries.stride, k_tile, kv_stride, probs.data(),
@@ -228,8 +229,7 @@ void attend_query_block(const Queries<Scalar, Out>& queries, const KeyValues& ke
                       static_cast<const std::uint16_t*>(keys.v) + skip + s.seen_begin[0] * keys.stride,
                       keys.stride, s.seen_end[0] - s.seen_begin[0], head, s.acc.data());
     else if (whole)
-      s.pv.template accumulate<Eigen::RowMajor, Eigen::RowMajor>(bq, head, bk, probs.data(), block_k, v_tile,
-                                                                 kv_stride, s.acc.data(), head);
+      gemm_nn(bq, head, bk, probs.data(), block_k, v_tile, kv_stride, s.acc.data(), head);
     else
       partial_tile_values(v_tile, kv_stride, head, bq, bk, s.seen_begin.data(), s.seen_end.data(), s);
   }
@@ -270,24 +270,17 @@ struct ForwardBuffers {
   }
 
   /// Makes the per-thread GEMMs and scratch fit this shape, rebuilding them only if it differs from the last.
-  void fit(int threads, Index rows, Index head, Index emb, Index out_width, Index concat_width, Index block_q,
-           Index block_k, bool wide_keys, bool wide) {
-    const std::vector<Index> key = {threads,      rows,    head,    emb,       out_width,
-                                    concat_width, block_q, block_k, wide_keys, wide};
+  void fit(int threads, Index rows, Index head, Index emb, Index out_width, Index block_q, Index block_k,
+           bool wide_keys, bool wide) {
+    const std::vector<Index> key = {threads, rows, head, emb, out_width, block_q, block_k, wide_keys, wide};
     if (key == m_key) return;
     m_key.clear();  // invalid until everything is rebuilt (a bad_alloc on the way leaves it so)
-    projection_gemm.clear();
-    output_gemm.clear();
     scratch.clear();
-    // Reserved first: a Gemm owns its packing buffers and must never be relocated by a growing vector.
-    projection_gemm.reserve(static_cast<std::size_t>(threads));
-    output_gemm.reserve(static_cast<std::size_t>(threads));
+    // Reserved first: a scratch owns GEMM packing buffers and must never be relocated by a growing vector.
     scratch.reserve(static_cast<std::size_t>(threads));
     x_wide.resize(static_cast<std::size_t>(threads));
     projected_wide.resize(static_cast<std::size_t>(threads));
     for (int t = 0; t < threads; ++t) {
-      projection_gemm.emplace_back(rows, head, emb);
-      if (out_width > 0) output_gemm.emplace_back(rows, out_width, concat_width);
       scratch.emplace_back(block_q, block_k, head, wide_keys);
       if (wide) {
         grow(x_wide[static_cast<std::size_t>(t)], rows * emb);
@@ -299,7 +292,8 @@ struct ForwardBuffers {
 
   /// Bytes held (roughly: the packing buffers are counted by their sizes).
   std::size_t bytes() const {
-    std::size_t n = static_cast<std::size_t>(qkv.size() + concat.size());
+    std::size_t n = static_cast<std::size_t>(qkv.size() + weights_t.size() + output_t.size() + keys_t.size() +
+                                             concat.size());
     for (const Vector& v : x_wide)
       n += static_cast<std::size_t>(v.size());
     for (const Vector& v : projected_wide)
@@ -313,10 +307,12 @@ struct ForwardBuffers {
     return n;
   }
 
-  Vector qkv;     // [heads · rows, 3 · head] Q | K | V of every head
-  Vector concat;  // [rows, heads · head] the multi-head layer's concatenated head outputs
-  std::vector<Gemm<Scalar>> projection_gemm, output_gemm;  // per thread
-  std::vector<FlashScratch<Scalar>> scratch;               // per thread
+  Vector qkv;        // [heads · rows, 3 · head] Q | K | V of every head
+  Vector weights_t;  // [heads · emb, 3 · head] each head's Wqᵀ | Wkᵀ | Wvᵀ
+  Vector output_t;   // [heads · head, emb] the multi-head output projection's Woᵀ
+  Vector keys_t;     // [heads · batch] · [head, T] each sequence's Kᵀ (without a cache)
+  Vector concat;     // [rows, heads · head] the multi-head layer's concatenated head outputs
+  std::vector<FlashScratch<Scalar>> scratch;   // per thread
   std::vector<Vector> x_wide, projected_wide;  // per thread, 16-bit layers: a chunk of x and of the output
   std::vector<Index> x_wide_chunk;             // per thread: which chunk x_wide holds
   std::vector<Linear<Scalar>> wide_layers;     // 16-bit layers: the weights converted for this call
@@ -457,19 +453,23 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
                          ld);  // [heads · rows, 3·head], the GEMMs accumulate onto the bias
   for (Index p = 0; p < 3 * heads; ++p)
     qkv.block((p / 3) * rows, (p % 3) * head, rows, head).rowwise() = layers[p]->bias.transpose();
+  // Each head's weights transposed ([emb, 3·head], Wqᵀ | Wkᵀ | Wvᵀ), the B operand of the projections' GEMMs,
+  // and each sequence's Kᵀ ([head, T]), Q·Kᵀ's: transposed once per call, read by every row chunk or query
+  // block without packing.
+  Scalar* weights_t = ForwardBuffers<Scalar>::grow(buffers.weights_t, heads * emb * ld);
+  Scalar* output_t =
+      ForwardBuffers<Scalar>::grow(buffers.output_t, output != nullptr ? output->weight.size() : 0);
+  Scalar* keys_t =
+      ForwardBuffers<Scalar>::grow(buffers.keys_t, plan.caches == nullptr ? heads * rows * head : 0);
   const Index out_width = output != nullptr ? output->out_features() : 0;
   // The multi-head layer's concatenation of head outputs, in the compute type.
   const Index concat_rows = output != nullptr ? rows : 0;
   Eigen::Map<Matrix> concat(ForwardBuffers<Scalar>::grow(buffers.concat, concat_rows * heads * head),
                             concat_rows,
                             heads * head);  // [rows, heads · head]
-  // One GEMM blocking per product shape: Eigen sizes its cache blocks for the largest product given, and the
-  // [rows, head] projections run slower with blocks made for the [rows, emb] output projection. A 16-bit
-  // layer also has, per thread, a row chunk of x and of the projected output in the compute type.
-  buffers.fit(threads, std::min(proj_rows, rows), head, emb, out_width, heads * head, block_q, block_k,
-              wide_keys, wide);
-  std::vector<Gemm<Scalar>>& projection_gemm = buffers.projection_gemm;
-  std::vector<Gemm<Scalar>>& output_gemm = buffers.output_gemm;
+  // Per thread: attention scratch, and for a 16-bit layer a row chunk of x and of the projected output in the
+  // compute type.
+  buffers.fit(threads, std::min(proj_rows, rows), head, emb, out_width, block_q, block_k, wide_keys, wide);
   std::vector<FlashScratch<Scalar>>& scratch = buffers.scratch;
   std::vector<Index>& x_wide_chunk = buffers.x_wide_chunk;
   x_wide_chunk.assign(static_cast<std::size_t>(threads), -1);
@@ -482,6 +482,19 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
     // [emb, 3·head] operand for a single GEMM was measured slower: the copy costs 20% at the seed's B = 2,
     // T = 10 and gains nothing at large T, and a packed copy cannot be kept in sync with weights that
     // callers change through query()/key()/value() references.
+    // (nowait: the output projection's weights are read only after the next loop's barrier.)
+    if (output != nullptr) {
+      HEAD_ATTENTION_OMP(for schedule(static) nowait)
+      for (Index part = 0; part < 4; ++part) {
+        const Index r0 = part * output->weight.rows() / 4, r1 = (part + 1) * output->weight.rows() / 4;
+        transpose_into(output->weight.data() + r0 * output->weight.cols(), output->weight.cols(), r1 - r0,
+                       output->weight.cols(), output_t + r0, output->weight.rows());
+      }
+    }
+    HEAD_ATTENTION_OMP(for schedule(static))
+    for (Index p = 0; p < 3 * heads; ++p)
+      transpose_into(layers[p]->weight.data(), emb, head, emb,
+                     weights_t + (p / 3) * emb * ld + (p % 3) * head, ld);
     HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
     for (Index item = 0; item < proj_items; ++item) {
       const Index r0 = (item / (3 * heads)) * proj_rows;
@@ -502,11 +515,14 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
           }
           x_wide_chunk[thread] = r0;
         }
-        projection_gemm[thread].template accumulate<Eigen::RowMajor, Eigen::ColMajor>(
-            n, head, emb, xw.data(), emb, layers[p]->weight.data(), emb, qkv_rows, ld);
-      } else {
-        projection_gemm[thread].template accumulate<XOrder, Eigen::ColMajor>(
-            n, head, emb, x_rows, x_stride, layers[p]->weight.data(), emb, qkv_rows, ld);
+        gemm_nn(n, head, emb, xw.data(), emb, weights_t + (p / 3) * emb * ld + (p % 3) * head, ld, qkv_rows,
+                ld);
+      } else if constexpr (XOrder == Eigen::RowMajor) {
+        gemm_nn(n, head, emb, x_rows, x_stride, weights_t + (p / 3) * emb * ld + (p % 3) * head, ld, qkv_rows,
+                ld);
+      } else {  // column-major x: its columns x_stride apart
+        gemm_nn(n, head, emb, x_rows, 1, weights_t + (p / 3) * emb * ld + (p % 3) * head, ld, qkv_rows, ld,
+                x_stride);
       }
       if (p % 3 == 0)
         Eigen::Map<Matrix, 0, Eigen::OuterStride<>>(qkv_rows, n, head, Eigen::OuterStride<>(ld)) *= scale;
@@ -517,6 +533,13 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
       for (Index c = 0; c < heads * batch; ++c) {
         const Index h = c / batch, b = c % batch;
         plan.caches[c]->write(qkv.data() + (h * rows + b * seq_len) * ld + head, ld, seq_len);
+      }
+    } else {
+      HEAD_ATTENTION_OMP(for schedule(static))
+      for (Index c = 0; c < heads * batch; ++c) {
+        const Index h = c / batch, b = c % batch;
+        transpose_into(qkv.data() + (h * rows + b * seq_len) * ld + head, ld, seq_len, head,
+                       keys_t + (h * rows + b * seq_len) * head, seq_len);
       }
     }
     // One (head, sequence) after another, its costliest query blocks first (the last ones see the most keys),
@@ -536,6 +559,9 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
       if (plan.caches != nullptr) {
         position = plan.caches[c]->length();
         keys = plan.caches[c]->keys(seq_len);
+      } else {
+        keys.kt = keys_t + (h * rows + b * seq_len) * head;
+        keys.kt_stride = seq_len;
       }
       if (plan.lengths != nullptr) keys.valid = std::min(keys.valid, plan.lengths[b]);
       const Index first_row = b * seq_len;
@@ -570,9 +596,8 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
         }
         Eigen::Map<Matrix, 0, Eigen::OuterStride<>>(result, n, out_width, Eigen::OuterStride<>(result_stride))
             .rowwise() = output->bias.transpose();
-        output_gemm[thread].template accumulate<Eigen::RowMajor, Eigen::ColMajor>(
-            n, out_width, heads * head, concat.data() + r0 * concat.cols(), concat.cols(),
-            output->weight.data(), heads * head, result, result_stride);
+        gemm_nn(n, out_width, heads * head, concat.data() + r0 * concat.cols(), concat.cols(), output_t,
+                out_width, result, result_stride);
         if constexpr (wide)
           dst =
               Eigen::Map<Matrix>(buffers.projected_wide[thread].data(), n, out_width).template cast<Stored>();

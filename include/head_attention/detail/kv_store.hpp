@@ -14,7 +14,8 @@ namespace head_attention::detail {
 /// One sequence's keys and values: K and V rows of absolute positions [first, count), stored in `precision`,
 /// the row of position j at element k + (j - first) · stride (and v likewise). Keys at or after `valid` are
 /// masked for every query (right padding). Positions before `first` (dropped by a sliding-window cache) are
-/// never visible.
+/// never visible. Optionally the same keys transposed, in the compute type: position j's key is column
+/// j - first of kt ([head, count - first], rows kt_stride apart), which Q·Kᵀ reads without packing.
 struct KeyValues {
   const void* k;
   const void* v;
@@ -23,6 +24,8 @@ struct KeyValues {
   Eigen::Index first;
   Eigen::Index count;
   Eigen::Index valid;
+  const void* kt = nullptr;
+  Eigen::Index kt_stride = 0;
 };
 
 /// One sequence's cached keys and values: rows [offset, offset + stored) of k and v ([capacity, head] each)

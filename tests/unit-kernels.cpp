@@ -1,0 +1,120 @@
+// The forward pass's building blocks on their own: the register-blocked GEMM (detail::gemm_nn) against a
+// long-double triple loop, and the blocked transpose (detail::transpose_into) against plain indexing, over
+// shapes that hit every remainder of the tiles (rows, packets, depth blocks) and strided storage.
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include <head_attention/detail/microkernel.hpp>
+
+#include "catch_compat.hpp"
+
+namespace {
+
+using Index = Eigen::Index;
+namespace detail = head_attention::detail;
+
+template <typename Scalar>
+std::vector<Scalar> random_values(std::size_t n, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<double> dist(-1.0, 1.0);
+  std::vector<Scalar> v(n);
+  for (Scalar& x : v)
+    x = static_cast<Scalar>(dist(gen));
+  return v;
+}
+
+/// C = C0 + A · B through gemm_nn with every operand padded (leading dimensions beyond the sizes), checked
+/// element by element against a long-double sum within the usual bound k · eps · Σ|a||b| (times 2), and the
+/// padding left untouched. A is row-major, or column-major when col_major_a.
+template <typename Scalar>
+void check_gemm(Index m, Index n, Index k, bool col_major_a) {
+  const Index lda = col_major_a ? m + 3 : k + 5, ldb = n + 2, ldc = n + 7;
+  const std::size_t a_size = static_cast<std::size_t>(col_major_a ? lda * k : lda * m);
+  const std::vector<Scalar> a = random_values<Scalar>(a_size, 1u + static_cast<unsigned>(m + 7 * n + 31 * k));
+  const std::vector<Scalar> b = random_values<Scalar>(static_cast<std::size_t>(ldb * k), 2u);
+  const std::vector<Scalar> c0 = random_values<Scalar>(static_cast<std::size_t>(ldc * m), 3u);
+  std::vector<Scalar> c = c0;
+  const auto a_at = [&](Index i, Index p) {
+    return a[static_cast<std::size_t>(col_major_a ? i + p * lda : i * lda + p)];
+  };
+  if (col_major_a)
+    detail::gemm_nn(m, n, k, a.data(), 1, b.data(), ldb, c.data(), ldc, lda);
+  else
+    detail::gemm_nn(m, n, k, a.data(), lda, b.data(), ldb, c.data(), ldc);
+
+  const long double eps = std::numeric_limits<Scalar>::epsilon();
+  int wrong = 0, padding_changed = 0;
+  for (Index i = 0; i < m; ++i)
+    for (Index j = 0; j < ldc; ++j) {
+      const std::size_t at = static_cast<std::size_t>(i * ldc + j);
+      if (j >= n) {
+        padding_changed += c[at] != c0[at];
+        continue;
+      }
+      long double sum = c0[at], magnitude = std::fabs(static_cast<long double>(c0[at]));
+      for (Index p = 0; p < k; ++p) {
+        const long double term = static_cast<long double>(a_at(i, p)) *
+                                 static_cast<long double>(b[static_cast<std::size_t>(p * ldb + j)]);
+        sum += term;
+        magnitude += std::fabs(term);
+      }
+      const long double bound = 2 * static_cast<long double>(k + 1) * eps * magnitude;
+      wrong += std::fabs(static_cast<long double>(c[at]) - sum) > bound;
+    }
+  INFO("m = " << m << ", n = " << n << ", k = " << k << (col_major_a ? ", A column-major" : ", A row-major"));
+  CHECK(wrong == 0);
+  CHECK(padding_changed == 0);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("gemm_nn: C += A·B against a long-double reference, every remainder", "[kernels]", float,
+                   double) {
+  using Scalar = TestType;
+  for (const Index m : {1, 2, 3, 5, 6, 7, 11, 12, 13, 20, 64})
+    for (const Index n : {1, 7, 16, 17, 33, 64, 65, 100})
+      for (const Index k : {1, 3, 64, 257})
+        check_gemm<Scalar>(m, n, k, false);
+  for (const Index m : {1, 6, 13})
+    for (const Index n : {5, 64, 192})
+      for (const Index k : {2, 255, 256, 600})
+        for (const bool col_major : {false, true})
+          check_gemm<Scalar>(m, n, k, col_major);
+}
+
+TEMPLATE_TEST_CASE("gemm_nn: a row's result does not depend on which rows it is computed with", "[kernels]",
+                   float, double) {
+  // The forward pass cuts rows into chunks by input size only; this property makes even that cut invisible.
+  using Scalar = TestType;
+  constexpr Index m = 23, n = 70, k = 300;
+  const std::vector<Scalar> a = random_values<Scalar>(m * k, 4u), b = random_values<Scalar>(k * n, 5u);
+  std::vector<Scalar> all(m * n, Scalar(0)), split(m * n, Scalar(0));
+  detail::gemm_nn(m, n, k, a.data(), k, b.data(), n, all.data(), n);
+  for (Index r0 = 0, step = 1; r0 < m; r0 += step, step = step % 7 + 1)
+    detail::gemm_nn(std::min(step, m - r0), n, k, a.data() + r0 * k, k, b.data(), n, split.data() + r0 * n,
+                    n);
+  CHECK(all == split);
+}
+
+TEMPLATE_TEST_CASE("transpose_into: exact, edges included, padding untouched", "[kernels]", float, double) {
+  using Scalar = TestType;
+  for (const Index rows : {1, 4, 8, 15, 16, 17, 64})
+    for (const Index cols : {1, 3, 8, 16, 31, 512}) {
+      const Index src_stride = cols + 3, dst_stride = rows + 2;
+      const std::vector<Scalar> src = random_values<Scalar>(static_cast<std::size_t>(rows * src_stride), 6u);
+      std::vector<Scalar> dst(static_cast<std::size_t>(cols * dst_stride), Scalar(-7));
+      detail::transpose_into(src.data(), src_stride, rows, cols, dst.data(), dst_stride);
+      int wrong = 0;
+      for (Index c = 0; c < cols; ++c)
+        for (Index r = 0; r < dst_stride; ++r) {
+          const Scalar expected = r < rows ? src[static_cast<std::size_t>(r * src_stride + c)] : Scalar(-7);
+          wrong += dst[static_cast<std::size_t>(c * dst_stride + r)] != expected;
+        }
+      INFO("rows = " << rows << ", cols = " << cols);
+      CHECK(wrong == 0);
+    }
+}
