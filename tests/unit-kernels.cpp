@@ -29,22 +29,25 @@ std::vector<Scalar> random_values(std::size_t n, unsigned seed) {
 
 /// C = C0 + A · B through gemm_nn with every operand padded (leading dimensions beyond the sizes), checked
 /// element by element against a long-double sum within the usual bound k · eps · Σ|a||b| (times 2), and the
-/// padding left untouched. A is row-major, or column-major when col_major_a.
+/// padding left untouched. A is row-major, or column-major when col_major_a. With a bias, C = bias + A · B
+/// (C0 must not matter).
 template <typename Scalar>
-void check_gemm(Index m, Index n, Index k, bool col_major_a) {
+void check_gemm(Index m, Index n, Index k, bool col_major_a, bool with_bias = false) {
   const Index lda = col_major_a ? m + 3 : k + 5, ldb = n + 2, ldc = n + 7;
   const std::size_t a_size = static_cast<std::size_t>(col_major_a ? lda * k : lda * m);
   const std::vector<Scalar> a = random_values<Scalar>(a_size, 1u + static_cast<unsigned>(m + 7 * n + 31 * k));
   const std::vector<Scalar> b = random_values<Scalar>(static_cast<std::size_t>(ldb * k), 2u);
   const std::vector<Scalar> c0 = random_values<Scalar>(static_cast<std::size_t>(ldc * m), 3u);
+  const std::vector<Scalar> bias = random_values<Scalar>(static_cast<std::size_t>(n), 4u);
   std::vector<Scalar> c = c0;
   const auto a_at = [&](Index i, Index p) {
     return a[static_cast<std::size_t>(col_major_a ? i + p * lda : i * lda + p)];
   };
+  const Scalar* bias_or_null = with_bias ? bias.data() : nullptr;
   if (col_major_a)
-    detail::gemm_nn(m, n, k, a.data(), 1, b.data(), ldb, c.data(), ldc, lda);
+    detail::gemm_nn(m, n, k, a.data(), 1, b.data(), ldb, c.data(), ldc, lda, bias_or_null);
   else
-    detail::gemm_nn(m, n, k, a.data(), lda, b.data(), ldb, c.data(), ldc);
+    detail::gemm_nn(m, n, k, a.data(), lda, b.data(), ldb, c.data(), ldc, 1, bias_or_null);
 
   const long double eps = std::numeric_limits<Scalar>::epsilon();
   int wrong = 0, padding_changed = 0;
@@ -55,7 +58,8 @@ void check_gemm(Index m, Index n, Index k, bool col_major_a) {
         padding_changed += c[at] != c0[at];
         continue;
       }
-      long double sum = c0[at], magnitude = std::fabs(static_cast<long double>(c0[at]));
+      const Scalar start = with_bias ? bias[static_cast<std::size_t>(j)] : c0[at];
+      long double sum = start, magnitude = std::fabs(static_cast<long double>(start));
       for (Index p = 0; p < k; ++p) {
         const long double term = static_cast<long double>(a_at(i, p)) *
                                  static_cast<long double>(b[static_cast<std::size_t>(p * ldb + j)]);
@@ -65,7 +69,8 @@ void check_gemm(Index m, Index n, Index k, bool col_major_a) {
       const long double bound = 2 * static_cast<long double>(k + 1) * eps * magnitude;
       wrong += std::fabs(static_cast<long double>(c[at]) - sum) > bound;
     }
-  INFO("m = " << m << ", n = " << n << ", k = " << k << (col_major_a ? ", A column-major" : ", A row-major"));
+  INFO("m = " << m << ", n = " << n << ", k = " << k << (col_major_a ? ", A column-major" : ", A row-major")
+              << (with_bias ? ", with a bias" : ""));
   CHECK(wrong == 0);
   CHECK(padding_changed == 0);
 }
@@ -84,6 +89,15 @@ TEMPLATE_TEST_CASE("gemm_nn: C += A·B against a long-double reference, every re
       for (const Index k : {2, 255, 256, 600})
         for (const bool col_major : {false, true})
           check_gemm<Scalar>(m, n, k, col_major);
+}
+
+TEMPLATE_TEST_CASE("gemm_nn with a bias: C = bias + A·B, C not read", "[kernels]", float, double) {
+  using Scalar = TestType;
+  for (const Index m : {1, 5, 6, 13})
+    for (const Index n : {3, 16, 64, 65, 192})
+      for (const Index k : {0, 1, 64, 257, 600})
+        for (const bool col_major : {false, true})
+          check_gemm<Scalar>(m, n, k, col_major, true);
 }
 
 TEMPLATE_TEST_CASE("gemm_nn: a row's result does not depend on which rows it is computed with", "[kernels]",

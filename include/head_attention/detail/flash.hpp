@@ -99,6 +99,36 @@ struct Queries {
   Eigen::Index out_stride;
 };
 
+/// p[i] = exp(p[i] - shift) for i < n, and returns their sum: the softmax's exponentials and row sum in one
+/// pass over the scores (Eigen's expressions take two).
+template <typename Scalar>
+Scalar exp_sum(Scalar* p, Eigen::Index n, Scalar shift) noexcept {
+  using Index = Eigen::Index;
+  Index i = 0;
+  Scalar sum(0);
+  if constexpr (gemm_uses_eigen_internals && simd_width < Scalar >> 1) {
+    using namespace Eigen::internal;
+    using Packet = SimdPacket<Scalar>;
+    constexpr Index W = simd_width<Scalar>;
+    const Packet shift_packet = pset1<Packet>(shift);
+    Packet sum0 = pset1<Packet>(Scalar(0)), sum1 = sum0;  // two chains: pexp's latency is long
+    for (; i + 2 * W <= n; i += 2 * W) {
+      const Packet e0 = pexp(psub(ploadu<Packet>(p + i), shift_packet));
+      const Packet e1 = pexp(psub(ploadu<Packet>(p + i + W), shift_packet));
+      pstoreu(p + i, e0);
+      pstoreu(p + i + W, e1);
+      sum0 = padd(sum0, e0);
+      sum1 = padd(sum1, e1);
+    }
+    sum = predux(padd(sum0, sum1));
+  }
+  for (; i < n; ++i) {
+    p[i] = std::exp(p[i] - shift);
+    sum += p[i];
+  }
+  return sum;
+}
+
 /// acc[bq, head] += probs[bq, bk] · V_tile for a tile where some query cannot see some key (its probs are 0
 /// there). A GEMM multiplies those zeros by the V rows, and 0 · NaN or 0 · Inf is NaN: a masked key would
 /// leak into outputs that cannot see it. So when the tile's V is not all finite, its non-finite rows are
@@ -108,7 +138,7 @@ struct Queries {
 template <typename Scalar>
 void partial_tile_values(const Scalar* v_tile, Eigen::Index stride, Eigen::Index head, Eigen::Index bq,
                          Eigen::Index bk, const Eigen::Index* seen_begin, const Eigen::Index* seen_end,
-                         FlashScratch<Scalar>& s) noexcept {
+                         bool known_finite, FlashScratch<Scalar>& s) noexcept {
   using Index = Eigen::Index;
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using Stride = Eigen::OuterStride<>;
@@ -119,7 +149,7 @@ void partial_tile_values(const Scalar* v_tile, Eigen::Index stride, Eigen::Index
     if (b > a) s.acc.row(0).noalias() += s.probs.row(0).segment(a, b - a) * v.middleRows(a, b - a);
     return;
   }
-  if (v.allFinite()) {
+  if (known_finite || v.allFinite()) {
     gemm_nn(bq, head, bk, s.probs.data(), block_k, v_tile, stride, s.acc.data(), head);
     return;
   }
@@ -213,7 +243,7 @@ void attend_query_block(const Queries<Scalar, Out>& queries, const KeyValues& ke
       }
       const Scalar old_max = s.row_max[r];
       const Scalar new_max = std::max(old_max, row.segment(a, b - a).maxCoeff());
-      row.segment(a, b - a) = (row.segment(a, b - a).array() - new_max).exp();
+      const Scalar tile_sum = exp_sum(row.data() + a, b - a, new_max);
       row.head(a).setZero();
       row.tail(bk - b).setZero();
       if (new_max != old_max) {
@@ -222,7 +252,7 @@ void attend_query_block(const Queries<Scalar, Out>& queries, const KeyValues& ke
         s.acc.row(r) *= rescale;
         s.row_max[r] = new_max;
       }
-      s.row_sum[r] += row.segment(a, b - a).sum();
+      s.row_sum[r] += tile_sum;
     }
     if (fused)
       weighted_rows16(keys.precision, probs.data() + s.seen_begin[0],
@@ -231,7 +261,8 @@ void attend_query_block(const Queries<Scalar, Out>& queries, const KeyValues& ke
     else if (whole)
       gemm_nn(bq, head, bk, probs.data(), block_k, v_tile, kv_stride, s.acc.data(), head);
     else
-      partial_tile_values(v_tile, kv_stride, head, bq, bk, s.seen_begin.data(), s.seen_end.data(), s);
+      partial_tile_values(v_tile, kv_stride, head, bq, bk, s.seen_begin.data(), s.seen_end.data(),
+                          keys.values_finite, s);
   }
 
   using OutMatrix = Eigen::Matrix<Out, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -292,8 +323,8 @@ struct ForwardBuffers {
 
   /// Bytes held (roughly: the packing buffers are counted by their sizes).
   std::size_t bytes() const {
-    std::size_t n = static_cast<std::size_t>(qkv.size() + weights_t.size() + output_t.size() + keys_t.size() +
-                                             concat.size());
+    std::size_t n = static_cast<std::size_t>(qkv.size() + weights_t.size() + output_t.size() + biases.size() +
+                                             keys_t.size() + concat.size());
     for (const Vector& v : x_wide)
       n += static_cast<std::size_t>(v.size());
     for (const Vector& v : projected_wide)
@@ -307,11 +338,13 @@ struct ForwardBuffers {
     return n;
   }
 
-  Vector qkv;        // [heads · rows, 3 · head] Q | K | V of every head
-  Vector weights_t;  // [heads · emb, 3 · head] each head's Wqᵀ | Wkᵀ | Wvᵀ
-  Vector output_t;   // [heads · head, emb] the multi-head output projection's Woᵀ
-  Vector keys_t;     // [heads · batch] · [head, T] each sequence's Kᵀ (without a cache)
-  Vector concat;     // [rows, heads · head] the multi-head layer's concatenated head outputs
+  Vector qkv;                       // [heads · rows, 3 · head] Q | K | V of every head
+  Vector weights_t;                 // [heads · emb, 3 · head] each head's Wqᵀ | Wkᵀ | Wvᵀ
+  Vector output_t;                  // [heads · head, emb] the multi-head output projection's Woᵀ
+  Vector biases;                    // [heads, 3 · head] each head's bq·scale | bk | bv
+  std::vector<char> values_finite;  // [heads · batch] whether a sequence's V is all finite (without a cache)
+  Vector keys_t;                    // [heads · batch] · [head, T] each sequence's Kᵀ (without a cache)
+  Vector concat;                    // [rows, heads · head] the multi-head layer's concatenated head outputs
   std::vector<FlashScratch<Scalar>> scratch;   // per thread
   std::vector<Vector> x_wide, projected_wide;  // per thread, 16-bit layers: a chunk of x and of the output
   std::vector<Index> x_wide_chunk;             // per thread: which chunk x_wide holds
@@ -377,6 +410,7 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   using Scalar = compute_t<Stored>;
   using Index = Eigen::Index;
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
   constexpr bool wide = !std::is_same<Scalar, Stored>::value;  // a 16-bit layer computing in float
   const Index rows = batch * seq_len;
   last_team_size() = 1;
@@ -450,13 +484,16 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   // Head-major, so that a head's K and V rows are 3·head apart: interleaving the heads in each row (rows of
   // 3·head·heads) was measured 15% slower for 8 heads, the tiles' rows being that much further apart.
   Eigen::Map<Matrix> qkv(ForwardBuffers<Scalar>::grow(buffers.qkv, heads * rows * ld), heads * rows,
-                         ld);  // [heads · rows, 3·head], the GEMMs accumulate onto the bias
-  for (Index p = 0; p < 3 * heads; ++p)
-    qkv.block((p / 3) * rows, (p % 3) * head, rows, head).rowwise() = layers[p]->bias.transpose();
+                         ld);  // [heads · rows, 3·head]
   // Each head's weights transposed ([emb, 3·head], Wqᵀ | Wkᵀ | Wvᵀ), the B operand of the projections' GEMMs,
   // and each sequence's Kᵀ ([head, T]), Q·Kᵀ's: transposed once per call, read by every row chunk or query
-  // block without packing.
+  // block without packing. The query's 1/sqrt(head) is folded into Wq and bq there (exact for the usual
+  // powers of two, 64 and 256 say: the scale is then a power of two too).
   Scalar* weights_t = ForwardBuffers<Scalar>::grow(buffers.weights_t, heads * emb * ld);
+  Scalar* biases =
+      ForwardBuffers<Scalar>::grow(buffers.biases, heads * ld);  // [heads, 3·head] bq·s | bk | bv
+  std::vector<char>& values_finite = buffers.values_finite;
+  values_finite.resize(static_cast<std::size_t>(plan.caches == nullptr ? heads * batch : 0));
   Scalar* output_t =
       ForwardBuffers<Scalar>::grow(buffers.output_t, output != nullptr ? output->weight.size() : 0);
   Scalar* keys_t =
@@ -492,9 +529,16 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
       }
     }
     HEAD_ATTENTION_OMP(for schedule(static))
-    for (Index p = 0; p < 3 * heads; ++p)
-      transpose_into(layers[p]->weight.data(), emb, head, emb,
-                     weights_t + (p / 3) * emb * ld + (p % 3) * head, ld);
+    for (Index p = 0; p < 3 * heads; ++p) {
+      Scalar* wt = weights_t + (p / 3) * emb * ld + (p % 3) * head;
+      Eigen::Map<Vector> bias(biases + (p / 3) * ld + (p % 3) * head, head);
+      transpose_into(layers[p]->weight.data(), emb, head, emb, wt, ld);
+      bias = layers[p]->bias;
+      if (p % 3 == 0) {
+        Eigen::Map<Matrix, 0, Eigen::OuterStride<>>(wt, emb, head, Eigen::OuterStride<>(ld)) *= scale;
+        bias *= scale;
+      }
+    }
     HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
     for (Index item = 0; item < proj_items; ++item) {
       const Index r0 = (item / (3 * heads)) * proj_rows;
@@ -502,6 +546,8 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
       const Index n = std::min(proj_rows, rows - r0);
       const Stored* x_rows = XOrder == Eigen::RowMajor ? x + r0 * x_stride : x + r0;
       Scalar* qkv_rows = qkv.data() + ((p / 3) * rows + r0) * ld + (p % 3) * head;
+      const Scalar* wt = weights_t + (p / 3) * emb * ld + (p % 3) * head;
+      const Scalar* bias = biases + (p / 3) * ld + (p % 3) * head;
       if constexpr (wide) {
         Eigen::Map<Matrix> xw(buffers.x_wide[thread].data(), std::min(proj_rows, rows), emb);
         if (x_wide_chunk[thread] != r0) {  // items of one chunk often follow each other on a thread
@@ -515,17 +561,12 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
           }
           x_wide_chunk[thread] = r0;
         }
-        gemm_nn(n, head, emb, xw.data(), emb, weights_t + (p / 3) * emb * ld + (p % 3) * head, ld, qkv_rows,
-                ld);
+        gemm_nn(n, head, emb, xw.data(), emb, wt, ld, qkv_rows, ld, 1, bias);
       } else if constexpr (XOrder == Eigen::RowMajor) {
-        gemm_nn(n, head, emb, x_rows, x_stride, weights_t + (p / 3) * emb * ld + (p % 3) * head, ld, qkv_rows,
-                ld);
+        gemm_nn(n, head, emb, x_rows, x_stride, wt, ld, qkv_rows, ld, 1, bias);
       } else {  // column-major x: its columns x_stride apart
-        gemm_nn(n, head, emb, x_rows, 1, weights_t + (p / 3) * emb * ld + (p % 3) * head, ld, qkv_rows, ld,
-                x_stride);
+        gemm_nn(n, head, emb, x_rows, 1, wt, ld, qkv_rows, ld, x_stride, bias);
       }
-      if (p % 3 == 0)
-        Eigen::Map<Matrix, 0, Eigen::OuterStride<>>(qkv_rows, n, head, Eigen::OuterStride<>(ld)) *= scale;
     }
     // (The implicit barrier above: every projection is done before anything reads it.)
     if (plan.caches != nullptr) {
@@ -538,8 +579,13 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
       HEAD_ATTENTION_OMP(for schedule(static))
       for (Index c = 0; c < heads * batch; ++c) {
         const Index h = c / batch, b = c % batch;
-        transpose_into(qkv.data() + (h * rows + b * seq_len) * ld + head, ld, seq_len, head,
-                       keys_t + (h * rows + b * seq_len) * head, seq_len);
+        const Scalar* seq_qkv = qkv.data() + (h * rows + b * seq_len) * ld;
+        transpose_into(seq_qkv + head, ld, seq_len, head, keys_t + (h * rows + b * seq_len) * head, seq_len);
+        // Checked once here rather than in every masked tile of every query block.
+        values_finite[static_cast<std::size_t>(c)] =
+            Eigen::Map<const Matrix, 0, Eigen::OuterStride<>>(seq_qkv + 2 * head, seq_len, head,
+                                                              Eigen::OuterStride<>(ld))
+                .allFinite();
       }
     }
     // One (head, sequence) after another, its costliest query blocks first (the last ones see the most keys),
@@ -562,6 +608,7 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
       } else {
         keys.kt = keys_t + (h * rows + b * seq_len) * head;
         keys.kt_stride = seq_len;
+        keys.values_finite = values_finite[static_cast<std::size_t>(c)] != 0;
       }
       if (plan.lengths != nullptr) keys.valid = std::min(keys.valid, plan.lengths[b]);
       const Index first_row = b * seq_len;
@@ -594,10 +641,8 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
           result = dst.data();
           result_stride = plan.projected_stride;
         }
-        Eigen::Map<Matrix, 0, Eigen::OuterStride<>>(result, n, out_width, Eigen::OuterStride<>(result_stride))
-            .rowwise() = output->bias.transpose();
         gemm_nn(n, out_width, heads * head, concat.data() + r0 * concat.cols(), concat.cols(), output_t,
-                out_width, result, result_stride);
+                out_width, result, result_stride, 1, output->bias.data());
         if constexpr (wide)
           dst =
               Eigen::Map<Matrix>(buffers.projected_wide[thread].data(), n, out_width).template cast<Stored>();

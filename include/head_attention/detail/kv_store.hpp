@@ -15,7 +15,8 @@ namespace head_attention::detail {
 /// the row of position j at element k + (j - first) · stride (and v likewise). Keys at or after `valid` are
 /// masked for every query (right padding). Positions before `first` (dropped by a sliding-window cache) are
 /// never visible. Optionally the same keys transposed, in the compute type: position j's key is column
-/// j - first of kt ([head, count - first], rows kt_stride apart), which Q·Kᵀ reads without packing.
+/// j - first of kt ([head, count - first], rows kt_stride apart), which Q·Kᵀ reads without packing. And
+/// whether every value is known to be finite (false: unknown, so the kernel checks each masked tile).
 struct KeyValues {
   const void* k;
   const void* v;
@@ -26,6 +27,7 @@ struct KeyValues {
   Eigen::Index valid;
   const void* kt = nullptr;
   Eigen::Index kt_stride = 0;
+  bool values_finite = false;
 };
 
 /// One sequence's cached keys and values: rows [offset, offset + stored) of k and v ([capacity, head] each)

@@ -44,10 +44,11 @@ inline constexpr Eigen::Index tile_depth = 256;
 /// C[Rows, Packets·W] += A[Rows, k] · B[k, Packets·W]: A(i, p) at a[i · lda + p · a_step], B and C
 /// row-major (rows ldb and ldc apart). The accumulators live in registers for the whole depth; A is read by
 /// broadcasts, so it needs no packing, and B row p is Packets consecutive packets. Unaligned loads
-/// throughout.
+/// throughout. With a bias (Packets·W values) it computes C = bias + A·B instead, C written without being
+/// read.
 template <typename Scalar, int Rows, int Packets>
 inline void gemm_tile(Eigen::Index k, const Scalar* a, Eigen::Index lda, Eigen::Index a_step, const Scalar* b,
-                      Eigen::Index ldb, Scalar* c, Eigen::Index ldc) noexcept {
+                      Eigen::Index ldb, const Scalar* bias, Scalar* c, Eigen::Index ldc) noexcept {
   using Eigen::internal::padd;
   using Eigen::internal::ploadu;
   using Eigen::internal::pmadd;
@@ -57,55 +58,63 @@ inline void gemm_tile(Eigen::Index k, const Scalar* a, Eigen::Index lda, Eigen::
   constexpr int W = simd_width<Scalar>;
   Packet acc[Rows][Packets];
   HEAD_ATTENTION_UNROLL
-  for (int i = 0; i < Rows; ++i)
+  for (int i = 0; i < Rows; ++i) {
     HEAD_ATTENTION_UNROLL
-  for (int v = 0; v < Packets; ++v)
-    acc[i][v] = pset1<Packet>(Scalar(0));
+    for (int v = 0; v < Packets; ++v) {
+      acc[i][v] = bias != nullptr ? ploadu<Packet>(bias + v * W) : pset1<Packet>(Scalar(0));
+    }
+  }
   for (Eigen::Index p = 0; p < k; ++p) {
     Packet row[Packets];
     HEAD_ATTENTION_UNROLL
-    for (int v = 0; v < Packets; ++v)
+    for (int v = 0; v < Packets; ++v) {
       row[v] = ploadu<Packet>(b + p * ldb + v * W);
+    }
     HEAD_ATTENTION_UNROLL
     for (int i = 0; i < Rows; ++i) {
       const Packet ai = pset1<Packet>(a[i * lda + p * a_step]);
       HEAD_ATTENTION_UNROLL
-      for (int v = 0; v < Packets; ++v)
+      for (int v = 0; v < Packets; ++v) {
         acc[i][v] = pmadd(ai, row[v], acc[i][v]);
+      }
     }
   }
   HEAD_ATTENTION_UNROLL
-  for (int i = 0; i < Rows; ++i)
+  for (int i = 0; i < Rows; ++i) {
     HEAD_ATTENTION_UNROLL
-  for (int v = 0; v < Packets; ++v)
-    pstoreu(c + i * ldc + v * W, padd(ploadu<Packet>(c + i * ldc + v * W), acc[i][v]));
+    for (int v = 0; v < Packets; ++v) {
+      Scalar* to = c + i * ldc + v * W;
+      pstoreu(to, bias != nullptr ? acc[i][v] : padd(ploadu<Packet>(to), acc[i][v]));
+    }
+  }
 }
 
 /// gemm_tile over all m rows of A: full tiles of tile_rows rows, then one tile of the rest.
 template <typename Scalar, int Packets>
 inline void gemm_rows(Eigen::Index m, Eigen::Index k, const Scalar* a, Eigen::Index lda, Eigen::Index a_step,
-                      const Scalar* b, Eigen::Index ldb, Scalar* c, Eigen::Index ldc) noexcept {
+                      const Scalar* b, Eigen::Index ldb, const Scalar* bias, Scalar* c,
+                      Eigen::Index ldc) noexcept {
   static_assert(tile_rows == 6, "the remainder cases below are written for 6-row tiles");
   Eigen::Index i = 0;
   for (; i + tile_rows <= m; i += tile_rows)
-    gemm_tile<Scalar, tile_rows, Packets>(k, a + i * lda, lda, a_step, b, ldb, c + i * ldc, ldc);
+    gemm_tile<Scalar, tile_rows, Packets>(k, a + i * lda, lda, a_step, b, ldb, bias, c + i * ldc, ldc);
   a += i * lda;
   c += i * ldc;
   switch (m - i) {
     case 1:
-      gemm_tile<Scalar, 1, Packets>(k, a, lda, a_step, b, ldb, c, ldc);
+      gemm_tile<Scalar, 1, Packets>(k, a, lda, a_step, b, ldb, bias, c, ldc);
       break;
     case 2:
-      gemm_tile<Scalar, 2, Packets>(k, a, lda, a_step, b, ldb, c, ldc);
+      gemm_tile<Scalar, 2, Packets>(k, a, lda, a_step, b, ldb, bias, c, ldc);
       break;
     case 3:
-      gemm_tile<Scalar, 3, Packets>(k, a, lda, a_step, b, ldb, c, ldc);
+      gemm_tile<Scalar, 3, Packets>(k, a, lda, a_step, b, ldb, bias, c, ldc);
       break;
     case 4:
-      gemm_tile<Scalar, 4, Packets>(k, a, lda, a_step, b, ldb, c, ldc);
+      gemm_tile<Scalar, 4, Packets>(k, a, lda, a_step, b, ldb, bias, c, ldc);
       break;
     case 5:
-      gemm_tile<Scalar, 5, Packets>(k, a, lda, a_step, b, ldb, c, ldc);
+      gemm_tile<Scalar, 5, Packets>(k, a, lda, a_step, b, ldb, bias, c, ldc);
       break;
     default:
       break;
@@ -119,28 +128,33 @@ inline void gemm_rows(Eigen::Index m, Eigen::Index k, const Scalar* a, Eigen::In
 /// 84–89 GFLOP/s at a forward call's shapes), mostly because nothing is packed: A is broadcast in place and
 /// B rows are read as they are stored. Every output is one chain of fused multiply-adds over k in order, so
 /// it rounds the same wherever its row falls in a tile (results never depend on how rows are cut). Columns
-/// that do not fill a packet go through Eigen's coefficient-based product. With HEAD_ATTENTION_GEMM_FALLBACK
+/// that do not fill a packet go through Eigen's coefficient-based product. With a bias ([n]) it computes
+/// C = bias + A·B instead, without reading C. With HEAD_ATTENTION_GEMM_FALLBACK
 /// (or an Eigen other than 3.4) Eigen's internal packet functions are not used: all of it is that product.
 template <typename Scalar>
 void gemm_nn(Eigen::Index m, Eigen::Index n, Eigen::Index k, const Scalar* a, Eigen::Index lda,
-             const Scalar* b, Eigen::Index ldb, Scalar* c, Eigen::Index ldc,
-             Eigen::Index a_step = 1) noexcept {
+             const Scalar* b, Eigen::Index ldb, Scalar* c, Eigen::Index ldc, Eigen::Index a_step = 1,
+             const Scalar* bias = nullptr) noexcept {
   using Index = Eigen::Index;
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
   using Stride = Eigen::OuterStride<>;
-  if (m == 0 || n == 0 || k == 0) return;
+  if (m == 0 || n == 0 || (k == 0 && bias == nullptr)) return;
   constexpr Index W = simd_width<Scalar>;
   Index j = 0;
   if constexpr (gemm_uses_eigen_internals && W > 1) {
-    for (Index p0 = 0; p0 < k; p0 += tile_depth) {
+    for (Index p0 = 0; p0 == 0 || p0 < k; p0 += tile_depth) {
       const Index depth = std::min(tile_depth, k - p0);
       const Scalar* ap = a + p0 * a_step;
       const Scalar* bp = b + p0 * ldb;
+      const Scalar* first_bias = p0 == 0 ? bias : nullptr;  // later depth blocks accumulate
       j = 0;
       for (; j + tile_packets * W <= n; j += tile_packets * W)
-        gemm_rows<Scalar, tile_packets>(m, depth, ap, lda, a_step, bp + j, ldb, c + j, ldc);
+        gemm_rows<Scalar, tile_packets>(m, depth, ap, lda, a_step, bp + j, ldb,
+                                        first_bias != nullptr ? first_bias + j : nullptr, c + j, ldc);
       for (; j + W <= n; j += W)
-        gemm_rows<Scalar, 1>(m, depth, ap, lda, a_step, bp + j, ldb, c + j, ldc);
+        gemm_rows<Scalar, 1>(m, depth, ap, lda, a_step, bp + j, ldb,
+                             first_bias != nullptr ? first_bias + j : nullptr, c + j, ldc);
     }
   }
   if (j == n) return;
@@ -148,6 +162,7 @@ void gemm_nn(Eigen::Index m, Eigen::Index n, Eigen::Index k, const Scalar* a, Ei
       a, m, k, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(lda, a_step));     // [m, k]
   const Eigen::Map<const Matrix, 0, Stride> rhs(b + j, k, n - j, Stride(ldb));  // [k, n - j]
   Eigen::Map<Matrix, 0, Stride> res(c + j, m, n - j, Stride(ldc));              // [m, n - j]
+  if (bias != nullptr) res.rowwise() = Eigen::Map<const RowVector>(bias + j, n - j);
   res.noalias() += lhs.lazyProduct(rhs);  // never forks threads, never allocates
 }
 
@@ -178,12 +193,14 @@ void transpose_into(const Scalar* src, Eigen::Index src_stride, Eigen::Index row
       for (c0 = 0; c0 < full_cols; c0 += W) {
         Eigen::internal::PacketBlock<Packet, W> block;
         HEAD_ATTENTION_UNROLL
-        for (Index i = 0; i < W; ++i)
+        for (Index i = 0; i < W; ++i) {
           block.packet[i] = Eigen::internal::ploadu<Packet>(src + (r0 + i) * src_stride + c0);
+        }
         Eigen::internal::ptranspose(block);
         HEAD_ATTENTION_UNROLL
-        for (Index i = 0; i < W; ++i)
+        for (Index i = 0; i < W; ++i) {
           Eigen::internal::pstoreu(dst + (c0 + i) * dst_stride + r0, block.packet[i]);
+        }
       }
     r0 = full_rows;
     c0 = full_cols;
