@@ -9,8 +9,12 @@
 // Counters, all on wall-clock time (every benchmark here uses UseRealTime):
 // - FLOP: useful flop/s, B (2 T emb 3 head + 2 head T (T+1)/2 + 2 head T (T+1)/2), that is the projections
 //   plus the causal halves of Q Kᵀ and P V.
-// - frac_gemm: FLOP over n times Eigen's single-thread 1024³ GEMM rate (SGEMM for float, DGEMM for double),
-//   measured once at startup in this process, best of 7.
+// - frac_gemm: FLOP over n times the best single-thread 1024³ GEMM rate measured at startup in this process
+//   (SGEMM for float, DGEMM for double; best of 7 calls): Eigen's, and OpenBLAS's when --openblas=<path to
+//   libopenblas.so> is given (loaded with dlopen, so that the build needs no BLAS), whichever is faster.
+// - frac_peak: FLOP over n times the core's peak FMA rate, measured at startup with a register-blocked loop
+// of
+//   independent fused multiply-adds on the widest SIMD registers this build uses.
 // - x_ref: speedup over the reference path of the same dtype, shape and thread count, whose repetitions ran
 //   earlier in this process (their median). Absent when the filter excluded that reference, or T > 8192.
 //
@@ -25,6 +29,8 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#include <dlfcn.h>
 
 #include <benchmark/benchmark.h>
 #include <Eigen/Core>
@@ -66,8 +72,77 @@ double useful_flops(const Shape& s) {
   return B * (2.0 * T * emb * 3.0 * head + 2.0 * (2.0 * head * T * (T + 1.0) / 2.0));
 }
 
-// Eigen's single-thread (and two-thread) GEMM rate in GFLOP/s, per dtype, filled in by main().
+// The best single-thread 1024³ GEMM rate in GFLOP/s (Eigen or OpenBLAS), and the peak FMA rate, per dtype,
+// filled in by main().
 std::map<std::string, double> g_gemm_gflops;
+std::map<std::string, double> g_peak_gflops;
+
+/// The core's peak rate of fused multiply-adds on Scalar, GFLOP/s: 12 independent accumulator chains (enough
+/// to cover the FMA latency on every x86 core we know) of the widest packet this build compiles for, best
+/// of 7.
+template <typename Scalar>
+double measure_peak_gflops() {
+  using Packet = head_attention::detail::SimdPacket<Scalar>;
+  constexpr int W = head_attention::detail::simd_width<Scalar>;
+  constexpr int chains = 12;
+  constexpr long steps = 1 << 22;
+  Packet acc[chains];
+  for (int c = 0; c < chains; ++c)
+    acc[c] = Eigen::internal::pset1<Packet>(Scalar(c));
+  // From volatile storage, so that the compiler cannot know them; without fast-math it keeps every FMA of the
+  // chains, whose results are summed and used below.
+  volatile Scalar factor = Scalar(0.999999), term = Scalar(1e-7);
+  const Packet x = Eigen::internal::pset1<Packet>(Scalar(factor)),
+               y = Eigen::internal::pset1<Packet>(Scalar(term));
+  double best = 1e30;
+  for (int rep = 0; rep < 7; ++rep) {
+    const auto t0 = Clock::now();
+    for (long i = 0; i < steps; ++i) {
+      for (int c = 0; c < chains; ++c)
+        acc[c] = Eigen::internal::pmadd(acc[c], x, y);
+    }
+    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  Scalar sink(0);
+  for (int c = 0; c < chains; ++c)
+    sink += Eigen::internal::predux(acc[c]);
+  benchmark::DoNotOptimize(sink);
+  return 2.0 * W * chains * static_cast<double>(steps) / best * 1e-9;
+}
+
+/// OpenBLAS's single-thread 1024³ GEMM rate in GFLOP/s, from the library at `path` (0 if it cannot be
+/// loaded). Through dlopen: the benchmark is built without any BLAS.
+template <typename Scalar>
+double measure_openblas_gflops(const std::string& path) {
+  void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (lib == nullptr) {
+    std::fprintf(stderr, "cannot load OpenBLAS from %s: %s\n", path.c_str(), dlerror());
+    return 0.0;
+  }
+  using SetThreads = void (*)(int);
+  using Gemm = void (*)(int, int, int, int, int, int, Scalar, const Scalar*, int, const Scalar*, int, Scalar,
+                        Scalar*, int);
+  const auto set_threads = reinterpret_cast<SetThreads>(dlsym(lib, "openblas_set_num_threads"));
+  const auto gemm =
+      reinterpret_cast<Gemm>(dlsym(lib, sizeof(Scalar) == sizeof(float) ? "cblas_sgemm" : "cblas_dgemm"));
+  if (gemm == nullptr) return 0.0;
+  if (set_threads != nullptr) set_threads(1);
+  constexpr int n = 1024;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  const Matrix a = Matrix::Random(n, n), b = Matrix::Random(n, n);
+  Matrix c(n, n);
+  constexpr int col_major = 102, no_trans = 111;  // CblasColMajor, CblasNoTrans
+  gemm(col_major, no_trans, no_trans, n, n, n, Scalar(1), a.data(), n, b.data(), n, Scalar(0), c.data(), n);
+  double best = 1e30;
+  for (int rep = 0; rep < 7; ++rep) {
+    const auto t0 = Clock::now();
+    gemm(col_major, no_trans, no_trans, n, n, n, Scalar(1), a.data(), n, b.data(), n, Scalar(0), c.data(), n);
+    benchmark::DoNotOptimize(c.data());
+    benchmark::ClobberMemory();
+    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  return 2.0 * n * n * static_cast<double>(n) / best * 1e-9;  // the library stays loaded
+}
 
 template <typename Scalar>
 double measure_gemm_gflops(int threads) {
@@ -125,6 +200,8 @@ void set_counters(benchmark::State& state, const Shape& s, int threads, double s
   state.counters["FLOP"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
   if (seconds_per_call <= 0.0) return;
   if (gemm > 0.0) state.counters["frac_gemm"] = flops / seconds_per_call / gemm;
+  const double peak = g_peak_gflops[dtype_name<Scalar>()] * 1e9 * threads;
+  if (peak > 0.0) state.counters["frac_peak"] = flops / seconds_per_call / peak;
   if (reference_seconds > 0.0) state.counters["x_ref"] = reference_seconds / seconds_per_call;
 }
 
@@ -220,6 +297,15 @@ int main(int argc, char** argv) {
   // Defaults for a trustworthy run on a noisy machine; each is overridden by the same flag on the command
   // line.
   std::vector<std::string> args(argv, argv + argc);
+  // --openblas=<path>: ours, not Google Benchmark's.
+  std::string openblas;
+  for (auto it = args.begin(); it != args.end();)
+    if (it->rfind("--openblas=", 0) == 0) {
+      openblas = it->substr(11);
+      it = args.erase(it);
+    } else {
+      ++it;
+    }
   const std::pair<const char*, const char*> defaults[] = {
       {"--benchmark_repetitions", "--benchmark_repetitions=5"},
       {"--benchmark_min_time", "--benchmark_min_time=0.2"},
@@ -248,24 +334,41 @@ int main(int argc, char** argv) {
     benchmark::Shutdown();
     return 0;
   }
-  g_gemm_gflops["float"] = measure_gemm_gflops<float>(1);
-  g_gemm_gflops["double"] = measure_gemm_gflops<double>(1);
+  const double eigen_sgemm = measure_gemm_gflops<float>(1), eigen_dgemm = measure_gemm_gflops<double>(1);
   const double sgemm2 = measure_gemm_gflops<float>(2);
   const double dgemm2 = measure_gemm_gflops<double>(2);
-  std::fprintf(stderr,
-               "Eigen 1024^3 GEMM, best of 7: SGEMM %.1f GFLOP/s (1 thread), %.1f (2 threads); "
-               "DGEMM %.1f GFLOP/s (1 thread), %.1f (2 threads)\n",
-               g_gemm_gflops["float"], sgemm2, g_gemm_gflops["double"], dgemm2);
-  if (sgemm2 < 1.5 * g_gemm_gflops["float"])
+  double openblas_sgemm = 0.0, openblas_dgemm = 0.0;
+  if (!openblas.empty()) {
+    openblas_sgemm = measure_openblas_gflops<float>(openblas);
+    openblas_dgemm = measure_openblas_gflops<double>(openblas);
+  }
+  g_gemm_gflops["float"] = std::max(eigen_sgemm, openblas_sgemm);
+  g_gemm_gflops["double"] = std::max(eigen_dgemm, openblas_dgemm);
+  g_peak_gflops["float"] = measure_peak_gflops<float>();
+  g_peak_gflops["double"] = measure_peak_gflops<double>();
+  std::fprintf(
+      stderr,
+      "1024^3 GEMM, one thread, best of 7: Eigen SGEMM %.1f GFLOP/s, DGEMM %.1f; OpenBLAS SGEMM %.1f, "
+      "DGEMM %.1f (0: not measured, see --openblas); two threads, Eigen: SGEMM %.1f, DGEMM %.1f. Peak "
+      "FMA rate, one thread: float %.1f GFLOP/s, double %.1f\n",
+      eigen_sgemm, eigen_dgemm, openblas_sgemm, openblas_dgemm, sgemm2, dgemm2, g_peak_gflops["float"],
+      g_peak_gflops["double"]);
+  if (sgemm2 < 1.5 * eigen_sgemm)
     std::fprintf(stderr,
                  "WARNING: two-thread SGEMM is only %.2fx the one-thread rate: another process is using the "
                  "cores, so the threads:2 figures of this run will be unreliable\n",
-                 sgemm2 / g_gemm_gflops["float"]);
+                 sgemm2 / eigen_sgemm);
   benchmark::AddCustomContext("cpu_model", cpu_model());
-  benchmark::AddCustomContext("sgemm_gflops_1thread", std::to_string(g_gemm_gflops["float"]));
-  benchmark::AddCustomContext("dgemm_gflops_1thread", std::to_string(g_gemm_gflops["double"]));
+  benchmark::AddCustomContext("sgemm_gflops_1thread", std::to_string(eigen_sgemm));
+  benchmark::AddCustomContext("dgemm_gflops_1thread", std::to_string(eigen_dgemm));
   benchmark::AddCustomContext("sgemm_gflops_2threads", std::to_string(sgemm2));
   benchmark::AddCustomContext("dgemm_gflops_2threads", std::to_string(dgemm2));
+  benchmark::AddCustomContext("openblas_sgemm_gflops_1thread", std::to_string(openblas_sgemm));
+  benchmark::AddCustomContext("openblas_dgemm_gflops_1thread", std::to_string(openblas_dgemm));
+  benchmark::AddCustomContext("best_sgemm_gflops_1thread", std::to_string(g_gemm_gflops["float"]));
+  benchmark::AddCustomContext("best_dgemm_gflops_1thread", std::to_string(g_gemm_gflops["double"]));
+  benchmark::AddCustomContext("peak_fma_float_gflops_1thread", std::to_string(g_peak_gflops["float"]));
+  benchmark::AddCustomContext("peak_fma_double_gflops_1thread", std::to_string(g_peak_gflops["double"]));
   benchmark::AddCustomContext("emb_size", std::to_string(kEmb));
   benchmark::AddCustomContext("head_size", std::to_string(kHead));
   benchmark::AddCustomContext("reference_max_T", std::to_string(kReferenceMaxT));
