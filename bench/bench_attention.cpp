@@ -77,6 +77,22 @@ double useful_flops(const Shape& s) {
 std::map<std::string, double> g_gemm_gflops;
 std::map<std::string, double> g_peak_gflops;
 
+/// `steps` rounds of acc = acc · x + y on Chains independent accumulators, summed at the end. Not inlined: in
+/// main() GCC kept the accumulators in memory, which measured the stores instead of the FMAs.
+template <typename Packet, int Chains>
+EIGEN_DONT_INLINE Packet fma_chains(long steps, const Packet& x, const Packet& y) {
+  Packet acc[Chains];
+  for (int c = 0; c < Chains; ++c)
+    acc[c] = Eigen::internal::padd(x, Eigen::internal::pset1<Packet>(static_cast<float>(c)));
+  for (long i = 0; i < steps; ++i)
+    for (int c = 0; c < Chains; ++c)
+      acc[c] = Eigen::internal::pmadd(acc[c], x, y);
+  Packet sum = acc[0];
+  for (int c = 1; c < Chains; ++c)
+    sum = Eigen::internal::padd(sum, acc[c]);
+  return sum;
+}
+
 /// The core's peak rate of fused multiply-adds on Scalar, GFLOP/s: 12 independent accumulator chains (enough
 /// to cover the FMA latency on every x86 core we know) of the widest packet this build compiles for, best
 /// of 7.
@@ -86,26 +102,19 @@ double measure_peak_gflops() {
   constexpr int W = head_attention::detail::simd_width<Scalar>;
   constexpr int chains = 12;
   constexpr long steps = 1 << 22;
-  Packet acc[chains];
-  for (int c = 0; c < chains; ++c)
-    acc[c] = Eigen::internal::pset1<Packet>(Scalar(c));
   // From volatile storage, so that the compiler cannot know them; without fast-math it keeps every FMA of the
-  // chains, whose results are summed and used below.
+  // chains, whose results are used below.
   volatile Scalar factor = Scalar(0.999999), term = Scalar(1e-7);
   const Packet x = Eigen::internal::pset1<Packet>(Scalar(factor)),
                y = Eigen::internal::pset1<Packet>(Scalar(term));
   double best = 1e30;
+  Scalar sink(0);
   for (int rep = 0; rep < 7; ++rep) {
     const auto t0 = Clock::now();
-    for (long i = 0; i < steps; ++i) {
-      for (int c = 0; c < chains; ++c)
-        acc[c] = Eigen::internal::pmadd(acc[c], x, y);
-    }
+    const Packet sum = fma_chains<Packet, chains>(steps, x, y);
     best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+    sink += Eigen::internal::predux(sum);
   }
-  Scalar sink(0);
-  for (int c = 0; c < chains; ++c)
-    sink += Eigen::internal::predux(acc[c]);
   benchmark::DoNotOptimize(sink);
   return 2.0 * W * chains * static_cast<double>(steps) / best * 1e-9;
 }

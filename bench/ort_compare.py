@@ -224,6 +224,8 @@ def run_ours(args, b, t, tmp):
     cmd = [os.path.abspath(args.bench), f"--benchmark_filter=^attention/fast/float/B:{b}/T:{t}/threads:[12]/",
            f"--benchmark_repetitions={args.reps}", f"--benchmark_min_time={args.min_time}",
            f"--benchmark_out={out}", "--benchmark_out_format=json"]
+    if args.openblas_dir:  # bench_attention also times OpenBLAS's SGEMM, for the best-SGEMM ceiling
+        cmd.append("--openblas=" + os.path.join(args.openblas_dir, "libopenblas.so.0"))
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     medians, context = parse_bench(out)
     rows = {}
@@ -396,6 +398,24 @@ def write_md(args, saved, path):
                      + f" (tolerance {PARITY_TOL:g}; " + ("all passed" if all(p["ok"] for p in par) else "FAILURES: "
                      + "; ".join(f"{p['op']} B={p['B']} T={p['T']}: {p.get('error', 'over tolerance')}"
                                  for p in par if not p["ok"])) + ").")
+    ctx = info.get("bench_context") or {}
+
+    def gf(key):
+        try:
+            return float(ctx[key])
+        except (KeyError, ValueError):
+            return 0.0
+
+    eigen_sgemm, openblas_sgemm = gf("sgemm_gflops_1thread"), gf("openblas_sgemm_gflops_1thread")
+    best_sgemm, peak = max(eigen_sgemm, openblas_sgemm), gf("peak_fma_float_gflops_1thread")
+    if best_sgemm > 0:
+        lines.append(f"- Ceilings, measured by bench_attention at the start of its last round (one thread, GFLOP/s): "
+                     f"1024³ SGEMM Eigen {eigen_sgemm:.1f}, OpenBLAS {openblas_sgemm:.1f}"
+                     + (" (not measured: no --openblas-dir)" if openblas_sgemm == 0 else "")
+                     + "; peak FMA rate (12 independent fused multiply-add chains on the widest registers) "
+                     f"{peak:.1f}. The table's `GFLOP/s` column is ours, useful flops (projections plus the causal "
+                     "halves of QKᵀ and PV) over wall time, and its fraction of the best SGEMM and of the peak "
+                     "(n threads: n times the one-thread figures).")
     lines.append("- Commands: " + "; ".join(f"`{c}`" for c in info.get("commands", [])) + ".")
     lines.append("")
 
@@ -403,6 +423,8 @@ def write_md(args, saved, path):
     has_torch = any(k[0] == "torch" for k in s)
     head = ["shape (B, T)", "threads", "ours", "ORT plain", "ORT Attention", "ORT GQA", "ORT best",
             "ORT best / ours", "binding overhead"] + (["PyTorch + OpenBLAS", "PyTorch / ours"] if has_torch else [])
+    if best_sgemm > 0:
+        head += ["ours GFLOP/s (of best SGEMM, of peak)"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|---|---:|" + "|".join(["---:"] * (len(head) - 2)) + "|")
     names = {"plain": "plain", "attention": "Attention", "gqa": "GQA"}
@@ -417,6 +439,11 @@ def write_md(args, saved, path):
                     fx(have[best], ours) if best else "—", fmt_ms(ms("slice", b, t, n))]
             if has_torch:
                 row += [fmt_ms(ms("torch", b, t, n)), fx(ms("torch", b, t, n), ours)]
+            if best_sgemm > 0:
+                flops = b * (2.0 * t * 512 * 3 * 64 + 2.0 * 64 * t * (t + 1))
+                rate = flops / (ours * 1e-3) * 1e-9 if ours else 0.0
+                row += [f"{rate:.1f} ({rate / (n * best_sgemm):.2f}, {rate / (n * peak):.2f})" if peak > 0
+                        else f"{rate:.1f} ({rate / (n * best_sgemm):.2f})"]
             lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append("ORT best / ours > 1: ours is faster. An ORT cell is (raw median − overhead median); `—`: the op "
