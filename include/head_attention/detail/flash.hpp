@@ -36,13 +36,13 @@ struct Tuning {
   /// stay in L2.
   static constexpr Eigen::Index decode_wide_key_block = 256;
   /// Inputs shorter than projection_split · projection_rows rows are cut into about this many projection
-  /// chunks (of a multiple of 8 rows, at least projection_min_rows), whatever the thread count.
+  /// chunks (of a multiple of the GEMM's 6-row tile, at least projection_min_rows), whatever the thread
+  /// count.
   static constexpr Eigen::Index projection_split = 8;
-  /// Rows of x per projection work item, at least (unless x has fewer). Each item packs its weight matrix
-  /// (head · emb values) for the GEMM kernel: with chunks of 8 rows that packing took as long as the products
-  /// (perf: gemm_pack_lhs 46% of a multi-head call at B = 2, T = 10); 32 was measured 28% faster there on one
-  /// thread and 12% on two, 64 no better.
-  static constexpr Eigen::Index projection_min_rows = 32;
+  /// Rows of x per projection work item, at least (unless x has fewer). Nothing is packed per item (the
+  /// weights are transposed once per call), so short chunks cost only a re-read of the weights from cache;
+  /// 12 splits the seed's B = 2, T = 10 into two chunks, six items for two threads.
+  static constexpr Eigen::Index projection_min_rows = 12;
   /// Rows of x per projection work item, at most.
   static constexpr Eigen::Index projection_rows = 256;
   /// Below this many useful flops a forward call stays on one thread. Forking is cheap next to the
@@ -68,6 +68,7 @@ struct FlashScratch {
         clean_values(block_q > 1 ? block_k : 0, head),
         wide_k(wide_keys ? block_k : 0, head),
         wide_v(wide_keys ? block_k : 0, head),
+        zeros(Vector::Zero(block_k)),
         row_max(block_q),
         row_sum(block_q),
         seen_begin(static_cast<std::size_t>(block_q)),
@@ -80,6 +81,7 @@ struct FlashScratch {
       clean_values;  // [block_k, head] a masked tile's V with its non-finite rows zeroed (unused for one row)
   Matrix wide_k;     // [block_k, head] a K tile converted from the cache's precision (or unused)
   Matrix wide_v;     // [block_k, head] its V tile
+  Vector zeros;      // [block_k] all 0: the bias of probs = 0 + Q·Kᵀ
   Vector row_max;    // [block_q] running max of each query's scores
   Vector row_sum;    // [block_q] running sum of exp(score - row_max)
   std::vector<Index> seen_begin;  // [block_q] the tile-relative key range each query sees in the
@@ -219,9 +221,10 @@ void attend_query_block(const Queries<Scalar, Out>& queries, const KeyValues& ke
       kv_stride = head;
     }
     if (keys.kt != nullptr) {
-      probs.setZero();
+      // probs = 0 + Q·Kᵀ: written, not accumulated, so the tile needs no zeroing first.
       gemm_nn(bq, bk, head, queries.q + r0 * queries.stride, queries.stride,
-              static_cast<const Scalar*>(keys.kt) + (j0 - keys.first), keys.kt_stride, probs.data(), block_k);
+              static_cast<const Scalar*>(keys.kt) + (j0 - keys.first), keys.kt_stride, probs.data(), block_k,
+              1, s.zeros.data());
     } else if (!fused) {
       probs.setZero();
       s.qk.template accumulate<Eigen::RowMajor, Eigen::ColMajor>(
@@ -343,8 +346,8 @@ struct ForwardBuffers {
   Vector output_t;                  // [heads · head, emb] the multi-head output projection's Woᵀ
   Vector biases;                    // [heads, 3 · head] each head's bq·scale | bk | bv
   std::vector<char> values_finite;  // [heads · batch] whether a sequence's V is all finite (without a cache)
-  Vector keys_t;                    // [heads · batch] · [head, T] each sequence's Kᵀ (without a cache)
-  Vector concat;                    // [rows, heads · head] the multi-head layer's concatenated head outputs
+  Vector keys_t;  // [heads · batch] · [head, T + pad] each sequence's Kᵀ (without a cache)
+  Vector concat;  // [rows, heads · head] the multi-head layer's concatenated head outputs
   std::vector<FlashScratch<Scalar>> scratch;   // per thread
   std::vector<Vector> x_wide, projected_wide;  // per thread, 16-bit layers: a chunk of x and of the output
   std::vector<Index> x_wide_chunk;             // per thread: which chunk x_wide holds
@@ -469,12 +472,13 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
       static_cast<double>(heads) * useful_flops<Scalar>(batch, seq_len, emb, head, max_keys, plan.rule);
   if (flops < Tuning::serial_below_flops || in_parallel_region()) threads = 1;
   // Short inputs are cut into up to projection_split chunks, so that the threads all get projection work. The
-  // cut depends on the input alone, never on the thread count: the GEMM kernel rounds a row differently
-  // depending on where it falls in a chunk, and results must not depend on the thread count.
+  // cut depends on the input alone, never on the thread count (and gemm_nn rounds a row the same in any
+  // chunk, so results do not even depend on the cut).
   const Index proj_rows = std::min(
       Tuning::projection_rows,
       std::max<Index>(Tuning::projection_min_rows,
-                      ((rows + Tuning::projection_split - 1) / Tuning::projection_split + 7) / 8 * 8));
+                      ((rows + Tuning::projection_split - 1) / Tuning::projection_split + tile_rows - 1) /
+                          tile_rows * tile_rows));
   const Index chunks = (rows + proj_rows - 1) / proj_rows;
   const Index proj_items = 3 * heads * chunks;  // (row chunk, head, projection) triples
   threads = static_cast<int>(std::min<Index>(threads, std::max(items, proj_items)));
@@ -496,8 +500,12 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   values_finite.resize(static_cast<std::size_t>(plan.caches == nullptr ? heads * batch : 0));
   Scalar* output_t =
       ForwardBuffers<Scalar>::grow(buffers.output_t, output != nullptr ? output->weight.size() : 0);
+  // Rows of Kᵀ are kt_stride apart, padded by a cache line: at T = 1024 or 4096 unpadded rows are a multiple
+  // of 4 KB apart, so the rows of a tile all fall into the same few L1 sets and evict each other.
+  const Index kt_stride = seq_len + 64 / static_cast<Index>(sizeof(Scalar));
+  const Index kt_size = head * kt_stride;  // one sequence's Kᵀ
   Scalar* keys_t =
-      ForwardBuffers<Scalar>::grow(buffers.keys_t, plan.caches == nullptr ? heads * rows * head : 0);
+      ForwardBuffers<Scalar>::grow(buffers.keys_t, plan.caches == nullptr ? heads * batch * kt_size : 0);
   const Index out_width = output != nullptr ? output->out_features() : 0;
   // The multi-head layer's concatenation of head outputs, in the compute type.
   const Index concat_rows = output != nullptr ? rows : 0;
@@ -515,10 +523,8 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   HEAD_ATTENTION_OMP(parallel num_threads(threads) if (threads > 1)) {
     const std::size_t thread = static_cast<std::size_t>(thread_index());
     if (thread == 0) last_team_size() = team_size();  // the caller's own thread is the team's first
-    // Each of Wq, Wk, Wv is read in place as the [emb, head] column-major matrix Wᵀ. Packing them into one
-    // [emb, 3·head] operand for a single GEMM was measured slower: the copy costs 20% at the seed's B = 2,
-    // T = 10 and gains nothing at large T, and a packed copy cannot be kept in sync with weights that
-    // callers change through query()/key()/value() references.
+    // The weights are transposed here, on every call: a copy kept between calls could not be kept in sync
+    // with weights that callers change through query()/key()/value() references.
     // (nowait: the output projection's weights are read only after the next loop's barrier.)
     if (output != nullptr) {
       HEAD_ATTENTION_OMP(for schedule(static) nowait)
@@ -528,15 +534,19 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
                        output->weight.cols(), output_t + r0, output->weight.rows());
       }
     }
+    // Each weight in two halves (of its columns), so that one head's three make six items for two threads.
     HEAD_ATTENTION_OMP(for schedule(static))
-    for (Index p = 0; p < 3 * heads; ++p) {
+    for (Index part = 0; part < 6 * heads; ++part) {
+      const Index p = part / 2, c0 = part % 2 == 0 ? 0 : emb / 2, c1 = part % 2 == 0 ? emb / 2 : emb;
       Scalar* wt = weights_t + (p / 3) * emb * ld + (p % 3) * head;
-      Eigen::Map<Vector> bias(biases + (p / 3) * ld + (p % 3) * head, head);
-      transpose_into(layers[p]->weight.data(), emb, head, emb, wt, ld);
-      bias = layers[p]->bias;
-      if (p % 3 == 0) {
-        Eigen::Map<Matrix, 0, Eigen::OuterStride<>>(wt, emb, head, Eigen::OuterStride<>(ld)) *= scale;
-        bias *= scale;
+      transpose_into(layers[p]->weight.data() + c0, emb, head, c1 - c0, wt + c0 * ld, ld);
+      if (p % 3 == 0)
+        Eigen::Map<Matrix, 0, Eigen::OuterStride<>>(wt + c0 * ld, c1 - c0, head, Eigen::OuterStride<>(ld)) *=
+            scale;
+      if (part % 2 == 0) {
+        Eigen::Map<Vector> bias(biases + (p / 3) * ld + (p % 3) * head, head);
+        bias = layers[p]->bias;
+        if (p % 3 == 0) bias *= scale;
       }
     }
     HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
@@ -580,7 +590,7 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
       for (Index c = 0; c < heads * batch; ++c) {
         const Index h = c / batch, b = c % batch;
         const Scalar* seq_qkv = qkv.data() + (h * rows + b * seq_len) * ld;
-        transpose_into(seq_qkv + head, ld, seq_len, head, keys_t + (h * rows + b * seq_len) * head, seq_len);
+        transpose_into(seq_qkv + head, ld, seq_len, head, keys_t + c * kt_size, kt_stride);
         // Checked once here rather than in every masked tile of every query block.
         values_finite[static_cast<std::size_t>(c)] =
             Eigen::Map<const Matrix, 0, Eigen::OuterStride<>>(seq_qkv + 2 * head, seq_len, head,
@@ -606,8 +616,8 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
         position = plan.caches[c]->length();
         keys = plan.caches[c]->keys(seq_len);
       } else {
-        keys.kt = keys_t + (h * rows + b * seq_len) * head;
-        keys.kt_stride = seq_len;
+        keys.kt = keys_t + c * kt_size;
+        keys.kt_stride = kt_stride;
         keys.values_finite = values_finite[static_cast<std::size_t>(c)] != 0;
       }
       if (plan.lengths != nullptr) keys.valid = std::min(keys.valid, plan.lengths[b]);
