@@ -1,0 +1,404 @@
+// head-attention: the fused backward pass. FlashAttention-2 style: the softmax is recomputed tile by tile
+// from a per-row logsumexp instead of keeping [T, T]; extra memory is O(T · head_size). Every gradient
+// element is written by exactly one work item in a fixed order, so results do not depend on the thread count
+// at all.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "../gradients.hpp"
+#include "../linear.hpp"
+#include "../mask.hpp"
+#include "flash.hpp"
+#include "gemm.hpp"
+#include "parallel.hpp"
+
+namespace head_attention::detail {
+
+/// The rows of m as row-major storage with contiguous rows, its leading dimension in `stride`: m's own
+/// storage when it has that layout, else a copy in `copy`.
+template <typename Derived, typename Matrix>
+const typename Derived::Scalar* row_major_data(const Eigen::MatrixBase<Derived>& m, Matrix& copy,
+                                               Eigen::Index& stride) {
+  constexpr bool in_place = (Derived::Flags & Eigen::DirectAccessBit) != 0 && Derived::IsRowMajor &&
+                            Derived::InnerStrideAtCompileTime == 1;
+  if constexpr (in_place) {
+    stride = m.derived().outerStride();
+    return m.derived().data();
+  } else {
+    copy = m;  // an expression, a column-major or strided view: evaluated once
+    stride = copy.cols();
+    return copy.data();
+  }
+}
+
+/// Block sizes of the backward pass.
+struct BackwardTuning {
+  /// Rows of Q and of K per tile (square tiles: the query-block and key-block loops share one tile routine).
+  static constexpr Eigen::Index block = 64;
+  /// Rows of x per projection and input-gradient work item.
+  static constexpr Eigen::Index row_chunk = 256;
+  /// Columns of x per weight-gradient work item.
+  static constexpr Eigen::Index column_block = 64;
+  /// Below this many flops (estimated) a backward call stays on one thread.
+  static constexpr double serial_below_flops = 1e5;
+};
+
+/// Per-thread working storage of the attention loops, allocated before the parallel region.
+template <typename Scalar>
+struct BackwardScratch {
+  using Index = Eigen::Index;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+
+  BackwardScratch(Index block, Index head)
+      : probs(block, block), dscores(block, block), acc(block, head), row_max(block), row_sum(block) {}
+
+  Matrix probs;    // [block, block] a tile's scores, then P = exp(S - lse)
+  Matrix dscores;  // [block, block] dO Vᵀ, then dS = P ∘ (dP - D)
+  Matrix acc;      // [block, head] a query block's un-normalised output
+  Vector row_max;  // [block] running max of each query's scores
+  Vector row_sum;  // [block] running sum of exp(score - row_max)
+};
+
+/// One (head, sequence) of a backward call: where its rows of Q' = Q / sqrt(head), K, V and dO are, its
+/// per-row statistics, and where its gradients go.
+template <typename Scalar>
+struct BackwardSequence {
+  using Index = Eigen::Index;
+  const Scalar* q;     // [seq_len, head] Q', leading dimension ld; K at q + head, V at q + 2 · head
+  Scalar* dq;          // [seq_len, head] dQ, leading dimension ld; dK at dq + head, dV at dq + 2 · head
+  Index ld;            // row stride of q and dq
+  const Scalar* dout;  // [seq_len, head] dL/dO, leading dimension dout_stride
+  Index dout_stride;
+  Scalar* lse;    // [seq_len] logsumexp of each query's visible scores
+  Scalar* delta;  // [seq_len] D = rowsum(dO ∘ O)
+  Scalar* out;    // [seq_len, head] O, leading dimension out_stride, or null
+  Index out_stride;
+  Index seq_len;  // rows
+  Index valid;    // keys at or after it are masked (right padding)
+  Index head;
+};
+
+/// The key range [first, end) the query at position p of a sequence sees.
+template <typename Scalar>
+Eigen::Index first_visible(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eigen::Index p) {
+  return std::min(rule.first_key(p), sq.valid);
+}
+template <typename Scalar>
+Eigen::Index end_visible(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eigen::Index p) {
+  return std::min(rule.end_key(p, sq.seq_len), sq.valid);
+}
+
+/// Scores of one tile, query rows [r0, r0 + bq) and keys [j0, j0 + bk), into s.probs; then for each row r
+/// its visible range, clamped to the tile, in [a[r], b[r]) (tile-relative).
+template <typename Scalar>
+void tile_scores(const BackwardSequence<Scalar>& sq, Eigen::Index r0, Eigen::Index bq, Eigen::Index j0,
+                 Eigen::Index bk, BackwardScratch<Scalar>& s) noexcept {
+  using Matrix = typename BackwardScratch<Scalar>::Matrix;
+  using Stride = Eigen::OuterStride<>;
+  const Eigen::Map<const Matrix, 0, Stride> q(sq.q + r0 * sq.ld, bq, sq.head, Stride(sq.ld));  // [bq, head]
+  const Eigen::Map<const Matrix, 0, Stride> k(sq.q + j0 * sq.ld + sq.head, bk, sq.head,
+                                              Stride(sq.ld));                            // [bk, head]
+  Eigen::Map<Matrix, 0, Stride> scores(s.probs.data(), bq, bk, Stride(s.probs.cols()));  // [bq, bk]
+  scores.noalias() = q * k.transpose();
+}
+
+/// P and dS of the tile (query rows [r0, r0 + bq), keys [j0, j0 + bk)) into s.probs and s.dscores, from the
+/// statistics lse and delta: P = exp(S - lse) on visible entries and 0 elsewhere, dS = P ∘ (dO Vᵀ - D).
+template <typename Scalar>
+void tile_gradients(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eigen::Index r0,
+                    Eigen::Index bq, Eigen::Index j0, Eigen::Index bk, BackwardScratch<Scalar>& s) noexcept {
+  using Index = Eigen::Index;
+  using Matrix = typename BackwardScratch<Scalar>::Matrix;
+  using Vector = typename BackwardScratch<Scalar>::Vector;
+  using Stride = Eigen::OuterStride<>;
+  tile_scores(sq, r0, bq, j0, bk, s);
+  Eigen::Map<Matrix, 0, Stride> probs(s.probs.data(), bq, bk, Stride(s.probs.cols()));        // [bq, bk]
+  Eigen::Map<Matrix, 0, Stride> dscores(s.dscores.data(), bq, bk, Stride(s.dscores.cols()));  // [bq, bk]
+  for (Index r = 0; r < bq; ++r) {
+    const Index a = std::clamp<Index>(first_visible(sq, rule, r0 + r) - j0, 0, bk);
+    const Index b = std::clamp<Index>(end_visible(sq, rule, r0 + r) - j0, a, bk);
+    if (b > a)
+      probs.row(r).segment(a, b - a) = (probs.row(r).segment(a, b - a).array() - sq.lse[r0 + r]).exp();
+    probs.row(r).head(a).setZero();
+    probs.row(r).tail(bk - b).setZero();
+  }
+  const Eigen::Map<const Matrix, 0, Stride> dout(sq.dout + r0 * sq.dout_stride, bq, sq.head,
+                                                 Stride(sq.dout_stride));  // [bq, head]
+  const Eigen::Map<const Matrix, 0, Stride> v(sq.q + j0 * sq.ld + 2 * sq.head, bk, sq.head,
+                                              Stride(sq.ld));  // [bk, head]
+  dscores.noalias() = dout * v.transpose();                    // dP [bq, bk]
+  const Eigen::Map<const Vector> delta(sq.delta + r0, bq);     // [bq]
+  dscores = (probs.array() * (dscores.array().colwise() - delta.array())).matrix();
+}
+
+/// The forward statistics of query rows [r0, r0 + bq): an online softmax over the visible keys, as the
+/// forward pass runs it, keeping lse = max + log(sum) and D = dO · O per row (and O itself when sq.out is
+/// set). A query that sees no key gets O = 0, D = 0 (its lse is never read: no tile has a visible entry in
+/// its row).
+template <typename Scalar>
+void softmax_statistics(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eigen::Index r0,
+                        Eigen::Index bq, Eigen::Index block, BackwardScratch<Scalar>& s) noexcept {
+  using Index = Eigen::Index;
+  using Matrix = typename BackwardScratch<Scalar>::Matrix;
+  using Stride = Eigen::OuterStride<>;
+  s.row_max.head(bq).setConstant(-std::numeric_limits<Scalar>::infinity());
+  s.row_sum.head(bq).setZero();
+  s.acc.topRows(bq).setZero();
+  const Index lo = first_visible(sq, rule, r0) / block * block;
+  const Index hi = end_visible(sq, rule, r0 + bq - 1);
+  for (Index j0 = lo; j0 < hi; j0 += block) {
+    const Index bk = std::min(block, sq.seq_len - j0);
+    tile_scores(sq, r0, bq, j0, bk, s);
+    Eigen::Map<Matrix, 0, Stride> probs(s.probs.data(), bq, bk, Stride(s.probs.cols()));  // [bq, bk]
+    for (Index r = 0; r < bq; ++r) {
+      const Index a = std::clamp<Index>(first_visible(sq, rule, r0 + r) - j0, 0, bk);
+      const Index b = std::clamp<Index>(end_visible(sq, rule, r0 + r) - j0, a, bk);
+      if (a == b) {
+        probs.row(r).setZero();
+        continue;
+      }
+      const Scalar old_max = s.row_max[r];
+      const Scalar new_max = std::max(old_max, probs.row(r).segment(a, b - a).maxCoeff());
+      probs.row(r).segment(a, b - a) = (probs.row(r).segment(a, b - a).array() - new_max).exp();
+      probs.row(r).head(a).setZero();
+      probs.row(r).tail(bk - b).setZero();
+      if (new_max != old_max) {
+        const Scalar rescale = std::exp(old_max - new_max);  // 0 on the first visible block
+        s.row_sum[r] *= rescale;
+        s.acc.row(r) *= rescale;
+        s.row_max[r] = new_max;
+      }
+      s.row_sum[r] += probs.row(r).segment(a, b - a).sum();
+    }
+    const Eigen::Map<const Matrix, 0, Stride> v(sq.q + j0 * sq.ld + 2 * sq.head, bk, sq.head,
+                                                Stride(sq.ld));  // [bk, head]
+    s.acc.topRows(bq).noalias() += probs * v;
+  }
+  for (Index r = 0; r < bq; ++r) {
+    const Index row = r0 + r;
+    if (s.row_sum[r] == Scalar(0)) {  // no visible key
+      s.acc.row(r).setZero();
+      sq.lse[row] = std::numeric_limits<Scalar>::infinity();
+    } else {
+      s.acc.row(r) /= s.row_sum[r];  // O
+      sq.lse[row] = s.row_max[r] + std::log(s.row_sum[r]);
+    }
+    const Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>> dout(sq.dout + row * sq.dout_stride,
+                                                                          sq.head);
+    sq.delta[row] = dout.dot(s.acc.row(r));
+    if (sq.out != nullptr)
+      Eigen::Map<Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(sq.out + row * sq.out_stride, sq.head) =
+          s.acc.row(r);
+  }
+}
+
+/// dQ of query rows [r0, r0 + bq) (statistics already computed): dQ = scale · Σ over key tiles of dS K.
+template <typename Scalar>
+void query_gradients(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eigen::Index r0,
+                     Eigen::Index bq, Eigen::Index block, Scalar scale, BackwardScratch<Scalar>& s) noexcept {
+  using Index = Eigen::Index;
+  using Matrix = typename BackwardScratch<Scalar>::Matrix;
+  using Stride = Eigen::OuterStride<>;
+  Eigen::Map<Matrix, 0, Stride> dq(sq.dq + r0 * sq.ld, bq, sq.head, Stride(sq.ld));  // [bq, head]
+  dq.setZero();
+  const Index lo = first_visible(sq, rule, r0) / block * block;
+  const Index hi = end_visible(sq, rule, r0 + bq - 1);
+  for (Index j0 = lo; j0 < hi; j0 += block) {
+    const Index bk = std::min(block, sq.seq_len - j0);
+    tile_gradients(sq, rule, r0, bq, j0, bk, s);
+    const Eigen::Map<const Matrix, 0, Stride> dscores(s.dscores.data(), bq, bk, Stride(s.dscores.cols()));
+    const Eigen::Map<const Matrix, 0, Stride> k(sq.q + j0 * sq.ld + sq.head, bk, sq.head, Stride(sq.ld));
+    dq.noalias() += dscores * k;  // dQ' [bq, head]
+  }
+  dq *= scale;  // Q' = scale · Q
+}
+
+/// dK and dV of key rows [j0, j0 + bk): Σ over the query tiles that see any of them of dSᵀ Q' and Pᵀ dO.
+template <typename Scalar>
+void key_gradients(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eigen::Index j0, Eigen::Index bk,
+                   Eigen::Index block, BackwardScratch<Scalar>& s) noexcept {
+  using Index = Eigen::Index;
+  using Matrix = typename BackwardScratch<Scalar>::Matrix;
+  using Stride = Eigen::OuterStride<>;
+  Eigen::Map<Matrix, 0, Stride> dk(sq.dq + j0 * sq.ld + sq.head, bk, sq.head, Stride(sq.ld));  // [bk, head]
+  Eigen::Map<Matrix, 0, Stride> dv(sq.dq + j0 * sq.ld + 2 * sq.head, bk, sq.head,
+                                   Stride(sq.ld));  // [bk, head]
+  dk.setZero();
+  dv.setZero();
+  for (Index r0 = 0; r0 < sq.seq_len; r0 += block) {
+    const Index bq = std::min(block, sq.seq_len - r0);
+    // Both ends of a query's range never decrease with its position: the block sees [lo, hi).
+    const Index lo = first_visible(sq, rule, r0);
+    const Index hi = end_visible(sq, rule, r0 + bq - 1);
+    if (hi <= j0 || lo >= j0 + bk || lo >= hi) continue;  // causal: the tiles above the diagonal
+    tile_gradients(sq, rule, r0, bq, j0, bk, s);
+    const Eigen::Map<const Matrix, 0, Stride> probs(s.probs.data(), bq, bk, Stride(s.probs.cols()));
+    const Eigen::Map<const Matrix, 0, Stride> dscores(s.dscores.data(), bq, bk, Stride(s.dscores.cols()));
+    const Eigen::Map<const Matrix, 0, Stride> q(sq.q + r0 * sq.ld, bq, sq.head, Stride(sq.ld));
+    const Eigen::Map<const Matrix, 0, Stride> dout(sq.dout + r0 * sq.dout_stride, bq, sq.head,
+                                                   Stride(sq.dout_stride));
+    dv.noalias() += probs.transpose() * dout;  // [bk, head]
+    dk.noalias() += dscores.transpose() * q;   // [bk, head]; Q' carries the scale
+  }
+}
+
+/// Where a backward call reads and writes. layers: [3 · heads] nn.Linear(emb, head), head h's Q, K, V at 3h,
+/// 3h + 1, 3h + 2; grads: [heads], resized here.
+template <typename Scalar>
+struct BackwardCall {
+  using Index = Eigen::Index;
+  const Scalar* x = nullptr;  // [batch · seq_len, emb] row-major, leading dimension x_stride
+  Index x_stride = 0;
+  Index batch = 0;
+  Index seq_len = 0;
+  const Linear<Scalar>* const* layers = nullptr;
+  Index heads = 1;
+  const Scalar* dout = nullptr;  // [rows, heads · head] dL/d (the heads' concatenated outputs), row-major
+  Index dout_stride = 0;
+  MaskRule rule = MaskRule::causal();
+  const Index* lengths = nullptr;          // [batch] valid keys per sequence, or null
+  HeadGradients<Scalar>* grads = nullptr;  // [heads] the parameter gradients
+  Scalar* dx = nullptr;                    // [rows, emb] dL/dx, row-major, contiguous
+  Scalar* out = nullptr;  // [rows, heads · head] the heads' outputs (recomputed on the way), or null
+  Index out_stride = 0;
+  int threads = 1;
+};
+
+/// The whole backward pass: Q, K, V recomputed; per query block the softmax statistics and dQ; per key block
+/// dK and dV; then the projections' gradients dW = dYᵀ x, db = Σ rows of dY and dx = Σ dY W, as GEMMs over
+/// fixed row chunks and column blocks. Shapes are checked by the caller. Allocates before its parallel
+/// region.
+template <typename Scalar>
+void backward(const BackwardCall<Scalar>& call) {
+  using Index = Eigen::Index;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using Stride = Eigen::OuterStride<>;
+  const Index heads = call.heads;
+  const Index emb = call.layers[0]->in_features();
+  const Index head = call.layers[0]->out_features();
+  const Index rows = call.batch * call.seq_len;
+  const Index width = 3 * heads * head;  // Q | K | V of every head
+  for (Index h = 0; h < heads; ++h) {
+    HeadGradients<Scalar>& g = call.grads[h];
+    for (Linear<Scalar>* l : {&g.query, &g.key, &g.value}) {
+      l->weight.setZero(head, emb);
+      l->bias.setZero(head);
+    }
+  }
+  Eigen::Map<Matrix>(call.dx, rows, emb).setZero();
+  last_team_size() = 1;
+  if (rows == 0) return;
+
+  const Index block = std::min(BackwardTuning::block, call.seq_len);
+  const Index chunk = std::min(BackwardTuning::row_chunk, rows);
+  const Index chunks = (rows + chunk - 1) / chunk;
+  const Index column_blocks = (emb + BackwardTuning::column_block - 1) / BackwardTuning::column_block;
+  const Index blocks = (call.seq_len + block - 1) / block;
+  const Index block_items = heads * call.batch * blocks;
+  const Index weight_items = 3 * heads * column_blocks;
+  const double flops =
+      static_cast<double>(rows) * static_cast<double>(width) * static_cast<double>(emb) * 6.0 +
+      static_cast<double>(heads * rows) * static_cast<double>(call.seq_len * head) * 8.0;
+  int threads = call.threads;
+  if (flops < BackwardTuning::serial_below_flops || in_parallel_region()) threads = 1;
+  threads =
+      static_cast<int>(std::min<Index>(threads, std::max({block_items, chunks * 3 * heads, weight_items})));
+  threads = std::max(threads, 1);
+
+  Matrix weights(width, emb);     // [3·heads·head, emb] every projection's weight, stacked
+  Matrix qkv(rows, width);        // [rows, 3·heads·head] Q' | K | V, head after head
+  Matrix dqkv(rows, width);       // [rows, 3·heads·head] dQ | dK | dV
+  Matrix stats(2, heads * rows);  // [2, heads · rows] lse, D
+  Matrix dweights(width, emb);    // [3·heads·head, emb]
+  for (Index p = 0; p < 3 * heads; ++p)
+    weights.middleRows(p * head, head) = call.layers[p]->weight;
+  std::vector<BackwardScratch<Scalar>> scratch;
+  scratch.reserve(static_cast<std::size_t>(threads));
+  for (int t = 0; t < threads; ++t)
+    scratch.emplace_back(block, head);
+  const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(head));
+  const Eigen::Map<const Matrix, 0, Stride> x(call.x, rows, emb, Stride(call.x_stride));  // [rows, emb]
+  Eigen::Map<Matrix> dx(call.dx, rows, emb);                                              // [rows, emb]
+  const auto sequence = [&](Index c) {  // (head h = c / batch, sequence b = c % batch)
+    const Index h = c / call.batch, b = c % call.batch;
+    const Index row0 = b * call.seq_len;
+    BackwardSequence<Scalar> sq;
+    sq.q = qkv.data() + row0 * width + 3 * h * head;
+    sq.dq = dqkv.data() + row0 * width + 3 * h * head;
+    sq.ld = width;
+    sq.dout = call.dout + row0 * call.dout_stride + h * head;
+    sq.dout_stride = call.dout_stride;
+    sq.lse = stats.data() + h * rows + row0;
+    sq.delta = stats.data() + heads * rows + h * rows + row0;
+    sq.out = call.out != nullptr ? call.out + row0 * call.out_stride + h * head : nullptr;
+    sq.out_stride = call.out_stride;
+    sq.seq_len = call.seq_len;
+    sq.valid = call.lengths != nullptr ? call.lengths[b] : call.seq_len;
+    sq.head = head;
+    return sq;
+  };
+  // Eigen's products below must not fork threads of their own: outside a team of several threads Eigen would
+  // parallelise a large one (and round differently with the thread count).
+  const SerialEigenProducts serial_products;
+
+  HEAD_ATTENTION_OMP(parallel num_threads(threads) if (threads > 1)) {
+    BackwardScratch<Scalar>& s = scratch[static_cast<std::size_t>(thread_index())];
+    if (thread_index() == 0) last_team_size() = team_size();  // for the tests of the thread setting
+    // Q', K, V: one GEMM per (row chunk, projection).
+    HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
+    for (Index item = 0; item < chunks * 3 * heads; ++item) {
+      const Index r0 = (item / (3 * heads)) * chunk, p = item % (3 * heads);
+      const Index n = std::min(chunk, rows - r0);
+      Eigen::Block<Matrix> y = qkv.block(r0, p * head, n, head);  // [n, head]
+      y.noalias() = x.middleRows(r0, n) * call.layers[p]->weight.transpose();
+      y.rowwise() += call.layers[p]->bias.transpose();
+      if (p % 3 == 0) y *= scale;
+    }
+    // Per query block: the softmax statistics, then dQ. The last blocks see the most keys: first.
+    HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
+    for (Index item = 0; item < block_items; ++item) {
+      const BackwardSequence<Scalar> sq = sequence(item / blocks);
+      const Index r0 = (blocks - 1 - item % blocks) * block;
+      const Index bq = std::min(block, call.seq_len - r0);
+      softmax_statistics(sq, call.rule, r0, bq, block, s);
+      query_gradients(sq, call.rule, r0, bq, block, scale, s);
+    }
+    // Per key block: dK and dV, from every query block's statistics. The first blocks are seen by the most
+    // queries: first.
+    HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
+    for (Index item = 0; item < block_items; ++item) {
+      const BackwardSequence<Scalar> sq = sequence(item / blocks);
+      const Index j0 = (item % blocks) * block;
+      key_gradients(sq, call.rule, j0, std::min(block, call.seq_len - j0), block, s);
+    }
+    // dx = dY W by row chunks, and dW = dYᵀ x by (projection, column block): each element written once.
+    HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
+    for (Index item = 0; item < chunks + weight_items; ++item) {
+      if (item < chunks) {
+        const Index r0 = item * chunk, n = std::min(chunk, rows - r0);
+        dx.middleRows(r0, n).noalias() = dqkv.middleRows(r0, n) * weights;
+      } else {
+        const Index p = (item - chunks) / column_blocks;
+        const Index c0 = ((item - chunks) % column_blocks) * BackwardTuning::column_block;
+        const Index nc = std::min(BackwardTuning::column_block, emb - c0);
+        dweights.block(p * head, c0, head, nc).noalias() =
+            dqkv.middleCols(p * head, head).transpose() * x.middleCols(c0, nc);
+      }
+    }
+  }
+  for (Index p = 0; p < 3 * heads; ++p) {
+    HeadGradients<Scalar>& g = call.grads[p / 3];
+    Linear<Scalar>& l = p % 3 == 0 ? g.query : (p % 3 == 1 ? g.key : g.value);
+    l.weight = dweights.middleRows(p * head, head);
+    l.bias = dqkv.middleCols(p * head, head).colwise().sum().transpose();
+  }
+}
+
+}  // namespace head_attention::detail

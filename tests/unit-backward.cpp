@@ -1,0 +1,259 @@
+// The training backward pass: central finite differences in double, the materialising reference backward,
+// thread-count independence, PyTorch autograd's gradients, and shape errors.
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "test_support.hpp"
+
+namespace {
+
+using namespace ha_test;
+using head_attention::Gradients;
+using head_attention::HeadAttention;
+using head_attention::Linear;
+using head_attention::MaskRule;
+
+/// A layer's parameters in double, for the reference backward.
+template <typename Scalar>
+Linear<double> to_double(const Linear<Scalar>& l) {
+  Linear<double> d;
+  d.weight = l.weight.template cast<double>();
+  d.bias = l.bias.template cast<double>();
+  return d;
+}
+
+/// max |ours - expected| / max |expected| over a layer's weight and bias gradients together: the gradient of
+/// the key's bias is 0 in exact arithmetic (softmax does not change when a row of scores is shifted), so
+/// alone it has no scale to be relative to.
+template <typename A, typename B>
+double linear_error(const Linear<A>& ours, const Linear<B>& expected) {
+  const Matrix<double> w = ours.weight.template cast<double>(), ew = expected.weight.template cast<double>();
+  const Eigen::VectorXd b = ours.bias.template cast<double>(), eb = expected.bias.template cast<double>();
+  if (w.rows() != ew.rows() || w.cols() != ew.cols() || b.size() != eb.size())
+    return std::numeric_limits<double>::infinity();
+  const double scale = std::max(ew.cwiseAbs().maxCoeff(), eb.cwiseAbs().maxCoeff());
+  const double diff = std::max((w - ew).cwiseAbs().maxCoeff(), (b - eb).cwiseAbs().maxCoeff());
+  return diff == 0 ? 0 : diff / scale;
+}
+
+/// The largest relative error of ours against expected over the input and every parameter gradient.
+template <typename Scalar, typename Input>
+double worst_error(const Gradients<Scalar, Input>& ours, const Gradients<double>& expected) {
+  const Matrix<double> input = ours.input.template cast<double>();
+  return std::max({relative_error(input, expected.input), linear_error(ours.query, expected.query),
+                   linear_error(ours.key, expected.key), linear_error(ours.value, expected.value)});
+}
+
+/// Central differences of the scalar loss f with respect to every entry of p (a weight, a bias or x, changed
+/// in place and restored): [rows, cols] like p.
+template <typename Plain>
+Plain finite_differences(Plain& p, const std::function<double()>& f, double h = 1e-6) {
+  Plain g(p.rows(), p.cols());
+  for (Index i = 0; i < p.rows(); ++i)
+    for (Index j = 0; j < p.cols(); ++j) {
+      const double saved = p(i, j);
+      p(i, j) = saved + h;
+      const double up = f();
+      p(i, j) = saved - h;
+      const double down = f();
+      p(i, j) = saved;
+      g(i, j) = (up - down) / (2 * h);
+    }
+  return g;
+}
+
+/// Checks the gradients of L = Σ forward ∘ R (R = grad_out) by central differences, for every parameter and
+/// the input. forward(layer, x) returns the layer's output for x.
+void check_finite_differences(
+    HeadAttention<double>& layer, Matrix<double>& x, const Matrix<double>& grad_out,
+    const Gradients<double>& g,
+    const std::function<Matrix<double>(const HeadAttention<double>&, const Matrix<double>&)>& forward) {
+  const std::function<double()> loss = [&] { return (forward(layer, x).array() * grad_out.array()).sum(); };
+  const struct {
+    const char* name;
+    Linear<double>& param;
+    const Linear<double>& grad;
+  } linears[] = {
+      {"query", layer.query(), g.query}, {"key", layer.key(), g.key}, {"value", layer.value(), g.value}};
+  for (const auto& l : linears) {
+    Linear<double> fd;
+    fd.weight = finite_differences(l.param.weight, loss);
+    fd.bias = finite_differences(l.param.bias, loss);
+    const double error = linear_error(l.grad, fd);
+    INFO(l.name << " relative error " << error);
+    CHECK(error < 1e-6);
+  }
+  const double input_error = relative_error(g.input, finite_differences(x, loss));
+  INFO("input relative error " << input_error);
+  CHECK(input_error < 1e-6);
+}
+
+MaskRule rule_named(const std::string& name) {
+  if (name == "bidirectional") return MaskRule::bidirectional();
+  if (name == "sliding_window") return MaskRule::sliding_window(3);
+  return MaskRule::causal();
+}
+
+}  // namespace
+
+TEST_CASE("backward: central finite differences in double, every parameter and the input", "[backward]") {
+  const std::string rule = GENERATE(as<std::string>(), "causal", "bidirectional", "sliding_window");
+  const Index T = GENERATE(1, 7);
+  CAPTURE(rule, T);
+  HeadAttention<double> layer(6, 4, 16, 7, rule_named(rule));
+  Matrix<double> x = random_matrix<double>(T, 6, 11);
+  const Matrix<double> grad_out = random_matrix<double>(T, 4, 12);
+  const Gradients<double> g = layer.backward(x, grad_out);
+  check_finite_differences(
+      layer, x, grad_out, g,
+      [](const HeadAttention<double>& l, const Matrix<double>& in) { return l.forward(in); });
+}
+
+TEST_CASE("backward: finite differences with right padding over a batch", "[backward]") {
+  const std::string rule = GENERATE(as<std::string>(), "causal", "bidirectional", "sliding_window");
+  CAPTURE(rule);
+  const Index B = 3, T = 6;
+  const std::vector<Index> lengths = {6, 3, 1};
+  HeadAttention<double> layer(5, 3, 8, 21, rule_named(rule));
+  Matrix<double> x = random_matrix<double>(B * T, 5, 22);
+  const Matrix<double> grad_out = random_matrix<double>(B * T, 3, 23);
+  const Gradients<double> g = layer.backward(x, B, grad_out, lengths);
+  check_finite_differences(layer, x, grad_out, g,
+                           [&](const HeadAttention<double>& l, const Matrix<double>& in) {
+                             Matrix<double> out(B * T, 3);
+                             l.forward_into(in, B, out, lengths);
+                             return out;
+                           });
+}
+
+TEMPLATE_TEST_CASE("backward: the fused pass matches the materialising reference backward", "[backward]",
+                   float, double) {
+  using Scalar = TestType;
+  const std::string rule = GENERATE(as<std::string>(), "causal", "bidirectional", "sliding_window");
+  const Index T = GENERATE(1, 10, 64, 65, 150, 300);
+  const Index valid = GENERATE(-1, 40);
+  CAPTURE(rule, T, valid);
+  HeadAttention<Scalar> layer(13, 7, 300, 31,
+                              rule == "sliding_window" ? MaskRule::sliding_window(70) : rule_named(rule));
+  const Matrix<Scalar> x = random_matrix<Scalar>(T, 13, 32, 2.0);
+  const Matrix<Scalar> grad_out = random_matrix<Scalar>(T, 7, 33);
+  const Index valid_keys = valid < 0 ? T : std::min(valid, T);
+  const Gradients<Scalar> g = valid < 0 ? layer.backward(x, grad_out)
+                                        : layer.backward(x, 1, grad_out, std::vector<Index>{valid_keys});
+  const Gradients<double> ref = head_attention::reference::backward(
+      x.template cast<double>().eval(), to_double(layer.query()), to_double(layer.key()),
+      to_double(layer.value()), grad_out.template cast<double>().eval(), layer.mask_rule(), valid_keys);
+  const double error = worst_error(g, ref);
+  INFO("worst relative error " << error);
+  CHECK(error < (std::is_same<Scalar, float>::value ? 1e-4 : 1e-11));
+}
+
+TEMPLATE_TEST_CASE("backward: bit-identical results on 1, 2 and 3 threads", "[backward][threads]", float,
+                   double) {
+  using Scalar = TestType;
+  if (!head_attention::detail::has_openmp) HA_SKIP("built without OpenMP: every call runs on one thread");
+  const std::string rule = GENERATE(as<std::string>(), "causal", "bidirectional", "sliding_window");
+  CAPTURE(rule);
+  const Index B = 3, T = 150;
+  HeadAttention<Scalar> layer(32, 16, 200, 41,
+                              rule == "sliding_window" ? MaskRule::sliding_window(50) : rule_named(rule));
+  const Matrix<Scalar> x = random_matrix<Scalar>(B * T, 32, 42);
+  const Matrix<Scalar> grad_out = random_matrix<Scalar>(B * T, 16, 43);
+  const std::vector<Index> lengths = {150, 77, 1};
+  layer.set_num_threads(1);
+  const Gradients<Scalar> one = layer.backward(x, B, grad_out, lengths);
+  REQUIRE(head_attention::detail::last_team_size() == 1);
+  for (int threads : {2, 3}) {
+    CAPTURE(threads);
+    layer.set_num_threads(threads);
+    const Gradients<Scalar> many = layer.backward(x, B, grad_out, lengths);
+    REQUIRE(head_attention::detail::last_team_size() == threads);  // the call really ran on that many
+    CHECK(identical(many.input, one.input));
+    CHECK(identical(many.query.weight, one.query.weight));
+    CHECK(identical(many.query.bias, one.query.bias));
+    CHECK(identical(many.key.weight, one.key.weight));
+    CHECK(identical(many.key.bias, one.key.bias));
+    CHECK(identical(many.value.weight, one.value.weight));
+    CHECK(identical(many.value.bias, one.value.bias));
+  }
+}
+
+TEST_CASE("backward: a batch gives each sequence's input gradient and the summed parameter gradients",
+          "[backward]") {
+  const Index B = 3, T = 70;
+  HeadAttention<double> layer(9, 5, 80, 51);
+  const Matrix<double> x = random_matrix<double>(B * T, 9, 52);
+  const Matrix<double> grad_out = random_matrix<double>(B * T, 5, 53);
+  const Gradients<double> all = layer.backward(x, B, grad_out);
+  Gradients<double> sum;
+  for (Index b = 0; b < B; ++b) {
+    const Gradients<double> one = layer.backward(x.middleRows(b * T, T), grad_out.middleRows(b * T, T));
+    CHECK(relative_error(all.input.middleRows(b * T, T), one.input) < 1e-14);
+    if (b == 0) {
+      sum = one;
+    } else {
+      for (auto [to, from] : {std::make_pair(&sum.query, &one.query), std::make_pair(&sum.key, &one.key),
+                              std::make_pair(&sum.value, &one.value)}) {
+        to->weight += from->weight;
+        to->bias += from->bias;
+      }
+    }
+  }
+  CHECK(linear_error(all.query, sum.query) < 1e-13);
+  CHECK(linear_error(all.key, sum.key) < 1e-13);
+  CHECK(linear_error(all.value, sum.value) < 1e-13);
+}
+
+TEST_CASE("backward: any dense input expression, and empty inputs", "[backward]") {
+  HeadAttention<double> layer(6, 4, 16, 61);
+  const Matrix<double> x = random_matrix<double>(9, 6, 62);
+  const Matrix<double> grad_out = random_matrix<double>(9, 4, 63);
+  const Gradients<double> g = layer.backward(x, grad_out);
+  const ColMatrix<double> x_col = x;
+  const ColMatrix<double> grad_col = grad_out;
+  const Gradients<double> from_col = layer.backward(x_col, grad_col);
+  CHECK(relative_error(from_col.input, g.input) < 1e-15);
+  CHECK(linear_error(from_col.query, g.query) < 1e-15);
+  const Gradients<double> from_expr = layer.backward(x * 1.0, grad_out.array().matrix());
+  CHECK(identical(from_expr.input, g.input));
+
+  const Gradients<double> empty = layer.backward(Matrix<double>(0, 6), Matrix<double>(0, 4));
+  CHECK(empty.input.rows() == 0);
+  CHECK(empty.input.cols() == 6);
+  CHECK(empty.query.weight.rows() == 4);
+  CHECK(empty.query.weight.cols() == 6);
+  CHECK(empty.query.weight.isZero(0));
+  CHECK(empty.value.bias.isZero(0));
+}
+
+TEST_CASE("backward: bad shapes throw shape_error naming the quantity", "[backward][errors]") {
+  HeadAttention<double> layer(6, 4, 16, 71);
+  const Matrix<double> x = random_matrix<double>(8, 6, 72);
+  const Matrix<double> grad_out = random_matrix<double>(8, 4, 73);
+  check_shape_error([&] { layer.backward(x, Matrix<double>(8, 5)); },
+                    {"HeadAttention::backward", "grad_out shape", "[8, 4]", "[8, 5]"});
+  check_shape_error([&] { layer.backward(x, Matrix<double>(7, 4)); }, {"grad_out shape", "[8, 4]", "[7, 4]"});
+  check_shape_error([&] { layer.backward(Matrix<double>(8, 5), grad_out); },
+                    {"x.cols() (input width)", "emb_size = 6", "5"});
+  check_shape_error([&] { layer.backward(Matrix<double>(17, 6), Matrix<double>(17, 4)); },
+                    {"max_seq_len = 16", "17"});
+  check_shape_error([&] { layer.backward(x, 3, grad_out); }, {"x.rows()", "a multiple of batch = 3", "8"});
+  check_shape_error([&] { layer.backward(x, 2, grad_out, std::vector<Index>{4}); },
+                    {"lengths.size()", "batch = 2", "1"});
+  check_shape_error(
+      [&] {
+        layer.backward(x, 2, grad_out, std::vector<Index>{4, 5});
+      },
+      {"lengths[1]", "in [0, T = 4]", "5"});
+  HeadAttention<double> broken = layer;
+  broken.value().bias.resize(3);
+  check_shape_error([&] { broken.backward(x, grad_out); }, {"value().bias size", "4", "3"});
+  check_shape_error(
+      [&] {
+        head_attention::reference::backward(x, layer.query(), layer.key(), layer.value(),
+                                            Matrix<double>(8, 3));
+      },
+      {"reference::backward", "grad_out shape", "[8, 4]", "[8, 3]"});
+}
