@@ -257,3 +257,45 @@ TEST_CASE("backward: bad shapes throw shape_error naming the quantity", "[backwa
       },
       {"reference::backward", "grad_out shape", "[8, 4]", "[8, 3]"});
 }
+
+TEMPLATE_TEST_CASE("backward: PyTorch autograd's gradients (tests/fixtures/gradients)", "[backward][parity]",
+                   float, double) {
+  using Scalar = TestType;
+  const double tolerance = std::is_same<Scalar, float>::value ? 1e-4 : 1e-9;
+  for (const std::string& name : fixture_cases("gradients")) {
+    const Fixture<Scalar> f = load_fixture<Scalar>(name, "gradients");
+    const Tensor3<Scalar> x = f.x();
+    const Eigen::Map<const Matrix<Scalar>> rows(x.data(), f.B * f.T, f.emb);  // [B·T, emb]
+    const Eigen::Map<const Matrix<Scalar>> grad_out(f.tensor("grad_out", {f.B, f.T, f.head}).values.data(),
+                                                    f.B * f.T, f.head);  // [B·T, head]
+    std::vector<Index> lengths;
+    for (Scalar l : f.tensor("lengths", {f.B}).values)
+      lengths.push_back(static_cast<Index>(l));
+    const Index window = static_cast<Index>(f.tensor("window", {1}).values[0]);
+    for (const std::string mask : {"causal", "bidirectional", "window", "padded"}) {
+      CAPTURE(name, mask);
+      HeadAttention<Scalar> layer = f.layer();
+      if (mask == "bidirectional") layer.set_mask_rule(MaskRule::bidirectional());
+      if (mask == "window") layer.set_mask_rule(MaskRule::sliding_window(window));
+      const Gradients<Scalar> g = mask == "padded" ? layer.backward(rows, f.B, grad_out, lengths)
+                                                   : layer.backward(rows, f.B, grad_out);
+      Gradients<double> torch;
+      torch.input = Eigen::Map<const Matrix<Scalar>>(
+                        f.tensor(mask + ".x.grad", {f.B, f.T, f.emb}).values.data(), f.B * f.T, f.emb)
+                        .template cast<double>();
+      for (auto [to, key] : {std::make_pair(&torch.query, "q"), std::make_pair(&torch.key, "k"),
+                             std::make_pair(&torch.value, "v")}) {
+        to->weight =
+            Eigen::Map<const Matrix<Scalar>>(
+                f.tensor(mask + "." + key + ".weight.grad", {f.head, f.emb}).values.data(), f.head, f.emb)
+                .template cast<double>();
+        to->bias = Eigen::Map<const Eigen::Matrix<Scalar, Eigen::Dynamic, 1>>(
+                       f.tensor(mask + "." + key + ".bias.grad", {f.head}).values.data(), f.head)
+                       .template cast<double>();
+      }
+      const double error = worst_error(g, torch);
+      INFO("max |ours - torch| / max |torch| = " << error);
+      CHECK(error < tolerance);
+    }
+  }
+}
