@@ -299,3 +299,30 @@ TEMPLATE_TEST_CASE("backward: PyTorch autograd's gradients (tests/fixtures/gradi
     }
   }
 }
+
+TEST_CASE("backward: BatchedHeadAttention takes and returns [B, T, ·] tensors", "[backward][batched]") {
+  const Index B = 2, T = 12, emb = 7, head = 5;
+  head_attention::BatchedHeadAttention<double> batched(emb, head, 16, 81);
+  const Tensor3<double> x = random_tensor<double>(B, T, emb, 82);
+  const Tensor3<double> grad_out = random_tensor<double>(B, T, head, 83);
+  const Eigen::Map<const Matrix<double>> rows(x.data(), B * T, emb);
+  const Eigen::Map<const Matrix<double>> grad_rows(grad_out.data(), B * T, head);
+  const std::vector<Index> lengths = {12, 5};
+  for (const bool padded : {false, true}) {
+    CAPTURE(padded);
+    const Gradients<double, Tensor3<double>> g =
+        padded ? batched.backward(x, grad_out, lengths) : batched.backward(x, grad_out);
+    const Gradients<double> flat = padded ? batched.head().backward(rows, B, grad_rows, lengths)
+                                          : batched.head().backward(rows, B, grad_rows);
+    REQUIRE(g.input.dimension(0) == B);
+    REQUIRE(g.input.dimension(1) == T);
+    REQUIRE(g.input.dimension(2) == emb);
+    CHECK(identical(Eigen::Map<const Matrix<double>>(g.input.data(), B * T, emb), flat.input));
+    CHECK(identical(g.query.weight, flat.query.weight));
+    CHECK(identical(g.value.bias, flat.value.bias));
+  }
+  check_shape_error([&] { batched.backward(x, random_tensor<double>(B, T, head + 1, 84)); },
+                    {"BatchedHeadAttention::backward", "grad_out shape", "[2, 12, 5]", "[2, 12, 6]"});
+  check_shape_error([&] { batched.backward(x, grad_out, std::vector<Index>{3}); },
+                    {"lengths.size()", "batch = 2"});
+}
