@@ -284,6 +284,8 @@ class HeadAttention {
   }
 
  private:
+  friend class BatchedHeadAttention<Scalar>;  // its backward writes dL/dx straight into its tensor
+
   template <typename Derived>
   static constexpr void check_input() {
     static_assert(std::is_same<typename Derived::Scalar, Scalar>::value,
@@ -330,10 +332,20 @@ class HeadAttention {
   Gradients<Scalar> backward_rows(const Eigen::MatrixBase<Derived>& x, Index batch,
                                   const Eigen::MatrixBase<GradDerived>& grad_out,
                                   const std::vector<Index>* lengths) const {
+    Gradients<Scalar> g;
+    g.input.resize(x.rows(), m_emb_size);
+    backward_into(x, batch, grad_out, lengths, g, g.input.data(), "HeadAttention::backward");
+    return g;
+  }
+
+  /// The same into `grads` and dx ([x.rows(), emb_size], contiguous rows), which the caller allocated.
+  template <typename Derived, typename GradDerived>
+  void backward_into(const Eigen::MatrixBase<Derived>& x, Index batch,
+                     const Eigen::MatrixBase<GradDerived>& grad_out, const std::vector<Index>* lengths,
+                     HeadGradients<Scalar>& grads, Scalar* dx, const char* where) const {
     static_assert(std::is_same<Compute, Scalar>::value, "HeadAttention::backward needs float or double");
     check_input<Derived>();
     check_input<GradDerived>();
-    const char* where = "HeadAttention::backward";
     const Index seq_len = detail::sequence_length(x.rows(), batch, where);
     check_call(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
     HEAD_ATTENTION_REQUIRE(grad_out.rows() == x.rows() && grad_out.cols() == m_head_size, where,
@@ -342,8 +354,6 @@ class HeadAttention {
     if (lengths != nullptr) detail::check_lengths(*lengths, batch, seq_len, where);
     Matrix x_copy, grad_copy;
     const LinearType* const layers[3] = {&m_query, &m_key, &m_value};
-    Gradients<Scalar> g;
-    g.input.resize(x.rows(), m_emb_size);
     detail::BackwardCall<Scalar> call;
     call.x = detail::row_major_data(x, x_copy, call.x_stride);
     call.dout = detail::row_major_data(grad_out, grad_copy, call.dout_stride);
@@ -352,11 +362,10 @@ class HeadAttention {
     call.layers = layers;
     call.rule = m_rule;
     call.lengths = lengths != nullptr ? lengths->data() : nullptr;
-    call.grads = &g;
-    call.dx = g.input.data();
+    call.grads = &grads;
+    call.dx = dx;
     call.threads = num_threads();
     detail::backward(call);
-    return g;
   }
 
   /// The cached forward of `count` chunks stored back to back in x, chunk b extending *caches[b].

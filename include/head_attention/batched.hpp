@@ -234,11 +234,9 @@ class BatchedHeadAttention {
             "[" + std::to_string(gb) + ", " + std::to_string(gt) + ", " + std::to_string(gw) + "]");
         const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);                    // [B·T, emb]
         const Eigen::Map<const Matrix> grad_rows(grad, batch * seq_len, m_head.head_size());  // [B·T, head]
-        Gradients<Scalar> flat = lengths == nullptr ? m_head.backward(rows, batch, grad_rows)
-                                                    : m_head.backward(rows, batch, grad_rows, *lengths);
         Gradients<Scalar, Tensor3> g;
-        static_cast<HeadGradients<Scalar>&>(g) = std::move(static_cast<HeadGradients<Scalar>&>(flat));
-        g.input = Eigen::TensorMap<const Tensor3>(flat.input.data(), batch, seq_len, width);
+        g.input.resize(batch, seq_len, width);  // [B, T, emb]
+        m_head.backward_into(rows, batch, grad_rows, lengths, g, g.input.data(), where);
         return g;
       });
     });
