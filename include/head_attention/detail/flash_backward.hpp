@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Core>
@@ -39,12 +40,19 @@ const typename Derived::Scalar* row_major_data(const Eigen::MatrixBase<Derived>&
 
 /// Block sizes of the backward pass.
 struct BackwardTuning {
-  /// Rows of Q and of K per tile (square tiles: the query-block and key-block loops share one tile routine).
+  /// Rows each attention work item owns: a block of queries (their statistics and dQ) or of keys (dK, dV).
   static constexpr Eigen::Index block = 64;
+  /// Rows of the other side per tile: keys per tile of a query block, queries per tile of a key block. Longer
+  /// than `block`, as the forward's key blocks are, so that each small GEMM packs its operands fewer times.
+  static constexpr Eigen::Index tile = 256;
   /// Rows of x per projection and input-gradient work item.
   static constexpr Eigen::Index row_chunk = 256;
   /// Columns of x per weight-gradient work item.
   static constexpr Eigen::Index column_block = 64;
+  /// Work items of the key pass to aim for: a call with fewer (head, sequence) pairs deals each one's key
+  /// blocks to up to max_groups items (each group past the first holds a [T, head] dQ accumulator).
+  static constexpr Eigen::Index key_items = 8;
+  static constexpr Eigen::Index max_groups = 4;
   /// Below this many flops (estimated) a backward call stays on one thread.
   static constexpr double serial_below_flops = 1e5;
 };
@@ -56,11 +64,12 @@ struct BackwardScratch {
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
 
-  BackwardScratch(Index block, Index head)
-      : probs(block, block), dscores(block, block), acc(block, head), row_max(block), row_sum(block) {}
+  /// Tiles of up to [tile, tile]: query-major ones are [block, tile], key-major ones [tile, block].
+  BackwardScratch(Index block, Index tile, Index head)
+      : probs(tile, tile), dscores(tile, tile), acc(block, head), row_max(block), row_sum(block) {}
 
-  Matrix probs;    // [block, block] a tile's scores, then P = exp(S - lse)
-  Matrix dscores;  // [block, block] dO Vᵀ, then dS = P ∘ (dP - D)
+  Matrix probs;    // [tile, tile] a tile's scores, then P = exp(S - lse)
+  Matrix dscores;  // [tile, tile] dO Vᵀ, then dS = P ∘ (dP - D)
   Matrix acc;      // [block, head] a query block's un-normalised output
   Vector row_max;  // [block] running max of each query's scores
   Vector row_sum;  // [block] running sum of exp(score - row_max)
@@ -144,17 +153,17 @@ void tile_gradients(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Ei
 /// its row).
 template <typename Scalar>
 void softmax_statistics(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eigen::Index r0,
-                        Eigen::Index bq, Eigen::Index block, BackwardScratch<Scalar>& s) noexcept {
+                        Eigen::Index bq, Eigen::Index tile, BackwardScratch<Scalar>& s) noexcept {
   using Index = Eigen::Index;
   using Matrix = typename BackwardScratch<Scalar>::Matrix;
   using Stride = Eigen::OuterStride<>;
   s.row_max.head(bq).setConstant(-std::numeric_limits<Scalar>::infinity());
   s.row_sum.head(bq).setZero();
   s.acc.topRows(bq).setZero();
-  const Index lo = first_visible(sq, rule, r0) / block * block;
+  const Index lo = first_visible(sq, rule, r0) / tile * tile;
   const Index hi = end_visible(sq, rule, r0 + bq - 1);
-  for (Index j0 = lo; j0 < hi; j0 += block) {
-    const Index bk = std::min(block, sq.seq_len - j0);
+  for (Index j0 = lo; j0 < hi; j0 += tile) {
+    const Index bk = std::min(tile, sq.seq_len - j0);
     tile_scores(sq, r0, bq, j0, bk, s);
     Eigen::Map<Matrix, 0, Stride> probs(s.probs.data(), bq, bk, Stride(s.probs.cols()));  // [bq, bk]
     for (Index r = 0; r < bq; ++r) {
@@ -199,42 +208,26 @@ void softmax_statistics(const BackwardSequence<Scalar>& sq, const MaskRule& rule
   }
 }
 
-/// dQ of query rows [r0, r0 + bq) (statistics already computed): dQ = scale · Σ over key tiles of dS K.
-template <typename Scalar>
-void query_gradients(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eigen::Index r0,
-                     Eigen::Index bq, Eigen::Index block, Scalar scale, BackwardScratch<Scalar>& s) noexcept {
-  using Index = Eigen::Index;
-  using Matrix = typename BackwardScratch<Scalar>::Matrix;
-  using Stride = Eigen::OuterStride<>;
-  Eigen::Map<Matrix, 0, Stride> dq(sq.dq + r0 * sq.ld, bq, sq.head, Stride(sq.ld));  // [bq, head]
-  dq.setZero();
-  const Index lo = first_visible(sq, rule, r0) / block * block;
-  const Index hi = end_visible(sq, rule, r0 + bq - 1);
-  for (Index j0 = lo; j0 < hi; j0 += block) {
-    const Index bk = std::min(block, sq.seq_len - j0);
-    tile_gradients(sq, rule, r0, bq, j0, bk, s);
-    const Eigen::Map<const Matrix, 0, Stride> dscores(s.dscores.data(), bq, bk, Stride(s.dscores.cols()));
-    const Eigen::Map<const Matrix, 0, Stride> k(sq.q + j0 * sq.ld + sq.head, bk, sq.head, Stride(sq.ld));
-    dq.noalias() += dscores * k;  // dQ' [bq, head]
-  }
-  dq *= scale;  // Q' = scale · Q
-}
-
-/// dK and dV of key rows [j0, j0 + bk): Σ over the query tiles that see any of them of dSᵀ Q' and Pᵀ dO.
+/// dK and dV of key rows [j0, j0 + bk), and their share of dQ: over the query tiles that see any of these
+/// keys, dV = Σ Pᵀ dO and dK = Σ dSᵀ Q' (written), and dS K added to the accumulator dq_acc ([seq_len, head],
+/// leading dimension dq_stride; unscaled: dQ = scale · Σ dS K over all key blocks).
 template <typename Scalar>
 void key_gradients(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eigen::Index j0, Eigen::Index bk,
-                   Eigen::Index block, BackwardScratch<Scalar>& s) noexcept {
+                   Eigen::Index tile, Scalar* dq_acc, Eigen::Index dq_stride,
+                   BackwardScratch<Scalar>& s) noexcept {
   using Index = Eigen::Index;
   using Matrix = typename BackwardScratch<Scalar>::Matrix;
   using Stride = Eigen::OuterStride<>;
   Eigen::Map<Matrix, 0, Stride> dk(sq.dq + j0 * sq.ld + sq.head, bk, sq.head, Stride(sq.ld));  // [bk, head]
   Eigen::Map<Matrix, 0, Stride> dv(sq.dq + j0 * sq.ld + 2 * sq.head, bk, sq.head,
                                    Stride(sq.ld));  // [bk, head]
+  const Eigen::Map<const Matrix, 0, Stride> k(sq.q + j0 * sq.ld + sq.head, bk, sq.head,
+                                              Stride(sq.ld));  // [bk, head]
   dk.setZero();
   dv.setZero();
-  for (Index r0 = 0; r0 < sq.seq_len; r0 += block) {
-    const Index bq = std::min(block, sq.seq_len - r0);
-    // Both ends of a query's range never decrease with its position: the block sees [lo, hi).
+  for (Index r0 = 0; r0 < sq.seq_len; r0 += tile) {
+    const Index bq = std::min(tile, sq.seq_len - r0);
+    // Both ends of a query's range never decrease with its position: the tile sees [lo, hi).
     const Index lo = first_visible(sq, rule, r0);
     const Index hi = end_visible(sq, rule, r0 + bq - 1);
     if (hi <= j0 || lo >= j0 + bk || lo >= hi) continue;  // causal: the tiles above the diagonal
@@ -244,8 +237,10 @@ void key_gradients(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eig
     const Eigen::Map<const Matrix, 0, Stride> q(sq.q + r0 * sq.ld, bq, sq.head, Stride(sq.ld));
     const Eigen::Map<const Matrix, 0, Stride> dout(sq.dout + r0 * sq.dout_stride, bq, sq.head,
                                                    Stride(sq.dout_stride));
-    dv.noalias() += probs.transpose() * dout;  // [bk, head]
-    dk.noalias() += dscores.transpose() * q;   // [bk, head]; Q' carries the scale
+    Eigen::Map<Matrix, 0, Stride> dq(dq_acc + r0 * dq_stride, bq, sq.head, Stride(dq_stride));  // [bq, head]
+    dv.noalias() += probs.transpose() * dout;                                                   // [bk, head]
+    dk.noalias() += dscores.transpose() * q;  // [bk, head]; Q' carries the scale
+    dq.noalias() += dscores * k;              // [bq, head]
   }
 }
 
@@ -297,11 +292,20 @@ void backward(const BackwardCall<Scalar>& call) {
   if (rows == 0) return;
 
   const Index block = std::min(BackwardTuning::block, call.seq_len);
+  const Index tile = std::min(BackwardTuning::tile, call.seq_len);
   const Index chunk = std::min(BackwardTuning::row_chunk, rows);
   const Index chunks = (rows + chunk - 1) / chunk;
   const Index column_blocks = (emb + BackwardTuning::column_block - 1) / BackwardTuning::column_block;
   const Index blocks = (call.seq_len + block - 1) / block;
-  const Index block_items = heads * call.batch * blocks;
+  const Index sequences = heads * call.batch;  // (head, sequence) pairs
+  const Index block_items = sequences * blocks;
+  // The key blocks of one sequence are dealt, round robin, to `groups` work items that each add their share
+  // of dQ into an accumulator of their own, summed in a fixed order afterwards: dQ needs no second pass over
+  // the tiles and no atomics, and the sums do not depend on the thread count. The group count follows the
+  // shape alone; each group past the first costs one more [seq_len, head] accumulator per sequence.
+  const Index groups = std::clamp<Index>((BackwardTuning::key_items + sequences - 1) / sequences, 1,
+                                         std::min(blocks, BackwardTuning::max_groups));
+  const Index key_items = sequences * groups;
   const Index weight_items = 3 * heads * column_blocks;
   const double flops =
       static_cast<double>(rows) * static_cast<double>(width) * static_cast<double>(emb) * 6.0 +
@@ -312,9 +316,11 @@ void backward(const BackwardCall<Scalar>& call) {
       static_cast<int>(std::min<Index>(threads, std::max({block_items, chunks * 3 * heads, weight_items})));
   threads = std::max(threads, 1);
 
-  Matrix weights(width, emb);     // [3·heads·head, emb] every projection's weight, stacked
-  Matrix qkv(rows, width);        // [rows, 3·heads·head] Q' | K | V, head after head
-  Matrix dqkv(rows, width);       // [rows, 3·heads·head] dQ | dK | dV
+  Matrix weights(width, emb);  // [3·heads·head, emb] every projection's weight, stacked
+  Matrix qkv(rows, width);     // [rows, 3·heads·head] Q' | K | V, head after head
+  Matrix dqkv(rows, width);    // [rows, 3·heads·head] dQ | dK | dV (group 0 accumulates dQ here)
+  Matrix dq_groups((groups - 1) * heads * rows,
+                   head);         // [(groups - 1) · heads · rows, head] the other groups'
   Matrix stats(2, heads * rows);  // [2, heads · rows] lse, D
   Matrix dweights(width, emb);    // [3·heads·head, emb]
   for (Index p = 0; p < 3 * heads; ++p)
@@ -322,7 +328,7 @@ void backward(const BackwardCall<Scalar>& call) {
   std::vector<BackwardScratch<Scalar>> scratch;
   scratch.reserve(static_cast<std::size_t>(threads));
   for (int t = 0; t < threads; ++t)
-    scratch.emplace_back(block, head);
+    scratch.emplace_back(block, tile, head);
   const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(head));
   const Eigen::Map<const Matrix, 0, Stride> x(call.x, rows, emb, Stride(call.x_stride));  // [rows, emb]
   Eigen::Map<Matrix> dx(call.dx, rows, emb);                                              // [rows, emb]
@@ -344,6 +350,13 @@ void backward(const BackwardCall<Scalar>& call) {
     sq.head = head;
     return sq;
   };
+  // Group g's dQ accumulator of (head, sequence) c: the dQ columns of dqkv for g = 0, else a slice of
+  // dq_groups.
+  const auto dq_accumulator = [&](Index c, Index g) -> std::pair<Scalar*, Index> {
+    if (g == 0) return {sequence(c).dq, width};
+    const Index h = c / call.batch, b = c % call.batch;
+    return {dq_groups.data() + (((g - 1) * heads + h) * rows + b * call.seq_len) * head, head};
+  };
   // Eigen's products below must not fork threads of their own: outside a team of several threads Eigen would
   // parallelise a large one (and round differently with the thread count).
   const SerialEigenProducts serial_products;
@@ -361,22 +374,41 @@ void backward(const BackwardCall<Scalar>& call) {
       y.rowwise() += call.layers[p]->bias.transpose();
       if (p % 3 == 0) y *= scale;
     }
-    // Per query block: the softmax statistics, then dQ. The last blocks see the most keys: first.
+    // Per query block: the softmax statistics; and its rows of every dQ accumulator zeroed.
     HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
     for (Index item = 0; item < block_items; ++item) {
-      const BackwardSequence<Scalar> sq = sequence(item / blocks);
-      const Index r0 = (blocks - 1 - item % blocks) * block;
+      const Index c = item / blocks;
+      const Index r0 = (blocks - 1 - item % blocks) * block;  // the last blocks see the most keys: first
       const Index bq = std::min(block, call.seq_len - r0);
-      softmax_statistics(sq, call.rule, r0, bq, block, s);
-      query_gradients(sq, call.rule, r0, bq, block, scale, s);
+      softmax_statistics(sequence(c), call.rule, r0, bq, tile, s);
+      for (Index g = 0; g < groups; ++g) {
+        const std::pair<Scalar*, Index> acc = dq_accumulator(c, g);
+        Eigen::Map<Matrix, 0, Stride>(acc.first + r0 * acc.second, bq, head, Stride(acc.second)).setZero();
+      }
     }
-    // Per key block: dK and dV, from every query block's statistics. The first blocks are seen by the most
-    // queries: first.
+    // Per (sequence, group): dK and dV of the group's key blocks, and their share of dQ.
     HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
+    for (Index item = 0; item < key_items; ++item) {
+      const Index c = item / groups, g = item % groups;
+      const BackwardSequence<Scalar> sq = sequence(c);
+      const std::pair<Scalar*, Index> acc = dq_accumulator(c, g);
+      for (Index kb = g; kb < blocks; kb += groups)
+        key_gradients(sq, call.rule, kb * block, std::min(block, call.seq_len - kb * block), tile, acc.first,
+                      acc.second, s);
+    }
+    // dQ = scale · (the groups' accumulators summed in order), per query block.
+    HEAD_ATTENTION_OMP(for schedule(static))
     for (Index item = 0; item < block_items; ++item) {
-      const BackwardSequence<Scalar> sq = sequence(item / blocks);
-      const Index j0 = (item % blocks) * block;
-      key_gradients(sq, call.rule, j0, std::min(block, call.seq_len - j0), block, s);
+      const Index c = item / blocks;
+      const Index r0 = (item % blocks) * block;
+      const Index bq = std::min(block, call.seq_len - r0);
+      const std::pair<Scalar*, Index> first = dq_accumulator(c, 0);
+      Eigen::Map<Matrix, 0, Stride> dq(first.first + r0 * first.second, bq, head, Stride(first.second));
+      for (Index g = 1; g < groups; ++g) {
+        const std::pair<Scalar*, Index> acc = dq_accumulator(c, g);
+        dq += Eigen::Map<const Matrix, 0, Stride>(acc.first + r0 * acc.second, bq, head, Stride(acc.second));
+      }
+      dq *= scale;  // Q' = scale · Q
     }
     // dx = dY W by row chunks, and dW = dYᵀ x by (projection, column block): each element written once.
     HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
