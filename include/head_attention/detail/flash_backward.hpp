@@ -260,7 +260,7 @@ struct BackwardCall {
   MaskRule rule = MaskRule::causal();
   const Index* lengths = nullptr;          // [batch] valid keys per sequence, or null
   HeadGradients<Scalar>* grads = nullptr;  // [heads] the parameter gradients
-  Scalar* dx = nullptr;                    // [rows, emb] dL/dx, row-major, contiguous
+  Scalar* dx = nullptr;   // [rows, emb] dL/dx, row-major, contiguous (used as scratch before it is written)
   Scalar* out = nullptr;  // [rows, heads · head] the heads' outputs (recomputed on the way), or null
   Index out_stride = 0;
   int threads = 1;
@@ -287,7 +287,6 @@ void backward(const BackwardCall<Scalar>& call) {
       l->bias.setZero(head);
     }
   }
-  Eigen::Map<Matrix>(call.dx, rows, emb).setZero();
   last_team_size() = 1;
   if (rows == 0) return;
 
@@ -319,8 +318,11 @@ void backward(const BackwardCall<Scalar>& call) {
   Matrix weights(width, emb);  // [3·heads·head, emb] every projection's weight, stacked
   Matrix qkv(rows, width);     // [rows, 3·heads·head] Q' | K | V, head after head
   Matrix dqkv(rows, width);    // [rows, 3·heads·head] dQ | dK | dV (group 0 accumulates dQ here)
-  Matrix dq_groups((groups - 1) * heads * rows,
-                   head);         // [(groups - 1) · heads · rows, head] the other groups'
+  // The other groups' dQ accumulators, [(groups - 1) · heads · rows, head]: in dx's storage when they fit
+  // there (dx is written only after they have been summed), which keeps a single head's peak memory down.
+  const bool in_dx = (groups - 1) * heads * head <= emb;
+  Matrix dq_own(in_dx ? 0 : (groups - 1) * heads * rows, head);
+  Scalar* const dq_groups = in_dx ? call.dx : dq_own.data();
   Matrix stats(2, heads * rows);  // [2, heads · rows] lse, D
   Matrix dweights(width, emb);    // [3·heads·head, emb]
   for (Index p = 0; p < 3 * heads; ++p)
@@ -355,7 +357,7 @@ void backward(const BackwardCall<Scalar>& call) {
   const auto dq_accumulator = [&](Index c, Index g) -> std::pair<Scalar*, Index> {
     if (g == 0) return {sequence(c).dq, width};
     const Index h = c / call.batch, b = c % call.batch;
-    return {dq_groups.data() + (((g - 1) * heads + h) * rows + b * call.seq_len) * head, head};
+    return {dq_groups + (((g - 1) * heads + h) * rows + b * call.seq_len) * head, head};
   };
   // Eigen's products below must not fork threads of their own: outside a team of several threads Eigen would
   // parallelise a large one (and round differently with the thread count).
