@@ -428,3 +428,57 @@ TEST_CASE("dropout: p = 0 is inference, kept fraction 1 - p, kept entries scaled
   check_shape_error([&] { mha.backward(x, Matrix<double>(200, 63)); },
                     {"MultiHeadAttention::backward", "grad_out shape", "[200, 64]", "[200, 63]"});
 }
+
+TEMPLATE_TEST_CASE("backward: MultiHeadAttention against PyTorch autograd (eval mode)",
+                   "[backward][multihead][parity]", float, double) {
+  using Scalar = TestType;
+  using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+  const double tolerance = std::is_same<Scalar, float>::value ? 1e-4 : 1e-9;
+  for (const std::string& name : read_tokens(fixture_dir() + "/gradients/mha_cases.txt")) {
+    CAPTURE(name);
+    const Fixture<Scalar> f = load_fixture<Scalar>(name, "gradients");
+    Index heads = 0;
+    while (f.tensors.count("heads." + std::to_string(heads) + ".q.weight") != 0)
+      ++heads;
+    REQUIRE(heads > 0);
+    const auto matrix = [&](const std::string& key, Index rows, Index cols) -> Matrix<Scalar> {
+      return Eigen::Map<const Matrix<Scalar>>(f.tensor(key, {rows, cols}).values.data(), rows, cols);
+    };
+    const auto vector = [&](const std::string& key, Index size) -> Vector {
+      return Eigen::Map<const Vector>(f.tensor(key, {size}).values.data(), size);
+    };
+    const auto linear = [&](const std::string& key, Index out, Index in, const std::string& suffix) {
+      Linear<Scalar> l;
+      l.weight = matrix(key + ".weight" + suffix, out, in);
+      l.bias = vector(key + ".bias" + suffix, out);
+      return l;
+    };
+    MultiHeadAttention<Scalar> mha(heads, f.emb, f.head, f.max_seq_len);
+    for (Index h = 0; h < heads; ++h) {
+      const std::string at = "heads." + std::to_string(h) + ".";
+      mha.head(h).query() = linear(at + "q", f.head, f.emb, "");
+      mha.head(h).key() = linear(at + "k", f.head, f.emb, "");
+      mha.head(h).value() = linear(at + "v", f.head, f.emb, "");
+    }
+    mha.projection() = linear("projection", f.emb, heads * f.head, "");
+    const Index rows = f.B * f.T;
+    const Matrix<Scalar> x =
+        Eigen::Map<const Matrix<Scalar>>(f.tensor("x", {f.B, f.T, f.emb}).values.data(), rows, f.emb);
+    const Matrix<Scalar> grad_out =
+        Eigen::Map<const Matrix<Scalar>>(f.tensor("grad_out", {f.B, f.T, f.emb}).values.data(), rows, f.emb);
+    const MultiHeadGradients<Scalar> g = mha.backward(x, grad_out, f.B);
+    const Matrix<Scalar> torch_input =
+        Eigen::Map<const Matrix<Scalar>>(f.tensor("x.grad", {f.B, f.T, f.emb}).values.data(), rows, f.emb);
+    double worst = relative_error(g.input, torch_input);
+    for (Index h = 0; h < heads; ++h) {
+      const std::string at = "heads." + std::to_string(h) + ".";
+      const head_attention::HeadGradients<Scalar>& gh = g.heads[static_cast<std::size_t>(h)];
+      worst = std::max({worst, linear_error(gh.query, linear(at + "q", f.head, f.emb, ".grad")),
+                        linear_error(gh.key, linear(at + "k", f.head, f.emb, ".grad")),
+                        linear_error(gh.value, linear(at + "v", f.head, f.emb, ".grad"))});
+    }
+    worst = std::max(worst, linear_error(g.projection, linear("projection", f.emb, heads * f.head, ".grad")));
+    INFO("max |ours - torch| / max |torch| = " << worst);
+    CHECK(worst < tolerance);
+  }
+}
