@@ -369,7 +369,7 @@ TEST_CASE("backward: MultiHeadAttention, finite differences for every head, the 
   MultiHeadAttention<double> mha(3, 6, 2, 8, 91, rule_named(rule));
   Matrix<double> x = random_matrix<double>(B * T, 6, 92);
   const Matrix<double> grad_out = random_matrix<double>(B * T, 6, 93);
-  const MultiHeadGradients<double> g = mha.backward(x, grad_out, B);
+  const MultiHeadGradients<double> g = mha.backward(x, B, grad_out);
   check_multihead_finite_differences(mha, x, grad_out, g,
                                      [&](const MultiHeadAttention<double>& m, const Matrix<double>& in) {
                                        Matrix<double> out(B * T, 6);
@@ -466,7 +466,7 @@ TEMPLATE_TEST_CASE("backward: MultiHeadAttention against PyTorch autograd (eval 
         Eigen::Map<const Matrix<Scalar>>(f.tensor("x", {f.B, f.T, f.emb}).values.data(), rows, f.emb);
     const Matrix<Scalar> grad_out =
         Eigen::Map<const Matrix<Scalar>>(f.tensor("grad_out", {f.B, f.T, f.emb}).values.data(), rows, f.emb);
-    const MultiHeadGradients<Scalar> g = mha.backward(x, grad_out, f.B);
+    const MultiHeadGradients<Scalar> g = mha.backward(x, f.B, grad_out);
     const Matrix<Scalar> torch_input =
         Eigen::Map<const Matrix<Scalar>>(f.tensor("x.grad", {f.B, f.T, f.emb}).values.data(), rows, f.emb);
     double worst = relative_error(g.input, torch_input);
@@ -480,5 +480,28 @@ TEMPLATE_TEST_CASE("backward: MultiHeadAttention against PyTorch autograd (eval 
     worst = std::max(worst, linear_error(g.projection, linear("projection", f.emb, heads * f.head, ".grad")));
     INFO("max |ours - torch| / max |torch| = " << worst);
     CHECK(worst < tolerance);
+  }
+}
+
+TEST_CASE("backward: MultiHeadAttention bit-identical on 1 and 2 threads", "[backward][multihead][threads]") {
+  if (!head_attention::detail::has_openmp) HA_SKIP("built without OpenMP: every call runs on one thread");
+  // Two heads of one sequence: each sequence's key blocks go to 4 groups whose extra dQ accumulators do not
+  // fit in dx's storage (3 · 2 · 16 > 32 columns), the other storage path of the kernel.
+  MultiHeadAttention<float> mha(2, 32, 16, 300, 111);
+  mha.set_dropout(0.2);
+  const Matrix<float> x = random_matrix<float>(300, 32, 112);
+  const Matrix<float> grad_out = random_matrix<float>(300, 32, 113);
+  mha.set_num_threads(1);
+  const MultiHeadGradients<float> one = mha.backward_training(x, grad_out, 5);
+  mha.set_num_threads(2);
+  const MultiHeadGradients<float> two = mha.backward_training(x, grad_out, 5);
+  REQUIRE(head_attention::detail::last_team_size() == 2);
+  CHECK(identical(two.input, one.input));
+  CHECK(identical(two.projection.weight, one.projection.weight));
+  CHECK(identical(two.projection.bias, one.projection.bias));
+  for (std::size_t h = 0; h < 2; ++h) {
+    CHECK(identical(two.heads[h].query.weight, one.heads[h].query.weight));
+    CHECK(identical(two.heads[h].key.weight, one.heads[h].key.weight));
+    CHECK(identical(two.heads[h].value.bias, one.heads[h].value.bias));
   }
 }

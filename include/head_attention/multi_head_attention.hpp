@@ -152,35 +152,55 @@ class MultiHeadAttention {
     m_dropout = p;
   }
 
-  /// The training-mode forward of `batch` sequences back to back (x [batch · T, emb_size]; batch = 1 for one
-  /// sequence): forward, then inverted dropout, each output entry zeroed with probability dropout() and the
-  /// others scaled by 1 / (1 - dropout()). The mask is drawn from `seed` (row-major, one draw per entry):
-  /// backward_training with the same seed re-draws it. Throws as forward_into does.
+  /// The training-mode forward of one sequence: forward(x), then inverted dropout, each output entry zeroed
+  /// with probability dropout() and the others scaled by 1 / (1 - dropout()). The mask is drawn from `seed`
+  /// (row-major, one draw per entry): backward_training with the same seed re-draws it. Throws as forward.
   template <typename Derived>
-  Matrix forward_training(const Eigen::MatrixBase<Derived>& x, std::uint64_t seed, Index batch = 1) const {
+  Matrix forward_training(const Eigen::MatrixBase<Derived>& x, std::uint64_t seed) const {
+    return forward_training(x, 1, seed);
+  }
+
+  /// The same for `batch` sequences back to back, x [batch · T, emb_size] (as forward_into).
+  template <typename Derived>
+  Matrix forward_training(const Eigen::MatrixBase<Derived>& x, Index batch, std::uint64_t seed) const {
     Matrix out(x.rows(), emb_size());  // [B·T, emb]
     forward_into(x, batch, out);
     detail::dropout_in_place(out, m_dropout, seed);
     return out;
   }
 
-  /// Training at inference semantics (dropout as the identity, as forward() runs): x [batch · T, emb_size]
-  /// (batch = 1 for one sequence) and grad_out = dL/d forward(x) [batch · T, emb_size] to dL/dx, every head's
-  /// parameter gradients and the output projection's, summed over the batch. The heads' backward is
-  /// HeadAttention::backward's (memory-efficient, thread-count independent). Throws shape_error as
-  /// forward_into does, and unless grad_out is [batch · T, emb_size].
+  /// Training at inference semantics (dropout as the identity, as forward() runs): x [T, emb_size] and
+  /// grad_out = dL/d forward(x) [T, emb_size] to dL/dx, every head's parameter gradients and the output
+  /// projection's. The heads' backward is HeadAttention::backward's (memory-efficient, thread-count
+  /// independent). Throws shape_error as forward does, and unless grad_out is [T, emb_size].
   template <typename Derived, typename GradDerived>
   MultiHeadGradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x,
-                                      const Eigen::MatrixBase<GradDerived>& grad_out, Index batch = 1) const {
+                                      const Eigen::MatrixBase<GradDerived>& grad_out) const {
+    return backward_rows(x, 1, grad_out, nullptr);
+  }
+
+  /// The same for `batch` sequences back to back (x and grad_out [batch · T, emb_size]); the parameter
+  /// gradients are summed over the batch.
+  template <typename Derived, typename GradDerived>
+  MultiHeadGradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x, Index batch,
+                                      const Eigen::MatrixBase<GradDerived>& grad_out) const {
     return backward_rows(x, batch, grad_out, nullptr);
   }
 
-  /// The backward of forward_training(x, seed, batch): grad_out = dL/d forward_training(x, seed, batch), the
-  /// same dropout mask re-drawn from `seed`.
+  /// The backward of forward_training(x, seed): grad_out = dL/d forward_training(x, seed), the same dropout
+  /// mask re-drawn from `seed`.
   template <typename Derived, typename GradDerived>
   MultiHeadGradients<Scalar> backward_training(const Eigen::MatrixBase<Derived>& x,
                                                const Eigen::MatrixBase<GradDerived>& grad_out,
-                                               std::uint64_t seed, Index batch = 1) const {
+                                               std::uint64_t seed) const {
+    return backward_rows(x, 1, grad_out, &seed);
+  }
+
+  /// The backward of forward_training(x, batch, seed).
+  template <typename Derived, typename GradDerived>
+  MultiHeadGradients<Scalar> backward_training(const Eigen::MatrixBase<Derived>& x, Index batch,
+                                               const Eigen::MatrixBase<GradDerived>& grad_out,
+                                               std::uint64_t seed) const {
     return backward_rows(x, batch, grad_out, &seed);
   }
 
