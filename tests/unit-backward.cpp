@@ -485,8 +485,8 @@ TEMPLATE_TEST_CASE("backward: MultiHeadAttention against PyTorch autograd (eval 
 
 TEST_CASE("backward: MultiHeadAttention bit-identical on 1 and 2 threads", "[backward][multihead][threads]") {
   if (!head_attention::detail::has_openmp) HA_SKIP("built without OpenMP: every call runs on one thread");
-  // Two heads of one sequence: each sequence's key blocks go to 4 groups whose extra dQ accumulators do not
-  // fit in dx's storage (3 · 2 · 16 > 32 columns), the other storage path of the kernel.
+  // Two heads of one sequence of 3 key blocks: they go to 3 groups whose extra dQ accumulators do not fit in
+  // dx's storage ((3 - 1) · 2 heads · 16 > 32 columns), the other storage path of the kernel.
   MultiHeadAttention<float> mha(2, 32, 16, 300, 111);
   mha.set_dropout(0.2);
   const Matrix<float> x = random_matrix<float>(300, 32, 112);
