@@ -378,6 +378,26 @@ TEST_CASE("backward: MultiHeadAttention, finite differences for every head, the 
                                      });
 }
 
+TEST_CASE("backward: MultiHeadAttention with right padding, finite differences", "[backward][multihead]") {
+  const Index B = 3, T = 5;
+  const std::vector<Index> lengths = {5, 2, 0};
+  MultiHeadAttention<double> mha(2, 4, 3, 8, 98);
+  Matrix<double> x = random_matrix<double>(B * T, 4, 99);
+  const Matrix<double> grad_out = random_matrix<double>(B * T, 4, 100);
+  const MultiHeadGradients<double> g = mha.backward(x, B, grad_out, lengths);
+  check_multihead_finite_differences(mha, x, grad_out, g,
+                                     [&](const MultiHeadAttention<double>& m, const Matrix<double>& in) {
+                                       Matrix<double> out(B * T, 4);
+                                       m.forward_into(in, B, out, &lengths);
+                                       return out;
+                                     });
+  check_shape_error(
+      [&] {
+        mha.backward(x, B, grad_out, std::vector<Index>{1, 2});
+      },
+      {"MultiHeadAttention::backward", "lengths.size()", "batch = 3", "2"});
+}
+
 TEST_CASE("backward: MultiHeadAttention through dropout, finite differences with the mask of one seed",
           "[backward][multihead][dropout]") {
   const Index T = 7;

@@ -176,7 +176,7 @@ class MultiHeadAttention {
   template <typename Derived, typename GradDerived>
   MultiHeadGradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x,
                                       const Eigen::MatrixBase<GradDerived>& grad_out) const {
-    return backward_rows(x, 1, grad_out, nullptr);
+    return backward_rows(x, 1, grad_out, nullptr, nullptr);
   }
 
   /// The same for `batch` sequences back to back (x and grad_out [batch · T, emb_size]); the parameter
@@ -184,7 +184,16 @@ class MultiHeadAttention {
   template <typename Derived, typename GradDerived>
   MultiHeadGradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x, Index batch,
                                       const Eigen::MatrixBase<GradDerived>& grad_out) const {
-    return backward_rows(x, batch, grad_out, nullptr);
+    return backward_rows(x, batch, grad_out, nullptr, nullptr);
+  }
+
+  /// The same with right padding, as forward_into with `lengths`: sequence b's keys at positions >=
+  /// lengths[b] are masked. Throws shape_error unless lengths has `batch` entries, each in [0, T].
+  template <typename Derived, typename GradDerived>
+  MultiHeadGradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x, Index batch,
+                                      const Eigen::MatrixBase<GradDerived>& grad_out,
+                                      const std::vector<Index>& lengths) const {
+    return backward_rows(x, batch, grad_out, nullptr, &lengths);
   }
 
   /// The backward of forward_training(x, seed): grad_out = dL/d forward_training(x, seed), the same dropout
@@ -193,7 +202,7 @@ class MultiHeadAttention {
   MultiHeadGradients<Scalar> backward_training(const Eigen::MatrixBase<Derived>& x,
                                                const Eigen::MatrixBase<GradDerived>& grad_out,
                                                std::uint64_t seed) const {
-    return backward_rows(x, 1, grad_out, &seed);
+    return backward_rows(x, 1, grad_out, &seed, nullptr);
   }
 
   /// The backward of forward_training(x, batch, seed).
@@ -201,7 +210,7 @@ class MultiHeadAttention {
   MultiHeadGradients<Scalar> backward_training(const Eigen::MatrixBase<Derived>& x, Index batch,
                                                const Eigen::MatrixBase<GradDerived>& grad_out,
                                                std::uint64_t seed) const {
-    return backward_rows(x, batch, grad_out, &seed);
+    return backward_rows(x, batch, grad_out, &seed, nullptr);
   }
 
   /// The KV caches of `batch` sequences (every head's keys and values), for incremental decoding.
@@ -294,11 +303,13 @@ class MultiHeadAttention {
     run(x, batch, seq_len, out.data(), out.outerStride(), plan);
   }
 
-  /// The backward of `batch` sequences back to back, through the dropout mask of `seed` when it is not null.
+  /// The backward of `batch` sequences back to back, through the dropout mask of `seed` when it is not null,
+  /// with right padding when lengths is not null.
   template <typename Derived, typename GradDerived>
   MultiHeadGradients<Scalar> backward_rows(const Eigen::MatrixBase<Derived>& x, Index batch,
                                            const Eigen::MatrixBase<GradDerived>& grad_out,
-                                           const std::uint64_t* seed) const {
+                                           const std::uint64_t* seed,
+                                           const std::vector<Index>* lengths) const {
     static_assert(std::is_same<detail::compute_t<Scalar>, Scalar>::value,
                   "MultiHeadAttention::backward needs float or double");
     check_input<Derived>();
@@ -309,6 +320,7 @@ class MultiHeadAttention {
     HEAD_ATTENTION_REQUIRE(grad_out.rows() == x.rows() && grad_out.cols() == emb_size(), where,
                            "grad_out shape", detail::shape_string(x.rows(), emb_size()),
                            detail::shape_string(grad_out.rows(), grad_out.cols()));
+    if (lengths != nullptr) detail::check_lengths(*lengths, batch, seq_len, where);
     const Index rows = x.rows();
     const Index width = num_heads() * head_size();
     Matrix dy = grad_out;  // [rows, emb] dL/d (the projection's output)
@@ -336,6 +348,7 @@ class MultiHeadAttention {
     call.dout = dconcat.data();
     call.dout_stride = width;
     call.rule = mask_rule();
+    call.lengths = lengths != nullptr ? lengths->data() : nullptr;
     call.grads = g.heads.data();
     call.dx = g.input.data();
     call.out = concat.data();
