@@ -17,6 +17,7 @@
 #include "../mask.hpp"
 #include "flash.hpp"
 #include "gemm.hpp"
+#include "microkernel.hpp"
 #include "parallel.hpp"
 
 namespace head_attention::detail {
@@ -82,9 +83,10 @@ struct BackwardScratch {
 template <typename Scalar>
 struct BackwardSequence {
   using Index = Eigen::Index;
-  const Scalar* q;     // [seq_len, head] Q', leading dimension ld; K at q + head, V at q + 2 · head
-  Scalar* dq;          // [seq_len, head] dQ, leading dimension ld; dK at dq + head, dV at dq + 2 · head
-  Index ld;            // row stride of q and dq
+  const Scalar* q;  // [seq_len, head] Q', leading dimension ld; K at q + head, V at q + 2 · head
+  const Scalar* kt;  // [head, seq_len] Kᵀ (row-major, leading dimension seq_len); Vᵀ at kt + head · seq_len
+  Scalar* dq;        // [seq_len, head] dQ, leading dimension ld; dK at dq + head, dV at dq + 2 · head
+  Index ld;          // row stride of q and dq
   const Scalar* dout;  // [seq_len, head] dL/dO, leading dimension dout_stride
   Index dout_stride;
   Scalar* lse;    // [seq_len] logsumexp of each query's visible scores
@@ -113,11 +115,10 @@ void tile_scores(const BackwardSequence<Scalar>& sq, Eigen::Index r0, Eigen::Ind
                  Eigen::Index bk, BackwardScratch<Scalar>& s) noexcept {
   using Matrix = typename BackwardScratch<Scalar>::Matrix;
   using Stride = Eigen::OuterStride<>;
-  const Eigen::Map<const Matrix, 0, Stride> q(sq.q + r0 * sq.ld, bq, sq.head, Stride(sq.ld));  // [bq, head]
-  const Eigen::Map<const Matrix, 0, Stride> k(sq.q + j0 * sq.ld + sq.head, bk, sq.head,
-                                              Stride(sq.ld));                            // [bk, head]
   Eigen::Map<Matrix, 0, Stride> scores(s.probs.data(), bq, bk, Stride(s.probs.cols()));  // [bq, bk]
-  scores.noalias() = q * k.transpose();
+  scores.setZero();
+  gemm_nn(bq, bk, sq.head, sq.q + r0 * sq.ld, sq.ld, sq.kt + j0, sq.seq_len, scores.data(),
+          s.probs.cols());  // S = Q' Kᵀ
 }
 
 /// P and dS of the tile (query rows [r0, r0 + bq), keys [j0, j0 + bk)) into s.probs and s.dscores, from the
@@ -140,12 +141,10 @@ void tile_gradients(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Ei
     probs.row(r).head(a).setZero();
     probs.row(r).tail(bk - b).setZero();
   }
-  const Eigen::Map<const Matrix, 0, Stride> dout(sq.dout + r0 * sq.dout_stride, bq, sq.head,
-                                                 Stride(sq.dout_stride));  // [bq, head]
-  const Eigen::Map<const Matrix, 0, Stride> v(sq.q + j0 * sq.ld + 2 * sq.head, bk, sq.head,
-                                              Stride(sq.ld));  // [bk, head]
-  dscores.noalias() = dout * v.transpose();                    // dP [bq, bk]
-  const Eigen::Map<const Vector> delta(sq.delta + r0, bq);     // [bq]
+  dscores.setZero();
+  gemm_nn(bq, bk, sq.head, sq.dout + r0 * sq.dout_stride, sq.dout_stride, sq.kt + sq.head * sq.seq_len + j0,
+          sq.seq_len, dscores.data(), s.dscores.cols());    // dP = dO Vᵀ
+  const Eigen::Map<const Vector> delta(sq.delta + r0, bq);  // [bq]
   dscores = (probs.array() * (dscores.array().colwise() - delta.array())).matrix();
 }
 
@@ -188,9 +187,9 @@ void softmax_statistics(const BackwardSequence<Scalar>& sq, const MaskRule& rule
       }
       s.row_sum[r] += probs.row(r).segment(a, b - a).sum();
     }
-    const Eigen::Map<const Matrix, 0, Stride> v(sq.q + j0 * sq.ld + 2 * sq.head, bk, sq.head,
-                                                Stride(sq.ld));  // [bk, head]
-    s.acc.topRows(bq).noalias() += probs * v;
+    gemm_nn(bq, sq.head, bk, probs.data(), s.probs.cols(), sq.q + j0 * sq.ld + 2 * sq.head, sq.ld,
+            s.acc.data(),
+            sq.head);  // acc += P V
   }
   for (Index r = 0; r < bq; ++r) {
     const Index row = r0 + r;
@@ -234,15 +233,14 @@ void key_gradients(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eig
     const Index hi = end_visible(sq, rule, r0 + bq - 1);
     if (hi <= j0 || lo >= j0 + bk || lo >= hi) continue;  // causal: the tiles above the diagonal
     tile_gradients(sq, rule, r0, bq, j0, bk, s);
-    const Eigen::Map<const Matrix, 0, Stride> probs(s.probs.data(), bq, bk, Stride(s.probs.cols()));
-    const Eigen::Map<const Matrix, 0, Stride> dscores(s.dscores.data(), bq, bk, Stride(s.dscores.cols()));
-    const Eigen::Map<const Matrix, 0, Stride> q(sq.q + r0 * sq.ld, bq, sq.head, Stride(sq.ld));
-    const Eigen::Map<const Matrix, 0, Stride> dout(sq.dout + r0 * sq.dout_stride, bq, sq.head,
-                                                   Stride(sq.dout_stride));
-    Eigen::Map<Matrix, 0, Stride> dq(dq_acc + r0 * dq_stride, bq, sq.head, Stride(dq_stride));  // [bq, head]
-    dv.noalias() += probs.transpose() * dout;                                                   // [bk, head]
-    dk.noalias() += dscores.transpose() * q;  // [bk, head]; Q' carries the scale
-    dq.noalias() += dscores * k;              // [bq, head]
+    // Pᵀ and dSᵀ are the row-major tiles read as column-major (lda = 1, columns a tile row apart).
+    gemm_nn(bk, sq.head, bq, s.probs.data(), 1, sq.dout + r0 * sq.dout_stride, sq.dout_stride, dv.data(),
+            sq.ld,
+            s.probs.cols());  // dV [bk, head] += Pᵀ dO
+    gemm_nn(bk, sq.head, bq, s.dscores.data(), 1, sq.q + r0 * sq.ld, sq.ld, dk.data(), sq.ld,
+            s.dscores.cols());  // dK [bk, head] += dSᵀ Q' (Q' carries the scale)
+    gemm_nn(bq, sq.head, bk, s.dscores.data(), s.dscores.cols(), k.data(), sq.ld, dq_acc + r0 * dq_stride,
+            dq_stride);  // dQ [bq, head] += dS K
   }
 }
 
@@ -320,15 +318,21 @@ void backward(const BackwardCall<Scalar>& call) {
   Matrix weights(width, emb);  // [3·heads·head, emb] every projection's weight, stacked
   Matrix qkv(rows, width);     // [rows, 3·heads·head] Q' | K | V, head after head
   Matrix dqkv(rows, width);    // [rows, 3·heads·head] dQ | dK | dV (group 0 accumulates dQ here)
-  // The other groups' dQ accumulators, [(groups - 1) · heads · rows, head]: in dx's storage when they fit
-  // there (dx is written only after they have been summed), which keeps a single head's peak memory down.
-  const bool in_dx = (groups - 1) * heads * head <= emb;
-  Matrix dq_own(in_dx ? 0 : (groups - 1) * heads * rows, head);
-  Scalar* const dq_groups = in_dx ? call.dx : dq_own.data();
+  // Scratch: the other groups' dQ accumulators, [(groups - 1) · heads · rows, head], then Kᵀ | Vᵀ of every
+  // (head, sequence), [heads · batch, 2 · head, seq_len] (the row-major operands of Q'Kᵀ and dO Vᵀ). In dx's
+  // storage when it fits there (dx is written only after the attention passes), which keeps a single head's
+  // peak memory down.
+  const Index scratch_columns = (groups + 1) * heads * head;  // values per row of x
+  const bool in_dx = scratch_columns <= emb;
+  Matrix own_scratch(in_dx ? 0 : rows, scratch_columns);
+  Scalar* const dq_groups = in_dx ? call.dx : own_scratch.data();
+  Scalar* const kv_t = dq_groups + (groups - 1) * heads * rows * head;
   Matrix stats(2, heads * rows);  // [2, heads · rows] lse, D
   Matrix dweights(width, emb);    // [3·heads·head, emb]
   for (Index p = 0; p < 3 * heads; ++p)
     weights.middleRows(p * head, head) = call.layers[p]->weight;
+  const Matrix weights_t = weights.transpose();  // [emb, 3·heads·head]: the projections' row-major operand
+  dweights.setZero();
   std::vector<BackwardScratch<Scalar>> scratch;
   scratch.reserve(static_cast<std::size_t>(threads));
   for (int t = 0; t < threads; ++t)
@@ -341,6 +345,7 @@ void backward(const BackwardCall<Scalar>& call) {
     const Index row0 = b * call.seq_len;
     BackwardSequence<Scalar> sq;
     sq.q = qkv.data() + row0 * width + 3 * h * head;
+    sq.kt = kv_t + c * 2 * head * call.seq_len;
     sq.dq = dqkv.data() + row0 * width + 3 * h * head;
     sq.ld = width;
     sq.dout = call.dout + row0 * call.dout_stride + h * head;
@@ -374,9 +379,20 @@ void backward(const BackwardCall<Scalar>& call) {
       const Index r0 = (item / (3 * heads)) * chunk, p = item % (3 * heads);
       const Index n = std::min(chunk, rows - r0);
       Eigen::Block<Matrix> y = qkv.block(r0, p * head, n, head);  // [n, head]
-      y.noalias() = x.middleRows(r0, n) * call.layers[p]->weight.transpose();
-      y.rowwise() += call.layers[p]->bias.transpose();
+      y.rowwise() = call.layers[p]->bias.transpose();
+      gemm_nn(n, head, emb, x.data() + r0 * call.x_stride, call.x_stride, weights_t.data() + p * head, width,
+              y.data(), width);  // y += x Wᵀ
       if (p % 3 == 0) y *= scale;
+    }
+    // Kᵀ and Vᵀ, by key block.
+    HEAD_ATTENTION_OMP(for schedule(static))
+    for (Index item = 0; item < block_items; ++item) {
+      const Index c = item / blocks;
+      const Index j0 = (item % blocks) * block, bk = std::min(block, call.seq_len - j0);
+      Scalar* const kt = kv_t + c * 2 * head * call.seq_len;  // [2 · head, seq_len]
+      const Eigen::Map<const Matrix, 0, Stride> kv(sequence(c).q + j0 * width + head, bk, 2 * head,
+                                                   Stride(width));  // [bk, 2 · head] K | V
+      Eigen::Map<Matrix, 0, Stride>(kt + j0, 2 * head, bk, Stride(call.seq_len)) = kv.transpose();
     }
     // Per query block: the softmax statistics; and its rows of every dQ accumulator zeroed.
     HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
@@ -419,13 +435,16 @@ void backward(const BackwardCall<Scalar>& call) {
     for (Index item = 0; item < chunks + weight_items; ++item) {
       if (item < chunks) {
         const Index r0 = item * chunk, n = std::min(chunk, rows - r0);
-        dx.middleRows(r0, n).noalias() = dqkv.middleRows(r0, n) * weights;
+        dx.middleRows(r0, n).setZero();
+        gemm_nn(n, emb, width, dqkv.data() + r0 * width, width, weights.data(), emb, dx.data() + r0 * emb,
+                emb);
       } else {
         const Index p = (item - chunks) / column_blocks;
         const Index c0 = ((item - chunks) % column_blocks) * BackwardTuning::column_block;
         const Index nc = std::min(BackwardTuning::column_block, emb - c0);
-        dweights.block(p * head, c0, head, nc).noalias() =
-            dqkv.middleCols(p * head, head).transpose() * x.middleCols(c0, nc);
+        // dYᵀ: dqkv's columns read as the rows of a column-major operand.
+        gemm_nn(head, nc, rows, dqkv.data() + p * head, 1, x.data() + c0, call.x_stride,
+                dweights.data() + p * head * emb + c0, emb, width);
       }
     }
   }
