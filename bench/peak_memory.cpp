@@ -1,11 +1,13 @@
 // peak_memory: the peak resident set size of ONE forward call, B = 1, emb 512, head 64, float.
 //
-//   peak_memory [fast|reference] [T] [--threads N] [--limit-mib M]
+//   peak_memory [fast|backward|reference] [T] [--threads N] [--limit-mib M]
 //
 // fast (default T = 32768) runs BatchedHeadAttention::forward, the fused path whose extra memory is
-// O(T · head); reference (default T = 8192) runs head_attention::reference::forward, which materialises
-// [T, T] scores (256 MiB in float at T = 8192). ru_maxrss is a per-process high-water mark, so each mode
-// runs in its own process. With --limit-mib the exit status is 1 when the peak exceeds M MiB.
+// O(T · head); backward (default T = 32768) runs HeadAttention::backward with a random dL/d out [T, head]
+// (allocated before the peak is read), whose result dL/dx is as large as the input; reference (default T =
+// 8192) runs head_attention::reference::forward, which materialises [T, T] scores (256 MiB in float at T =
+// 8192). ru_maxrss is a per-process high-water mark, so each mode runs in its own process. With --limit-mib
+// the exit status is 1 when the peak exceeds M MiB.
 #include <sys/resource.h>
 
 #include <cmath>
@@ -49,7 +51,7 @@ void report(const char* when) {
 }
 
 int usage(const char* argv0) {
-  std::fprintf(stderr, "usage: %s [fast|reference] [T] [--threads N] [--limit-mib M]\n", argv0);
+  std::fprintf(stderr, "usage: %s [fast|backward|reference] [T] [--threads N] [--limit-mib M]\n", argv0);
   return 2;
 }
 
@@ -69,7 +71,7 @@ int main(int argc, char** argv) {
       limit_mib = std::atof(argv[++i]);
     } else if (arg == "-h" || arg == "--help") {
       return usage(argv[0]);
-    } else if (positional == 0 && (arg == "fast" || arg == "reference")) {
+    } else if (positional == 0 && (arg == "fast" || arg == "backward" || arg == "reference")) {
       mode = arg;
       ++positional;
     } else if (positional <= 1 && !arg.empty() && arg[0] != '-') {
@@ -79,7 +81,7 @@ int main(int argc, char** argv) {
       return usage(argv[0]);
     }
   }
-  if (T < 0) T = mode == "fast" ? 32768 : 8192;
+  if (T < 0) T = mode == "reference" ? 8192 : 32768;
   if (T == 0) return usage(argv[0]);
 
   using Tensor3 = Eigen::Tensor<float, 3, Eigen::RowMajor>;
@@ -98,6 +100,9 @@ int main(int argc, char** argv) {
   Tensor3 x(1, T, kEmb);
   x.setRandom();
   x = x * 2.0f - 1.0f;
+  using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  RowMatrix grad_out;  // backward only: dL/d out [T, head]
+  if (mode == "backward") grad_out = RowMatrix::Random(T, kHead);
   report("after the layer and the input:");
   const double before = peak_rss_mib();
 
@@ -106,18 +111,21 @@ int main(int argc, char** argv) {
     const Tensor3 out = layer.forward(x);
     for (Eigen::Index i = 0; i < out.size(); ++i)
       checksum += out.data()[i];
+  } else if (mode == "backward") {
+    const Eigen::Map<const RowMatrix> rows(x.data(), T, kEmb);
+    const head_attention::Gradients<float> g = layer.head().backward(rows, grad_out);
+    checksum = static_cast<double>(g.input.sum() + g.query.weight.sum());
   } else {
-    using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     const Eigen::Map<const RowMatrix> rows(x.data(), T, kEmb);
     const RowMatrix out = head_attention::reference::forward(rows, layer.head().query(), layer.head().key(),
                                                              layer.head().value());
     checksum = static_cast<double>(out.sum());
   }
-  report("after one forward call:");
+  report(mode == "backward" ? "after one backward call:" : "after one forward call:");
   const double after = peak_rss_mib();
   std::printf("checksum %.6g\n", checksum);
-  std::printf("forward call raised the peak by %.1f MiB (%.2f x the input)\n", after - before,
-              (after - before) / input_mib);
+  std::printf("%s call raised the peak by %.1f MiB (%.2f x the input)\n",
+              mode == "backward" ? "backward" : "forward", after - before, (after - before) / input_mib);
   std::printf("PEAK_RSS_MIB %.1f\n", after);
   if (!std::isfinite(checksum)) {
     std::printf("FAIL: the output is not finite\n");

@@ -160,8 +160,9 @@ inline std::vector<std::string> read_tokens(const std::string& path) {
   return tokens;
 }
 
-inline std::vector<std::string> fixture_cases() {
-  return read_tokens(fixture_dir() + "/cases.txt");
+/// The cases listed in <fixture dir>[/subdir]/cases.txt.
+inline std::vector<std::string> fixture_cases(const std::string& subdir = "") {
+  return read_tokens(fixture_dir() + (subdir.empty() ? "" : "/" + subdir) + "/cases.txt");
 }
 
 template <typename Scalar>
@@ -231,11 +232,12 @@ struct Fixture {
   }
 };
 
-/// Reads <case>.f64.txt (double) or <case>.f32.txt (float). Throws std::runtime_error on a malformed file.
+/// Reads [subdir/]<case>.f64.txt (double) or <case>.f32.txt (float). Throws std::runtime_error on a malformed
+/// file.
 template <typename Scalar>
-Fixture<Scalar> load_fixture(const std::string& name) {
-  const std::string path =
-      fixture_dir() + "/" + name + (std::is_same<Scalar, float>::value ? ".f32.txt" : ".f64.txt");
+Fixture<Scalar> load_fixture(const std::string& name, const std::string& subdir = "") {
+  const std::string path = fixture_dir() + (subdir.empty() ? "" : "/" + subdir) + "/" + name +
+                           (std::is_same<Scalar, float>::value ? ".f32.txt" : ".f64.txt");
   const std::vector<std::string> tokens = read_tokens(path);
   std::size_t pos = 0;
   const auto next = [&]() -> const std::string& {

@@ -10,10 +10,12 @@
 #include <Eigen/Core>
 
 #include "detail/flash.hpp"
+#include "detail/flash_backward.hpp"
 #include "detail/parallel.hpp"
 #include "detail/rng.hpp"
 #include "errors.hpp"
 #include "fwd.hpp"
+#include "gradients.hpp"
 #include "kv_cache.hpp"
 #include "linear.hpp"
 #include "mask.hpp"
@@ -213,6 +215,37 @@ class HeadAttention {
     batch_into(x, batch, out, &lengths, nullptr);
   }
 
+  /// Training: the gradients of a loss L given grad_out = dL/d forward(x) for one sequence, x [T, emb_size]
+  /// and grad_out [T, head_size] (any dense expressions of Scalar). Returns dL/dx [T, emb_size] and dL/d each
+  /// weight and bias, under the layer's mask rule. Memory-efficient like FlashAttention-2's backward: Q, K, V
+  /// and the softmax are recomputed tile by tile, extra memory O(T · head_size); the result does not depend
+  /// on the thread count. float and double only. Throws shape_error as forward() does, and unless grad_out
+  /// is [T, head_size].
+  template <typename Derived, typename GradDerived>
+  Gradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x,
+                             const Eigen::MatrixBase<GradDerived>& grad_out) const {
+    return backward(x, 1, grad_out);
+  }
+
+  /// backward for `batch` sequences of equal length back to back (as forward_into): x [batch · T, emb_size],
+  /// grad_out [batch · T, head_size]; input [batch · T, emb_size] and the parameter gradients summed over the
+  /// batch, as autograd sums them. Throws shape_error as forward_into does, and unless grad_out is [batch ·
+  /// T, head_size].
+  template <typename Derived, typename GradDerived>
+  Gradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x, Index batch,
+                             const Eigen::MatrixBase<GradDerived>& grad_out) const {
+    return backward_rows(x, batch, grad_out, nullptr);
+  }
+
+  /// The same with right padding, as the forward_into with `lengths`: sequence b's keys at positions >=
+  /// lengths[b] are masked. Throws shape_error unless lengths has `batch` entries, each in [0, T].
+  template <typename Derived, typename GradDerived>
+  Gradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x, Index batch,
+                             const Eigen::MatrixBase<GradDerived>& grad_out,
+                             const std::vector<Index>& lengths) const {
+    return backward_rows(x, batch, grad_out, &lengths);
+  }
+
   /// An empty KV cache for incremental decoding with this layer (its sizes and mask rule), storing keys and
   /// values in `storage` (by default the layer's Scalar). A float layer's cache in bfloat16 or float16 holds
   /// half the bytes, so a decode step streams half as much; keys and values are rounded to nearest even
@@ -251,6 +284,8 @@ class HeadAttention {
   }
 
  private:
+  friend class BatchedHeadAttention<Scalar>;  // its backward writes dL/dx straight into its tensor
+
   template <typename Derived>
   static constexpr void check_input() {
     static_assert(std::is_same<typename Derived::Scalar, Scalar>::value,
@@ -290,6 +325,47 @@ class HeadAttention {
     }
     if (workspace != nullptr) plan.buffers = &workspace->m_buffers;
     run(x, batch, seq_len, out.data(), out.outerStride(), plan);
+  }
+
+  /// The backward of `batch` sequences back to back, with right padding when lengths is not null.
+  template <typename Derived, typename GradDerived>
+  Gradients<Scalar> backward_rows(const Eigen::MatrixBase<Derived>& x, Index batch,
+                                  const Eigen::MatrixBase<GradDerived>& grad_out,
+                                  const std::vector<Index>* lengths) const {
+    Gradients<Scalar> g;
+    g.input.resize(x.rows(), m_emb_size);
+    backward_into(x, batch, grad_out, lengths, g, g.input.data(), "HeadAttention::backward");
+    return g;
+  }
+
+  /// The same into `grads` and dx ([x.rows(), emb_size], contiguous rows), which the caller allocated.
+  template <typename Derived, typename GradDerived>
+  void backward_into(const Eigen::MatrixBase<Derived>& x, Index batch,
+                     const Eigen::MatrixBase<GradDerived>& grad_out, const std::vector<Index>* lengths,
+                     HeadGradients<Scalar>& grads, Scalar* dx, const char* where) const {
+    static_assert(std::is_same<Compute, Scalar>::value, "HeadAttention::backward needs float or double");
+    check_input<Derived>();
+    check_input<GradDerived>();
+    const Index seq_len = detail::sequence_length(x.rows(), batch, where);
+    check_call(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
+    HEAD_ATTENTION_REQUIRE(grad_out.rows() == x.rows() && grad_out.cols() == m_head_size, where,
+                           "grad_out shape", detail::shape_string(x.rows(), m_head_size),
+                           detail::shape_string(grad_out.rows(), grad_out.cols()));
+    if (lengths != nullptr) detail::check_lengths(*lengths, batch, seq_len, where);
+    Matrix x_copy, grad_copy;
+    const LinearType* const layers[3] = {&m_query, &m_key, &m_value};
+    detail::BackwardCall<Scalar> call;
+    call.x = detail::row_major_data(x, x_copy, call.x_stride);
+    call.dout = detail::row_major_data(grad_out, grad_copy, call.dout_stride);
+    call.batch = batch;
+    call.seq_len = seq_len;
+    call.layers = layers;
+    call.rule = m_rule;
+    call.lengths = lengths != nullptr ? lengths->data() : nullptr;
+    call.grads = &grads;
+    call.dx = dx;
+    call.threads = num_threads();
+    detail::backward(call);
   }
 
   /// The cached forward of `count` chunks stored back to back in x, chunk b extending *caches[b].

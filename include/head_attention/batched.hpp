@@ -10,6 +10,7 @@
 #include <unsupported/Eigen/CXX11/Tensor>
 
 #include "attention.hpp"
+#include "gradients.hpp"
 
 namespace head_attention {
 
@@ -119,6 +120,26 @@ class BatchedHeadAttention {
         });
   }
 
+  /// Training: x [B, T, emb_size] and grad_out = dL/d forward(x) [B, T, head_size] (row-major tensors of
+  /// Scalar, as forward takes them) to dL/dx [B, T, emb_size] and the parameter gradients summed over the
+  /// batch, as autograd gives them (see HeadAttention::backward). Throws shape_error as forward(x) does, and
+  /// unless grad_out is [B, T, head_size].
+  template <typename Derived, typename GradDerived>
+  Gradients<Scalar, Tensor3> backward(
+      const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x,
+      const Eigen::TensorBase<GradDerived, Eigen::ReadOnlyAccessors>& grad_out) const {
+    return backward_data(x, grad_out, nullptr);
+  }
+
+  /// The same with right padding, as forward(x, lengths).
+  template <typename Derived, typename GradDerived>
+  Gradients<Scalar, Tensor3> backward(
+      const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x,
+      const Eigen::TensorBase<GradDerived, Eigen::ReadOnlyAccessors>& grad_out,
+      const std::vector<Index>& lengths) const {
+    return backward_data(x, grad_out, &lengths);
+  }
+
   /// The KV cache of B sequences that advance together: one HeadAttention cache per sequence.
   class Cache {
    public:
@@ -193,6 +214,32 @@ class BatchedHeadAttention {
     else
       m_head.forward_into(rows, batch, out_rows, *lengths);
     return out;
+  }
+
+  template <typename Derived, typename GradDerived>
+  Gradients<Scalar, Tensor3> backward_data(
+      const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x,
+      const Eigen::TensorBase<GradDerived, Eigen::ReadOnlyAccessors>& grad_out,
+      const std::vector<Index>* lengths) const {
+    return detail::with_tensor_data<Scalar>(x, [&](const Scalar* data, Index batch, Index seq_len,
+                                                   Index width) {
+      return detail::with_tensor_data<Scalar>(grad_out, [&](const Scalar* grad, Index gb, Index gt,
+                                                            Index gw) {
+        const char* where = "BatchedHeadAttention::backward";
+        check(batch, seq_len, width, where);
+        HEAD_ATTENTION_REQUIRE(
+            gb == batch && gt == seq_len && gw == m_head.head_size(), where, "grad_out shape",
+            "[" + std::to_string(batch) + ", " + std::to_string(seq_len) + ", " +
+                std::to_string(m_head.head_size()) + "]",
+            "[" + std::to_string(gb) + ", " + std::to_string(gt) + ", " + std::to_string(gw) + "]");
+        const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);                    // [B·T, emb]
+        const Eigen::Map<const Matrix> grad_rows(grad, batch * seq_len, m_head.head_size());  // [B·T, head]
+        Gradients<Scalar, Tensor3> g;
+        g.input.resize(batch, seq_len, width);  // [B, T, emb]
+        m_head.backward_into(rows, batch, grad_rows, lengths, g, g.input.data(), where);
+        return g;
+      });
+    });
   }
 
   Layer m_head;

@@ -4,6 +4,7 @@
 
 #include "attention.hpp"
 #include "batched.hpp"
+#include "gradients.hpp"
 #include "errors.hpp"
 #include "kv_cache.hpp"
 #include "linear.hpp"

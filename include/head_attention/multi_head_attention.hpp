@@ -12,9 +12,11 @@
 #include "attention.hpp"
 #include "batched.hpp"
 #include "detail/flash.hpp"
+#include "detail/flash_backward.hpp"
 #include "detail/parallel.hpp"
 #include "detail/rng.hpp"
 #include "errors.hpp"
+#include "gradients.hpp"
 #include "kv_cache.hpp"
 #include "linear.hpp"
 #include "mask.hpp"
@@ -140,6 +142,77 @@ class MultiHeadAttention {
     return forward_tensor(x, &lengths);
   }
 
+  /// simple_llm's dropout probability on the projected output (its `_dropout`, 0.1 by default): forward() is
+  /// inference and ignores it; forward_training() and backward_training() apply it. Throws shape_error unless
+  /// 0 <= p < 1.
+  double dropout() const { return m_dropout; }
+  void set_dropout(double p) {
+    HEAD_ATTENTION_REQUIRE(p >= 0 && p < 1, "MultiHeadAttention::set_dropout", "p", "in [0, 1)",
+                           std::to_string(p));
+    m_dropout = p;
+  }
+
+  /// The training-mode forward of one sequence: forward(x), then inverted dropout, each output entry zeroed
+  /// with probability dropout() and the others scaled by 1 / (1 - dropout()). The mask is drawn from `seed`
+  /// (row-major, one draw per entry): backward_training with the same seed re-draws it. Throws as forward.
+  template <typename Derived>
+  Matrix forward_training(const Eigen::MatrixBase<Derived>& x, std::uint64_t seed) const {
+    return forward_training(x, 1, seed);
+  }
+
+  /// The same for `batch` sequences back to back, x [batch · T, emb_size] (as forward_into).
+  template <typename Derived>
+  Matrix forward_training(const Eigen::MatrixBase<Derived>& x, Index batch, std::uint64_t seed) const {
+    Matrix out(x.rows(), emb_size());  // [B·T, emb]
+    forward_into(x, batch, out);
+    detail::dropout_in_place(out, m_dropout, seed);
+    return out;
+  }
+
+  /// Training at inference semantics (dropout as the identity, as forward() runs): x [T, emb_size] and
+  /// grad_out = dL/d forward(x) [T, emb_size] to dL/dx, every head's parameter gradients and the output
+  /// projection's. The heads' backward is HeadAttention::backward's (memory-efficient, thread-count
+  /// independent). Throws shape_error as forward does, and unless grad_out is [T, emb_size].
+  template <typename Derived, typename GradDerived>
+  MultiHeadGradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x,
+                                      const Eigen::MatrixBase<GradDerived>& grad_out) const {
+    return backward_rows(x, 1, grad_out, nullptr, nullptr);
+  }
+
+  /// The same for `batch` sequences back to back (x and grad_out [batch · T, emb_size]); the parameter
+  /// gradients are summed over the batch.
+  template <typename Derived, typename GradDerived>
+  MultiHeadGradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x, Index batch,
+                                      const Eigen::MatrixBase<GradDerived>& grad_out) const {
+    return backward_rows(x, batch, grad_out, nullptr, nullptr);
+  }
+
+  /// The same with right padding, as forward_into with `lengths`: sequence b's keys at positions >=
+  /// lengths[b] are masked. Throws shape_error unless lengths has `batch` entries, each in [0, T].
+  template <typename Derived, typename GradDerived>
+  MultiHeadGradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x, Index batch,
+                                      const Eigen::MatrixBase<GradDerived>& grad_out,
+                                      const std::vector<Index>& lengths) const {
+    return backward_rows(x, batch, grad_out, nullptr, &lengths);
+  }
+
+  /// The backward of forward_training(x, seed): grad_out = dL/d forward_training(x, seed), the same dropout
+  /// mask re-drawn from `seed`.
+  template <typename Derived, typename GradDerived>
+  MultiHeadGradients<Scalar> backward_training(const Eigen::MatrixBase<Derived>& x,
+                                               const Eigen::MatrixBase<GradDerived>& grad_out,
+                                               std::uint64_t seed) const {
+    return backward_rows(x, 1, grad_out, &seed, nullptr);
+  }
+
+  /// The backward of forward_training(x, batch, seed).
+  template <typename Derived, typename GradDerived>
+  MultiHeadGradients<Scalar> backward_training(const Eigen::MatrixBase<Derived>& x, Index batch,
+                                               const Eigen::MatrixBase<GradDerived>& grad_out,
+                                               std::uint64_t seed) const {
+    return backward_rows(x, batch, grad_out, &seed, nullptr);
+  }
+
   /// The KV caches of `batch` sequences (every head's keys and values), for incremental decoding.
   class Cache {
    public:
@@ -228,6 +301,64 @@ class MultiHeadAttention {
     }
     if (workspace != nullptr) plan.buffers = &workspace->m_buffers;
     run(x, batch, seq_len, out.data(), out.outerStride(), plan);
+  }
+
+  /// The backward of `batch` sequences back to back, through the dropout mask of `seed` when it is not null,
+  /// with right padding when lengths is not null.
+  template <typename Derived, typename GradDerived>
+  MultiHeadGradients<Scalar> backward_rows(const Eigen::MatrixBase<Derived>& x, Index batch,
+                                           const Eigen::MatrixBase<GradDerived>& grad_out,
+                                           const std::uint64_t* seed,
+                                           const std::vector<Index>* lengths) const {
+    static_assert(std::is_same<detail::compute_t<Scalar>, Scalar>::value,
+                  "MultiHeadAttention::backward needs float or double");
+    check_input<Derived>();
+    check_input<GradDerived>();
+    const char* where = "MultiHeadAttention::backward";
+    const Index seq_len = detail::sequence_length(x.rows(), batch, where);
+    check(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
+    HEAD_ATTENTION_REQUIRE(grad_out.rows() == x.rows() && grad_out.cols() == emb_size(), where,
+                           "grad_out shape", detail::shape_string(x.rows(), emb_size()),
+                           detail::shape_string(grad_out.rows(), grad_out.cols()));
+    if (lengths != nullptr) detail::check_lengths(*lengths, batch, seq_len, where);
+    const Index rows = x.rows();
+    const Index width = num_heads() * head_size();
+    Matrix dy = grad_out;  // [rows, emb] dL/d (the projection's output)
+    if (seed != nullptr) detail::dropout_in_place(dy, m_dropout, *seed);
+    Matrix dconcat(rows, width);  // [rows, heads·head] dL/d (the heads' concatenated outputs)
+    Matrix concat(rows, width);   // [rows, heads·head] the heads' outputs, recomputed by the backward
+    MultiHeadGradients<Scalar> g;
+    g.input.resize(rows, emb_size());
+    g.heads.resize(static_cast<std::size_t>(num_heads()));
+    {
+      const detail::SerialEigenProducts serial;  // rounding independent of the thread count
+      dconcat.noalias() = dy * m_projection.weight;
+    }
+    std::vector<const LinearType*> layers;
+    for (const Head& head : m_heads)
+      for (const LinearType* l : {&head.query(), &head.key(), &head.value()})
+        layers.push_back(l);
+    Matrix x_copy;
+    detail::BackwardCall<Scalar> call;
+    call.x = detail::row_major_data(x, x_copy, call.x_stride);
+    call.batch = batch;
+    call.seq_len = seq_len;
+    call.layers = layers.data();
+    call.heads = num_heads();
+    call.dout = dconcat.data();
+    call.dout_stride = width;
+    call.rule = mask_rule();
+    call.lengths = lengths != nullptr ? lengths->data() : nullptr;
+    call.grads = g.heads.data();
+    call.dx = g.input.data();
+    call.out = concat.data();
+    call.out_stride = width;
+    call.threads = num_threads();
+    detail::backward(call);
+    const detail::SerialEigenProducts serial;
+    g.projection.weight.noalias() = dy.transpose() * concat;  // [emb, heads·head]
+    g.projection.bias = dy.colwise().sum().transpose();       // [emb]
+    return g;
   }
 
   template <typename Derived>
@@ -349,6 +480,7 @@ class MultiHeadAttention {
   std::vector<Head> m_heads;  // num_heads × HeadAttention(emb_size, head_size, max_seq_len)
   LinearType m_projection;    // weight [emb_size, num_heads · head_size], bias [emb_size]
   int m_threads = 0;
+  double m_dropout = 0.1;  // simple_llm's default; applied by the training-mode calls only
 };
 
 }  // namespace head_attention

@@ -9,6 +9,7 @@
 #include <Eigen/Core>
 
 #include "errors.hpp"
+#include "gradients.hpp"
 #include "linear.hpp"
 #include "mask.hpp"
 
@@ -110,6 +111,48 @@ Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> attention
   const Eigen::Index valid = detail::checked_valid<Scalar>(x, q, k, nullptr, valid_keys,
                                                            "head_attention::reference::attention_weights");
   return detail::weights(x, q, k, rule, valid);
+}
+
+/// The backward of forward() the plain way, materialising [T, T]: the yardstick of HeadAttention::backward.
+/// With W the softmax weights and dO = grad_out [T, head]: dV = Wᵀ dO; dW = dO Vᵀ; dS = W ∘ (dW - rowsum(dW ∘
+/// W)); dQ = dS K / sqrt(head); dK = dSᵀ Q / sqrt(head); then each projection's dWeight = dYᵀ x, dbias = the
+/// column sums of dY, and dx = dQ Wq + dK Wk + dV Wv. Arguments as forward(). Throws shape_error on
+/// mismatched shapes, and unless grad_out is [T, head].
+template <typename Scalar, typename Derived, typename GradDerived>
+Gradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x, const Linear<Scalar>& q,
+                           const Linear<Scalar>& k, const Linear<Scalar>& v,
+                           const Eigen::MatrixBase<GradDerived>& grad_out,
+                           const MaskRule& rule = MaskRule::causal(), Eigen::Index valid_keys = -1) {
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const char* where = "head_attention::reference::backward";
+  const Eigen::Index valid = detail::checked_valid(x, q, k, &v, valid_keys, where);
+  const Eigen::Index T = x.rows();
+  const Eigen::Index head = q.out_features();
+  detail::require(grad_out.rows() == T && grad_out.cols() == head, where, "grad_out shape",
+                  head_attention::detail::shape_string(T, head),
+                  head_attention::detail::shape_string(grad_out.rows(), grad_out.cols()));
+  const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(head));
+  const Matrix Q = (x * q.weight.transpose()).rowwise() + q.bias.transpose();                   // [T, head]
+  const Matrix K = (x * k.weight.transpose()).rowwise() + k.bias.transpose();                   // [T, head]
+  const Matrix V = (x * v.weight.transpose()).rowwise() + v.bias.transpose();                   // [T, head]
+  const Matrix W = T > 0 ? detail::weights(x, q, k, rule, valid) : Matrix(0, 0);                // [T, T]
+  const Matrix dO = grad_out;                                                                   // [T, head]
+  const Matrix dV = W.transpose() * dO;                                                         // [T, head]
+  const Matrix dW = dO * V.transpose();                                                         // [T, T]
+  const Eigen::Matrix<Scalar, Eigen::Dynamic, 1> D = (dW.array() * W.array()).rowwise().sum();  // [T]
+  const Matrix dS = (W.array() * (dW.array().colwise() - D.array())).matrix();                  // [T, T]
+  const Matrix dQ = scale * (dS * K);                                                           // [T, head]
+  const Matrix dK = scale * (dS.transpose() * Q);                                               // [T, head]
+  Gradients<Scalar> g;
+  const auto fill = [&](Linear<Scalar>& to, const Matrix& dY) {
+    to.weight = dY.transpose() * x;  // [head, emb]
+    to.bias = dY.colwise().sum().transpose();
+  };
+  fill(g.query, dQ);
+  fill(g.key, dK);
+  fill(g.value, dV);
+  g.input = dQ * q.weight + dK * k.weight + dV * v.weight;  // [T, emb]
+  return g;
 }
 
 }  // namespace head_attention::reference

@@ -1,0 +1,459 @@
+// head-attention: the fused backward pass. FlashAttention-2 style: the softmax is recomputed tile by tile
+// from a per-row logsumexp instead of keeping [T, T]; extra memory is O(T · head_size). Every gradient
+// element is written by exactly one work item in a fixed order, so results do not depend on the thread count
+// at all.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "../gradients.hpp"
+#include "../linear.hpp"
+#include "../mask.hpp"
+#include "flash.hpp"
+#include "gemm.hpp"
+#include "microkernel.hpp"
+#include "parallel.hpp"
+
+namespace head_attention::detail {
+
+/// The rows of m as row-major storage with contiguous rows, its leading dimension in `stride`: m's own
+/// storage when it has that layout, else a copy in `copy`.
+template <typename Derived, typename Matrix>
+const typename Derived::Scalar* row_major_data(const Eigen::MatrixBase<Derived>& m, Matrix& copy,
+                                               Eigen::Index& stride) {
+  constexpr bool in_place = (Derived::Flags & Eigen::DirectAccessBit) != 0 && Derived::IsRowMajor &&
+                            Derived::InnerStrideAtCompileTime == 1;
+  if constexpr (in_place) {
+    stride = m.derived().outerStride();
+    return m.derived().data();
+  } else {
+    copy = m;  // an expression, a column-major or strided view: evaluated once
+    stride = copy.cols();
+    return copy.data();
+  }
+}
+
+/// Block sizes of the backward pass.
+struct BackwardTuning {
+  /// Rows each attention work item owns: a block of queries (their statistics) or of keys (dK, dV, their
+  /// share of dQ). Measured at B = 8, T = 1024 and B = 1, T = 4096: 128 was 5-7% faster than 64; 256 no
+  /// better.
+  static constexpr Eigen::Index block = 128;
+  /// Rows of the other side per tile: keys per tile of a query block, queries per tile of a key block. Longer
+  /// than `block`, as the forward's key blocks are, so that each small GEMM packs its operands fewer times.
+  static constexpr Eigen::Index tile = 256;
+  /// Rows of x per projection and input-gradient work item.
+  static constexpr Eigen::Index row_chunk = 256;
+  /// Columns of x per weight-gradient work item.
+  static constexpr Eigen::Index column_block = 64;
+  /// Work items of the key pass to aim for: a call with fewer (head, sequence) pairs deals each one's key
+  /// blocks to up to max_groups items (each group past the first holds a [T, head] dQ accumulator).
+  static constexpr Eigen::Index key_items = 8;
+  static constexpr Eigen::Index max_groups = 4;
+  /// Below this many flops (estimated) a backward call stays on one thread.
+  static constexpr double serial_below_flops = 1e5;
+};
+
+/// Per-thread working storage of the attention loops, allocated before the parallel region.
+template <typename Scalar>
+struct BackwardScratch {
+  using Index = Eigen::Index;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+
+  /// Tiles of up to [tile, tile]: query-major ones are [block, tile], key-major ones [tile, block].
+  BackwardScratch(Index block, Index tile, Index head)
+      : probs(tile, tile), dscores(tile, tile), acc(block, head), row_max(block), row_sum(block) {}
+
+  Matrix probs;    // [tile, tile] a tile's scores, then P = exp(S - lse)
+  Matrix dscores;  // [tile, tile] dO Vᵀ, then dS = P ∘ (dP - D)
+  Matrix acc;      // [block, head] a query block's un-normalised output
+  Vector row_max;  // [block] running max of each query's scores
+  Vector row_sum;  // [block] running sum of exp(score - row_max)
+};
+
+/// One (head, sequence) of a backward call: where its rows of Q' = Q / sqrt(head), K, V and dO are, its
+/// per-row statistics, and where its gradients go.
+template <typename Scalar>
+struct BackwardSequence {
+  using Index = Eigen::Index;
+  const Scalar* q;  // [seq_len, head] Q', leading dimension ld; K at q + head, V at q + 2 · head
+  const Scalar* kt;  // [head, seq_len] Kᵀ (row-major, leading dimension seq_len); Vᵀ at kt + head · seq_len
+  Scalar* dq;        // [seq_len, head] dQ, leading dimension ld; dK at dq + head, dV at dq + 2 · head
+  Index ld;          // row stride of q and dq
+  const Scalar* dout;  // [seq_len, head] dL/dO, leading dimension dout_stride
+  Index dout_stride;
+  Scalar* lse;    // [seq_len] logsumexp of each query's visible scores
+  Scalar* delta;  // [seq_len] D = rowsum(dO ∘ O)
+  Scalar* out;    // [seq_len, head] O, leading dimension out_stride, or null
+  Index out_stride;
+  Index seq_len;  // rows
+  Index valid;    // keys at or after it are masked (right padding)
+  Index head;
+};
+
+/// The key range [first, end) the query at position p of a sequence sees.
+template <typename Scalar>
+Eigen::Index first_visible(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eigen::Index p) {
+  return std::min(rule.first_key(p), sq.valid);
+}
+template <typename Scalar>
+Eigen::Index end_visible(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eigen::Index p) {
+  return std::min(rule.end_key(p, sq.seq_len), sq.valid);
+}
+
+/// Scores of one tile, query rows [r0, r0 + bq) and keys [j0, j0 + bk), into s.probs; then for each row r
+/// its visible range, clamped to the tile, in [a[r], b[r]) (tile-relative).
+template <typename Scalar>
+void tile_scores(const BackwardSequence<Scalar>& sq, Eigen::Index r0, Eigen::Index bq, Eigen::Index j0,
+                 Eigen::Index bk, BackwardScratch<Scalar>& s) noexcept {
+  using Matrix = typename BackwardScratch<Scalar>::Matrix;
+  using Stride = Eigen::OuterStride<>;
+  Eigen::Map<Matrix, 0, Stride> scores(s.probs.data(), bq, bk, Stride(s.probs.cols()));  // [bq, bk]
+  scores.setZero();
+  gemm_nn(bq, bk, sq.head, sq.q + r0 * sq.ld, sq.ld, sq.kt + j0, sq.seq_len, scores.data(),
+          s.probs.cols());  // S = Q' Kᵀ
+}
+
+/// P and dS of the tile (query rows [r0, r0 + bq), keys [j0, j0 + bk)) into s.probs and s.dscores, from the
+/// statistics lse and delta: P = exp(S - lse) on visible entries and 0 elsewhere, dS = P ∘ (dO Vᵀ - D).
+template <typename Scalar>
+void tile_gradients(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eigen::Index r0,
+                    Eigen::Index bq, Eigen::Index j0, Eigen::Index bk, BackwardScratch<Scalar>& s) noexcept {
+  using Index = Eigen::Index;
+  using Matrix = typename BackwardScratch<Scalar>::Matrix;
+  using Vector = typename BackwardScratch<Scalar>::Vector;
+  using Stride = Eigen::OuterStride<>;
+  tile_scores(sq, r0, bq, j0, bk, s);
+  Eigen::Map<Matrix, 0, Stride> probs(s.probs.data(), bq, bk, Stride(s.probs.cols()));        // [bq, bk]
+  Eigen::Map<Matrix, 0, Stride> dscores(s.dscores.data(), bq, bk, Stride(s.dscores.cols()));  // [bq, bk]
+  for (Index r = 0; r < bq; ++r) {
+    const Index a = std::clamp<Index>(first_visible(sq, rule, r0 + r) - j0, 0, bk);
+    const Index b = std::clamp<Index>(end_visible(sq, rule, r0 + r) - j0, a, bk);
+    if (b > a)
+      probs.row(r).segment(a, b - a) = (probs.row(r).segment(a, b - a).array() - sq.lse[r0 + r]).exp();
+    probs.row(r).head(a).setZero();
+    probs.row(r).tail(bk - b).setZero();
+  }
+  dscores.setZero();
+  gemm_nn(bq, bk, sq.head, sq.dout + r0 * sq.dout_stride, sq.dout_stride, sq.kt + sq.head * sq.seq_len + j0,
+          sq.seq_len, dscores.data(), s.dscores.cols());    // dP = dO Vᵀ
+  const Eigen::Map<const Vector> delta(sq.delta + r0, bq);  // [bq]
+  dscores = (probs.array() * (dscores.array().colwise() - delta.array())).matrix();
+}
+
+/// The forward statistics of query rows [r0, r0 + bq): an online softmax over the visible keys, as the
+/// forward pass runs it, keeping lse = max + log(sum) and D = dO · O per row (and O itself when sq.out is
+/// set). A query that sees no key gets O = 0, D = 0 (its lse is never read: no tile has a visible entry in
+/// its row).
+template <typename Scalar>
+void softmax_statistics(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eigen::Index r0,
+                        Eigen::Index bq, Eigen::Index tile, BackwardScratch<Scalar>& s) noexcept {
+  using Index = Eigen::Index;
+  using Matrix = typename BackwardScratch<Scalar>::Matrix;
+  using Stride = Eigen::OuterStride<>;
+  s.row_max.head(bq).setConstant(-std::numeric_limits<Scalar>::infinity());
+  s.row_sum.head(bq).setZero();
+  s.acc.topRows(bq).setZero();
+  const Index lo = first_visible(sq, rule, r0) / tile * tile;
+  const Index hi = end_visible(sq, rule, r0 + bq - 1);
+  for (Index j0 = lo; j0 < hi; j0 += tile) {
+    const Index bk = std::min(tile, sq.seq_len - j0);
+    tile_scores(sq, r0, bq, j0, bk, s);
+    Eigen::Map<Matrix, 0, Stride> probs(s.probs.data(), bq, bk, Stride(s.probs.cols()));  // [bq, bk]
+    for (Index r = 0; r < bq; ++r) {
+      const Index a = std::clamp<Index>(first_visible(sq, rule, r0 + r) - j0, 0, bk);
+      const Index b = std::clamp<Index>(end_visible(sq, rule, r0 + r) - j0, a, bk);
+      if (a == b) {
+        probs.row(r).setZero();
+        continue;
+      }
+      const Scalar old_max = s.row_max[r];
+      const Scalar new_max = std::max(old_max, probs.row(r).segment(a, b - a).maxCoeff());
+      probs.row(r).segment(a, b - a) = (probs.row(r).segment(a, b - a).array() - new_max).exp();
+      probs.row(r).head(a).setZero();
+      probs.row(r).tail(bk - b).setZero();
+      if (new_max != old_max) {
+        const Scalar rescale = std::exp(old_max - new_max);  // 0 on the first visible block
+        s.row_sum[r] *= rescale;
+        s.acc.row(r) *= rescale;
+        s.row_max[r] = new_max;
+      }
+      s.row_sum[r] += probs.row(r).segment(a, b - a).sum();
+    }
+    gemm_nn(bq, sq.head, bk, probs.data(), s.probs.cols(), sq.q + j0 * sq.ld + 2 * sq.head, sq.ld,
+            s.acc.data(),
+            sq.head);  // acc += P V
+  }
+  for (Index r = 0; r < bq; ++r) {
+    const Index row = r0 + r;
+    if (s.row_sum[r] == Scalar(0)) {  // no visible key
+      s.acc.row(r).setZero();
+      sq.lse[row] = std::numeric_limits<Scalar>::infinity();
+    } else {
+      s.acc.row(r) /= s.row_sum[r];  // O
+      sq.lse[row] = s.row_max[r] + std::log(s.row_sum[r]);
+    }
+    const Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>> dout(sq.dout + row * sq.dout_stride,
+                                                                          sq.head);
+    sq.delta[row] = dout.dot(s.acc.row(r));
+    if (sq.out != nullptr)
+      Eigen::Map<Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(sq.out + row * sq.out_stride, sq.head) =
+          s.acc.row(r);
+  }
+}
+
+/// dK and dV of key rows [j0, j0 + bk), and their share of dQ: over the query tiles that see any of these
+/// keys, dV = Σ Pᵀ dO and dK = Σ dSᵀ Q' (written), and dS K added to the accumulator dq_acc ([seq_len, head],
+/// leading dimension dq_stride; unscaled: dQ = scale · Σ dS K over all key blocks).
+template <typename Scalar>
+void key_gradients(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eigen::Index j0, Eigen::Index bk,
+                   Eigen::Index tile, Scalar* dq_acc, Eigen::Index dq_stride,
+                   BackwardScratch<Scalar>& s) noexcept {
+  using Index = Eigen::Index;
+  using Matrix = typename BackwardScratch<Scalar>::Matrix;
+  using Stride = Eigen::OuterStride<>;
+  Eigen::Map<Matrix, 0, Stride> dk(sq.dq + j0 * sq.ld + sq.head, bk, sq.head, Stride(sq.ld));  // [bk, head]
+  Eigen::Map<Matrix, 0, Stride> dv(sq.dq + j0 * sq.ld + 2 * sq.head, bk, sq.head,
+                                   Stride(sq.ld));  // [bk, head]
+  const Eigen::Map<const Matrix, 0, Stride> k(sq.q + j0 * sq.ld + sq.head, bk, sq.head,
+                                              Stride(sq.ld));  // [bk, head]
+  dk.setZero();
+  dv.setZero();
+  for (Index r0 = 0; r0 < sq.seq_len; r0 += tile) {
+    const Index bq = std::min(tile, sq.seq_len - r0);
+    // Both ends of a query's range never decrease with its position: the tile sees [lo, hi).
+    const Index lo = first_visible(sq, rule, r0);
+    const Index hi = end_visible(sq, rule, r0 + bq - 1);
+    if (hi <= j0 || lo >= j0 + bk || lo >= hi) continue;  // causal: the tiles above the diagonal
+    tile_gradients(sq, rule, r0, bq, j0, bk, s);
+    // Pᵀ and dSᵀ are the row-major tiles read as column-major (lda = 1, columns a tile row apart).
+    gemm_nn(bk, sq.head, bq, s.probs.data(), 1, sq.dout + r0 * sq.dout_stride, sq.dout_stride, dv.data(),
+            sq.ld,
+            s.probs.cols());  // dV [bk, head] += Pᵀ dO
+    gemm_nn(bk, sq.head, bq, s.dscores.data(), 1, sq.q + r0 * sq.ld, sq.ld, dk.data(), sq.ld,
+            s.dscores.cols());  // dK [bk, head] += dSᵀ Q' (Q' carries the scale)
+    gemm_nn(bq, sq.head, bk, s.dscores.data(), s.dscores.cols(), k.data(), sq.ld, dq_acc + r0 * dq_stride,
+            dq_stride);  // dQ [bq, head] += dS K
+  }
+}
+
+/// Where a backward call reads and writes. layers: [3 · heads] nn.Linear(emb, head), head h's Q, K, V at 3h,
+/// 3h + 1, 3h + 2; grads: [heads], resized here.
+template <typename Scalar>
+struct BackwardCall {
+  using Index = Eigen::Index;
+  const Scalar* x = nullptr;  // [batch · seq_len, emb] row-major, leading dimension x_stride
+  Index x_stride = 0;
+  Index batch = 0;
+  Index seq_len = 0;
+  const Linear<Scalar>* const* layers = nullptr;
+  Index heads = 1;
+  const Scalar* dout = nullptr;  // [rows, heads · head] dL/d (the heads' concatenated outputs), row-major
+  Index dout_stride = 0;
+  MaskRule rule = MaskRule::causal();
+  const Index* lengths = nullptr;          // [batch] valid keys per sequence, or null
+  HeadGradients<Scalar>* grads = nullptr;  // [heads] the parameter gradients
+  Scalar* dx = nullptr;   // [rows, emb] dL/dx, row-major, contiguous (used as scratch before it is written)
+  Scalar* out = nullptr;  // [rows, heads · head] the heads' outputs (recomputed on the way), or null
+  Index out_stride = 0;
+  int threads = 1;
+};
+
+/// The whole backward pass: Q, K, V recomputed; per query block the softmax statistics and dQ; per key block
+/// dK and dV; then the projections' gradients dW = dYᵀ x, db = Σ rows of dY and dx = Σ dY W, as GEMMs over
+/// fixed row chunks and column blocks. Shapes are checked by the caller. Allocates before its parallel
+/// region.
+template <typename Scalar>
+void backward(const BackwardCall<Scalar>& call) {
+  using Index = Eigen::Index;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using Stride = Eigen::OuterStride<>;
+  const Index heads = call.heads;
+  const Index emb = call.layers[0]->in_features();
+  const Index head = call.layers[0]->out_features();
+  const Index rows = call.batch * call.seq_len;
+  const Index width = 3 * heads * head;  // Q | K | V of every head
+  for (Index h = 0; h < heads; ++h) {
+    HeadGradients<Scalar>& g = call.grads[h];
+    for (Linear<Scalar>* l : {&g.query, &g.key, &g.value}) {
+      l->weight.setZero(head, emb);
+      l->bias.setZero(head);
+    }
+  }
+  last_team_size() = 1;
+  if (rows == 0) return;
+
+  const Index block = std::min(BackwardTuning::block, call.seq_len);
+  const Index tile = std::min(BackwardTuning::tile, call.seq_len);
+  const Index chunk = std::min(BackwardTuning::row_chunk, rows);
+  const Index chunks = (rows + chunk - 1) / chunk;
+  const Index column_blocks = (emb + BackwardTuning::column_block - 1) / BackwardTuning::column_block;
+  const Index blocks = (call.seq_len + block - 1) / block;
+  const Index sequences = heads * call.batch;  // (head, sequence) pairs
+  const Index block_items = sequences * blocks;
+  // The key blocks of one sequence are dealt, round robin, to `groups` work items that each add their share
+  // of dQ into an accumulator of their own, summed in a fixed order afterwards: dQ needs no second pass over
+  // the tiles and no atomics, and the sums do not depend on the thread count. The group count follows the
+  // shape alone; each group past the first costs one more [seq_len, head] accumulator per sequence.
+  const Index groups = std::clamp<Index>((BackwardTuning::key_items + sequences - 1) / sequences, 1,
+                                         std::min(blocks, BackwardTuning::max_groups));
+  const Index key_items = sequences * groups;
+  const Index weight_items = 3 * heads * column_blocks;
+  const double flops =
+      static_cast<double>(rows) * static_cast<double>(width) * static_cast<double>(emb) * 6.0 +
+      static_cast<double>(heads * rows) * static_cast<double>(call.seq_len * head) * 8.0;
+  int threads = call.threads;
+  if (flops < BackwardTuning::serial_below_flops || in_parallel_region()) threads = 1;
+  threads =
+      static_cast<int>(std::min<Index>(threads, std::max({block_items, chunks * 3 * heads, weight_items})));
+  threads = std::max(threads, 1);
+
+  Matrix weights(width, emb);  // [3·heads·head, emb] every projection's weight, stacked
+  Matrix qkv(rows, width);     // [rows, 3·heads·head] Q' | K | V, head after head
+  Matrix dqkv(rows, width);    // [rows, 3·heads·head] dQ | dK | dV (group 0 accumulates dQ here)
+  // Scratch: the other groups' dQ accumulators, [(groups - 1) · heads · rows, head], then Kᵀ | Vᵀ of every
+  // (head, sequence), [heads · batch, 2 · head, seq_len] (the row-major operands of Q'Kᵀ and dO Vᵀ). In dx's
+  // storage when it fits there (dx is written only after the attention passes), which keeps a single head's
+  // peak memory down.
+  const Index scratch_columns = (groups + 1) * heads * head;  // values per row of x
+  const bool in_dx = scratch_columns <= emb;
+  Matrix own_scratch(in_dx ? 0 : rows, scratch_columns);
+  Scalar* const dq_groups = in_dx ? call.dx : own_scratch.data();
+  Scalar* const kv_t = dq_groups + (groups - 1) * heads * rows * head;
+  Matrix stats(2, heads * rows);  // [2, heads · rows] lse, D
+  Matrix dweights(width, emb);    // [3·heads·head, emb]
+  for (Index p = 0; p < 3 * heads; ++p)
+    weights.middleRows(p * head, head) = call.layers[p]->weight;
+  const Matrix weights_t = weights.transpose();  // [emb, 3·heads·head]: the projections' row-major operand
+  dweights.setZero();
+  std::vector<BackwardScratch<Scalar>> scratch;
+  scratch.reserve(static_cast<std::size_t>(threads));
+  for (int t = 0; t < threads; ++t)
+    scratch.emplace_back(block, tile, head);
+  const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(head));
+  const Eigen::Map<const Matrix, 0, Stride> x(call.x, rows, emb, Stride(call.x_stride));  // [rows, emb]
+  Eigen::Map<Matrix> dx(call.dx, rows, emb);                                              // [rows, emb]
+  const auto sequence = [&](Index c) {  // (head h = c / batch, sequence b = c % batch)
+    const Index h = c / call.batch, b = c % call.batch;
+    const Index row0 = b * call.seq_len;
+    BackwardSequence<Scalar> sq;
+    sq.q = qkv.data() + row0 * width + 3 * h * head;
+    sq.kt = kv_t + c * 2 * head * call.seq_len;
+    sq.dq = dqkv.data() + row0 * width + 3 * h * head;
+    sq.ld = width;
+    sq.dout = call.dout + row0 * call.dout_stride + h * head;
+    sq.dout_stride = call.dout_stride;
+    sq.lse = stats.data() + h * rows + row0;
+    sq.delta = stats.data() + heads * rows + h * rows + row0;
+    sq.out = call.out != nullptr ? call.out + row0 * call.out_stride + h * head : nullptr;
+    sq.out_stride = call.out_stride;
+    sq.seq_len = call.seq_len;
+    sq.valid = call.lengths != nullptr ? call.lengths[b] : call.seq_len;
+    sq.head = head;
+    return sq;
+  };
+  // Group g's dQ accumulator of (head, sequence) c: the dQ columns of dqkv for g = 0, else a slice of
+  // dq_groups.
+  const auto dq_accumulator = [&](Index c, Index g) -> std::pair<Scalar*, Index> {
+    if (g == 0) return {sequence(c).dq, width};
+    const Index h = c / call.batch, b = c % call.batch;
+    return {dq_groups + (((g - 1) * heads + h) * rows + b * call.seq_len) * head, head};
+  };
+  // Eigen's products below must not fork threads of their own: outside a team of several threads Eigen would
+  // parallelise a large one (and round differently with the thread count).
+  const SerialEigenProducts serial_products;
+
+  HEAD_ATTENTION_OMP(parallel num_threads(threads) if (threads > 1)) {
+    BackwardScratch<Scalar>& s = scratch[static_cast<std::size_t>(thread_index())];
+    if (thread_index() == 0) last_team_size() = team_size();  // for the tests of the thread setting
+    // Q', K, V: one GEMM per (row chunk, projection).
+    HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
+    for (Index item = 0; item < chunks * 3 * heads; ++item) {
+      const Index r0 = (item / (3 * heads)) * chunk, p = item % (3 * heads);
+      const Index n = std::min(chunk, rows - r0);
+      Eigen::Block<Matrix> y = qkv.block(r0, p * head, n, head);  // [n, head]
+      y.rowwise() = call.layers[p]->bias.transpose();
+      gemm_nn(n, head, emb, x.data() + r0 * call.x_stride, call.x_stride, weights_t.data() + p * head, width,
+              y.data(), width);  // y += x Wᵀ
+      if (p % 3 == 0) y *= scale;
+    }
+    // Kᵀ and Vᵀ, by key block.
+    HEAD_ATTENTION_OMP(for schedule(static))
+    for (Index item = 0; item < block_items; ++item) {
+      const Index c = item / blocks;
+      const Index j0 = (item % blocks) * block, bk = std::min(block, call.seq_len - j0);
+      Scalar* const kt = kv_t + c * 2 * head * call.seq_len;  // [2 · head, seq_len]
+      const Eigen::Map<const Matrix, 0, Stride> kv(sequence(c).q + j0 * width + head, bk, 2 * head,
+                                                   Stride(width));  // [bk, 2 · head] K | V
+      Eigen::Map<Matrix, 0, Stride>(kt + j0, 2 * head, bk, Stride(call.seq_len)) = kv.transpose();
+    }
+    // Per query block: the softmax statistics; and its rows of every dQ accumulator zeroed.
+    HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
+    for (Index item = 0; item < block_items; ++item) {
+      const Index c = item / blocks;
+      const Index r0 = (blocks - 1 - item % blocks) * block;  // the last blocks see the most keys: first
+      const Index bq = std::min(block, call.seq_len - r0);
+      softmax_statistics(sequence(c), call.rule, r0, bq, tile, s);
+      for (Index g = 0; g < groups; ++g) {
+        const std::pair<Scalar*, Index> acc = dq_accumulator(c, g);
+        Eigen::Map<Matrix, 0, Stride>(acc.first + r0 * acc.second, bq, head, Stride(acc.second)).setZero();
+      }
+    }
+    // Per (sequence, group): dK and dV of the group's key blocks, and their share of dQ.
+    HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
+    for (Index item = 0; item < key_items; ++item) {
+      const Index c = item / groups, g = item % groups;
+      const BackwardSequence<Scalar> sq = sequence(c);
+      const std::pair<Scalar*, Index> acc = dq_accumulator(c, g);
+      for (Index kb = g; kb < blocks; kb += groups)
+        key_gradients(sq, call.rule, kb * block, std::min(block, call.seq_len - kb * block), tile, acc.first,
+                      acc.second, s);
+    }
+    // dQ = scale · (the groups' accumulators summed in order), per query block.
+    HEAD_ATTENTION_OMP(for schedule(static))
+    for (Index item = 0; item < block_items; ++item) {
+      const Index c = item / blocks;
+      const Index r0 = (item % blocks) * block;
+      const Index bq = std::min(block, call.seq_len - r0);
+      const std::pair<Scalar*, Index> first = dq_accumulator(c, 0);
+      Eigen::Map<Matrix, 0, Stride> dq(first.first + r0 * first.second, bq, head, Stride(first.second));
+      for (Index g = 1; g < groups; ++g) {
+        const std::pair<Scalar*, Index> acc = dq_accumulator(c, g);
+        dq += Eigen::Map<const Matrix, 0, Stride>(acc.first + r0 * acc.second, bq, head, Stride(acc.second));
+      }
+      dq *= scale;  // Q' = scale · Q
+    }
+    // dx = dY W by row chunks, and dW = dYᵀ x by (projection, column block): each element written once.
+    HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
+    for (Index item = 0; item < chunks + weight_items; ++item) {
+      if (item < chunks) {
+        const Index r0 = item * chunk, n = std::min(chunk, rows - r0);
+        dx.middleRows(r0, n).setZero();
+        gemm_nn(n, emb, width, dqkv.data() + r0 * width, width, weights.data(), emb, dx.data() + r0 * emb,
+                emb);
+      } else {
+        const Index p = (item - chunks) / column_blocks;
+        const Index c0 = ((item - chunks) % column_blocks) * BackwardTuning::column_block;
+        const Index nc = std::min(BackwardTuning::column_block, emb - c0);
+        // dYᵀ: dqkv's columns read as the rows of a column-major operand.
+        gemm_nn(head, nc, rows, dqkv.data() + p * head, 1, x.data() + c0, call.x_stride,
+                dweights.data() + p * head * emb + c0, emb, width);
+      }
+    }
+  }
+  for (Index p = 0; p < 3 * heads; ++p) {
+    HeadGradients<Scalar>& g = call.grads[p / 3];
+    Linear<Scalar>& l = p % 3 == 0 ? g.query : (p % 3 == 1 ? g.key : g.value);
+    l.weight = dweights.middleRows(p * head, head);
+    l.bias = dqkv.middleCols(p * head, head).colwise().sum().transpose();
+  }
+}
+
+}  // namespace head_attention::detail
