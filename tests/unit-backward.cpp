@@ -531,3 +531,237 @@ TEST_CASE("backward: MultiHeadAttention bit-identical on 1 and 2 threads", "[bac
     CHECK(identical(two.heads[h].value.bias, one.heads[h].value.bias));
   }
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// The training state: a forward that keeps each row's output and logsumexp, and the backward that reuses
+// them.
+
+namespace {
+
+using head_attention::TrainingState;
+
+/// max |ours - expected| / max |expected| of one gradient, where a gradient that is 0 in exact arithmetic
+/// (Q's and K's with a single key) and so only rounding noise in both (below 100 ε times the input gradient's
+/// scale) is measured against the input gradient's scale instead.
+template <typename A, typename B>
+double noise_aware_error(const Eigen::MatrixBase<A>& ours, const Eigen::MatrixBase<B>& expected,
+                         double input_scale) {
+  const Matrix<double> o = ours.template cast<double>(), e = expected.template cast<double>();
+  if (o.rows() != e.rows() || o.cols() != e.cols()) return std::numeric_limits<double>::infinity();
+  if (o.size() == 0) return 0;
+  const double diff = (o - e).cwiseAbs().maxCoeff();
+  const double own = e.cwiseAbs().maxCoeff();
+  using Scalar = typename A::Scalar;
+  const double noise = 100 * static_cast<double>(std::numeric_limits<Scalar>::epsilon()) * input_scale;
+  const double scale = own < noise ? input_scale : own;
+  return diff == 0 ? 0 : diff / scale;
+}
+
+/// The same over a layer's weight and bias gradients together: the key bias's gradient is 0 in exact
+/// arithmetic (softmax does not change when a row of scores is shifted), so alone it has no scale.
+template <typename Scalar>
+double noise_aware_error(const Linear<Scalar>& ours, const Linear<Scalar>& expected, double input_scale) {
+  const auto stacked = [](const Linear<Scalar>& l) {
+    Matrix<Scalar> m(l.weight.rows(), l.weight.cols() + 1);  // [out, in + 1] weight | bias
+    m << l.weight, l.bias;
+    return m;
+  };
+  if (ours.bias.size() != ours.weight.rows() || expected.bias.size() != expected.weight.rows())
+    return std::numeric_limits<double>::infinity();
+  return noise_aware_error(stacked(ours), stacked(expected), input_scale);
+}
+
+/// The largest relative error of two gradients of the same Scalar over the input and every parameter.
+template <typename Scalar, typename Input>
+double gradient_difference(const Gradients<Scalar, Input>& ours, const Gradients<Scalar, Input>& expected) {
+  const Index emb = ours.query.weight.cols();
+  const Eigen::Map<const Matrix<Scalar>> input(ours.input.data(), ours.input.size() / emb, emb);
+  const Eigen::Map<const Matrix<Scalar>> expected_input(expected.input.data(), expected.input.size() / emb,
+                                                        emb);
+  const double scale = static_cast<double>(expected_input.cwiseAbs().maxCoeff());
+  return std::max({noise_aware_error(input, expected_input, scale),
+                   noise_aware_error(ours.query, expected.query, scale),
+                   noise_aware_error(ours.key, expected.key, scale),
+                   noise_aware_error(ours.value, expected.value, scale)});
+}
+
+/// The same for the multi-head layer: the input, every head's parameters and the output projection.
+template <typename Scalar>
+double gradient_difference(const MultiHeadGradients<Scalar>& ours,
+                           const MultiHeadGradients<Scalar>& expected) {
+  const double scale = static_cast<double>(expected.input.cwiseAbs().maxCoeff());
+  double error = std::max(noise_aware_error(ours.input, expected.input, scale),
+                          noise_aware_error(ours.projection, expected.projection, scale));
+  if (ours.heads.size() != expected.heads.size()) return std::numeric_limits<double>::infinity();
+  for (std::size_t h = 0; h < ours.heads.size(); ++h)
+    error = std::max({error, noise_aware_error(ours.heads[h].query, expected.heads[h].query, scale),
+                      noise_aware_error(ours.heads[h].key, expected.heads[h].key, scale),
+                      noise_aware_error(ours.heads[h].value, expected.heads[h].value, scale)});
+  return error;
+}
+
+template <typename Scalar>
+double state_tolerance() {
+  return std::is_same<Scalar, float>::value ? 1e-5 : 1e-12;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("training state: backward from forward_training's state equals the recomputing backward",
+                   "[backward][state]", float, double) {
+  using Scalar = TestType;
+  const std::string rule = GENERATE(as<std::string>(), "causal", "bidirectional", "sliding_window");
+  const Index T = GENERATE(1, 10, 65, 300);
+  const Index B = GENERATE(1, 3);
+  const bool padded = GENERATE(false, true);
+  CAPTURE(rule, T, B, padded);
+  HeadAttention<Scalar> layer(13, 7, 300, 41,
+                              rule == "sliding_window" ? MaskRule::sliding_window(70) : rule_named(rule));
+  const Matrix<Scalar> x = random_matrix<Scalar>(B * T, 13, 42, 2.0);
+  const Matrix<Scalar> grad_out = random_matrix<Scalar>(B * T, 7, 43);
+  std::vector<Index> lengths;
+  for (Index b = 0; b < B; ++b)
+    lengths.push_back(std::min<Index>(T, 40 / (b + 1) - 1));  // 39, 19, 12: and at T = 10 none for b = 0
+  Matrix<Scalar> out(B * T, 7);
+  if (padded)
+    layer.forward_into(x, B, out, lengths);
+  else
+    layer.forward_into(x, B, out);
+  const TrainingState<Scalar> state =
+      padded ? layer.forward_training(x, B, lengths) : layer.forward_training(x, B);
+  CHECK(identical(state.output, out));  // the forward output, bit for bit
+  REQUIRE(state.lse.size() == B * T);
+  const Gradients<Scalar> with =
+      padded ? layer.backward(x, B, grad_out, lengths, state) : layer.backward(x, B, grad_out, state);
+  const Gradients<Scalar> without =
+      padded ? layer.backward(x, B, grad_out, lengths) : layer.backward(x, B, grad_out);
+  const double error = gradient_difference(with, without);
+  INFO("worst relative error " << error);
+  CHECK(error < state_tolerance<Scalar>());
+  if (B == 1 && !padded) {  // the single-sequence overloads are the same call
+    const TrainingState<Scalar> single = layer.forward_training(x);
+    CHECK(identical(single.output, state.output));
+    CHECK(identical(single.lse, state.lse));
+    const Gradients<Scalar> g = layer.backward(x, grad_out, single);
+    CHECK(identical(g.input, with.input));
+    CHECK(identical(g.key.weight, with.key.weight));
+  }
+}
+
+TEST_CASE("training state: lse is each row's logsumexp of Q Kᵀ / sqrt(head) over its visible keys",
+          "[backward][state]") {
+  const Index T = 20;
+  HeadAttention<double> layer(9, 4, 32, 44, MaskRule::sliding_window(6));
+  const Matrix<double> x = random_matrix<double>(2 * T, 9, 45, 2.0);
+  const std::vector<Index> lengths = {T, 0};  // the second sequence sees no key at all
+  const TrainingState<double> state = layer.forward_training(x, 2, lengths);
+  const Matrix<double> xs = x.topRows(T);
+  const Matrix<double> q = (xs * layer.query().weight.transpose()).rowwise() + layer.query().bias.transpose();
+  const Matrix<double> k = (xs * layer.key().weight.transpose()).rowwise() + layer.key().bias.transpose();
+  const Matrix<double> scores = q * k.transpose() / 2.0;  // sqrt(4)
+  for (Index i = 0; i < T; ++i) {
+    double sum = 0;
+    for (Index j = 0; j < T; ++j)
+      if (layer.mask_rule().visible(i, j, T)) sum += std::exp(scores(i, j));
+    CHECK(std::abs(state.lse[i] - std::log(sum)) < 1e-12 * std::max(1.0, std::abs(std::log(sum))));
+  }
+  for (Index i = T; i < 2 * T; ++i)
+    CHECK(state.lse[i] == std::numeric_limits<double>::infinity());  // no visible key
+  CHECK(state.output.bottomRows(T).isZero(0));
+}
+
+TEST_CASE("training state: BatchedHeadAttention, with and without padding", "[backward][state][batched]") {
+  const Index B = 3, T = 70, emb = 7, head = 5;
+  head_attention::BatchedHeadAttention<float> batched(emb, head, 80, 46);
+  const Tensor3<float> x = random_tensor<float>(B, T, emb, 47);
+  const Tensor3<float> grad_out = random_tensor<float>(B, T, head, 48);
+  const std::vector<Index> lengths = {70, 33, 0};
+  for (const bool padded : {false, true}) {
+    CAPTURE(padded);
+    const Tensor3<float> out = padded ? batched.forward(x, lengths) : batched.forward(x);
+    const TrainingState<float> state =
+        padded ? batched.forward_training(x, lengths) : batched.forward_training(x);
+    CHECK(identical(state.output, Eigen::Map<const Matrix<float>>(out.data(), B * T, head)));
+    const Gradients<float, Tensor3<float>> with =
+        padded ? batched.backward(x, grad_out, lengths, state) : batched.backward(x, grad_out, state);
+    const Gradients<float, Tensor3<float>> without =
+        padded ? batched.backward(x, grad_out, lengths) : batched.backward(x, grad_out);
+    const double error = gradient_difference(with, without);
+    INFO("worst relative error " << error);
+    CHECK(error < state_tolerance<float>());
+  }
+}
+
+TEMPLATE_TEST_CASE("training state: MultiHeadAttention through dropout, every rule",
+                   "[backward][state][multihead]", float, double) {
+  using Scalar = TestType;
+  const std::string rule = GENERATE(as<std::string>(), "causal", "bidirectional", "sliding_window");
+  CAPTURE(rule);
+  const Index B = 2, T = 130, emb = 12, heads = 3;
+  MultiHeadAttention<Scalar> mha(heads, emb, 4, 200, 49,
+                                 rule == "sliding_window" ? MaskRule::sliding_window(50) : rule_named(rule));
+  mha.set_dropout(0.25);
+  const Matrix<Scalar> x = random_matrix<Scalar>(B * T, emb, 50, 2.0);
+  const Matrix<Scalar> grad_out = random_matrix<Scalar>(B * T, emb, 51);
+  TrainingState<Scalar> state;
+  const Matrix<Scalar> out = mha.forward_training(x, B, 7, state);
+  CHECK(identical(out, mha.forward_training(x, B, 7)));  // bit for bit the stateless training forward
+  REQUIRE(state.output.rows() == B * T);
+  REQUIRE(state.output.cols() == heads * 4);
+  REQUIRE(state.lse.size() == heads * B * T);
+  // The concatenation is what each head's forward gives.
+  for (Index h = 0; h < heads; ++h) {
+    Matrix<Scalar> head_out(B * T, 4);
+    mha.head(h).forward_into(x, B, head_out);
+    CHECK(relative_error(state.output.middleCols(h * 4, 4), head_out) < rounding_tolerance<Scalar>());
+  }
+  const MultiHeadGradients<Scalar> with = mha.backward_training(x, B, grad_out, 7, state);
+  const MultiHeadGradients<Scalar> without = mha.backward_training(x, B, grad_out, 7);
+  const double error = gradient_difference(with, without);
+  INFO("worst relative error " << error);
+  CHECK(error < state_tolerance<Scalar>());
+  // One sequence: the overloads without batch.
+  TrainingState<Scalar> single;
+  const Matrix<Scalar> x1 = x.topRows(T), grad1 = grad_out.topRows(T);
+  CHECK(identical(mha.forward_training(x1, 3, single), mha.forward_training(x1, 3)));
+  CHECK(gradient_difference(mha.backward_training(x1, grad1, 3, single),
+                            mha.backward_training(x1, grad1, 3)) < state_tolerance<Scalar>());
+}
+
+TEST_CASE("training state: a state of the wrong shape throws shape_error", "[backward][state][errors]") {
+  HeadAttention<double> layer(6, 4, 16, 52);
+  const Matrix<double> x = random_matrix<double>(8, 6, 53);
+  const Matrix<double> grad_out = random_matrix<double>(8, 4, 54);
+  const TrainingState<double> state = layer.forward_training(x);
+  TrainingState<double> bad = state;
+  bad.output.resize(8, 5);
+  check_shape_error([&] { layer.backward(x, grad_out, bad); },
+                    {"HeadAttention::backward", "state.output shape", "[8, 4]", "[8, 5]"});
+  bad = state;
+  bad.lse.resize(7);
+  check_shape_error([&] { layer.backward(x, grad_out, bad); }, {"state.lse size", "8", "7"});
+  check_shape_error([&] { layer.backward(x.topRows(4), 1, grad_out.topRows(4), state); },
+                    {"state.output shape", "[4, 4]", "[8, 4]"});
+
+  head_attention::BatchedHeadAttention<double> batched(6, 4, 16, 55);
+  const Tensor3<double> xt = random_tensor<double>(2, 4, 6, 56);
+  const Tensor3<double> gt = random_tensor<double>(2, 4, 4, 57);
+  check_shape_error([&] { batched.backward(xt, gt, bad); },
+                    {"BatchedHeadAttention::backward", "state.lse size", "8", "7"});
+
+  MultiHeadAttention<double> mha(2, 6, 3, 16, 58);
+  TrainingState<double> mstate;
+  mha.forward_training(x, 1, mstate);
+  REQUIRE(mstate.lse.size() == 16);
+  check_shape_error(
+      [&] { mha.backward_training(x, grad_out.leftCols(4).replicate(1, 2).leftCols(6), 1, state); },
+      {"MultiHeadAttention::backward", "state.output shape", "[8, 6]", "[8, 4]"});
+  mstate.lse.resize(8);
+  check_shape_error([&] { mha.backward_training(x, random_matrix<double>(8, 6, 59), 1, mstate); },
+                    {"state.lse size", "16", "8"});
+  // A failed forward_training leaves the state as it was.
+  const TrainingState<double> before = mstate;
+  check_shape_error([&] { mha.forward_training(Matrix<double>(8, 5), 1, 1, mstate); }, {"emb_size = 6"});
+  CHECK(identical(mstate.output, before.output));
+  CHECK(identical(mstate.lse, before.lse));
+}

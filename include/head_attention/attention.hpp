@@ -54,6 +54,18 @@ inline void check_lengths(const std::vector<Eigen::Index>& lengths, Eigen::Index
                            "in [0, T = " + std::to_string(seq_len) + "]", std::to_string(lengths[b]));
 }
 
+/// Throws shape_error unless a TrainingState fits `rows` input rows of `heads` heads of `head` columns:
+/// output [rows, heads · head], lse [heads · rows].
+template <typename Scalar>
+void check_state(const TrainingState<Scalar>& state, Eigen::Index rows, Eigen::Index heads, Eigen::Index head,
+                 const char* where) {
+  HEAD_ATTENTION_REQUIRE(state.output.rows() == rows && state.output.cols() == heads * head, where,
+                         "state.output shape", shape_string(rows, heads * head),
+                         shape_string(state.output.rows(), state.output.cols()));
+  HEAD_ATTENTION_REQUIRE(state.lse.size() == heads * rows, where, "state.lse size",
+                         std::to_string(heads * rows), std::to_string(state.lse.size()));
+}
+
 }  // namespace detail
 
 /// Causal single-head self-attention, the C++ twin of simple_llm's PyTorch HeadAttention(emb_size, head_size,
@@ -246,6 +258,55 @@ class HeadAttention {
     return backward_rows(x, batch, grad_out, &lengths);
   }
 
+  /// The training forward: forward(x) (bit for bit, in state.output [T, head_size]) and each row's softmax
+  /// logsumexp (state.lse [T]), which backward(x, grad_out, state) reuses instead of recomputing them with
+  /// a forward-like pass. float and double only. Throws as forward().
+  template <typename Derived>
+  TrainingState<Scalar> forward_training(const Eigen::MatrixBase<Derived>& x) const {
+    return training_rows(x, 1, nullptr);
+  }
+
+  /// The same for `batch` sequences back to back (as forward_into): state.output [batch · T, head_size],
+  /// state.lse [batch · T].
+  template <typename Derived>
+  TrainingState<Scalar> forward_training(const Eigen::MatrixBase<Derived>& x, Index batch) const {
+    return training_rows(x, batch, nullptr);
+  }
+
+  /// The same with right padding, as forward_into with `lengths`.
+  template <typename Derived>
+  TrainingState<Scalar> forward_training(const Eigen::MatrixBase<Derived>& x, Index batch,
+                                         const std::vector<Index>& lengths) const {
+    return training_rows(x, batch, &lengths);
+  }
+
+  /// backward(x, grad_out) from the state forward_training(x) kept: the same gradients (to rounding) without
+  /// recomputing the softmax statistics. The state must come from forward_training of the same x (and
+  /// batch, lengths) with the same weights and rule; only its shapes are checked. Throws shape_error as
+  /// backward does, and unless state.output is [T, head_size] and state.lse [T].
+  template <typename Derived, typename GradDerived>
+  Gradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x,
+                             const Eigen::MatrixBase<GradDerived>& grad_out,
+                             const TrainingState<Scalar>& state) const {
+    return backward_rows(x, 1, grad_out, nullptr, &state);
+  }
+
+  /// The same for `batch` sequences back to back, from forward_training(x, batch).
+  template <typename Derived, typename GradDerived>
+  Gradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x, Index batch,
+                             const Eigen::MatrixBase<GradDerived>& grad_out,
+                             const TrainingState<Scalar>& state) const {
+    return backward_rows(x, batch, grad_out, nullptr, &state);
+  }
+
+  /// The same with right padding, from forward_training(x, batch, lengths).
+  template <typename Derived, typename GradDerived>
+  Gradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x, Index batch,
+                             const Eigen::MatrixBase<GradDerived>& grad_out,
+                             const std::vector<Index>& lengths, const TrainingState<Scalar>& state) const {
+    return backward_rows(x, batch, grad_out, &lengths, &state);
+  }
+
   /// An empty KV cache for incremental decoding with this layer (its sizes and mask rule), storing keys and
   /// values in `storage` (by default the layer's Scalar). A float layer's cache in bfloat16 or float16 holds
   /// half the bytes, so a decode step streams half as much; keys and values are rounded to nearest even
@@ -327,14 +388,47 @@ class HeadAttention {
     run(x, batch, seq_len, out.data(), out.outerStride(), plan);
   }
 
-  /// The backward of `batch` sequences back to back, with right padding when lengths is not null.
+  /// forward_training over `batch` sequences back to back, with right padding when lengths is not null.
+  template <typename Derived>
+  TrainingState<Scalar> training_rows(const Eigen::MatrixBase<Derived>& x, Index batch,
+                                      const std::vector<Index>* lengths) const {
+    static_assert(std::is_same<Compute, Scalar>::value,
+                  "HeadAttention::forward_training needs float or double");
+    TrainingState<Scalar> state;
+    state.output.resize(x.rows(), m_head_size);  // [rows, head]
+    state.lse.resize(x.rows());                  // [rows]
+    training_into(x, batch, state.output, state.lse.data(), lengths, "HeadAttention::forward_training");
+    return state;
+  }
+
+  /// forward_into(x, batch, out[, lengths]) that also writes each row's logsumexp to lse ([x.rows()]).
+  template <typename Derived>
+  void training_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out, Scalar* lse,
+                     const std::vector<Index>* lengths, const char* where) const {
+    check_input<Derived>();
+    const Index seq_len = detail::sequence_length(x.rows(), batch, where);
+    check_call(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
+    check_out(out, x.rows(), where);
+    detail::AttentionPlan<Scalar> plan;
+    plan.rule = m_rule;
+    if (lengths != nullptr) {
+      detail::check_lengths(*lengths, batch, seq_len, where);
+      plan.lengths = lengths->data();
+    }
+    plan.lse = lse;
+    run(x, batch, seq_len, out.data(), out.outerStride(), plan);
+  }
+
+  /// The backward of `batch` sequences back to back, with right padding when lengths is not null, from a
+  /// training forward's state when it is not null.
   template <typename Derived, typename GradDerived>
   Gradients<Scalar> backward_rows(const Eigen::MatrixBase<Derived>& x, Index batch,
                                   const Eigen::MatrixBase<GradDerived>& grad_out,
-                                  const std::vector<Index>* lengths) const {
+                                  const std::vector<Index>* lengths,
+                                  const TrainingState<Scalar>* state = nullptr) const {
     Gradients<Scalar> g;
     g.input.resize(x.rows(), m_emb_size);
-    backward_into(x, batch, grad_out, lengths, g, g.input.data(), "HeadAttention::backward");
+    backward_into(x, batch, grad_out, lengths, g, g.input.data(), "HeadAttention::backward", state);
     return g;
   }
 
@@ -342,7 +436,8 @@ class HeadAttention {
   template <typename Derived, typename GradDerived>
   void backward_into(const Eigen::MatrixBase<Derived>& x, Index batch,
                      const Eigen::MatrixBase<GradDerived>& grad_out, const std::vector<Index>* lengths,
-                     HeadGradients<Scalar>& grads, Scalar* dx, const char* where) const {
+                     HeadGradients<Scalar>& grads, Scalar* dx, const char* where,
+                     const TrainingState<Scalar>* state = nullptr) const {
     static_assert(std::is_same<Compute, Scalar>::value, "HeadAttention::backward needs float or double");
     check_input<Derived>();
     check_input<GradDerived>();
@@ -352,6 +447,7 @@ class HeadAttention {
                            "grad_out shape", detail::shape_string(x.rows(), m_head_size),
                            detail::shape_string(grad_out.rows(), grad_out.cols()));
     if (lengths != nullptr) detail::check_lengths(*lengths, batch, seq_len, where);
+    if (state != nullptr) detail::check_state(*state, x.rows(), 1, m_head_size, where);
     Matrix x_copy, grad_copy;
     const LinearType* const layers[3] = {&m_query, &m_key, &m_value};
     detail::BackwardCall<Scalar> call;
@@ -364,6 +460,11 @@ class HeadAttention {
     call.lengths = lengths != nullptr ? lengths->data() : nullptr;
     call.grads = &grads;
     call.dx = dx;
+    if (state != nullptr) {
+      call.saved_out = state->output.data();
+      call.saved_stride = state->output.outerStride();
+      call.saved_lse = state->lse.data();
+    }
     call.threads = num_threads();
     detail::backward(call);
   }

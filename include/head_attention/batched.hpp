@@ -140,6 +140,42 @@ class BatchedHeadAttention {
     return backward_data(x, grad_out, &lengths);
   }
 
+  /// The training forward: x [B, T, emb_size] to the state backward(x, grad_out, state) reuses, state.output
+  /// [B · T, head_size] holding forward(x) bit for bit (flat: sequence b's rows at b · T) and state.lse [B ·
+  /// T] each row's softmax logsumexp (see HeadAttention::forward_training). Throws as forward(x).
+  template <typename Derived>
+  TrainingState<Scalar> forward_training(
+      const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x) const {
+    return training_data(x, nullptr);
+  }
+
+  /// The same with right padding, as forward(x, lengths).
+  template <typename Derived>
+  TrainingState<Scalar> forward_training(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x,
+                                         const std::vector<Index>& lengths) const {
+    return training_data(x, &lengths);
+  }
+
+  /// backward(x, grad_out) from forward_training(x)'s state, which it must come from (same x, weights and
+  /// rule): the softmax statistics are not recomputed. Throws as backward, and unless state.output is [B · T,
+  /// head_size] and state.lse [B · T].
+  template <typename Derived, typename GradDerived>
+  Gradients<Scalar, Tensor3> backward(
+      const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x,
+      const Eigen::TensorBase<GradDerived, Eigen::ReadOnlyAccessors>& grad_out,
+      const TrainingState<Scalar>& state) const {
+    return backward_data(x, grad_out, nullptr, &state);
+  }
+
+  /// The same with right padding, from forward_training(x, lengths).
+  template <typename Derived, typename GradDerived>
+  Gradients<Scalar, Tensor3> backward(
+      const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x,
+      const Eigen::TensorBase<GradDerived, Eigen::ReadOnlyAccessors>& grad_out,
+      const std::vector<Index>& lengths, const TrainingState<Scalar>& state) const {
+    return backward_data(x, grad_out, &lengths, &state);
+  }
+
   /// The KV cache of B sequences that advance together: one HeadAttention cache per sequence.
   class Cache {
    public:
@@ -216,11 +252,27 @@ class BatchedHeadAttention {
     return out;
   }
 
+  template <typename Derived>
+  TrainingState<Scalar> training_data(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x,
+                                      const std::vector<Index>* lengths) const {
+    return detail::with_tensor_data<Scalar>(
+        x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
+          const char* where = "BatchedHeadAttention::forward_training";
+          check(batch, seq_len, width, where);
+          TrainingState<Scalar> state;
+          state.output.resize(batch * seq_len, m_head.head_size());           // [B·T, head]
+          state.lse.resize(batch * seq_len);                                  // [B·T]
+          const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);  // [B·T, emb], back to back
+          m_head.training_into(rows, batch, state.output, state.lse.data(), lengths, where);
+          return state;
+        });
+  }
+
   template <typename Derived, typename GradDerived>
   Gradients<Scalar, Tensor3> backward_data(
       const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x,
       const Eigen::TensorBase<GradDerived, Eigen::ReadOnlyAccessors>& grad_out,
-      const std::vector<Index>* lengths) const {
+      const std::vector<Index>* lengths, const TrainingState<Scalar>* state = nullptr) const {
     return detail::with_tensor_data<Scalar>(x, [&](const Scalar* data, Index batch, Index seq_len,
                                                    Index width) {
       return detail::with_tensor_data<Scalar>(grad_out, [&](const Scalar* grad, Index gb, Index gt,
@@ -236,7 +288,7 @@ class BatchedHeadAttention {
         const Eigen::Map<const Matrix> grad_rows(grad, batch * seq_len, m_head.head_size());  // [B·T, head]
         Gradients<Scalar, Tensor3> g;
         g.input.resize(batch, seq_len, width);  // [B, T, emb]
-        m_head.backward_into(rows, batch, grad_rows, lengths, g, g.input.data(), where);
+        m_head.backward_into(rows, batch, grad_rows, lengths, g, g.input.data(), where, state);
         return g;
       });
     });

@@ -38,4 +38,22 @@ struct MultiHeadGradients {
   Linear<Scalar> projection;                 // d/d Wo [emb, heads·head], d/d bo [emb]
 };
 
+/// What a training forward keeps for its backward, so that the backward need not recompute the softmax
+/// statistics (a forward-like pass over Q·Kᵀ and P·V, about a quarter of its time). Made by
+/// forward_training and read by the backward overloads that take it, which require the same x, batch,
+/// lengths, weights and mask rule as the forward that made it (only the shapes are checked).
+template <typename Scalar>
+struct TrainingState {
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+
+  /// [rows, heads · head_size] the heads' attention outputs, head h in columns [h · head_size, (h + 1) ·
+  /// head_size): for HeadAttention, forward(x) itself; for MultiHeadAttention, the concatenation before the
+  /// output projection.
+  Matrix output;
+  /// [heads · rows] each query row's logsumexp of its visible scores Q Kᵀ / sqrt(head_size), head h's row i
+  /// at h · rows + i; +inf for a row that sees no key.
+  Vector lse;
+};
+
 }  // namespace head_attention

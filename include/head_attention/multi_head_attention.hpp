@@ -169,6 +169,31 @@ class MultiHeadAttention {
     return out;
   }
 
+  /// forward_training(x, seed) that also keeps, in `state`, what backward_training(x, grad_out, seed, state)
+  /// reuses instead of recomputing: state.output [T, num_heads · head_size] the heads' concatenated outputs
+  /// (before the output projection and dropout) and state.lse [num_heads · T] each head's per-row softmax
+  /// logsumexp. The returned output equals forward_training(x, seed) bit for bit. float and double only.
+  /// Throws as forward, leaving state unchanged.
+  template <typename Derived>
+  Matrix forward_training(const Eigen::MatrixBase<Derived>& x, std::uint64_t seed,
+                          TrainingState<Scalar>& state) const {
+    return forward_training(x, 1, seed, state);
+  }
+
+  /// The same for `batch` sequences back to back: state.output [batch · T, num_heads · head_size], state.lse
+  /// [num_heads · batch · T].
+  template <typename Derived>
+  Matrix forward_training(const Eigen::MatrixBase<Derived>& x, Index batch, std::uint64_t seed,
+                          TrainingState<Scalar>& state) const {
+    static_assert(std::is_same<detail::compute_t<Scalar>, Scalar>::value,
+                  "MultiHeadAttention::forward_training with a state needs float or double");
+    Matrix out(x.rows(), emb_size());  // [B·T, emb]
+    OutputRef out_ref(out);
+    batch_into(x, batch, out_ref, nullptr, nullptr, &state);
+    detail::dropout_in_place(out, m_dropout, seed);
+    return out;
+  }
+
   /// Training at inference semantics (dropout as the identity, as forward() runs): x [T, emb_size] and
   /// grad_out = dL/d forward(x) [T, emb_size] to dL/dx, every head's parameter gradients and the output
   /// projection's. The heads' backward is HeadAttention::backward's (memory-efficient, thread-count
@@ -211,6 +236,25 @@ class MultiHeadAttention {
                                                const Eigen::MatrixBase<GradDerived>& grad_out,
                                                std::uint64_t seed) const {
     return backward_rows(x, batch, grad_out, &seed, nullptr);
+  }
+
+  /// backward_training(x, grad_out, seed) from the state forward_training(x, seed, state) kept: the heads'
+  /// softmax statistics and outputs are not recomputed. The state must come from that call (same x, batch,
+  /// weights and rule); only its shapes are checked. Throws as backward_training, and unless state.output is
+  /// [T, num_heads · head_size] and state.lse [num_heads · T].
+  template <typename Derived, typename GradDerived>
+  MultiHeadGradients<Scalar> backward_training(const Eigen::MatrixBase<Derived>& x,
+                                               const Eigen::MatrixBase<GradDerived>& grad_out,
+                                               std::uint64_t seed, const TrainingState<Scalar>& state) const {
+    return backward_rows(x, 1, grad_out, &seed, nullptr, &state);
+  }
+
+  /// The same from forward_training(x, batch, seed, state).
+  template <typename Derived, typename GradDerived>
+  MultiHeadGradients<Scalar> backward_training(const Eigen::MatrixBase<Derived>& x, Index batch,
+                                               const Eigen::MatrixBase<GradDerived>& grad_out,
+                                               std::uint64_t seed, const TrainingState<Scalar>& state) const {
+    return backward_rows(x, batch, grad_out, &seed, nullptr, &state);
   }
 
   /// The KV caches of `batch` sequences (every head's keys and values), for incremental decoding.
@@ -284,9 +328,12 @@ class MultiHeadAttention {
   }
 
  private:
+  /// forward_into; with `state`, also the heads' concatenated outputs and logsumexps into it (after every
+  /// check).
   template <typename Derived>
   void batch_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef& out,
-                  const std::vector<Index>* lengths, Workspace<Scalar>* workspace) const {
+                  const std::vector<Index>* lengths, Workspace<Scalar>* workspace,
+                  TrainingState<Scalar>* state = nullptr) const {
     check_input<Derived>();
     const char* where = "MultiHeadAttention::forward_into";
     const Index seq_len = detail::sequence_length(x.rows(), batch, where);
@@ -300,6 +347,23 @@ class MultiHeadAttention {
       plan.lengths = lengths->data();
     }
     if (workspace != nullptr) plan.buffers = &workspace->m_buffers;
+    if constexpr (std::is_same<detail::compute_t<Scalar>, Scalar>::value) {  // training: float, double
+      if (state != nullptr) {
+        // The concatenation stays in the forward's buffers: given our own, it is read from there afterwards.
+        detail::ForwardBuffers<Scalar> buffers;
+        plan.buffers = &buffers;
+        const Index rows = x.rows(), width = num_heads() * head_size();
+        Vector lse(num_heads() * rows);  // [heads · rows]
+        plan.lse = lse.data();
+        run(x, batch, seq_len, out.data(), out.outerStride(), plan);
+        if (rows > 0)
+          state->output = Eigen::Map<const Matrix>(buffers.concat.data(), rows, width);
+        else
+          state->output.resize(0, width);
+        state->lse.swap(lse);
+        return;
+      }
+    }
     run(x, batch, seq_len, out.data(), out.outerStride(), plan);
   }
 
@@ -308,8 +372,8 @@ class MultiHeadAttention {
   template <typename Derived, typename GradDerived>
   MultiHeadGradients<Scalar> backward_rows(const Eigen::MatrixBase<Derived>& x, Index batch,
                                            const Eigen::MatrixBase<GradDerived>& grad_out,
-                                           const std::uint64_t* seed,
-                                           const std::vector<Index>* lengths) const {
+                                           const std::uint64_t* seed, const std::vector<Index>* lengths,
+                                           const TrainingState<Scalar>* state = nullptr) const {
     static_assert(std::is_same<detail::compute_t<Scalar>, Scalar>::value,
                   "MultiHeadAttention::backward needs float or double");
     check_input<Derived>();
@@ -323,10 +387,13 @@ class MultiHeadAttention {
     if (lengths != nullptr) detail::check_lengths(*lengths, batch, seq_len, where);
     const Index rows = x.rows();
     const Index width = num_heads() * head_size();
+    if (state != nullptr) detail::check_state(*state, rows, num_heads(), head_size(), where);
     Matrix dy = grad_out;  // [rows, emb] dL/d (the projection's output)
     if (seed != nullptr) detail::dropout_in_place(dy, m_dropout, *seed);
     Matrix dconcat(rows, width);  // [rows, heads·head] dL/d (the heads' concatenated outputs)
-    Matrix concat(rows, width);   // [rows, heads·head] the heads' outputs, recomputed by the backward
+    // [rows, heads·head] the heads' outputs: the state's, else recomputed by the backward
+    Matrix recomputed(state != nullptr ? 0 : rows, width);
+    const Matrix& concat = state != nullptr ? state->output : recomputed;
     MultiHeadGradients<Scalar> g;
     g.input.resize(rows, emb_size());
     g.heads.resize(static_cast<std::size_t>(num_heads()));
@@ -351,8 +418,14 @@ class MultiHeadAttention {
     call.lengths = lengths != nullptr ? lengths->data() : nullptr;
     call.grads = g.heads.data();
     call.dx = g.input.data();
-    call.out = concat.data();
-    call.out_stride = width;
+    if (state != nullptr) {
+      call.saved_out = state->output.data();
+      call.saved_stride = state->output.outerStride();
+      call.saved_lse = state->lse.data();
+    } else {
+      call.out = recomputed.data();
+      call.out_stride = width;
+    }
     call.threads = num_threads();
     detail::backward(call);
     const detail::SerialEigenProducts serial;

@@ -91,7 +91,8 @@ struct FlashScratch {
 
 /// One sequence's queries: the rows at absolute positions [position, position + rows), scaled Q of row r at
 /// q + r · stride, its output row at out + r · out_stride (stored as Out: the layer's Scalar, or the compute
-/// type for an intermediate buffer).
+/// type for an intermediate buffer). lse, when not null, receives row r's logsumexp at lse[r] (a training
+/// forward keeps it for the backward).
 template <typename Scalar, typename Out = Scalar>
 struct Queries {
   const Scalar* q;
@@ -99,6 +100,7 @@ struct Queries {
   Eigen::Index position;
   Out* out;
   Eigen::Index out_stride;
+  Scalar* lse;
 };
 
 /// p[i] = exp(p[i] - shift) for i < n, and returns their sum: the softmax's exponentials and row sum in one
@@ -277,6 +279,12 @@ void attend_query_block(const Queries<Scalar, Out>& queries, const KeyValues& ke
     else
       result.row(r) = (s.acc.row(r) / s.row_sum[r]).template cast<Out>();
   }
+  // In the backward's units (the scores of the scaled Q'); +inf for a row that sees no key, so that the
+  // backward's P = exp(S - lse) would be 0 there (it never reads such a row).
+  if (queries.lse != nullptr)
+    for (Index r = 0; r < bq; ++r)
+      queries.lse[r0 + r] = s.row_sum[r] == Scalar(0) ? std::numeric_limits<Scalar>::infinity()
+                                                      : s.row_max[r] + std::log(s.row_sum[r]);
 }
 
 /// The size of the OpenMP team that the last forward call made on this thread ran on (1 for a serial call).
@@ -378,6 +386,10 @@ struct AttentionPlan {
   Eigen::Index projected_stride = 0;
   /// Buffers to reuse (a Workspace's), or null: the call allocates its own.
   ForwardBuffers<compute_t<Scalar>>* buffers = nullptr;
+  /// [heads · rows] each query row's logsumexp of its visible scores Q'Kᵀ (Q' = Q / sqrt(head)), head h's row
+  /// i at h · rows + i (+inf for a row that sees no key), or null. For the backward, which then skips
+  /// recomputing it.
+  compute_t<Scalar>* lse = nullptr;
 };
 
 /// Useful flops of a call: the projections plus, per query, its visible keys (QKᵀ and PV), estimated, for one
@@ -622,14 +634,15 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
       }
       if (plan.lengths != nullptr) keys.valid = std::min(keys.valid, plan.lengths[b]);
       const Index first_row = b * seq_len;
+      Scalar* const lse = plan.lse != nullptr ? plan.lse + h * rows + first_row : nullptr;
       if (output != nullptr)
         attend_query_block(
             Queries<Scalar>{seq_qkv, ld, position, concat.data() + first_row * concat.cols() + h * head,
-                            concat.cols()},
+                            concat.cols(), lse},
             keys, plan.rule, r0, bq, scratch[thread]);
       else
         attend_query_block(Queries<Scalar, Stored>{seq_qkv, ld, position,
-                                                   out + first_row * out_stride + h * head, out_stride},
+                                                   out + first_row * out_stride + h * head, out_stride, lse},
                            keys, plan.rule, r0, bq, scratch[thread]);
     }
     if (output != nullptr) {

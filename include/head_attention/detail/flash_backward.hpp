@@ -263,6 +263,12 @@ struct BackwardCall {
   Scalar* dx = nullptr;   // [rows, emb] dL/dx, row-major, contiguous (used as scratch before it is written)
   Scalar* out = nullptr;  // [rows, heads · head] the heads' outputs (recomputed on the way), or null
   Index out_stride = 0;
+  // The forward's statistics, kept by a training forward, or null: recomputed. With them the statistics pass
+  // is skipped (out is then not written).
+  const Scalar* saved_out =
+      nullptr;  // [rows, heads · head] the heads' outputs, leading dimension saved_stride
+  Index saved_stride = 0;
+  const Scalar* saved_lse = nullptr;  // [heads · rows] each row's logsumexp, head h's rows at h · rows
   int threads = 1;
 };
 
@@ -400,7 +406,21 @@ void backward(const BackwardCall<Scalar>& call) {
       const Index c = item / blocks;
       const Index r0 = (blocks - 1 - item % blocks) * block;  // the last blocks see the most keys: first
       const Index bq = std::min(block, call.seq_len - r0);
-      softmax_statistics(sequence(c), call.rule, r0, bq, tile, s);
+      if (call.saved_lse != nullptr) {
+        // D = rowsum(dO ∘ O) straight from the forward's O: no Q'Kᵀ or P V here.
+        const BackwardSequence<Scalar> sq = sequence(c);
+        const Index h = c / call.batch, row0 = (c % call.batch) * call.seq_len;
+        const Eigen::Map<const Matrix, 0, Stride> o(
+            call.saved_out + (row0 + r0) * call.saved_stride + h * head, bq, head,
+            Stride(call.saved_stride));  // [bq, head]
+        const Eigen::Map<const Matrix, 0, Stride> dout(sq.dout + r0 * sq.dout_stride, bq, head,
+                                                       Stride(sq.dout_stride));  // [bq, head]
+        Eigen::Map<Eigen::Matrix<Scalar, Eigen::Dynamic, 1>>(sq.delta + r0, bq) =
+            (dout.array() * o.array()).rowwise().sum();
+        std::copy_n(call.saved_lse + h * rows + row0 + r0, bq, sq.lse + r0);
+      } else {
+        softmax_statistics(sequence(c), call.rule, r0, bq, tile, s);
+      }
       for (Index g = 0; g < groups; ++g) {
         const std::pair<Scalar*, Index> acc = dq_accumulator(c, g);
         Eigen::Map<Matrix, 0, Stride>(acc.first + r0 * acc.second, bq, head, Stride(acc.second)).setZero();
