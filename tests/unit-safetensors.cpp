@@ -652,7 +652,7 @@ void check_same_layer(const HeadAttention<Scalar>& layer, const HeadAttention<Sc
 }  // namespace
 
 TEMPLATE_TEST_CASE("malformed files are refused, naming the problem, and the layer is unchanged",
-                   "[safetensors]", float, double) {
+                   "[safetensors][bad-input]", float, double) {
   using Scalar = TestType;
   const TempDir dir;
   const std::string valid_path = dir.file("valid.safetensors");
@@ -701,8 +701,8 @@ TEMPLATE_TEST_CASE("malformed files are refused, naming the problem, and the lay
   check_same_layer(layer, before);
 }
 
-TEMPLATE_TEST_CASE("a failed multi-head load leaves every head and the projection unchanged", "[safetensors]",
-                   float, double) {
+TEMPLATE_TEST_CASE("a failed multi-head load leaves every head and the projection unchanged",
+                   "[safetensors][bad-input]", float, double) {
   using Scalar = TestType;
   const TempDir dir;
   const std::string valid_path = dir.file("valid.safetensors");

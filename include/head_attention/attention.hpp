@@ -92,6 +92,12 @@ class HeadAttention {
         m_head_size(checked_size(head_size, "head_size")),
         m_max_seq_len(checked_size(max_seq_len, "max_seq_len")),
         m_rule(rule) {
+    // The weights, and the Q|K|V rows of a full-length sequence (also the most a cache holds), must be
+    // addressable: sizes whose products overflow are refused here, not at the first allocation.
+    detail::require_fits({emb_size, head_size}, sizeof(Compute), "HeadAttention",
+                         "emb_size * head_size * element size");
+    detail::require_fits({max_seq_len, 3, head_size}, sizeof(Compute), "HeadAttention",
+                         "max_seq_len * 3 * head_size * element size");
     detail::UniformSource uniform(seed);
     m_query = detail::make_linear<Scalar>(emb_size, head_size, uniform);
     m_key = detail::make_linear<Scalar>(emb_size, head_size, uniform);

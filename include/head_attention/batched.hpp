@@ -206,6 +206,7 @@ class BatchedHeadAttention {
   Tensor3 forward_data(const Scalar* data, Index batch, Index seq_len, Index width,
                        const std::vector<Index>* lengths) const {
     check(batch, seq_len, width, "BatchedHeadAttention::forward");
+    if (lengths != nullptr) detail::check_lengths(*lengths, batch, seq_len, "BatchedHeadAttention::forward");
     Tensor3 out(batch, seq_len, m_head.head_size());                    // [B, T, head]
     const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);  // [B·T, emb], back to back
     Eigen::Map<Matrix> out_rows(out.data(), batch * seq_len, m_head.head_size());  // [B·T, head]

@@ -55,6 +55,11 @@ class MultiHeadAttention {
                      std::uint64_t seed = 0, const MaskRule& rule = MaskRule::causal()) {
     HEAD_ATTENTION_REQUIRE(num_heads > 0, "MultiHeadAttention", "num_heads", "> 0",
                            std::to_string(num_heads));
+    // All heads' Q|K|V rows of a full-length sequence, and the projection's weight, must be addressable.
+    detail::require_fits({num_heads, max_seq_len, 3, head_size}, sizeof(detail::compute_t<Scalar>),
+                         "MultiHeadAttention", "num_heads * max_seq_len * 3 * head_size * element size");
+    detail::require_fits({num_heads, head_size, emb_size}, sizeof(detail::compute_t<Scalar>),
+                         "MultiHeadAttention", "num_heads * head_size * emb_size * element size");
     m_heads.reserve(static_cast<std::size_t>(num_heads));
     detail::UniformSource uniform(seed);
     for (Index h = 0; h < num_heads; ++h) {
