@@ -452,6 +452,20 @@ TEMPLATE_TEST_CASE("forward_into with a Workspace: bad shapes leave the output a
   CHECK(identical(out_mha, good_mha));
 }
 
+TEMPLATE_TEST_CASE("BatchedHeadAttention::Cache::sequence: b out of range", "[errors][bad-input][cache]",
+                   float, double) {
+  using Scalar = TestType;
+  const Setup<Scalar> s;
+  const head_attention::BatchedHeadAttention<Scalar> batched(s.layer);
+  auto cache = batched.make_cache(2);
+  (void)batched.forward_cached(s.xb, cache);
+  for (const Index b : {Index(-1), Index(2), Index(100)})
+    check_shape_error([&] { (void)cache.sequence(b); }, {"BatchedHeadAttention::Cache::sequence", "b",
+                                                         "in [0, batch = 2)", "got " + std::to_string(b)});
+  CHECK(cache.sequence(1).size() == 9);
+  CHECK(cache.size() == 9);
+}
+
 TEMPLATE_TEST_CASE("attention_weights: bad shapes", "[errors][bad-input]", float, double) {
   using Scalar = TestType;
   const Setup<Scalar> s;

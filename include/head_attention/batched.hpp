@@ -154,8 +154,12 @@ class BatchedHeadAttention {
       for (KVCache<Scalar>& cache : m_caches)
         cache.clear();
     }
-    /// Sequence b's cache.
-    const KVCache<Scalar>& sequence(Index b) const { return m_caches.at(static_cast<std::size_t>(b)); }
+    /// Sequence b's cache. Throws shape_error unless 0 <= b < batch().
+    const KVCache<Scalar>& sequence(Index b) const {
+      HEAD_ATTENTION_REQUIRE(b >= 0 && b < batch(), "BatchedHeadAttention::Cache::sequence", "b",
+                             "in [0, batch = " + std::to_string(batch()) + ")", std::to_string(b));
+      return m_caches[static_cast<std::size_t>(b)];
+    }
 
    private:
     friend class BatchedHeadAttention;
