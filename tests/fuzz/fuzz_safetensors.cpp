@@ -4,6 +4,7 @@
 // the module unchanged; anything else (a crash, a sanitizer report, another exception) is a finding.
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <fstream>
 #include <string>
 
@@ -24,9 +25,16 @@ using head_attention::shape_error;
 // The sizes of the seed corpus (corpus/safetensors/): emb_size 6, head_size 4, max_seq_len 5, 2 heads.
 constexpr Eigen::Index kEmb = 6, kHead = 4, kMax = 5, kHeads = 2;
 
+/// Bit for bit: a successful load may have put NaN weights into the layer, and NaN != NaN.
+template <typename Derived>
+bool same_bits(const Eigen::MatrixBase<Derived>& a, const Eigen::MatrixBase<Derived>& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() &&
+         std::memcmp(a.derived().data(), b.derived().data(),
+                     static_cast<std::size_t>(a.size()) * sizeof(typename Derived::Scalar)) == 0;
+}
 template <typename Scalar>
 bool same(const head_attention::Linear<Scalar>& a, const head_attention::Linear<Scalar>& b) {
-  return a.weight.cwiseEqual(b.weight).all() && a.bias.cwiseEqual(b.bias).all();
+  return same_bits(a.weight, b.weight) && same_bits(a.bias, b.bias);
 }
 template <typename Scalar>
 bool same_weights(const HeadAttention<Scalar>& a, const HeadAttention<Scalar>& b) {
@@ -40,7 +48,7 @@ bool same_weights(const MultiHeadAttention<Scalar>& a, const MultiHeadAttention<
 }
 
 /// Runs load, which must succeed or throw format_error or shape_error leaving the module's weights as they
-/// were (weights from a random init are finite, so == compares them exactly).
+/// were, bit for bit.
 template <typename Layer, typename Load>
 void expect_load_or_refuse(Layer& layer, Load&& load) {
   const Layer before = layer;
