@@ -141,7 +141,7 @@ TEMPLATE_TEST_CASE("batched decoding equals the batched forward", "[cache]", flo
   }
 }
 
-TEMPLATE_TEST_CASE("cache errors leave the cache as it was", "[cache][errors]", float, double) {
+TEMPLATE_TEST_CASE("cache errors leave the cache as it was", "[cache][errors][bad-input]", float, double) {
   using Scalar = TestType;
   constexpr Index emb = 7, head = 3, max = 20;
   head_attention::HeadAttention<Scalar> layer(emb, head, max, 2000);

@@ -38,7 +38,7 @@ struct Setup {
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("HeadAttention::forward: T > max_seq_len", "[errors]", float, double) {
+TEMPLATE_TEST_CASE("HeadAttention::forward: T > max_seq_len", "[errors][bad-input]", float, double) {
   using Scalar = TestType;
   const Setup<Scalar> s;
   const Matrix<Scalar> too_long = random_matrix<Scalar>(kMax + 1, kEmb, 1);
@@ -49,7 +49,7 @@ TEMPLATE_TEST_CASE("HeadAttention::forward: T > max_seq_len", "[errors]", float,
   s.check_unchanged(s.layer);
 }
 
-TEMPLATE_TEST_CASE("BatchedHeadAttention::forward: T > max_seq_len", "[errors]", float, double) {
+TEMPLATE_TEST_CASE("BatchedHeadAttention::forward: T > max_seq_len", "[errors][bad-input]", float, double) {
   using Scalar = TestType;
   const Setup<Scalar> s;
   const head_attention::BatchedHeadAttention<Scalar> batched(s.layer);
@@ -64,7 +64,7 @@ TEMPLATE_TEST_CASE("BatchedHeadAttention::forward: T > max_seq_len", "[errors]",
   s.check_unchanged(batched);
 }
 
-TEMPLATE_TEST_CASE("tril_mask: T outside 0 to max_seq_len", "[errors]", float, double) {
+TEMPLATE_TEST_CASE("tril_mask: T outside 0 to max_seq_len", "[errors][bad-input]", float, double) {
   using Scalar = TestType;
   const Setup<Scalar> s;
   check_shape_error([&] { (void)s.layer.tril_mask(kMax + 1); },
@@ -74,7 +74,7 @@ TEMPLATE_TEST_CASE("tril_mask: T outside 0 to max_seq_len", "[errors]", float, d
   s.check_unchanged(s.layer);
 }
 
-TEMPLATE_TEST_CASE("HeadAttention::forward: input width != emb_size", "[errors]", float, double) {
+TEMPLATE_TEST_CASE("HeadAttention::forward: input width != emb_size", "[errors][bad-input]", float, double) {
   using Scalar = TestType;
   const Setup<Scalar> s;
   for (const Index width : {kEmb - 1, kEmb + 1, Index(0), Index(1)}) {
@@ -91,7 +91,8 @@ TEMPLATE_TEST_CASE("HeadAttention::forward: input width != emb_size", "[errors]"
   s.check_unchanged(s.layer);
 }
 
-TEMPLATE_TEST_CASE("BatchedHeadAttention::forward: input width != emb_size", "[errors]", float, double) {
+TEMPLATE_TEST_CASE("BatchedHeadAttention::forward: input width != emb_size", "[errors][bad-input]", float,
+                   double) {
   using Scalar = TestType;
   const Setup<Scalar> s;
   const head_attention::BatchedHeadAttention<Scalar> batched(s.layer);
@@ -129,25 +130,26 @@ void check_constructors_reject(const char* name, std::initializer_list<Index> ba
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("constructor: emb_size <= 0", "[errors]", float, double) {
+TEMPLATE_TEST_CASE("constructor: emb_size <= 0", "[errors][bad-input]", float, double) {
   check_constructors_reject<TestType>("emb_size", {0, -1, -13}, [](Index bad) {
     return std::array<Index, 3>{bad, kHead, kMax};
   });
 }
 
-TEMPLATE_TEST_CASE("constructor: head_size <= 0", "[errors]", float, double) {
+TEMPLATE_TEST_CASE("constructor: head_size <= 0", "[errors][bad-input]", float, double) {
   check_constructors_reject<TestType>("head_size", {0, -1, -7}, [](Index bad) {
     return std::array<Index, 3>{kEmb, bad, kMax};
   });
 }
 
-TEMPLATE_TEST_CASE("constructor: max_seq_len <= 0", "[errors]", float, double) {
+TEMPLATE_TEST_CASE("constructor: max_seq_len <= 0", "[errors][bad-input]", float, double) {
   check_constructors_reject<TestType>("max_seq_len", {0, -1, -20}, [](Index bad) {
     return std::array<Index, 3>{kEmb, kHead, bad};
   });
 }
 
-TEMPLATE_TEST_CASE("weight of the wrong shape set through query or key or value", "[errors]", float, double) {
+TEMPLATE_TEST_CASE("weight of the wrong shape set through query or key or value", "[errors][bad-input]",
+                   float, double) {
   using Scalar = TestType;
   const Setup<Scalar> s;
   struct Bad {
@@ -180,7 +182,8 @@ TEMPLATE_TEST_CASE("weight of the wrong shape set through query or key or value"
   }
 }
 
-TEMPLATE_TEST_CASE("bias of the wrong size set through query or key or value", "[errors]", float, double) {
+TEMPLATE_TEST_CASE("bias of the wrong size set through query or key or value", "[errors][bad-input]", float,
+                   double) {
   using Scalar = TestType;
   const Setup<Scalar> s;
   for (const char* which : {"query()", "key()", "value()"}) {
@@ -206,7 +209,7 @@ TEMPLATE_TEST_CASE("bias of the wrong size set through query or key or value", "
   }
 }
 
-TEMPLATE_TEST_CASE("set_num_threads: a negative count", "[errors]", float, double) {
+TEMPLATE_TEST_CASE("set_num_threads: a negative count", "[errors][bad-input]", float, double) {
   using Scalar = TestType;
   Setup<Scalar> s;
   s.layer.set_num_threads(2);
@@ -221,7 +224,7 @@ TEMPLATE_TEST_CASE("set_num_threads: a negative count", "[errors]", float, doubl
   s.check_unchanged(s.layer);
 }
 
-TEMPLATE_TEST_CASE("forward_into: bad output shapes and batch counts", "[errors]", float, double) {
+TEMPLATE_TEST_CASE("forward_into: bad output shapes and batch counts", "[errors][bad-input]", float, double) {
   using Scalar = TestType;
   const Setup<Scalar> s;
   const Scalar sentinel = Scalar(-12345);
@@ -257,7 +260,7 @@ TEMPLATE_TEST_CASE("forward_into: bad output shapes and batch counts", "[errors]
   s.check_unchanged(s.layer);
 }
 
-TEMPLATE_TEST_CASE("reference::forward: mismatched shapes", "[errors]", float, double) {
+TEMPLATE_TEST_CASE("reference::forward: mismatched shapes", "[errors][bad-input]", float, double) {
   using Scalar = TestType;
   const Setup<Scalar> s;
   const auto& l = s.layer;
@@ -272,4 +275,206 @@ TEMPLATE_TEST_CASE("reference::forward: mismatched shapes", "[errors]", float, d
   bad_value.bias = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>::Zero(kHead - 2);
   check_shape_error([&] { (void)head_attention::reference::forward(s.x, l.query(), l.key(), bad_value); },
                     {"reference::forward", "value.bias size", "7", "got 5"});
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Sizes whose products overflow, padding lengths, caches and workspaces: each refused call leaves the layer,
+// the output buffer, the caches (their size and their contents: decoding continues bit for bit as if the call
+// had not been made) and the workspace as they were.
+
+TEMPLATE_TEST_CASE("constructors: sizes whose products overflow Index", "[errors][bad-input]", float,
+                   double) {
+  using Scalar = TestType;
+  const Index huge = Index(1) << 40;
+  // Refused before anything is allocated: 2^40 · 2^40 elements would overflow, not just fail to allocate.
+  check_shape_error([&] { head_attention::HeadAttention<Scalar> l(huge, huge, 4); },
+                    {"HeadAttention", "emb_size * head_size * element size", "at most",
+                     "got 1099511627776 * "
+                     "1099511627776 * "});
+  check_shape_error([&] { head_attention::HeadAttention<Scalar> l(4, huge, huge); },
+                    {"HeadAttention", "max_seq_len * 3 * head_size", "at most"});
+  check_shape_error([&] { head_attention::BatchedHeadAttention<Scalar> l(huge, huge, 4); },
+                    {"HeadAttention", "emb_size * head_size"});
+  check_shape_error([&] { head_attention::MultiHeadAttention<Scalar> l(huge, 4, huge, 4); },
+                    {"MultiHeadAttention", "num_heads * max_seq_len * 3 * head_size"});
+  check_shape_error(
+      [&] { head_attention::MultiHeadAttention<Scalar> l(Index(1) << 31, Index(1) << 31, 4, 4); },
+      {"MultiHeadAttention", "num_heads * head_size * emb_size"});
+  // Large but addressable sizes are accepted (nothing is allocated for max_seq_len until it is used).
+  const head_attention::HeadAttention<Scalar> long_context(4, 2, Index(1) << 40);
+  CHECK(long_context.max_seq_len() == Index(1) << 40);
+  auto cache = long_context.make_cache();
+  CHECK(cache.capacity() == 0);
+}
+
+TEMPLATE_TEST_CASE("padding lengths: wrong count, negative, past T", "[errors][bad-input]", float, double) {
+  using Scalar = TestType;
+  const Setup<Scalar> s;
+  const head_attention::BatchedHeadAttention<Scalar> batched(s.layer);
+  const head_attention::MultiHeadAttention<Scalar> mha(2, kEmb, kHead, kMax, 31);
+  const Matrix<Scalar> x = random_matrix<Scalar>(18, kEmb, 32);  // 2 sequences of 9
+  const Scalar sentinel = Scalar(-7);
+  Matrix<Scalar> out = Matrix<Scalar>::Constant(18, kHead, sentinel);
+  Matrix<Scalar> out_mha = Matrix<Scalar>::Constant(18, kEmb, sentinel);
+  struct Bad {
+    std::vector<Index> lengths;
+    std::vector<std::string> parts;
+  };
+  const Bad bads[] = {{{9}, {"lengths.size()", "batch = 2", "got 1"}},
+                      {{9, 9, 9}, {"lengths.size()", "batch = 2", "got 3"}},
+                      {{9, -1}, {"lengths[1]", "in [0, T = 9]", "got -1"}},
+                      {{10, 3}, {"lengths[0]", "in [0, T = 9]", "got 10"}}};
+  for (const Bad& bad : bads) {
+    INFO("lengths of size " << bad.lengths.size());
+    const auto expect = [&](const char* where, auto&& call) {
+      const std::string message = shape_error_message(call);
+      CHECK(message.find(where) != std::string::npos);
+      for (const std::string& part : bad.parts) {
+        INFO("message " << message << " should contain " << part);
+        CHECK(message.find(part) != std::string::npos);
+      }
+    };
+    expect("HeadAttention::forward_into", [&] { s.layer.forward_into(x, 2, out, bad.lengths); });
+    expect("BatchedHeadAttention::forward", [&] { (void)batched.forward(s.xb, bad.lengths); });
+    expect("MultiHeadAttention::forward_into", [&] { mha.forward_into(x, 2, out_mha, &bad.lengths); });
+    CHECK_THROWS_AS(mha.forward(s.xb, bad.lengths), std::invalid_argument);
+  }
+  CHECK((out.array() == sentinel).all());
+  CHECK((out_mha.array() == sentinel).all());
+  s.check_unchanged(batched);
+}
+
+namespace {
+
+/// Decodes x's rows [from, to) one at a time into `cache`, returning the outputs.
+template <typename Layer, typename Scalar, typename Cache>
+Matrix<Scalar> decode(const Layer& layer, const Matrix<Scalar>& x, Index from, Index to, Cache& cache) {
+  Matrix<Scalar> out;
+  for (Index r = from; r < to; ++r) {
+    const Matrix<Scalar> step = layer.forward_cached(x.row(r), cache);
+    out.conservativeResize(r - from + 1, step.cols());
+    out.row(r - from) = step.row(0);
+  }
+  return out;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("refused decode steps leave the cache's contents as they were",
+                   "[errors][bad-input][cache]", float, double) {
+  using Scalar = TestType;
+  const Setup<Scalar> s;
+  const Matrix<Scalar>& x = s.x;  // [20, 13], max_seq_len 20
+  auto cache = s.layer.make_cache(), twin = s.layer.make_cache();
+  (void)s.layer.forward_cached(x.topRows(12), cache);
+  (void)s.layer.forward_cached(x.topRows(12), twin);
+  const Index capacity = cache.capacity();
+
+  check_shape_error([&] { (void)s.layer.forward_cached(x.topRows(9), cache); },
+                    {"HeadAttention::forward_cached", "cache.size() + t", "max_seq_len = 20", "12 + 9"});
+  check_shape_error([&] { (void)s.layer.forward_cached(Matrix<Scalar>(1, kEmb + 1), cache); },
+                    {"HeadAttention::forward_cached", "input width", "got 14"});
+  // forward_cached_into: a wrong output shape, then one bad cache among good ones; the good ones stay.
+  std::vector<head_attention::KVCache<Scalar>> caches = {cache, cache};
+  Matrix<Scalar> out = Matrix<Scalar>::Constant(2, kHead + 1, Scalar(5));
+  check_shape_error([&] { s.layer.forward_cached_into(x.middleRows(12, 2), caches, out); },
+                    {"HeadAttention::forward_cached_into", "out shape", "[2, 7]", "got [2, 8]"});
+  CHECK((out.array() == Scalar(5)).all());
+  caches.push_back(head_attention::HeadAttention<Scalar>(kEmb, kHead, kMax - 1).make_cache());
+  Matrix<Scalar> out3 = Matrix<Scalar>::Constant(3, kHead, Scalar(5));
+  check_shape_error(
+      [&] { s.layer.forward_cached_into(x.middleRows(12, 3), caches, out3); },
+      {"HeadAttention::forward_cached_into", "caches[2] sizes", "(13, 7, 20)", "got (13, 7, 19)"});
+  CHECK((out3.array() == Scalar(5)).all());
+  CHECK(caches[0].size() == 12);
+  CHECK(caches[1].size() == 12);
+  check_shape_error(
+      [&] { s.layer.forward_cached_into(x.middleRows(12, 4), caches, out3); },
+      {"HeadAttention::forward_cached_into", "x.rows()", "a multiple of the number of caches = 3", "got 4"});
+  CHECK(cache.size() == 12);
+  CHECK(cache.capacity() == capacity);
+  // Bit for bit the twin's continuation: nothing stored by the refused calls.
+  CHECK(identical(decode(s.layer, x, 12, kMax, cache), decode(s.layer, x, 12, kMax, twin)));
+  CHECK(identical(decode(s.layer, x, 12, kMax, caches[0]), decode(s.layer, x, 12, kMax, caches[1])));
+  s.check_unchanged(s.layer);
+}
+
+TEMPLATE_TEST_CASE("MultiHeadAttention: refused decode steps and bad cache batches",
+                   "[errors][bad-input][cache]", float, double) {
+  using Scalar = TestType;
+  const head_attention::MultiHeadAttention<Scalar> mha(3, kEmb, kHead, kMax, 33);
+  const Matrix<Scalar> x = random_matrix<Scalar>(kMax, kEmb, 34);
+  check_shape_error([&] { (void)mha.make_cache(-2); }, {"MultiHeadAttention::make_cache", "batch", "got -2"});
+  auto cache = mha.make_cache(), twin = mha.make_cache();
+  (void)mha.forward_cached(x.topRows(5), cache);
+  (void)mha.forward_cached(x.topRows(5), twin);
+  // Two sequences given to a cache of one, as a tensor and as stacked rows of the wrong count.
+  const Tensor3<Scalar> two = random_tensor<Scalar>(2, 1, kEmb, 35);
+  check_shape_error([&] { (void)mha.forward_cached(two, cache); },
+                    {"MultiHeadAttention::forward_cached", "x.dimension(0) (B)", "batch = 1", "got 2"});
+  auto pair = mha.make_cache(2);
+  check_shape_error([&] { (void)mha.forward_cached(x.topRows(3), pair); },
+                    {"MultiHeadAttention::forward_cached", "x.rows()", "cache's batch = 2", "got 3"});
+  CHECK(pair.size() == 0);
+  check_shape_error([&] { (void)mha.forward_cached(x, cache); }, {"cache.size() + t", "5 + 20"});
+  check_shape_error([&] { cache.truncate(6); }, {"KVCache::truncate", "in [0, size() = 5]", "got 6"});
+  CHECK(cache.size() == 5);
+  CHECK(
+      identical(mha.forward_cached(x.middleRows(5, 3), cache), mha.forward_cached(x.middleRows(5, 3), twin)));
+}
+
+TEMPLATE_TEST_CASE("forward_into with a Workspace: bad shapes leave the output and the workspace",
+                   "[errors][bad-input][workspace]", float, double) {
+  using Scalar = TestType;
+  const Setup<Scalar> s;
+  const head_attention::MultiHeadAttention<Scalar> mha(2, kEmb, kHead, kMax, 36);
+  head_attention::Workspace<Scalar> workspace;
+  Matrix<Scalar> out(kMax, kHead), out_mha(kMax, kEmb);
+  s.layer.forward_into(s.x, 1, out, workspace);
+  mha.forward_into(s.x, 1, out_mha, workspace);
+  const std::size_t bytes = workspace.bytes();
+  const Matrix<Scalar> good = out, good_mha = out_mha;
+  Matrix<Scalar> wrong = Matrix<Scalar>::Constant(kMax, kHead - 1, Scalar(9));
+  check_shape_error([&] { s.layer.forward_into(s.x, 1, wrong, workspace); },
+                    {"HeadAttention::forward_into", "out shape", "[20, 7]", "got [20, 6]"});
+  check_shape_error([&] { s.layer.forward_into(s.x, 3, out, workspace); }, {"a multiple of batch = 3"});
+  check_shape_error([&] { mha.forward_into(s.x, 1, wrong, workspace); },
+                    {"MultiHeadAttention::forward_into", "out shape", "[20, 13]", "got [20, 6]"});
+  const Matrix<Scalar> too_long = random_matrix<Scalar>(kMax + 1, kEmb, 37);
+  Matrix<Scalar> out_long(kMax + 1, kEmb);
+  check_shape_error([&] { mha.forward_into(too_long, 1, out_long, workspace); }, {"T", "max_seq_len = 20"});
+  CHECK((wrong.array() == Scalar(9)).all());
+  CHECK(workspace.bytes() == bytes);
+  CHECK(identical(out, good));
+  s.layer.forward_into(s.x, 1, out, workspace);
+  mha.forward_into(s.x, 1, out_mha, workspace);
+  CHECK(identical(out, good));
+  CHECK(identical(out_mha, good_mha));
+}
+
+TEMPLATE_TEST_CASE("BatchedHeadAttention::Cache::sequence: b out of range", "[errors][bad-input][cache]",
+                   float, double) {
+  using Scalar = TestType;
+  const Setup<Scalar> s;
+  const head_attention::BatchedHeadAttention<Scalar> batched(s.layer);
+  auto cache = batched.make_cache(2);
+  (void)batched.forward_cached(s.xb, cache);
+  for (const Index b : {Index(-1), Index(2), Index(100)})
+    check_shape_error([&] { (void)cache.sequence(b); }, {"BatchedHeadAttention::Cache::sequence", "b",
+                                                         "in [0, batch = 2)", "got " + std::to_string(b)});
+  CHECK(cache.sequence(1).size() == 9);
+  CHECK(cache.size() == 9);
+}
+
+TEMPLATE_TEST_CASE("attention_weights: bad shapes", "[errors][bad-input]", float, double) {
+  using Scalar = TestType;
+  const Setup<Scalar> s;
+  const head_attention::BatchedHeadAttention<Scalar> batched(s.layer);
+  check_shape_error([&] { (void)s.layer.attention_weights(Matrix<Scalar>(kMax + 1, kEmb)); },
+                    {"HeadAttention::attention_weights", "T", "max_seq_len = 20", "got 21"});
+  check_shape_error([&] { (void)s.layer.attention_weights(Matrix<Scalar>(3, kEmb - 2)); },
+                    {"HeadAttention::attention_weights", "input width", "got 11"});
+  check_shape_error([&] { (void)batched.attention_weights(Tensor3<Scalar>(2, 3, kEmb + 3)); },
+                    {"BatchedHeadAttention::attention_weights", "x.dimension(2)", "got 16"});
+  s.check_unchanged(batched);
 }

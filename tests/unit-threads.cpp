@@ -152,3 +152,127 @@ TEMPLATE_TEST_CASE("callers' own threads each get a team of the size set", "[thr
     }
   }
 }
+
+namespace {
+
+/// What one caller computes: every forward entry point on the shared layers, and a prefill plus decode steps
+/// on a cache of its own.
+template <typename Scalar>
+struct Calls {
+  Matrix<Scalar> single, padded, multi, decoded, multi_decoded;
+  Tensor3<Scalar> batched;
+
+  bool operator==(const Calls& o) const {
+    return identical(single, o.single) && identical(padded, o.padded) && identical(multi, o.multi) &&
+           identical(decoded, o.decoded) && identical(multi_decoded, o.multi_decoded) &&
+           batched.size() == o.batched.size() &&
+           max_abs_diff(batched.data(), o.batched.data(), batched.size()) == 0;
+  }
+};
+
+template <typename Scalar>
+struct Shared {
+  static constexpr Index kEmb = 24, kHead = 8, kMax = 160;
+  head_attention::HeadAttention<Scalar> layer{kEmb, kHead, kMax, 41};
+  head_attention::BatchedHeadAttention<Scalar> batched{kEmb, kHead, kMax, 42};
+  head_attention::MultiHeadAttention<Scalar> mha{3, kEmb, kHead, kMax, 43};
+
+  /// Caller i's inputs differ from caller j's, so that a result landing in the wrong caller's buffer shows.
+  Calls<Scalar> run(std::uint64_t i) const {
+    const Index T = 40 + 30 * static_cast<Index>(i % 4);
+    const Matrix<Scalar> x = random_matrix<Scalar>(T, kEmb, 700 + i);
+    Calls<Scalar> c;
+    c.single = layer.forward(x);
+    c.padded.resize(T, kHead);
+    layer.forward_into(x, 2, c.padded, std::vector<Index>{T / 2 - 3, T / 2});
+    c.batched = batched.forward(random_tensor<Scalar>(2, T, kEmb, 800 + i), std::vector<Index>{T, T - 5});
+    c.multi = mha.forward(x);
+    auto cache = layer.make_cache();
+    c.decoded.resize(T, kHead);
+    c.decoded.topRows(T - 4) = layer.forward_cached(x.topRows(T - 4), cache);
+    for (Index r = T - 4; r < T; ++r)
+      c.decoded.row(r) = layer.forward_cached(x.row(r), cache);
+    auto multi_cache = mha.make_cache();
+    c.multi_decoded.resize(T, kEmb);
+    c.multi_decoded.topRows(T - 2) = mha.forward_cached(x.topRows(T - 2), multi_cache);
+    c.multi_decoded.bottomRows(2) = mha.forward_cached(x.bottomRows(2), multi_cache);
+    return c;
+  }
+};
+
+}  // namespace
+
+// The "const and may be called from many threads at once" of the class comments, checked: callers share one
+// const module of each kind and each has its own inputs, outputs and caches. Run under ThreadSanitizer by CI
+// (.ci/run, the tsan job, built without OpenMP: libgomp is not instrumented), where a data race fails the
+// run.
+TEMPLATE_TEST_CASE("many threads calling forward on shared const modules get the serial results",
+                   "[threads][concurrency]", float, double) {
+  using Scalar = TestType;
+  const Shared<Scalar> shared;
+  constexpr std::uint64_t callers = 6;
+  std::vector<Calls<Scalar>> serial;
+  for (std::uint64_t i = 0; i < callers; ++i)
+    serial.push_back(shared.run(i));
+  std::vector<Calls<Scalar>> concurrent(callers);
+  std::vector<std::thread> threads;
+  for (std::uint64_t i = 0; i < callers; ++i)
+    threads.emplace_back([&, i] {
+      for (int repeat = 0; repeat < 2; ++repeat)
+        concurrent[i] = shared.run(i);
+    });
+  for (std::thread& t : threads)
+    t.join();
+  for (std::uint64_t i = 0; i < callers; ++i) {
+    INFO("caller " << i);
+    CHECK(concurrent[i] == serial[i]);
+  }
+}
+
+TEMPLATE_TEST_CASE("multi-head, padded and cached results are bit-identical on 1 and 2 threads", "[threads]",
+                   float, double) {
+  using Scalar = TestType;
+  if (!head_attention::detail::has_openmp) HA_SKIP("built without OpenMP: every call runs on one thread");
+  constexpr Index B = 2, T = 400, emb = 32, head = 16;
+  head_attention::MultiHeadAttention<Scalar> mha(4, emb, head, T, 61);
+  head_attention::HeadAttention<Scalar> layer(emb, head, T, 62);
+  const Matrix<Scalar> x = random_matrix<Scalar>(B * T, emb, 63);
+  const std::vector<Index> lengths = {T, 250};
+  struct Results {
+    Matrix<Scalar> multi, multi_padded, padded, decoded, multi_decoded;
+    std::vector<int> teams;
+  };
+  const auto run = [&](int threads) {
+    mha.set_num_threads(threads);
+    layer.set_num_threads(threads);
+    Results r;
+    r.multi = mha.forward(x.topRows(T));
+    r.teams.push_back(observed_team());
+    r.multi_padded.resize(B * T, emb);
+    mha.forward_into(x, B, r.multi_padded, &lengths);
+    r.teams.push_back(observed_team());
+    r.padded.resize(B * T, head);
+    layer.forward_into(x, B, r.padded, lengths);
+    r.teams.push_back(observed_team());
+    auto cache = layer.make_cache();
+    r.decoded.resize(T, head);
+    r.decoded.topRows(T - 1) = layer.forward_cached(x.topRows(T - 1), cache);
+    r.teams.push_back(observed_team());
+    r.decoded.bottomRows(1) = layer.forward_cached(x.row(T - 1), cache);
+    auto multi_cache = mha.make_cache();
+    r.multi_decoded.resize(T, emb);
+    r.multi_decoded.topRows(T - 1) = mha.forward_cached(x.topRows(T - 1), multi_cache);
+    r.teams.push_back(observed_team());
+    r.multi_decoded.bottomRows(1) = mha.forward_cached(x.row(T - 1), multi_cache);
+    return r;
+  };
+  const Results one = run(1), two = run(2);
+  // Every large call did run on the team asked for: the comparison below compares 1 thread with 2.
+  CHECK(one.teams == std::vector<int>(5, 1));
+  CHECK(two.teams == std::vector<int>(5, 2));
+  CHECK(identical(one.multi, two.multi));
+  CHECK(identical(one.multi_padded, two.multi_padded));
+  CHECK(identical(one.padded, two.padded));
+  CHECK(identical(one.decoded, two.decoded));
+  CHECK(identical(one.multi_decoded, two.multi_decoded));
+}

@@ -104,6 +104,12 @@ class HeadAttention {
         m_head_size(checked_size(head_size, "head_size")),
         m_max_seq_len(checked_size(max_seq_len, "max_seq_len")),
         m_rule(rule) {
+    // The weights, and the Q|K|V rows of a full-length sequence (also the most a cache holds), must be
+    // addressable: sizes whose products overflow are refused here, not at the first allocation.
+    detail::require_fits({emb_size, head_size}, sizeof(Compute), "HeadAttention",
+                         "emb_size * head_size * element size");
+    detail::require_fits({max_seq_len, 3, head_size}, sizeof(Compute), "HeadAttention",
+                         "max_seq_len * 3 * head_size * element size");
     detail::UniformSource uniform(seed);
     m_query = detail::make_linear<Scalar>(emb_size, head_size, uniform);
     m_key = detail::make_linear<Scalar>(emb_size, head_size, uniform);
@@ -326,8 +332,19 @@ class HeadAttention {
   Matrix forward_cached(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache) const {
     Matrix out(x.rows(), m_head_size);  // [t, head]
     KVCache<Scalar>* caches[1] = {&cache};
-    cached(x, caches, 1, out, "HeadAttention::forward_cached");
+    cached(x, caches, 1, out, "HeadAttention::forward_cached", nullptr);
     return out;
+  }
+
+  /// forward_cached written into out [t, head_size], its working memory taken from (and left in)
+  /// `workspace`: the no-allocation decode step. Once the cache is reserve()d and the workspace has served a
+  /// call of this shape, the call allocates nothing (see Workspace). Throws as forward_cached does, and
+  /// shape_error, before touching out or the cache, unless out is [t, head_size].
+  template <typename Derived>
+  void forward_cached_into(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache, OutputRef out,
+                           Workspace<Scalar>& workspace) const {
+    KVCache<Scalar>* caches[1] = {&cache};
+    cached(x, caches, 1, out, "HeadAttention::forward_cached_into", &workspace);
   }
 
   /// forward_cached for several sequences that advance together: x holds caches.size() chunks of equal length
@@ -340,8 +357,8 @@ class HeadAttention {
     pointers.reserve(caches.size());
     for (KVCache<Scalar>& cache : caches)
       pointers.push_back(&cache);
-    cached(x, pointers.data(), static_cast<Index>(pointers.size()), out,
-           "HeadAttention::forward_cached_into");
+    cached(x, pointers.data(), static_cast<Index>(pointers.size()), out, "HeadAttention::forward_cached_into",
+           nullptr);
   }
 
  private:
@@ -472,7 +489,7 @@ class HeadAttention {
   /// The cached forward of `count` chunks stored back to back in x, chunk b extending *caches[b].
   template <typename Derived>
   void cached(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>* const* caches, Index count, OutputRef out,
-              const char* where) const {
+              const char* where, Workspace<Scalar>* workspace) const {
     check_input<Derived>();
     HEAD_ATTENTION_REQUIRE(count > 0 ? x.rows() % count == 0 : x.rows() == 0, where, "x.rows()",
                            "a multiple of the number of caches = " + std::to_string(count),
@@ -484,7 +501,9 @@ class HeadAttention {
       caches[b]->check_fits(m_emb_size, m_head_size, m_max_seq_len, m_rule, t, where,
                             count == 1 ? "cache" : "caches[" + std::to_string(b) + "]");
     if (t == 0) return;
-    std::vector<detail::KVStore*> stores(static_cast<std::size_t>(count));
+    std::vector<detail::KVStore*> own;
+    std::vector<detail::KVStore*>& stores = workspace != nullptr ? workspace->m_stores : own;
+    stores.resize(static_cast<std::size_t>(count));
     for (Index b = 0; b < count; ++b) {
       detail::KVStore& store = caches[b]->m_store;
       // Under a sliding window, positions before the first key of this chunk's first query are never seen
@@ -497,6 +516,7 @@ class HeadAttention {
     detail::AttentionPlan<Scalar> plan;
     plan.rule = m_rule;
     plan.caches = stores.data();
+    if (workspace != nullptr) plan.buffers = &workspace->m_buffers;
     run(x, count, t, out.data(), out.outerStride(), plan);
     for (detail::KVStore* store : stores)
       store->commit(t);

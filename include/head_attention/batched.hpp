@@ -190,8 +190,12 @@ class BatchedHeadAttention {
       for (KVCache<Scalar>& cache : m_caches)
         cache.clear();
     }
-    /// Sequence b's cache.
-    const KVCache<Scalar>& sequence(Index b) const { return m_caches.at(static_cast<std::size_t>(b)); }
+    /// Sequence b's cache. Throws shape_error unless 0 <= b < batch().
+    const KVCache<Scalar>& sequence(Index b) const {
+      HEAD_ATTENTION_REQUIRE(b >= 0 && b < batch(), "BatchedHeadAttention::Cache::sequence", "b",
+                             "in [0, batch = " + std::to_string(batch()) + ")", std::to_string(b));
+      return m_caches[static_cast<std::size_t>(b)];
+    }
 
    private:
     friend class BatchedHeadAttention;
@@ -242,6 +246,7 @@ class BatchedHeadAttention {
   Tensor3 forward_data(const Scalar* data, Index batch, Index seq_len, Index width,
                        const std::vector<Index>* lengths) const {
     check(batch, seq_len, width, "BatchedHeadAttention::forward");
+    if (lengths != nullptr) detail::check_lengths(*lengths, batch, seq_len, "BatchedHeadAttention::forward");
     Tensor3 out(batch, seq_len, m_head.head_size());                    // [B, T, head]
     const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);  // [B·T, emb], back to back
     Eigen::Map<Matrix> out_rows(out.data(), batch * seq_len, m_head.head_size());  // [B·T, head]

@@ -1,6 +1,9 @@
 // head-attention: exceptions thrown at the API boundary.
 #pragma once
 
+#include <cstddef>
+#include <initializer_list>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -32,6 +35,26 @@ inline std::string shape_string(Eigen::Index rows, Eigen::Index cols) {
 inline void require(bool ok, const char* where, const std::string& what, const std::string& expected,
                     const std::string& actual) {
   if (!ok) throw shape_error(std::string(where) + ": " + what + " must be " + expected + ", got " + actual);
+}
+
+/// Throws shape_error("<where>: <what> must be at most <Index max> bytes, got a * b * ... * bytes") unless
+/// the product of the sizes times `bytes` fits in an Index, so that a huge size is refused before anything is
+/// allocated or any index product overflows. Sizes <= 0 are skipped: their own checks name them. (A product
+/// that fits but exceeds the memory gives std::bad_alloc, as any allocation does.)
+inline void require_fits(std::initializer_list<Eigen::Index> sizes, std::size_t bytes, const char* where,
+                         const std::string& what) {
+  const Eigen::Index max = std::numeric_limits<Eigen::Index>::max();
+  Eigen::Index product = static_cast<Eigen::Index>(bytes);
+  bool fits = true;
+  std::string factors;
+  for (const Eigen::Index size : sizes) {
+    if (size <= 0) continue;
+    fits = fits && product <= max / size;
+    if (fits) product *= size;
+    factors += std::to_string(size) + " * ";
+  }
+  if (!fits)
+    require(false, where, what, "at most " + std::to_string(max) + " bytes", factors + std::to_string(bytes));
 }
 
 }  // namespace detail

@@ -30,6 +30,13 @@ class KVCache {
   /// Forgets every position (the storage stays allocated): the next chunk starts at position 0.
   void clear() { m_store.clear(); }
 
+  /// Allocates storage for max_seq_len positions now (keeping what is stored), so that no later call that
+  /// extends this cache allocates for it: the no-allocation mode of forward_cached_into with a Workspace.
+  /// Throws std::bad_alloc, with the cache unchanged, if that memory is not available.
+  void reserve() {
+    if (capacity() < m_max_seq_len) m_store.prepare(m_max_seq_len - m_store.length(), m_store.first());
+  }
+
   /// Forgets the positions at or after `size`, so that decoding resumes at position `size` (to roll back
   /// rejected tokens, say). Throws shape_error, with the cache unchanged, unless 0 <= size <= this->size(),
   /// and, under a sliding window, unless the keys position `size` sees are still stored (the window drops

@@ -55,6 +55,11 @@ class MultiHeadAttention {
                      std::uint64_t seed = 0, const MaskRule& rule = MaskRule::causal()) {
     HEAD_ATTENTION_REQUIRE(num_heads > 0, "MultiHeadAttention", "num_heads", "> 0",
                            std::to_string(num_heads));
+    // All heads' Q|K|V rows of a full-length sequence, and the projection's weight, must be addressable.
+    detail::require_fits({num_heads, max_seq_len, 3, head_size}, sizeof(detail::compute_t<Scalar>),
+                         "MultiHeadAttention", "num_heads * max_seq_len * 3 * head_size * element size");
+    detail::require_fits({num_heads, head_size, emb_size}, sizeof(detail::compute_t<Scalar>),
+                         "MultiHeadAttention", "num_heads * head_size * emb_size * element size");
     m_heads.reserve(static_cast<std::size_t>(num_heads));
     detail::UniformSource uniform(seed);
     for (Index h = 0; h < num_heads; ++h) {
@@ -271,6 +276,11 @@ class MultiHeadAttention {
       for (KVCache<Scalar>& cache : m_caches)
         cache.clear();
     }
+    /// Allocates every head's storage for max_seq_len positions now (see KVCache::reserve).
+    void reserve() {
+      for (KVCache<Scalar>& cache : m_caches)
+        cache.reserve();
+    }
     /// Forgets the positions at or after `size` (see KVCache::truncate).
     void truncate(Index size) {
       if (!m_caches.empty()) m_caches.front().truncate(size);  // throws, if it does, before any change
@@ -305,8 +315,19 @@ class MultiHeadAttention {
   template <typename Derived>
   Matrix forward_cached(const Eigen::MatrixBase<Derived>& x, Cache& cache) const {
     Matrix out(x.rows(), emb_size());  // [t, emb]
-    cached(x, cache, out, "MultiHeadAttention::forward_cached");
+    cached(x, cache, out, "MultiHeadAttention::forward_cached", nullptr);
     return out;
+  }
+
+  /// forward_cached of the cache's B sequences, x [B · t, emb_size] (each sequence's t rows back to back),
+  /// written into out [B · t, emb_size], its working memory taken from (and left in) `workspace`: the
+  /// no-allocation decode step. Once the cache is reserve()d and the workspace has served a call of this
+  /// shape, the call allocates nothing (see Workspace). Throws as forward_cached does, and shape_error,
+  /// before touching out or the cache, unless out is [B · t, emb_size].
+  template <typename Derived>
+  void forward_cached_into(const Eigen::MatrixBase<Derived>& x, Cache& cache, OutputRef out,
+                           Workspace<Scalar>& workspace) const {
+    cached(x, cache, out, "MultiHeadAttention::forward_cached_into", &workspace);
   }
 
   /// Incremental decoding of B sequences together: x [B, t, emb_size] to [B, t, emb_size].
@@ -322,7 +343,7 @@ class MultiHeadAttention {
       Tensor3 out(batch, t, emb_size());                               // [B, t, emb]
       const Eigen::Map<const Matrix> rows(data, batch * t, width);     // [B·t, emb]
       Eigen::Map<Matrix> out_rows(out.data(), batch * t, emb_size());  // [B·t, emb]
-      cached(rows, cache, out_rows, where);
+      cached(rows, cache, out_rows, where, nullptr);
       return out;
     });
   }
@@ -355,7 +376,7 @@ class MultiHeadAttention {
         const Index rows = x.rows(), width = num_heads() * head_size();
         Vector lse(num_heads() * rows);  // [heads · rows]
         plan.lse = lse.data();
-        run(x, batch, seq_len, out.data(), out.outerStride(), plan);
+        run(x, batch, seq_len, out.data(), out.outerStride(), plan, workspace);
         if (rows > 0)
           state->output = Eigen::Map<const Matrix>(buffers.concat.data(), rows, width);
         else
@@ -364,7 +385,7 @@ class MultiHeadAttention {
         return;
       }
     }
-    run(x, batch, seq_len, out.data(), out.outerStride(), plan);
+    run(x, batch, seq_len, out.data(), out.outerStride(), plan, workspace);
   }
 
   /// The backward of `batch` sequences back to back, through the dropout mask of `seed` when it is not null,
@@ -451,8 +472,15 @@ class MultiHeadAttention {
   void check(Index width, Index length, const char* where, const char* width_name,
              const char* length_name) const {
     for (Index h = 0; h < num_heads(); ++h) {
-      const std::string at = std::string(where) + " (head " + std::to_string(h) + ")";
-      detail::check_projections(m_heads[static_cast<std::size_t>(h)], at.c_str());
+      const Head& head = m_heads[static_cast<std::size_t>(h)];
+      bool fits = true;
+      for (const LinearType* l : {&head.query(), &head.key(), &head.value()})
+        fits = fits && l->weight.rows() == head_size() && l->weight.cols() == emb_size() &&
+               l->bias.size() == head_size();
+      if (!fits) {  // the message built only now: the check runs on every call, decode steps included
+        const std::string at = std::string(where) + " (head " + std::to_string(h) + ")";
+        detail::check_projections(head, at.c_str());
+      }
       HEAD_ATTENTION_REQUIRE(m_heads[static_cast<std::size_t>(h)].mask_rule() == mask_rule(), where,
                              "head " + std::to_string(h) + "'s mask rule", "head 0's, " + mask_rule().name(),
                              m_heads[static_cast<std::size_t>(h)].mask_rule().name());
@@ -484,7 +512,8 @@ class MultiHeadAttention {
   }
 
   template <typename Derived>
-  void cached(const Eigen::MatrixBase<Derived>& x, Cache& cache, OutputRef out, const char* where) const {
+  void cached(const Eigen::MatrixBase<Derived>& x, Cache& cache, OutputRef out, const char* where,
+              Workspace<Scalar>* workspace) const {
     check_input<Derived>();
     const Index batch = cache.batch();
     HEAD_ATTENTION_REQUIRE(batch > 0 ? x.rows() % batch == 0 : x.rows() == 0, where, "x.rows()",
@@ -502,7 +531,9 @@ class MultiHeadAttention {
     for (const KVCache<Scalar>& c : cache.m_caches)
       c.check_fits(emb_size(), head_size(), max_seq_len(), rule, t, where, "cache");
     if (t == 0) return;
-    std::vector<detail::KVStore*> stores;
+    std::vector<detail::KVStore*> own;
+    std::vector<detail::KVStore*>& stores = workspace != nullptr ? workspace->m_stores : own;
+    stores.clear();
     stores.reserve(cache.m_caches.size());
     for (KVCache<Scalar>& c : cache.m_caches) {
       detail::KVStore& store = c.m_store;
@@ -513,7 +544,8 @@ class MultiHeadAttention {
     }
     detail::AttentionPlan<Scalar> plan;
     plan.caches = stores.data();
-    run(x, batch, t, out.data(), out.outerStride(), plan);
+    if (workspace != nullptr) plan.buffers = &workspace->m_buffers;
+    run(x, batch, t, out.data(), out.outerStride(), plan, workspace);
     for (detail::KVStore* store : stores)
       store->commit(t);
   }
@@ -522,10 +554,12 @@ class MultiHeadAttention {
   /// emb_size], leading dimension out_stride. Shapes must have been checked.
   template <typename Derived>
   void run(const Eigen::MatrixBase<Derived>& x, Index batch, Index seq_len, Scalar* out, Index out_stride,
-           detail::AttentionPlan<Scalar> plan) const {
+           detail::AttentionPlan<Scalar> plan, Workspace<Scalar>* workspace = nullptr) const {
     const Index rows = batch * seq_len;
     if (rows == 0) return;
-    std::vector<const LinearType*> layers;
+    std::vector<const LinearType*> own;
+    std::vector<const LinearType*>& layers = workspace != nullptr ? workspace->m_layers : own;
+    layers.clear();
     layers.reserve(static_cast<std::size_t>(3 * num_heads()));
     for (const Head& head : m_heads) {
       layers.push_back(&head.query());

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -314,9 +315,10 @@ struct ForwardBuffers {
   /// Makes the per-thread GEMMs and scratch fit this shape, rebuilding them only if it differs from the last.
   void fit(int threads, Index rows, Index head, Index emb, Index out_width, Index block_q, Index block_k,
            bool wide_keys, bool wide) {
-    const std::vector<Index> key = {threads, rows, head, emb, out_width, block_q, block_k, wide_keys, wide};
-    if (key == m_key) return;
-    m_key.clear();  // invalid until everything is rebuilt (a bad_alloc on the way leaves it so)
+    // An array, not a vector: a call of a shape seen before must allocate nothing (no-allocation mode).
+    const std::array<Index, 9> key = {threads, rows, head, emb, out_width, block_q, block_k, wide_keys, wide};
+    if (m_fitted && key == m_key) return;
+    m_fitted = false;  // invalid until everything is rebuilt (a bad_alloc on the way leaves it so)
     scratch.clear();
     // Reserved first: a scratch owns GEMM packing buffers and must never be relocated by a growing vector.
     scratch.reserve(static_cast<std::size_t>(threads));
@@ -330,6 +332,7 @@ struct ForwardBuffers {
       }
     }
     m_key = key;
+    m_fitted = true;
   }
 
   /// Bytes held (roughly: the packing buffers are counted by their sizes).
@@ -363,7 +366,8 @@ struct ForwardBuffers {
   std::vector<const Linear<Scalar>*> wide_pointers;
 
  private:
-  std::vector<Index> m_key;  // the shape the GEMMs and scratch were made for
+  std::array<Index, 9> m_key{};  // the shape the GEMMs and scratch were made for
+  bool m_fitted = false;
 };
 
 /// What differs between forward calls beyond their input: the mask rule, right padding, a KV cache, and the
@@ -461,13 +465,17 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   const Index head = layers[0]->out_features();
   const Index ld = 3 * head;  // qkv row of one head: [q | k | v]
 
-  // The most keys any sequence has after this call (cached: its cache plus the chunk).
+  // The most keys any sequence has after this call (cached: its cache plus the chunk), and the most any
+  // sequence can have: key blocks are sized by the latter, so that the decode steps of one cache all have the
+  // same shape and a workspace serves them all without reallocating (no-allocation mode).
   Index max_keys = seq_len;
+  Index key_limit = seq_len;
   bool wide_keys = false;        // some cache stores its keys in another precision
   bool converted_tiles = false;  // ... and its tiles are converted into scratch (not read in place)
   if (plan.caches != nullptr)
     for (Index c = 0; c < heads * batch; ++c) {
       max_keys = std::max(max_keys, plan.caches[c]->length() + seq_len);
+      key_limit = std::max(key_limit, plan.caches[c]->limit());
       const Precision p = plan.caches[c]->precision();
       wide_keys = wide_keys || p != precision_of<Scalar>();
       converted_tiles = converted_tiles || (p != precision_of<Scalar>() && !fused_16bit<Scalar>(p, head));
@@ -477,7 +485,7 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   // A single query row (a decode step) has no tile to reuse K and V across rows: longer key blocks only cut
   // the per-block overhead.
   const Index decode_block = converted_tiles ? Tuning::decode_wide_key_block : Tuning::decode_key_block;
-  const Index block_k = std::min(block_q == 1 ? decode_block : Tuning::key_block, max_keys);
+  const Index block_k = std::min(block_q == 1 ? decode_block : Tuning::key_block, key_limit);
   const Index query_blocks = (seq_len + block_q - 1) / block_q;
   const Index items = heads * batch * query_blocks;
   const double flops =

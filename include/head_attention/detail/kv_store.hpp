@@ -54,6 +54,8 @@ class KVStore {
   Index first() const { return m_first; }
   /// Rows of storage allocated.
   Index capacity() const { return m_k.rows(); }
+  /// The most rows the store may hold (the layer's max_seq_len).
+  Index limit() const { return m_limit; }
 
   /// Forgets every position; keeps the storage.
   void clear() { m_first = m_length = m_offset = 0; }

@@ -121,6 +121,35 @@ inline void gemm_rows(Eigen::Index m, Eigen::Index k, const Scalar* a, Eigen::In
   }
 }
 
+/// gemm_nn's last n < W columns: each group of up to tile_rows rows and tile_depth of depth runs the same
+/// one-packet tile on zero-padded copies of B's and C's columns, on the stack. A plain loop would do, but at
+/// one element per step it made head sizes like 100 (four columns past the last packet) over twice as slow.
+template <typename Scalar>
+void gemm_tail(Eigen::Index m, Eigen::Index n, Eigen::Index k, const Scalar* a, Eigen::Index lda,
+               Eigen::Index a_step, const Scalar* b, Eigen::Index ldb, const Scalar* bias, Scalar* c,
+               Eigen::Index ldc) noexcept {
+  using Index = Eigen::Index;
+  constexpr Index W = simd_width<Scalar>;
+  Scalar b_pad[tile_depth * W];  // [tile_depth, W]
+  Scalar c_pad[tile_rows * W];   // [tile_rows, W]
+  for (Index i0 = 0; i0 < m; i0 += tile_rows) {
+    const Index rows = std::min<Index>(tile_rows, m - i0);
+    for (Index i = 0; i < rows; ++i)
+      for (Index j = 0; j < W; ++j)
+        c_pad[i * W + j] = j >= n ? Scalar(0) : bias != nullptr ? bias[j] : c[(i0 + i) * ldc + j];
+    for (Index p0 = 0; p0 < k; p0 += tile_depth) {
+      const Index depth = std::min(tile_depth, k - p0);
+      for (Index p = 0; p < depth; ++p)
+        for (Index j = 0; j < W; ++j)
+          b_pad[p * W + j] = j < n ? b[(p0 + p) * ldb + j] : Scalar(0);
+      gemm_rows<Scalar, 1>(rows, depth, a + i0 * lda + p0 * a_step, lda, a_step, b_pad, W, nullptr, c_pad, W);
+    }
+    for (Index i = 0; i < rows; ++i)
+      for (Index j = 0; j < n; ++j)
+        c[(i0 + i) * ldc + j] = c_pad[i * W + j];
+  }
+}
+
 /// C[m, n] += A[m, k] · B[k, n], B and C row-major (leading dimensions ldb, ldc), A row-major with rows lda
 /// apart (a_step = 1) or column-major with columns a_step apart (lda = 1). Serial, no allocation. The
 /// forward pass's products all have this form once the weights and K are stored transposed, and so Q·Kᵀ,
@@ -128,21 +157,18 @@ inline void gemm_rows(Eigen::Index m, Eigen::Index k, const Scalar* a, Eigen::In
 /// 84–89 GFLOP/s at a forward call's shapes), mostly because nothing is packed: A is broadcast in place and
 /// B rows are read as they are stored. Every output is one chain of fused multiply-adds over k in order, so
 /// it rounds the same wherever its row falls in a tile (results never depend on how rows are cut). Columns
-/// that do not fill a packet go through Eigen's coefficient-based product. With a bias ([n]) it computes
-/// C = bias + A·B instead, without reading C. With HEAD_ATTENTION_GEMM_FALLBACK
-/// (or an Eigen other than 3.4) Eigen's internal packet functions are not used: all of it is that product.
+/// that do not fill a packet take the same tile over padded copies. With a bias ([n]) it computes C = bias +
+/// A·B instead, without reading C. With HEAD_ATTENTION_GEMM_FALLBACK (or an Eigen other than 3.4) Eigen's
+/// internal packet functions are not used: the product is then Gemm's, Eigen's public one.
 template <typename Scalar>
 void gemm_nn(Eigen::Index m, Eigen::Index n, Eigen::Index k, const Scalar* a, Eigen::Index lda,
              const Scalar* b, Eigen::Index ldb, Scalar* c, Eigen::Index ldc, Eigen::Index a_step = 1,
              const Scalar* bias = nullptr) noexcept {
   using Index = Eigen::Index;
-  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
-  using Stride = Eigen::OuterStride<>;
   if (m == 0 || n == 0 || (k == 0 && bias == nullptr)) return;
   constexpr Index W = simd_width<Scalar>;
-  Index j = 0;
-  if constexpr (gemm_uses_eigen_internals && W > 1) {
+  if constexpr (gemm_uses_eigen_internals) {  // W = 1 (no SIMD) works too, on scalar "packets"
+    Index j = 0;
     for (Index p0 = 0; p0 == 0 || p0 < k; p0 += tile_depth) {
       const Index depth = std::min(tile_depth, k - p0);
       const Scalar* ap = a + p0 * a_step;
@@ -156,14 +182,21 @@ void gemm_nn(Eigen::Index m, Eigen::Index n, Eigen::Index k, const Scalar* a, Ei
         gemm_rows<Scalar, 1>(m, depth, ap, lda, a_step, bp + j, ldb,
                              first_bias != nullptr ? first_bias + j : nullptr, c + j, ldc);
     }
+    if (j < n)
+      gemm_tail(m, n - j, k, a, lda, a_step, b + j, ldb, bias != nullptr ? bias + j : nullptr, c + j, ldc);
+  } else {
+    // Eigen's public product, whose packing makes the result independent of A's storage order.
+    using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
+    using Stride = Eigen::OuterStride<>;
+    Eigen::Map<Matrix, 0, Stride> res(c, m, n, Stride(ldc));  // [m, n]
+    if (bias != nullptr) res.rowwise() = Eigen::Map<const RowVector>(bias, n);
+    Gemm<Scalar> product(m, n, k);  // holds nothing in this mode
+    if (a_step == 1)
+      product.template accumulate<Eigen::RowMajor, Eigen::RowMajor>(m, n, k, a, lda, b, ldb, c, ldc);
+    else
+      product.template accumulate<Eigen::ColMajor, Eigen::RowMajor>(m, n, k, a, a_step, b, ldb, c, ldc);
   }
-  if (j == n) return;
-  const Eigen::Map<const Matrix, 0, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>> lhs(
-      a, m, k, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(lda, a_step));     // [m, k]
-  const Eigen::Map<const Matrix, 0, Stride> rhs(b + j, k, n - j, Stride(ldb));  // [k, n - j]
-  Eigen::Map<Matrix, 0, Stride> res(c + j, m, n - j, Stride(ldc));              // [m, n - j]
-  if (bias != nullptr) res.rowwise() = Eigen::Map<const RowVector>(bias + j, n - j);
-  res.noalias() += lhs.lazyProduct(rhs);  // never forks threads, never allocates
 }
 
 #if defined(__GNUC__) && !defined(__clang__)

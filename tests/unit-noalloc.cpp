@@ -1,0 +1,172 @@
+// The no-allocation mode: with a Workspace, after one call of the same shape (the warm-up) and with every
+// cache reserve()d, forward_into and the decode step forward_cached_into allocate nothing. Its own
+// executable: it replaces the global operator new with a counting one, and is built with
+// EIGEN_RUNTIME_NO_MALLOC, which makes every Eigen heap allocation (Eigen allocates with malloc, not new)
+// call eigen_assert; eigen_assert is redefined below to count instead of abort, so that Release builds
+// (NDEBUG) check it too.
+#include <atomic>
+#include <cstddef>
+#include <cstdlib>
+#include <new>
+
+namespace ha_noalloc {
+inline std::atomic<long> eigen_allocations{0};
+}  // namespace ha_noalloc
+
+#if !defined(EIGEN_RUNTIME_NO_MALLOC)
+#error "unit-noalloc must be built with EIGEN_RUNTIME_NO_MALLOC (tests/CMakeLists.txt defines it)"
+#endif
+// Only the no-malloc check's message contains "heap allocation is forbidden"; every other assertion keeps
+// failing as an assertion (aborting in builds without NDEBUG, nothing with it, as Eigen's own).
+#define eigen_assert(x)                      \
+  do {                                       \
+    if (!static_cast<bool>(x)) {             \
+      if (::ha_noalloc::is_malloc_check(#x)) \
+        ++::ha_noalloc::eigen_allocations;   \
+      else                                   \
+        ::ha_noalloc::assertion_failed(#x);  \
+    }                                        \
+  } while (false)
+
+#include <cstdio>
+#include <cstring>
+
+namespace ha_noalloc {
+inline bool is_malloc_check(const char* text) {
+  return std::strstr(text, "heap allocation is forbidden") != nullptr;
+}
+[[noreturn]] inline void assertion_failed(const char* text) {
+  std::fprintf(stderr, "eigen_assert failed: %s\n", text);
+  std::abort();
+}
+}  // namespace ha_noalloc
+
+#include "test_support.hpp"
+
+namespace {
+
+std::atomic<long> g_news{0};
+
+/// Heap allocations (operator new, and Eigen's own) made by f.
+template <typename F>
+long allocations(F&& f) {
+  const long news = g_news, eigen = ha_noalloc::eigen_allocations;
+  Eigen::internal::set_is_malloc_allowed(false);
+  f();
+  Eigen::internal::set_is_malloc_allowed(true);
+  return (g_news - news) + (ha_noalloc::eigen_allocations - eigen);
+}
+
+}  // namespace
+
+// GCC 12 sees the replaced operator delete free() what operator new returned, and calls it mismatched
+// (-Wmismatched-new-delete): here it is the very malloc of the replaced operator new.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+
+void* operator new(std::size_t size) {
+  ++g_news;
+  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
+  throw std::bad_alloc();
+}
+void* operator new[](std::size_t size) {
+  ++g_news;
+  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
+  throw std::bad_alloc();
+}
+// The nothrow forms too: under AddressSanitizer its own would pair with the free() below, a mismatch.
+void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
+  ++g_news;
+  return std::malloc(size == 0 ? 1 : size);
+}
+void* operator new[](std::size_t size, const std::nothrow_t&) noexcept {
+  ++g_news;
+  return std::malloc(size == 0 ? 1 : size);
+}
+void operator delete(void* p, const std::nothrow_t&) noexcept {
+  std::free(p);
+}
+void operator delete[](void* p, const std::nothrow_t&) noexcept {
+  std::free(p);
+}
+void operator delete(void* p) noexcept {
+  std::free(p);
+}
+void operator delete[](void* p) noexcept {
+  std::free(p);
+}
+void operator delete(void* p, std::size_t) noexcept {
+  std::free(p);
+}
+void operator delete[](void* p, std::size_t) noexcept {
+  std::free(p);
+}
+
+using namespace ha_test;
+
+TEST_CASE("the counters see allocations", "[noalloc]") {
+  // Each counter must be able to fail the tests below: a vector (operator new) and an Eigen matrix (malloc).
+  CHECK(allocations([] { std::vector<int> v(100); }) == 1);
+  CHECK(allocations([] { Eigen::VectorXf v(100); }) == 1);
+  CHECK(allocations([] {}) == 0);
+}
+
+TEMPLATE_TEST_CASE("forward_into and decode steps allocate nothing after warm-up", "[noalloc]", float, double,
+                   Eigen::half) {
+  using Scalar = TestType;
+  if (head_attention::detail::gemm_uses_eigen_internals == false)
+    HA_SKIP("HEAD_ATTENTION_GEMM_FALLBACK: Eigen's public products allocate their own packing buffers");
+  constexpr Index emb = 32, head = 16, T = 300, heads = 3, B = 2;
+  for (const int threads : {1, 2}) {
+    INFO("threads " << threads);
+    head_attention::HeadAttention<Scalar> layer(emb, head, T, 91);
+    head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 92,
+                                                   head_attention::MaskRule::sliding_window(50));
+    layer.set_num_threads(threads);
+    mha.set_num_threads(threads);
+    const Matrix<Scalar> x = random_matrix<float>(B * T, emb, 93).template cast<Scalar>();
+    head_attention::Workspace<Scalar> workspace;
+
+    // A forward over a batch, and a multi-head one: the second call of each shape allocates nothing.
+    Matrix<Scalar> out(B * T, head), out_mha(B * T, emb);
+    layer.forward_into(x, B, out, workspace);
+    const Matrix<Scalar> expected = out;
+    CHECK(allocations([&] { layer.forward_into(x, B, out, workspace); }) == 0);
+    CHECK(identical(out, expected));
+    mha.forward_into(x, B, out_mha, workspace);
+    CHECK(allocations([&] { mha.forward_into(x, B, out_mha, workspace); }) == 0);
+
+    // Decoding: a prefill, then single rows; every step after the first allocates nothing, across the
+    // whole sequence (the cache reserved up front, the key blocks sized by max_seq_len).
+    auto cache = layer.make_cache();
+    cache.reserve();
+    CHECK(cache.capacity() == T);
+    Matrix<Scalar> prefill(100, head), step(1, head), decoded(T, head);
+    layer.forward_cached_into(x.topRows(100), cache, prefill, workspace);
+    decoded.topRows(100) = prefill;
+    long step_allocations = 0;
+    for (Index r = 100; r < T; ++r) {
+      const long n = allocations([&] { layer.forward_cached_into(x.row(r), cache, step, workspace); });
+      if (r > 100) step_allocations += n;  // the first step after the prefill is the warm-up of its shape
+      decoded.row(r) = step.row(0);
+    }
+    CHECK(step_allocations == 0);
+    CHECK(relative_error(decoded.template cast<double>().eval(),
+                         layer.forward(x.topRows(T)).template cast<double>().eval()) <= 1e-2);
+
+    auto mcache = mha.make_cache(B);
+    mcache.reserve();
+    Matrix<Scalar> mstep(B, emb);
+    Matrix<Scalar> rows(B, emb);
+    long multi_allocations = 0;
+    for (Index r = 0; r < 120; ++r) {
+      rows.row(0) = x.row(r);
+      rows.row(1) = x.row(T + r);
+      const long n = allocations([&] { mha.forward_cached_into(rows, mcache, mstep, workspace); });
+      if (r > 0) multi_allocations += n;
+    }
+    CHECK(multi_allocations == 0);
+    CHECK(mcache.size() == 120);
+  }
+}
