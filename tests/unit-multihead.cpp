@@ -153,8 +153,8 @@ TEMPLATE_TEST_CASE("MultiHeadAttention: decoding with a cache equals the forward
   }
 }
 
-TEMPLATE_TEST_CASE("MultiHeadAttention: bad input is refused, the layer unchanged", "[multihead][errors][bad-input]",
-                   float, double) {
+TEMPLATE_TEST_CASE("MultiHeadAttention: bad input is refused, the layer unchanged",
+                   "[multihead][errors][bad-input]", float, double) {
   using Scalar = TestType;
   check_shape_error([] { head_attention::MultiHeadAttention<Scalar>(0, 8, 4, 16); },
                     {"MultiHeadAttention", "num_heads", "> 0", "got 0"});

@@ -4,8 +4,8 @@
 
 #include "attention.hpp"
 #include "batched.hpp"
-#include "gradients.hpp"
 #include "errors.hpp"
+#include "gradients.hpp"
 #include "kv_cache.hpp"
 #include "linear.hpp"
 #include "mask.hpp"

@@ -44,8 +44,9 @@ class SerialEigenProducts {
   }
 #else
   // Declared, since the deleted copy constructor below would otherwise leave no default one: without OpenMP
-  // and with HEAD_ATTENTION_GEMM_FALLBACK, nothing compiled (found when CI first built the two together). User-
-  // provided, not defaulted: a guard object of a trivial type draws -Wunused-variable where it is declared.
+  // and with HEAD_ATTENTION_GEMM_FALLBACK, nothing compiled (found when CI first built the two together).
+  // User- provided, not defaulted: a guard object of a trivial type draws -Wunused-variable where it is
+  // declared.
   SerialEigenProducts() {}  // NOLINT(modernize-use-equals-default)
   bool serial() const {
     return true;
