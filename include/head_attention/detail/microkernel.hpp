@@ -166,10 +166,15 @@ void gemm_nn(Eigen::Index m, Eigen::Index n, Eigen::Index k, const Scalar* a, Ei
              const Scalar* bias = nullptr) noexcept {
   using Index = Eigen::Index;
   if (m == 0 || n == 0 || (k == 0 && bias == nullptr)) return;
+  if (k == 0) {  // C = bias; A and B may be empty (null): no pointer into them is formed
+    for (Index i = 0; i < m; ++i)
+      std::copy(bias, bias + n, c + i * ldc);
+    return;
+  }
   constexpr Index W = simd_width<Scalar>;
   if constexpr (gemm_uses_eigen_internals) {  // W = 1 (no SIMD) works too, on scalar "packets"
     Index j = 0;
-    for (Index p0 = 0; p0 == 0 || p0 < k; p0 += tile_depth) {
+    for (Index p0 = 0; p0 < k; p0 += tile_depth) {
       const Index depth = std::min(tile_depth, k - p0);
       const Scalar* ap = a + p0 * a_step;
       const Scalar* bp = b + p0 * ldb;
