@@ -170,3 +170,75 @@ TEMPLATE_TEST_CASE("forward_into and decode steps allocate nothing after warm-up
     CHECK(mcache.size() == 120);
   }
 }
+
+TEMPLATE_TEST_CASE("a reserved workspace makes even the first call allocate nothing", "[noalloc]", float,
+                   double, Eigen::half) {
+  using Scalar = TestType;
+  if (head_attention::detail::gemm_uses_eigen_internals == false)
+    HA_SKIP("HEAD_ATTENTION_GEMM_FALLBACK: Eigen's public products allocate their own packing buffers");
+  constexpr Index emb = 32, head = 16, T = 200, heads = 2, B = 3;
+  for (const int threads : {1, 2}) {
+    INFO("threads " << threads);
+    head_attention::HeadAttention<Scalar> layer(emb, head, T, 94);
+    head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 95);
+    layer.set_num_threads(threads);
+    mha.set_num_threads(threads);
+    const Matrix<Scalar> x = random_matrix<float>(B * T, emb, 96).template cast<Scalar>();
+
+    // forward_into: reserved, then the very first call; and the same call with its own buffers must agree.
+    head_attention::Workspace<Scalar> workspace;
+    layer.reserve_workspace(workspace, B, T);
+    const std::size_t reserved = workspace.bytes();
+    CHECK(reserved > 0);
+    CHECK(reserved == layer.workspace_bytes(B, T));
+    Matrix<Scalar> out(B * T, head);
+    CHECK(allocations([&] { layer.forward_into(x, B, out, workspace); }) == 0);
+    Matrix<Scalar> own(B * T, head);  // the same call with buffers of its own
+    layer.forward_into(x, B, own);
+    CHECK(identical(out, own));
+    CHECK(workspace.bytes() == reserved);  // the call needed nothing more
+
+    head_attention::Workspace<Scalar> mha_workspace;
+    mha.reserve_workspace(mha_workspace, B, T);
+    CHECK(mha_workspace.bytes() == mha.workspace_bytes(B, T));
+    Matrix<Scalar> out_mha(B * T, emb);
+    CHECK(allocations([&] { mha.forward_into(x, B, out_mha, mha_workspace); }) == 0);
+    Matrix<Scalar> own_mha(B * T, emb);
+    mha.forward_into(x, B, own_mha);
+    CHECK(identical(out_mha, own_mha));
+
+    // Decode steps of several sequences at once (one cache each), from the first step on: the caches
+    // reserve()d, the workspace reserved for single rows.
+    std::vector<head_attention::KVCache<Scalar>> caches;
+    for (Index b = 0; b < B; ++b) {
+      caches.push_back(layer.make_cache());
+      caches.back().reserve();
+    }
+    head_attention::Workspace<Scalar> decode;
+    layer.reserve_workspace(decode, caches);
+    Matrix<Scalar> rows(B, emb), step(B, head), decoded(B * T, head);
+    long step_allocations = 0;
+    for (Index r = 0; r < T; ++r) {
+      for (Index b = 0; b < B; ++b)
+        rows.row(b) = x.row(b * T + r);
+      step_allocations += allocations([&] { layer.forward_cached_into(rows, caches, step, decode); });
+      for (Index b = 0; b < B; ++b)
+        decoded.row(b * T + r) = step.row(b);
+    }
+    CHECK(step_allocations == 0);
+    CHECK(relative_error(decoded.template cast<double>().eval(), own.template cast<double>().eval()) <= 1e-2);
+
+    auto mcache = mha.make_cache(B);
+    mcache.reserve();
+    head_attention::Workspace<Scalar> mha_decode;
+    mha.reserve_workspace(mha_decode, mcache);
+    Matrix<Scalar> mrows(B, emb), mstep(B, emb);
+    long multi_allocations = 0;
+    for (Index r = 0; r < 50; ++r) {
+      for (Index b = 0; b < B; ++b)
+        mrows.row(b) = x.row(b * T + r);
+      multi_allocations += allocations([&] { mha.forward_cached_into(mrows, mcache, mstep, mha_decode); });
+    }
+    CHECK(multi_allocations == 0);
+  }
+}

@@ -169,3 +169,104 @@ TEMPLATE_TEST_CASE(
     }
   }
 }
+
+namespace {
+
+/// Rows of `got` outside [lo, hi) are finite and equal to those of `clean` within `bound` of clean's scale
+/// (the planted run takes the masked products, which sum in another order than the clean run's tiles).
+template <typename Scalar>
+bool rows_outside_unchanged(const Matrix<Scalar>& got, const Matrix<Scalar>& clean, Index lo, Index hi,
+                            double bound) {
+  lo = std::max<Index>(lo, 0);
+  hi = std::min<Index>(hi, got.rows());
+  const Index tail = got.rows() - hi;
+  const bool finite = got.topRows(lo).allFinite() && got.bottomRows(tail).allFinite();
+  const double scale = std::max(max_abs(clean.data(), clean.size()), 1e-300);
+  const double diff =
+      std::max(lo > 0 ? max_abs_diff(Matrix<Scalar>(got.topRows(lo)).data(),
+                                     Matrix<Scalar>(clean.topRows(lo)).data(), lo * got.cols())
+                      : 0.0,
+               tail > 0 ? max_abs_diff(Matrix<Scalar>(got.bottomRows(tail)).data(),
+                                       Matrix<Scalar>(clean.bottomRows(tail)).data(), tail * got.cols())
+                        : 0.0);
+  return finite && diff <= bound * scale;
+}
+
+}  // namespace
+
+// The backward pass: masked pairs contribute nothing to any gradient, whatever they hold. A sliding window of
+// W keys makes it observable: a value planted in x row p changes only the outputs of rows [p, p + W), so the
+// input gradients of rows at least W away from p must not move. (The weight gradients sum every row, so they
+// see a non-finite row legitimately, as autograd's do.)
+TEMPLATE_TEST_CASE("backward: a non-finite input row reaches only the gradients that depend on it",
+                   "[nonfinite][backward]", float, double) {
+  using Scalar = TestType;
+  const double bound = std::is_same<Scalar, float>::value ? 1e-5 : 1e-12;
+  constexpr Index W = 20, emb = 12, head = 8, heads = 2;
+  const head_attention::MaskRule rule = head_attention::MaskRule::sliding_window(W);
+  for (const Index T : {Index(150), Index(320)}) {  // one key tile; two, with the plants either side
+    head_attention::HeadAttention<Scalar> layer(emb, head, T, 31, rule);
+    head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 32, rule);
+    const Matrix<Scalar> x = random_matrix<Scalar>(2 * T, emb, 33);
+    const Matrix<Scalar> g = random_matrix<Scalar>(2 * T, head, 34);
+    const Matrix<Scalar> g_mha = random_matrix<Scalar>(2 * T, emb, 35);
+    struct Inputs {
+      Matrix<Scalar> single, state, batch, multi;
+    };
+    const auto run = [&](const Matrix<Scalar>& in) {
+      Inputs o;
+      o.single = layer.backward(in.topRows(T), g.topRows(T)).input;
+      o.state = layer.backward(in.topRows(T), g.topRows(T), layer.forward_training(in.topRows(T))).input;
+      o.batch = layer.backward(in, 2, g).input;
+      o.multi = mha.backward(in.topRows(T), g_mha.topRows(T)).input;
+      return o;
+    };
+    const Inputs clean = run(x);
+    for (const Scalar value : kPlanted<Scalar>) {
+      for (const Index p : {Index(0), Index(30), Index(127), Index(128), Index(149)}) {
+        Matrix<Scalar> planted = x;
+        planted(p, 3) = value;      // sequence 0
+        planted(T + p, 5) = value;  // sequence 1 of the batched call
+        const Inputs got = run(planted);
+        INFO("T " << T << ", planted " << value << " at row " << p);
+        CHECK(rows_outside_unchanged(got.single, clean.single, p - W + 1, p + W, bound));
+        CHECK(rows_outside_unchanged(got.state, clean.state, p - W + 1, p + W, bound));
+        CHECK(rows_outside_unchanged(got.multi, clean.multi, p - W + 1, p + W, bound));
+        const Matrix<Scalar> batch0 = got.batch.topRows(T), clean0 = clean.batch.topRows(T);
+        const Matrix<Scalar> batch1 = got.batch.bottomRows(T), clean1 = clean.batch.bottomRows(T);
+        CHECK(rows_outside_unchanged(batch0, clean0, p - W + 1, p + W, bound));
+        CHECK(rows_outside_unchanged(batch1, clean1, p - W + 1, p + W, bound));
+        CHECK_FALSE(got.single.row(p).allFinite());  // the plant did take effect
+      }
+    }
+  }
+}
+
+// A non-finite gradient row dL/dO[i] flows only into what output i depends on: under the causal rule, keys
+// and values at positions <= i. The input gradients of later rows must not move.
+TEMPLATE_TEST_CASE("backward: a non-finite output gradient reaches only the positions its output attends",
+                   "[nonfinite][backward]", float, double) {
+  using Scalar = TestType;
+  const double bound = std::is_same<Scalar, float>::value ? 1e-5 : 1e-12;
+  constexpr Index T = 300, emb = 12, head = 8;
+  head_attention::HeadAttention<Scalar> layer(emb, head, T, 41);
+  head_attention::MultiHeadAttention<Scalar> mha(2, emb, head, T, 42);
+  const Matrix<Scalar> x = random_matrix<Scalar>(T, emb, 43);
+  const Matrix<Scalar> g = random_matrix<Scalar>(T, head, 44);
+  const Matrix<Scalar> g_mha = random_matrix<Scalar>(T, emb, 45);
+  const Matrix<Scalar> clean = layer.backward(x, g).input;
+  const Matrix<Scalar> clean_mha = mha.backward(x, g_mha).input;
+  for (const Scalar value : kPlanted<Scalar>) {
+    for (const Index i : {Index(0), Index(100), Index(127), Index(128), Index(255), Index(256), Index(298)}) {
+      Matrix<Scalar> gi = g, gi_mha = g_mha;
+      gi(i, 1) = value;
+      gi_mha(i, 2) = value;
+      const Matrix<Scalar> got = layer.backward(x, gi).input;
+      const Matrix<Scalar> got_mha = mha.backward(x, gi_mha).input;
+      INFO("planted " << value << " in grad_out row " << i);
+      CHECK(rows_outside_unchanged(got, clean, 0, i + 1, bound));
+      CHECK(rows_outside_unchanged(got_mha, clean_mha, 0, i + 1, bound));
+      CHECK_FALSE(got.row(i).allFinite());
+    }
+  }
+}

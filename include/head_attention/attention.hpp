@@ -331,8 +331,7 @@ class HeadAttention {
   template <typename Derived>
   Matrix forward_cached(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache) const {
     Matrix out(x.rows(), m_head_size);  // [t, head]
-    KVCache<Scalar>* caches[1] = {&cache};
-    cached(x, caches, 1, out, "HeadAttention::forward_cached", nullptr);
+    cached(x, one_cache(cache), 1, out, "HeadAttention::forward_cached", nullptr);
     return out;
   }
 
@@ -343,8 +342,7 @@ class HeadAttention {
   template <typename Derived>
   void forward_cached_into(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache, OutputRef out,
                            Workspace<Scalar>& workspace) const {
-    KVCache<Scalar>* caches[1] = {&cache};
-    cached(x, caches, 1, out, "HeadAttention::forward_cached_into", &workspace);
+    cached(x, one_cache(cache), 1, out, "HeadAttention::forward_cached_into", &workspace);
   }
 
   /// forward_cached for several sequences that advance together: x holds caches.size() chunks of equal length
@@ -353,12 +351,49 @@ class HeadAttention {
   template <typename Derived>
   void forward_cached_into(const Eigen::MatrixBase<Derived>& x, std::vector<KVCache<Scalar>>& caches,
                            OutputRef out) const {
-    std::vector<KVCache<Scalar>*> pointers;
-    pointers.reserve(caches.size());
-    for (KVCache<Scalar>& cache : caches)
-      pointers.push_back(&cache);
-    cached(x, pointers.data(), static_cast<Index>(pointers.size()), out, "HeadAttention::forward_cached_into",
+    cached(x, caches.data(), static_cast<Index>(caches.size()), out, "HeadAttention::forward_cached_into",
            nullptr);
+  }
+
+  /// The same, its working memory taken from (and left in) `workspace`: the no-allocation decode step of
+  /// several sequences (every cache reserve()d, the workspace sized by reserve_workspace or by one call).
+  template <typename Derived>
+  void forward_cached_into(const Eigen::MatrixBase<Derived>& x, std::vector<KVCache<Scalar>>& caches,
+                           OutputRef out, Workspace<Scalar>& workspace) const {
+    cached(x, caches.data(), static_cast<Index>(caches.size()), out, "HeadAttention::forward_cached_into",
+           &workspace);
+  }
+
+  /// Sizes `workspace` for forward_into calls of `batch` sequences of `seq_len` rows (padded or not), so
+  /// that even the first such call allocates nothing: the no-allocation mode without a warm-up call. Sized
+  /// for the most threads such a call can use. Throws shape_error, the workspace unchanged, unless batch >= 0
+  /// and 0 <= seq_len <= max_seq_len.
+  void reserve_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len) const {
+    const char* where = "HeadAttention::reserve_workspace";
+    check_reservation(batch, seq_len, where);
+    size_workspace(workspace, batch, seq_len, nullptr);
+  }
+
+  /// Sizes `workspace` for decode steps of t rows per sequence extending `caches` (forward_cached_into):
+  /// with the caches reserve()d too, the first step allocates nothing either. Throws shape_error, nothing
+  /// changed, unless every cache was made by this layer's sizes and rule and 1 <= t <= max_seq_len.
+  void reserve_workspace(Workspace<Scalar>& workspace, const std::vector<KVCache<Scalar>>& caches,
+                         Index t = 1) const {
+    reserve_for_caches(workspace, caches.data(), static_cast<Index>(caches.size()), t);
+  }
+
+  /// reserve_workspace for the decode steps of a single cache.
+  void reserve_workspace(Workspace<Scalar>& workspace, const KVCache<Scalar>& cache, Index t = 1) const {
+    reserve_for_caches(workspace, &cache, 1, t);
+  }
+
+  /// The bytes of working memory a forward_into call of `batch` sequences of `seq_len` rows uses (what a
+  /// Workspace holds after serving it; found by sizing a temporary workspace, which is freed). Throws as
+  /// reserve_workspace does.
+  std::size_t workspace_bytes(Index batch, Index seq_len) const {
+    Workspace<Scalar> workspace;
+    reserve_workspace(workspace, batch, seq_len);
+    return workspace.bytes();
   }
 
  private:
@@ -386,12 +421,13 @@ class HeadAttention {
                            detail::shape_string(out.rows(), out.cols()));
   }
 
-  /// forward_into over `batch` sequences back to back, with right padding when lengths is not null.
+  /// forward_into over `batch` sequences back to back, with right padding when lengths is not null; also
+  /// each row's logsumexp into lse ([x.rows()]) when it is not null (a training forward).
   template <typename Derived>
-  void batch_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef& out,
-                  const std::vector<Index>* lengths, Workspace<Scalar>* workspace) const {
+  void batch_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
+                  const std::vector<Index>* lengths, Workspace<Scalar>* workspace, Compute* lse = nullptr,
+                  const char* where = "HeadAttention::forward_into") const {
     check_input<Derived>();
-    const char* where = "HeadAttention::forward_into";
     const Index seq_len = detail::sequence_length(x.rows(), batch, where);
     check_call(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
     check_out(out, x.rows(), where);
@@ -402,6 +438,7 @@ class HeadAttention {
       plan.lengths = lengths->data();
     }
     if (workspace != nullptr) plan.buffers = &workspace->m_buffers;
+    plan.lse = lse;
     run(x, batch, seq_len, out.data(), out.outerStride(), plan);
   }
 
@@ -414,26 +451,8 @@ class HeadAttention {
     TrainingState<Scalar> state;
     state.output.resize(x.rows(), m_head_size);  // [rows, head]
     state.lse.resize(x.rows());                  // [rows]
-    training_into(x, batch, state.output, state.lse.data(), lengths, "HeadAttention::forward_training");
+    batch_into(x, batch, state.output, lengths, nullptr, state.lse.data(), "HeadAttention::forward_training");
     return state;
-  }
-
-  /// forward_into(x, batch, out[, lengths]) that also writes each row's logsumexp to lse ([x.rows()]).
-  template <typename Derived>
-  void training_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out, Scalar* lse,
-                     const std::vector<Index>* lengths, const char* where) const {
-    check_input<Derived>();
-    const Index seq_len = detail::sequence_length(x.rows(), batch, where);
-    check_call(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
-    check_out(out, x.rows(), where);
-    detail::AttentionPlan<Scalar> plan;
-    plan.rule = m_rule;
-    if (lengths != nullptr) {
-      detail::check_lengths(*lengths, batch, seq_len, where);
-      plan.lengths = lengths->data();
-    }
-    plan.lse = lse;
-    run(x, batch, seq_len, out.data(), out.outerStride(), plan);
   }
 
   /// The backward of `batch` sequences back to back, with right padding when lengths is not null, from a
@@ -488,7 +507,7 @@ class HeadAttention {
 
   /// The cached forward of `count` chunks stored back to back in x, chunk b extending *caches[b].
   template <typename Derived>
-  void cached(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>* const* caches, Index count, OutputRef out,
+  void cached(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>* caches, Index count, OutputRef out,
               const char* where, Workspace<Scalar>* workspace) const {
     check_input<Derived>();
     HEAD_ATTENTION_REQUIRE(count > 0 ? x.rows() % count == 0 : x.rows() == 0, where, "x.rows()",
@@ -498,14 +517,14 @@ class HeadAttention {
     check_call(x.cols(), t, where, "x.cols() (input width)", "x.rows() (t)");
     check_out(out, x.rows(), where);
     for (Index b = 0; b < count; ++b)
-      caches[b]->check_fits(m_emb_size, m_head_size, m_max_seq_len, m_rule, t, where,
-                            count == 1 ? "cache" : "caches[" + std::to_string(b) + "]");
+      caches[b].check_fits(m_emb_size, m_head_size, m_max_seq_len, m_rule, t, where,
+                           count == 1 ? "cache" : "caches[" + std::to_string(b) + "]");
     if (t == 0) return;
     std::vector<detail::KVStore*> own;
     std::vector<detail::KVStore*>& stores = workspace != nullptr ? workspace->m_stores : own;
     stores.resize(static_cast<std::size_t>(count));
     for (Index b = 0; b < count; ++b) {
-      detail::KVStore& store = caches[b]->m_store;
+      detail::KVStore& store = caches[b].m_store;
       // Under a sliding window, positions before the first key of this chunk's first query are never seen
       // again: dropped. Other rules keep everything.
       const Index keep_from =
@@ -520,6 +539,45 @@ class HeadAttention {
     run(x, count, t, out.data(), out.outerStride(), plan);
     for (detail::KVStore* store : stores)
       store->commit(t);
+  }
+
+  static KVCache<Scalar>* one_cache(KVCache<Scalar>& cache) { return &cache; }
+
+  void check_reservation(Index batch, Index seq_len, const char* where) const {
+    detail::check_projections(*this, where);
+    HEAD_ATTENTION_REQUIRE(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
+    HEAD_ATTENTION_REQUIRE(seq_len >= 0 && seq_len <= m_max_seq_len, where, "seq_len",
+                           "in [0, max_seq_len = " + std::to_string(m_max_seq_len) + "]",
+                           std::to_string(seq_len));
+    detail::require_fits({batch, seq_len, m_emb_size}, sizeof(Scalar), where, "batch · seq_len · emb_size");
+  }
+
+  void reserve_for_caches(Workspace<Scalar>& workspace, const KVCache<Scalar>* caches, Index count,
+                          Index t) const {
+    const char* where = "HeadAttention::reserve_workspace";
+    HEAD_ATTENTION_REQUIRE(t >= 1, where, "t", ">= 1", std::to_string(t));
+    check_reservation(count, t, where);
+    for (Index b = 0; b < count; ++b)
+      caches[b].check_fits(m_emb_size, m_head_size, m_max_seq_len, m_rule, 0, where,
+                           count == 1 ? "cache" : "caches[" + std::to_string(b) + "]");
+    workspace.m_stores.resize(static_cast<std::size_t>(count));
+    for (Index b = 0; b < count; ++b)  // read for their sizes only (AttentionPlan::size_only)
+      workspace.m_stores[static_cast<std::size_t>(b)] = const_cast<detail::KVStore*>(&caches[b].m_store);
+    size_workspace(workspace, count, t, workspace.m_stores.data());
+  }
+
+  /// Sizes the workspace's buffers through the forward pass itself (AttentionPlan::size_only).
+  void size_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len,
+                      detail::KVStore* const* caches) const {
+    if (batch * seq_len == 0) return;
+    detail::AttentionPlan<Scalar> plan;
+    plan.rule = m_rule;
+    plan.caches = caches;
+    plan.buffers = &workspace.m_buffers;
+    plan.size_only = true;
+    const LinearType* const layers[3] = {&m_query, &m_key, &m_value};
+    detail::forward<Eigen::RowMajor>(static_cast<const Scalar*>(nullptr), m_emb_size, batch, seq_len, layers,
+                                     1, static_cast<Scalar*>(nullptr), m_head_size, num_threads(), plan);
   }
 
   /// `batch` sequences of `seq_len` rows stored back to back in x ([batch · seq_len, emb_size]) into out

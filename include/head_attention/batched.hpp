@@ -268,7 +268,7 @@ class BatchedHeadAttention {
           state.output.resize(batch * seq_len, m_head.head_size());           // [B·T, head]
           state.lse.resize(batch * seq_len);                                  // [B·T]
           const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);  // [B·T, emb], back to back
-          m_head.training_into(rows, batch, state.output, state.lse.data(), lengths, where);
+          m_head.batch_into(rows, batch, state.output, lengths, nullptr, state.lse.data(), where);
           return state;
         });
   }

@@ -330,6 +330,43 @@ class MultiHeadAttention {
     cached(x, cache, out, "MultiHeadAttention::forward_cached_into", &workspace);
   }
 
+  /// Sizes `workspace` for forward_into calls of `batch` sequences of `seq_len` rows (padded or not), so
+  /// that even the first such call allocates nothing: the no-allocation mode without a warm-up call. Sized
+  /// for the most threads such a call can use. Throws shape_error, the workspace unchanged, unless batch >= 0
+  /// and 0 <= seq_len <= max_seq_len.
+  void reserve_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len) const {
+    check_reservation(batch, seq_len);
+    size_workspace(workspace, batch, seq_len, nullptr);
+  }
+
+  /// Sizes `workspace` for decode steps of t rows per sequence extending `cache` (forward_cached_into): with
+  /// the cache reserve()d too, the first step allocates nothing either. Throws shape_error, nothing changed,
+  /// unless the cache was made by this layer and 1 <= t <= max_seq_len.
+  void reserve_workspace(Workspace<Scalar>& workspace, const Cache& cache, Index t = 1) const {
+    const char* where = "MultiHeadAttention::reserve_workspace";
+    HEAD_ATTENTION_REQUIRE(t >= 1, where, "t", ">= 1", std::to_string(t));
+    check_reservation(cache.batch(), t);
+    HEAD_ATTENTION_REQUIRE(static_cast<Index>(cache.m_caches.size()) == num_heads() * cache.batch(), where,
+                           "cache heads", std::to_string(num_heads()),
+                           std::to_string(cache.batch() > 0 ? cache.m_caches.size() / cache.batch() : 0));
+    for (const KVCache<Scalar>& c : cache.m_caches)
+      c.check_fits(emb_size(), head_size(), max_seq_len(), mask_rule(), 0, where, "cache");
+    workspace.m_stores.clear();
+    workspace.m_stores.reserve(cache.m_caches.size());
+    for (const KVCache<Scalar>& c : cache.m_caches)  // read for their sizes only (AttentionPlan::size_only)
+      workspace.m_stores.push_back(const_cast<detail::KVStore*>(&c.m_store));
+    size_workspace(workspace, cache.batch(), t, workspace.m_stores.data());
+  }
+
+  /// The bytes of working memory a forward_into call of `batch` sequences of `seq_len` rows uses (what a
+  /// Workspace holds after serving it; found by sizing a temporary workspace, which is freed). Throws as
+  /// reserve_workspace does.
+  std::size_t workspace_bytes(Index batch, Index seq_len) const {
+    Workspace<Scalar> workspace;
+    reserve_workspace(workspace, batch, seq_len);
+    return workspace.bytes();
+  }
+
   /// Incremental decoding of B sequences together: x [B, t, emb_size] to [B, t, emb_size].
   template <typename TensorDerived>
   Tensor3 forward_cached(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
@@ -548,6 +585,25 @@ class MultiHeadAttention {
     run(x, batch, t, out.data(), out.outerStride(), plan, workspace);
     for (detail::KVStore* store : stores)
       store->commit(t);
+  }
+
+  void check_reservation(Index batch, Index seq_len) const {
+    const char* where = "MultiHeadAttention::reserve_workspace";
+    HEAD_ATTENTION_REQUIRE(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
+    HEAD_ATTENTION_REQUIRE(seq_len >= 0, where, "seq_len", ">= 0", std::to_string(seq_len));
+    check(emb_size(), seq_len, where, "emb_size", "seq_len");
+    detail::require_fits({batch, seq_len, emb_size()}, sizeof(Scalar), where, "batch · seq_len · emb_size");
+  }
+
+  /// Sizes the workspace's buffers through the forward pass itself (AttentionPlan::size_only).
+  void size_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len,
+                      detail::KVStore* const* caches) const {
+    detail::AttentionPlan<Scalar> plan;
+    plan.caches = caches;
+    plan.buffers = &workspace.m_buffers;
+    plan.size_only = true;
+    const Eigen::Map<const Matrix> nothing(nullptr, batch * seq_len, emb_size());  // never read
+    run(nothing, batch, seq_len, nullptr, emb_size(), plan, &workspace);
   }
 
   /// All heads and the output projection over `batch` sequences of `seq_len` rows: out [batch · seq_len,

@@ -317,7 +317,9 @@ struct ForwardBuffers {
            bool wide_keys, bool wide) {
     // An array, not a vector: a call of a shape seen before must allocate nothing (no-allocation mode).
     const std::array<Index, 9> key = {threads, rows, head, emb, out_width, block_q, block_k, wide_keys, wide};
-    if (m_fitted && key == m_key) return;
+    // Fewer threads than fitted use the first ones' scratch: a decode step that turns serial (or a call of a
+    // workspace reserved for the most threads) reallocates nothing.
+    if (m_fitted && threads <= m_key[0] && std::equal(key.begin() + 1, key.end(), m_key.begin() + 1)) return;
     m_fitted = false;  // invalid until everything is rebuilt (a bad_alloc on the way leaves it so)
     scratch.clear();
     // Reserved first: a scratch owns GEMM packing buffers and must never be relocated by a growing vector.
@@ -390,6 +392,10 @@ struct AttentionPlan {
   Eigen::Index projected_stride = 0;
   /// Buffers to reuse (a Workspace's), or null: the call allocates its own.
   ForwardBuffers<compute_t<Scalar>>* buffers = nullptr;
+  /// Only make `buffers` fit a call of this shape (a workspace's reservation) and return: x and the outputs
+  /// are not read or written, the caches only asked for their sizes. Sized for the most threads the shape
+  /// can use, so that any later call of it fits.
+  bool size_only = false;
   /// [heads · rows] each query row's logsumexp of its visible scores Q'Kᵀ (Q' = Q / sqrt(head)), head h's row
   /// i at h · rows + i (+inf for a row that sees no key), or null. For the backward, which then skips
   /// recomputing it.
@@ -490,7 +496,7 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   const Index items = heads * batch * query_blocks;
   const double flops =
       static_cast<double>(heads) * useful_flops<Scalar>(batch, seq_len, emb, head, max_keys, plan.rule);
-  if (flops < Tuning::serial_below_flops || in_parallel_region()) threads = 1;
+  if ((flops < Tuning::serial_below_flops && !plan.size_only) || in_parallel_region()) threads = 1;
   // Short inputs are cut into up to projection_split chunks, so that the threads all get projection work. The
   // cut depends on the input alone, never on the thread count (and gemm_nn rounds a row the same in any
   // chunk, so results do not even depend on the cut).
@@ -538,6 +544,7 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   std::vector<FlashScratch<Scalar>>& scratch = buffers.scratch;
   std::vector<Index>& x_wide_chunk = buffers.x_wide_chunk;
   x_wide_chunk.assign(static_cast<std::size_t>(threads), -1);
+  if (plan.size_only) return;
   const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(head));
 
   HEAD_ATTENTION_OMP(parallel num_threads(threads) if (threads > 1)) {

@@ -96,6 +96,10 @@ struct BackwardSequence {
   Index seq_len;  // rows
   Index valid;    // keys at or after it are masked (right padding)
   Index head;
+  // Whether Q', K, V and dO are all finite. If not, the tiles with masked entries take the masked products
+  // below, which leave those entries out: a product with the masked zeros would turn a NaN or Inf in a row
+  // that is masked there into 0 · NaN = NaN in rows that never see it.
+  bool finite;
 };
 
 /// The key range [first, end) the query at position p of a sequence sees.
@@ -106,6 +110,28 @@ Eigen::Index first_visible(const BackwardSequence<Scalar>& sq, const MaskRule& r
 template <typename Scalar>
 Eigen::Index end_visible(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eigen::Index p) {
   return std::min(rule.end_key(p, sq.seq_len), sq.valid);
+}
+
+/// Whether every query of rows [r0, r0 + bq) sees every key of [j0, j0 + bk): both ends of a query's range
+/// never decrease with its position.
+template <typename Scalar>
+bool whole_tile(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eigen::Index r0, Eigen::Index bq,
+                Eigen::Index j0, Eigen::Index bk) {
+  return first_visible(sq, rule, r0 + bq - 1) <= j0 && end_visible(sq, rule, r0) >= j0 + bk;
+}
+
+/// The tile's products over its visible entries only, row by row (the slow path of a sequence that is not
+/// all finite): for each query row r of the tile and its visible keys [a, b) (tile-relative, from the rule),
+/// f(r, a, b).
+template <typename Scalar, typename F>
+void for_visible(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eigen::Index r0, Eigen::Index bq,
+                 Eigen::Index j0, Eigen::Index bk, F&& f) {
+  using Index = Eigen::Index;
+  for (Index r = 0; r < bq; ++r) {
+    const Index a = std::clamp<Index>(first_visible(sq, rule, r0 + r) - j0, 0, bk);
+    const Index b = std::clamp<Index>(end_visible(sq, rule, r0 + r) - j0, a, bk);
+    if (b > a) f(r, a, b);
+  }
 }
 
 /// Scores of one tile, query rows [r0, r0 + bq) and keys [j0, j0 + bk), into s.probs; then for each row r
@@ -146,6 +172,13 @@ void tile_gradients(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Ei
           sq.seq_len, dscores.data(), s.dscores.cols());    // dP = dO Vᵀ
   const Eigen::Map<const Vector> delta(sq.delta + r0, bq);  // [bq]
   dscores = (probs.array() * (dscores.array().colwise() - delta.array())).matrix();
+  if (!sq.finite)  // masked entries: 0 · (dP - D) is NaN where dP or D is
+    for (Index r = 0; r < bq; ++r) {
+      const Index a = std::clamp<Index>(first_visible(sq, rule, r0 + r) - j0, 0, bk);
+      const Index b = std::clamp<Index>(end_visible(sq, rule, r0 + r) - j0, a, bk);
+      dscores.row(r).head(a).setZero();
+      dscores.row(r).tail(bk - b).setZero();
+    }
 }
 
 /// The forward statistics of query rows [r0, r0 + bq): an online softmax over the visible keys, as the
@@ -187,9 +220,17 @@ void softmax_statistics(const BackwardSequence<Scalar>& sq, const MaskRule& rule
       }
       s.row_sum[r] += probs.row(r).segment(a, b - a).sum();
     }
-    gemm_nn(bq, sq.head, bk, probs.data(), s.probs.cols(), sq.q + j0 * sq.ld + 2 * sq.head, sq.ld,
-            s.acc.data(),
-            sq.head);  // acc += P V
+    if (sq.finite || whole_tile(sq, rule, r0, bq, j0, bk)) {
+      gemm_nn(bq, sq.head, bk, probs.data(), s.probs.cols(), sq.q + j0 * sq.ld + 2 * sq.head, sq.ld,
+              s.acc.data(),
+              sq.head);  // acc += P V
+    } else {
+      const Eigen::Map<const Matrix, 0, Stride> v(sq.q + j0 * sq.ld + 2 * sq.head, bk, sq.head,
+                                                  Stride(sq.ld));  // [bk, head]
+      for_visible(sq, rule, r0, bq, j0, bk, [&](Index r, Index a, Index b) {
+        s.acc.row(r).noalias() += probs.row(r).segment(a, b - a) * v.middleRows(a, b - a);
+      });
+    }
   }
   for (Index r = 0; r < bq; ++r) {
     const Index row = r0 + r;
@@ -233,14 +274,28 @@ void key_gradients(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eig
     const Index hi = end_visible(sq, rule, r0 + bq - 1);
     if (hi <= j0 || lo >= j0 + bk || lo >= hi) continue;  // causal: the tiles above the diagonal
     tile_gradients(sq, rule, r0, bq, j0, bk, s);
-    // Pᵀ and dSᵀ are the row-major tiles read as column-major (lda = 1, columns a tile row apart).
-    gemm_nn(bk, sq.head, bq, s.probs.data(), 1, sq.dout + r0 * sq.dout_stride, sq.dout_stride, dv.data(),
-            sq.ld,
-            s.probs.cols());  // dV [bk, head] += Pᵀ dO
-    gemm_nn(bk, sq.head, bq, s.dscores.data(), 1, sq.q + r0 * sq.ld, sq.ld, dk.data(), sq.ld,
-            s.dscores.cols());  // dK [bk, head] += dSᵀ Q' (Q' carries the scale)
-    gemm_nn(bq, sq.head, bk, s.dscores.data(), s.dscores.cols(), k.data(), sq.ld, dq_acc + r0 * dq_stride,
-            dq_stride);  // dQ [bq, head] += dS K
+    if (sq.finite || whole_tile(sq, rule, r0, bq, j0, bk)) {
+      // Pᵀ and dSᵀ are the row-major tiles read as column-major (lda = 1, columns a tile row apart).
+      gemm_nn(bk, sq.head, bq, s.probs.data(), 1, sq.dout + r0 * sq.dout_stride, sq.dout_stride, dv.data(),
+              sq.ld,
+              s.probs.cols());  // dV [bk, head] += Pᵀ dO
+      gemm_nn(bk, sq.head, bq, s.dscores.data(), 1, sq.q + r0 * sq.ld, sq.ld, dk.data(), sq.ld,
+              s.dscores.cols());  // dK [bk, head] += dSᵀ Q' (Q' carries the scale)
+      gemm_nn(bq, sq.head, bk, s.dscores.data(), s.dscores.cols(), k.data(), sq.ld, dq_acc + r0 * dq_stride,
+              dq_stride);  // dQ [bq, head] += dS K
+    } else {
+      const Eigen::Map<const Matrix, 0, Stride> dout(sq.dout + r0 * sq.dout_stride, bq, sq.head,
+                                                     Stride(sq.dout_stride));  // [bq, head]
+      const Eigen::Map<const Matrix, 0, Stride> q(sq.q + r0 * sq.ld, bq, sq.head,
+                                                  Stride(sq.ld));  // [bq, head]
+      Eigen::Map<Matrix, 0, Stride> dq(dq_acc + r0 * dq_stride, bq, sq.head,
+                                       Stride(dq_stride));  // [bq, head]
+      for_visible(sq, rule, r0, bq, j0, bk, [&](Index r, Index a, Index b) {
+        dv.middleRows(a, b - a).noalias() += s.probs.row(r).segment(a, b - a).transpose() * dout.row(r);
+        dk.middleRows(a, b - a).noalias() += s.dscores.row(r).segment(a, b - a).transpose() * q.row(r);
+        dq.row(r).noalias() += s.dscores.row(r).segment(a, b - a) * k.middleRows(a, b - a);
+      });
+    }
   }
 }
 
@@ -334,7 +389,9 @@ void backward(const BackwardCall<Scalar>& call) {
   Scalar* const dq_groups = in_dx ? call.dx : own_scratch.data();
   Scalar* const kv_t = dq_groups + (groups - 1) * heads * rows * head;
   Matrix stats(2, heads * rows);  // [2, heads · rows] lse, D
-  Matrix dweights(width, emb);    // [3·heads·head, emb]
+  // [heads · batch · blocks] whether a key block's rows of Q', K, V and dO are all finite
+  std::vector<char> finite_blocks(static_cast<std::size_t>(block_items));
+  Matrix dweights(width, emb);  // [3·heads·head, emb]
   for (Index p = 0; p < 3 * heads; ++p)
     weights.middleRows(p * head, head) = call.layers[p]->weight;
   const Matrix weights_t = weights.transpose();  // [emb, 3·heads·head]: the projections' row-major operand
@@ -363,6 +420,8 @@ void backward(const BackwardCall<Scalar>& call) {
     sq.seq_len = call.seq_len;
     sq.valid = call.lengths != nullptr ? call.lengths[b] : call.seq_len;
     sq.head = head;
+    const auto flags = finite_blocks.begin() + c * blocks;  // written by the Kᵀ | Vᵀ loop
+    sq.finite = std::all_of(flags, flags + blocks, [](char f) { return f != 0; });
     return sq;
   };
   // Group g's dQ accumulator of (head, sequence) c: the dQ columns of dqkv for g = 0, else a slice of
@@ -390,15 +449,21 @@ void backward(const BackwardCall<Scalar>& call) {
               y.data(), width);  // y += x Wᵀ
       if (p % 3 == 0) y *= scale;
     }
-    // Kᵀ and Vᵀ, by key block.
+    // Kᵀ and Vᵀ, by key block; and whether the block's rows are all finite.
     HEAD_ATTENTION_OMP(for schedule(static))
     for (Index item = 0; item < block_items; ++item) {
-      const Index c = item / blocks;
+      const Index c = item / blocks, h = c / call.batch, b = c % call.batch;
       const Index j0 = (item % blocks) * block, bk = std::min(block, call.seq_len - j0);
+      const Index row = b * call.seq_len + j0;
       Scalar* const kt = kv_t + c * 2 * head * call.seq_len;  // [2 · head, seq_len]
-      const Eigen::Map<const Matrix, 0, Stride> kv(sequence(c).q + j0 * width + head, bk, 2 * head,
-                                                   Stride(width));  // [bk, 2 · head] K | V
-      Eigen::Map<Matrix, 0, Stride>(kt + j0, 2 * head, bk, Stride(call.seq_len)) = kv.transpose();
+      const Eigen::Map<const Matrix, 0, Stride> qkv_rows(qkv.data() + row * width + 3 * h * head, bk,
+                                                         3 * head,
+                                                         Stride(width));  // [bk, 3 · head] Q' | K | V
+      Eigen::Map<Matrix, 0, Stride>(kt + j0, 2 * head, bk, Stride(call.seq_len)) =
+          qkv_rows.rightCols(2 * head).transpose();
+      const Eigen::Map<const Matrix, 0, Stride> dout(call.dout + row * call.dout_stride + h * head, bk, head,
+                                                     Stride(call.dout_stride));  // [bk, head]
+      finite_blocks[static_cast<std::size_t>(item)] = qkv_rows.allFinite() && dout.allFinite();
     }
     // Per query block: the softmax statistics; and its rows of every dQ accumulator zeroed.
     HEAD_ATTENTION_OMP(for schedule(dynamic, 1))

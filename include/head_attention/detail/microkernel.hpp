@@ -167,8 +167,11 @@ void gemm_nn(Eigen::Index m, Eigen::Index n, Eigen::Index k, const Scalar* a, Ei
   using Index = Eigen::Index;
   if (m == 0 || n == 0 || (k == 0 && bias == nullptr)) return;
   if (k == 0) {  // C = bias; A and B may be empty (null): no pointer into them is formed
+    // (A loop, not std::copy: GCC 12 -O3 sees the memmove of the inlined bias == nullptr calls, which never
+    // get here, and warns -Wnonnull.)
     for (Index i = 0; i < m; ++i)
-      std::copy(bias, bias + n, c + i * ldc);
+      for (Index j = 0; j < n; ++j)
+        c[i * ldc + j] = bias[j];
     return;
   }
   constexpr Index W = simd_width<Scalar>;
