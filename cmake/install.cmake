@@ -6,6 +6,12 @@
 # The library is header-only, so everything lands in arch-independent places (include/, share/).
 
 include(CMakePackageConfigHelpers)
+
+# Installing needs nothing built (headers and generated text files), so `make install` and cpack skip building the
+# tests, examples and benchmarks that `all` holds.
+if(NOT DEFINED CMAKE_SKIP_INSTALL_ALL_DEPENDENCY)
+  set(CMAKE_SKIP_INSTALL_ALL_DEPENDENCY ON)
+endif()
 include("${CMAKE_CURRENT_LIST_DIR}/install_dirs.cmake")
 
 # Whether the target links OpenMP decides which dependencies the package must look for. Read it off the target
@@ -67,8 +73,11 @@ export(
   FILE "${PROJECT_BINARY_DIR}/HeadAttentionTargets.cmake")
 
 # pkg-config. The prefix must be the one actually installed to, which `cmake --install --prefix` or CPack can
-# change after configuration, so the file is configured in two passes: everything but the prefix now, and
-# @CMAKE_INSTALL_PREFIX@ by the install script itself, just before the file is copied.
+# change after configuration, and a .tar.gz package may be unpacked anywhere. So the file finds the prefix from its
+# own place, prefix=${pcfiledir}/<up to the prefix> (pkg-config and pkgconf both define pcfiledir), whenever the
+# pkg-config directory is relative to the prefix; with an absolute one, it is configured in two passes instead:
+# everything but the prefix now, and @CMAKE_INSTALL_PREFIX@ by the install script itself, just before the file is
+# copied.
 if(IS_ABSOLUTE "${CMAKE_INSTALL_INCLUDEDIR}")
   set(HEAD_ATTENTION_PC_INCLUDEDIR "${CMAKE_INSTALL_INCLUDEDIR}")
 else()
@@ -79,9 +88,25 @@ if(HEAD_ATTENTION_USES_OPENMP)
 else()
   set(HEAD_ATTENTION_PC_OPENMP_FLAGS "")
 endif()
-set(HEAD_ATTENTION_PC_PREFIX "@CMAKE_INSTALL_PREFIX@")
-configure_file("${CMAKE_CURRENT_LIST_DIR}/head_attention.pc.in" "${PROJECT_BINARY_DIR}/head_attention.pc.in"
-               @ONLY)
-install(CODE "configure_file(\"${PROJECT_BINARY_DIR}/head_attention.pc.in\" \
+if(IS_ABSOLUTE "${HEAD_ATTENTION_INSTALL_PKGCONFIGDIR}")
+  set(HEAD_ATTENTION_PC_PREFIX "@CMAKE_INSTALL_PREFIX@")
+  configure_file("${CMAKE_CURRENT_LIST_DIR}/head_attention.pc.in" "${PROJECT_BINARY_DIR}/head_attention.pc.in"
+                 @ONLY)
+  install(CODE "configure_file(\"${PROJECT_BINARY_DIR}/head_attention.pc.in\" \
 \"${PROJECT_BINARY_DIR}/head_attention.pc\" @ONLY)")
+else()
+  # share/pkgconfig -> ../..
+  file(RELATIVE_PATH _head_attention_pc_up "/prefix/${HEAD_ATTENTION_INSTALL_PKGCONFIGDIR}" "/prefix")
+  string(REGEX REPLACE "/$" "" _head_attention_pc_up "${_head_attention_pc_up}")
+  set(HEAD_ATTENTION_PC_PREFIX "\${pcfiledir}/${_head_attention_pc_up}")
+  unset(_head_attention_pc_up)
+  configure_file("${CMAKE_CURRENT_LIST_DIR}/head_attention.pc.in" "${PROJECT_BINARY_DIR}/head_attention.pc" @ONLY)
+endif()
 install(FILES "${PROJECT_BINARY_DIR}/head_attention.pc" DESTINATION "${HEAD_ATTENTION_INSTALL_PKGCONFIGDIR}")
+
+# The license, README and changelog, in the documentation directory (<prefix>/share/doc/HeadAttention by default).
+install(FILES "${PROJECT_SOURCE_DIR}/LICENSE" "${PROJECT_SOURCE_DIR}/README.md" "${PROJECT_SOURCE_DIR}/CHANGELOG.md"
+        DESTINATION "${CMAKE_INSTALL_DOCDIR}")
+
+# Binary packages of all of the above (cpack -G DEB, cpack -G TGZ).
+include("${CMAKE_CURRENT_LIST_DIR}/package.cmake")

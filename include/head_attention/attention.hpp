@@ -1,4 +1,5 @@
-// head-attention: HeadAttention, the causal single-head self-attention layer of simple_llm.
+/// \file
+/// head-attention: HeadAttention, the causal single-head self-attention layer of simple_llm.
 #pragma once
 
 #include <cstdint>
@@ -81,10 +82,16 @@ class HeadAttention {
                 "HeadAttention<Scalar> needs float, double, Eigen::half or Eigen::bfloat16");
 
  public:
+  /// Eigen's signed index type, for every size and position.
   using Index = Eigen::Index;
+  /// Row-major, as PyTorch lays out [T, features] activations and [out, in] weights, so that both copy in
+  /// without a transpose.
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  /// Column vector of Scalar (biases).
   using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+  /// A [T, T] boolean mask, true where a query sees a key.
   using Mask = Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  /// The projections' type, Linear<Scalar>.
   using LinearType = Linear<Scalar>;
   /// The type products and softmax run in: Scalar for float and double, float for Eigen::half and
   /// Eigen::bfloat16 (which only store).
@@ -116,24 +123,31 @@ class HeadAttention {
     m_value = detail::make_linear<Scalar>(emb_size, head_size, uniform);
   }
 
+  /// The sizes the layer was built with: input features, output features, longest sequence.
+  ///@{
   Index emb_size() const { return m_emb_size; }
   Index head_size() const { return m_head_size; }
   Index max_seq_len() const { return m_max_seq_len; }
+  ///@}
 
   /// The Q, K and V projections (PyTorch's _q, _k, _v). Assign trained weights here: weight [head_size,
   /// emb_size] exactly as in a PyTorch state_dict, bias [head_size]. Shapes are checked at the next forward
   /// call.
+  ///@{
   LinearType& query() { return m_query; }
   const LinearType& query() const { return m_query; }
   LinearType& key() { return m_key; }
   const LinearType& key() const { return m_key; }
   LinearType& value() { return m_value; }
   const LinearType& value() const { return m_value; }
+  ///@}
 
   /// Which keys each query sees: causal (the default, the seed's), bidirectional or a sliding window. A
   /// change takes effect on the next call; caches made under another rule are then refused.
+  ///@{
   const MaskRule& mask_rule() const { return m_rule; }
   void set_mask_rule(const MaskRule& rule) { m_rule = rule; }
+  ///@}
 
   /// The [T, T] causal mask, true where query i may see key j (j <= i): the seed's _tril_mask buffer, built
   /// on request (the layer stores none), whatever the layer's own rule. Throws shape_error unless 0 <= T <=

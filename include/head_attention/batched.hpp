@@ -1,4 +1,5 @@
-// head-attention: BatchedHeadAttention, HeadAttention over the leading dimension of a [B, T, emb] tensor.
+/// \file
+/// head-attention: BatchedHeadAttention, HeadAttention over the leading dimension of a [B, T, emb] tensor.
 #pragma once
 
 #include <cstdint>
@@ -62,9 +63,14 @@ auto with_tensor_data(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>
 template <typename Scalar>
 class BatchedHeadAttention {
  public:
+  /// Eigen's signed index type, for every size and position.
   using Index = Eigen::Index;
+  /// The layer each sequence goes through.
   using Layer = HeadAttention<Scalar>;
+  /// Row-major dynamic matrix of Scalar, the layer's.
   using Matrix = typename Layer::Matrix;
+  /// [B, T, features] tensors in and out: row-major, so that each sequence is a contiguous [T, features]
+  /// block the layer reads in place.
   using Tensor3 = Eigen::Tensor<Scalar, 3, Eigen::RowMajor>;
 
   /// Takes a copy of an existing layer (its weights, sizes and thread setting); head() is that copy.
@@ -74,8 +80,11 @@ class BatchedHeadAttention {
   BatchedHeadAttention(Index emb_size, Index head_size, Index max_seq_len, std::uint64_t seed = 0)
       : m_head(emb_size, head_size, max_seq_len, seed) {}
 
+  /// The layer itself: its weights, mask rule and thread cap are this module's.
+  ///@{
   Layer& head() { return m_head; }
   const Layer& head() const { return m_head; }
+  ///@}
 
   /// x [B, T, emb_size] to [B, T, head_size]. x is a row-major rank-3 tensor of Scalar: an Eigen::Tensor, an
   /// Eigen::TensorMap over the caller's memory (both read in place, no copy), or any tensor expression of

@@ -1,4 +1,5 @@
-// head-attention: exceptions thrown at the API boundary.
+/// \file
+/// head-attention: exceptions thrown at the API boundary.
 #pragma once
 
 #include <cstddef>

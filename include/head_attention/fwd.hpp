@@ -1,4 +1,5 @@
-// head-attention: forward declarations of the library's class templates, for headers that only name them.
+/// \file
+/// head-attention: forward declarations of the library's class templates, for headers that only name them.
 #pragma once
 
 namespace head_attention {

@@ -1,4 +1,5 @@
-// head-attention: Gradients, what a backward pass returns.
+/// \file
+/// head-attention: Gradients, what a backward pass returns.
 #pragma once
 
 #include <vector>
@@ -14,9 +15,9 @@ namespace head_attention {
 /// on.
 template <typename Scalar>
 struct HeadGradients {
-  Linear<Scalar> query;  // d/d Wq [head, emb], d/d bq [head]
-  Linear<Scalar> key;    // d/d Wk [head, emb], d/d bk [head]
-  Linear<Scalar> value;  // d/d Wv [head, emb], d/d bv [head]
+  Linear<Scalar> query;  ///< d/d Wq [head, emb], d/d bq [head]
+  Linear<Scalar> key;    ///< d/d Wk [head, emb], d/d bk [head]
+  Linear<Scalar> value;  ///< d/d Wv [head, emb], d/d bv [head]
 };
 
 /// What HeadAttention::backward returns: the gradient of the loss with respect to the input (`input`, shaped
@@ -25,7 +26,7 @@ struct HeadGradients {
 template <typename Scalar,
           typename Input = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>
 struct Gradients : HeadGradients<Scalar> {
-  Input input;  // d loss / d x, the input's shape
+  Input input;  ///< d loss / d x, the input's shape
 };
 
 /// What MultiHeadAttention::backward returns: d loss / d x, every head's parameter gradients and the output
@@ -33,9 +34,9 @@ struct Gradients : HeadGradients<Scalar> {
 template <typename Scalar,
           typename Input = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>
 struct MultiHeadGradients {
-  Input input;                               // d loss / d x, the input's shape
-  std::vector<HeadGradients<Scalar>> heads;  // [num_heads]
-  Linear<Scalar> projection;                 // d/d Wo [emb, heads·head], d/d bo [emb]
+  Input input;                               ///< d loss / d x, the input's shape
+  std::vector<HeadGradients<Scalar>> heads;  ///< [num_heads]
+  Linear<Scalar> projection;                 ///< d/d Wo [emb, heads·head], d/d bo [emb]
 };
 
 /// What a training forward keeps for its backward, so that the backward need not recompute the softmax
@@ -44,7 +45,9 @@ struct MultiHeadGradients {
 /// lengths, weights and mask rule as the forward that made it (only the shapes are checked).
 template <typename Scalar>
 struct TrainingState {
+  /// Row-major, as the layers' inputs and outputs.
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  /// Column vector of Scalar.
   using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
 
   /// [rows, heads · head_size] the heads' attention outputs, head h in columns [h · head_size, (h + 1) ·

@@ -1,6 +1,11 @@
-// head-attention: causal single-head self-attention (simple_llm's HeadAttention) for C++17 and Eigen 3.4.
-// Include this header to get everything.
+/// \file
+/// head-attention: causal single-head self-attention (simple_llm's HeadAttention) for C++17 and Eigen 3.4.
+/// Include this header to get everything.
 #pragma once
+
+/// \namespace head_attention
+/// The library's API: everything in it but head_attention::detail, whose contents may change in any release
+/// (see the README's "Versioning").
 
 #include "attention.hpp"
 #include "batched.hpp"

@@ -1,4 +1,5 @@
-// head-attention: KVCache, the keys and values of the positions a layer has already processed.
+/// \file
+/// head-attention: KVCache, the keys and values of the positions a layer has already processed.
 #pragma once
 
 #include <string>
@@ -21,6 +22,7 @@ namespace head_attention {
 template <typename Scalar>
 class KVCache {
  public:
+  /// Eigen's signed index type, for every size and position.
   using Index = Eigen::Index;
 
   /// Positions processed so far: the next row given to forward_cached has this position.
@@ -58,10 +60,12 @@ class KVCache {
   }
 
   /// The sizes and rule of the layer that made the cache.
+  ///@{
   Index emb_size() const { return m_emb_size; }
   Index head_size() const { return m_store.head(); }
   Index max_seq_len() const { return m_max_seq_len; }
   const MaskRule& mask_rule() const { return m_rule; }
+  ///@}
   /// The precision keys and values are stored in (chosen by make_cache).
   Precision precision() const { return m_store.precision(); }
 

@@ -1,4 +1,5 @@
-// head-attention: the affine projection y = x Wᵀ + b in PyTorch's nn.Linear layout.
+/// \file
+/// head-attention: the affine projection y = x Wᵀ + b in PyTorch's nn.Linear layout.
 #pragma once
 
 #include <cmath>
@@ -16,14 +17,19 @@ namespace head_attention {
 /// transposing.
 template <typename Scalar>
 struct Linear {
+  /// Eigen's signed index type.
   using Index = Eigen::Index;
+  /// Row-major, so that PyTorch's [out, in] weight copies in as it is.
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  /// Column vector of Scalar.
   using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
 
-  Matrix weight;  // [out, in]
-  Vector bias;    // [out]
+  Matrix weight;  ///< [out, in], PyTorch's `weight`
+  Vector bias;    ///< [out], PyTorch's `bias`
 
+  /// in: the width of the inputs, weight's columns.
   Index in_features() const { return weight.cols(); }
+  /// out: the width of the outputs, weight's rows.
   Index out_features() const { return weight.rows(); }
 };
 

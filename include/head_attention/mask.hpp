@@ -1,4 +1,5 @@
-// head-attention: MaskRule, which keys each query of an attention layer sees.
+/// \file
+/// head-attention: MaskRule, which keys each query of an attention layer sees.
 #pragma once
 
 #include <algorithm>
@@ -15,8 +16,10 @@ namespace head_attention {
 /// the tiled kernel skip whole blocks of keys.
 class MaskRule {
  public:
+  /// Eigen's signed index type, for positions and windows.
   using Index = Eigen::Index;
 
+  /// The three rules; kind() says which one a MaskRule is.
   enum class Kind {
     causal,         ///< j <= i: the seed module's torch.tril mask (the default)
     bidirectional,  ///< every key: the seed module without its masked_fill
@@ -33,6 +36,7 @@ class MaskRule {
     return MaskRule(Kind::sliding_window, window);
   }
 
+  /// Which of the three rules this is.
   Kind kind() const { return m_kind; }
   /// The window of a sliding_window rule; 0 for the others.
   Index window() const { return m_window; }
@@ -58,10 +62,13 @@ class MaskRule {
     }
   }
 
+  /// Same kind and same window: what a layer checks before accepting a cache made under a rule.
+  ///@{
   friend bool operator==(const MaskRule& a, const MaskRule& b) {
     return a.m_kind == b.m_kind && a.m_window == b.m_window;
   }
   friend bool operator!=(const MaskRule& a, const MaskRule& b) { return !(a == b); }
+  ///@}
 
  private:
   MaskRule(Kind kind, Index window) : m_kind(kind), m_window(window) {}

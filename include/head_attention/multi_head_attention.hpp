@@ -1,4 +1,5 @@
-// head-attention: MultiHeadAttention, simple_llm's num_heads HeadAttentions concatenated and projected back.
+/// \file
+/// head-attention: MultiHeadAttention, simple_llm's num_heads HeadAttentions concatenated and projected back.
 #pragma once
 
 #include <cstdint>
@@ -38,12 +39,19 @@ class MultiHeadAttention {
                 "MultiHeadAttention<Scalar> needs float, double, Eigen::half or Eigen::bfloat16");
 
  public:
+  /// Eigen's signed index type, for every size and position.
   using Index = Eigen::Index;
+  /// One head: each is a full HeadAttention, its weights loaded through head(i).
   using Head = HeadAttention<Scalar>;
+  /// Row-major dynamic matrix of Scalar, as HeadAttention's.
   using Matrix = typename Head::Matrix;
+  /// Column vector of Scalar (biases).
   using Vector = typename Head::Vector;
+  /// The projections' type, Linear<Scalar>.
   using LinearType = Linear<Scalar>;
+  /// Where forward_into writes: any row-major [rows, emb_size] storage with contiguous rows.
   using OutputRef = Eigen::Ref<Matrix, 0, Eigen::OuterStride<>>;
+  /// [B, T, features] tensors, row-major as in BatchedHeadAttention.
   using Tensor3 = Eigen::Tensor<Scalar, 3, Eigen::RowMajor>;
 
   /// Builds num_heads heads and the output projection with PyTorch's default nn.Linear init, all drawn from
@@ -71,26 +79,35 @@ class MultiHeadAttention {
     m_projection = detail::make_linear<Scalar>(num_heads * head_size, emb_size, uniform);
   }
 
+  /// The sizes the layer was built with; head_size is each head's, the output is [T, emb_size].
+  ///@{
   Index num_heads() const { return static_cast<Index>(m_heads.size()); }
   Index emb_size() const { return m_heads.front().emb_size(); }
   Index head_size() const { return m_heads.front().head_size(); }
   Index max_seq_len() const { return m_heads.front().max_seq_len(); }
+  ///@}
 
   /// Head i (PyTorch's `_heads[i]`): load its trained weights through query(), key(), value(). Throws
   /// shape_error unless 0 <= i < num_heads.
+  ///@{
   Head& head(Index i) { return m_heads[checked_head(i)]; }
   const Head& head(Index i) const { return m_heads[checked_head(i)]; }
+  ///@}
 
   /// The output projection (PyTorch's `_layer`): weight [emb_size, num_heads · head_size], bias [emb_size].
+  ///@{
   LinearType& projection() { return m_projection; }
   const LinearType& projection() const { return m_projection; }
+  ///@}
 
   /// Every head's mask rule (see MaskRule); set_mask_rule sets it on all heads.
+  ///@{
   const MaskRule& mask_rule() const { return m_heads.front().mask_rule(); }
   void set_mask_rule(const MaskRule& rule) {
     for (Head& head : m_heads)
       head.set_mask_rule(rule);
   }
+  ///@}
 
   /// The thread cap of a forward call, as HeadAttention::set_num_threads (0: Eigen's default). Throws
   /// shape_error if n < 0.
@@ -137,6 +154,7 @@ class MultiHeadAttention {
 
   /// The seed's calling convention: x [B, T, emb_size] (an Eigen::Tensor or TensorMap, row-major, read in
   /// place; or any tensor expression) to [B, T, emb_size]; with `lengths`, right padding as in forward_into.
+  ///@{
   template <typename TensorDerived>
   Tensor3 forward(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x) const {
     return forward_tensor(x, nullptr);
@@ -146,16 +164,19 @@ class MultiHeadAttention {
                   const std::vector<Index>& lengths) const {
     return forward_tensor(x, &lengths);
   }
+  ///@}
 
   /// simple_llm's dropout probability on the projected output (its `_dropout`, 0.1 by default): forward() is
   /// inference and ignores it; forward_training() and backward_training() apply it. Throws shape_error unless
   /// 0 <= p < 1.
+  ///@{
   double dropout() const { return m_dropout; }
   void set_dropout(double p) {
     HEAD_ATTENTION_REQUIRE(p >= 0 && p < 1, "MultiHeadAttention::set_dropout", "p", "in [0, 1)",
                            std::to_string(p));
     m_dropout = p;
   }
+  ///@}
 
   /// The training-mode forward of one sequence: forward(x), then inverted dropout, each output entry zeroed
   /// with probability dropout() and the others scaled by 1 / (1 - dropout()). The mask is drawn from `seed`

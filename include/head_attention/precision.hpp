@@ -1,4 +1,5 @@
-// head-attention: the element types layers and KV caches store, and the conversions between them.
+/// \file
+/// head-attention: the element types layers and KV caches store, and the conversions between them.
 #pragma once
 
 #include <cstddef>

@@ -1,4 +1,5 @@
-// head-attention: the plain, materialising implementation of the seed module, kept as the yardstick.
+/// \file
+/// head-attention: the plain, materialising implementation of the seed module, kept as the yardstick.
 #pragma once
 
 #include <algorithm>

@@ -1,8 +1,9 @@
-// head-attention: weights from and to PyTorch in the safetensors format
-// (https://github.com/huggingface/safetensors), with the exact state_dict() names of simple_llm's modules.
-//
-// Not part of the umbrella header head_attention.hpp: this one needs nlohmann/json (3.x), which the rest of
-// the library does not. Include it explicitly and link HeadAttention::safetensors.
+/// \file
+/// head-attention: weights from and to PyTorch in the safetensors format
+/// (https://github.com/huggingface/safetensors), with the exact state_dict() names of simple_llm's modules.
+///
+/// Not part of the umbrella header head_attention.hpp: this one needs nlohmann/json (3.x), which the rest of
+/// the library does not. Include it explicitly and link HeadAttention::safetensors.
 #pragma once
 
 #include <algorithm>
@@ -42,11 +43,13 @@ class format_error : public std::runtime_error {
 /// One tensor of a safetensors file, converted to Scalar: its shape and its values in row-major order.
 template <typename Scalar>
 struct StoredTensor {
+  /// Eigen's signed index type.
   using Index = Eigen::Index;
+  /// Row-major, as the file stores the values.
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-  std::vector<Index> shape;
-  std::vector<Scalar> values;  // row-major, product(shape) of them
+  std::vector<Index> shape;    ///< the dimensions as the file gives them, outermost first; empty for a scalar
+  std::vector<Scalar> values;  ///< row-major, product(shape) of them
 
   /// The values as a row-major matrix [product of all dimensions but the last, last dimension]: [B, T, C]
   /// gives [B·T, C], [n] gives [1, n], a scalar [1, 1].

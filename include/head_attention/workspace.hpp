@@ -1,4 +1,5 @@
-// head-attention: Workspace, working memory kept between forward calls.
+/// \file
+/// head-attention: Workspace, working memory kept between forward calls.
 #pragma once
 
 #include <cstddef>

@@ -1,8 +1,9 @@
-# cmake -DBUILD_DIR=... -DPREFIX=... -DSOURCE_DIR=... -DINCLUDEDIR=... -DCMAKEDIR=... -DPKGCONFIGDIR=...
+# cmake -DBUILD_DIR=... -DPREFIX=... -DSOURCE_DIR=... -DINCLUDEDIR=... -DCMAKEDIR=... -DPKGCONFIGDIR=... -DDOCDIR=...
 #       [-DSAFETENSORS=1] [-DCONFIG=...] -P install_and_check.cmake
 # Installs the build in BUILD_DIR into a fresh PREFIX and checks that exactly the expected files arrived: every
 # header under include/head_attention, the CMake package files (with HeadAttentionSafetensorsTargets.cmake when
-# SAFETENSORS, i.e. the build has HeadAttention::safetensors) and the pkg-config file, and nothing else.
+# SAFETENSORS, i.e. the build has HeadAttention::safetensors), the pkg-config file and the license, README and
+# changelog in DOCDIR, and nothing else.
 
 file(REMOVE_RECURSE "${PREFIX}")
 set(config_args "")
@@ -21,7 +22,8 @@ foreach(header IN LISTS headers)
   list(APPEND expected "${INCLUDEDIR}/${header}")
 endforeach()
 list(APPEND expected "${CMAKEDIR}/HeadAttentionConfig.cmake" "${CMAKEDIR}/HeadAttentionConfigVersion.cmake"
-     "${CMAKEDIR}/HeadAttentionTargets.cmake" "${PKGCONFIGDIR}/head_attention.pc")
+     "${CMAKEDIR}/HeadAttentionTargets.cmake" "${PKGCONFIGDIR}/head_attention.pc" "${DOCDIR}/LICENSE"
+     "${DOCDIR}/README.md" "${DOCDIR}/CHANGELOG.md")
 if(SAFETENSORS)
   list(APPEND expected "${CMAKEDIR}/HeadAttentionSafetensorsTargets.cmake")
 endif()
