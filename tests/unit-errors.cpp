@@ -452,6 +452,39 @@ TEMPLATE_TEST_CASE("forward_into with a Workspace: bad shapes leave the output a
   CHECK(identical(out_mha, good_mha));
 }
 
+TEMPLATE_TEST_CASE("reserve_workspace and workspace_bytes: bad shapes and foreign caches leave the workspace",
+                   "[errors][bad-input][workspace]", float, double) {
+  using Scalar = TestType;
+  const Setup<Scalar> s;
+  const head_attention::MultiHeadAttention<Scalar> mha(2, kEmb, kHead, kMax, 38);
+  const head_attention::HeadAttention<Scalar> other(kEmb, kHead + 1, kMax, 39);
+  head_attention::Workspace<Scalar> workspace;
+  s.layer.reserve_workspace(workspace, 2, 9);
+  const std::size_t bytes = workspace.bytes();
+  check_shape_error([&] { s.layer.reserve_workspace(workspace, -1, 9); },
+                    {"HeadAttention::reserve_workspace", "batch", ">= 0", "got -1"});
+  check_shape_error([&] { s.layer.reserve_workspace(workspace, 2, kMax + 1); },
+                    {"HeadAttention::reserve_workspace", "seq_len", "max_seq_len = 20", "got 21"});
+  check_shape_error([&] { (void)s.layer.workspace_bytes(1, -3); }, {"seq_len", "got -3"});
+  check_shape_error([&] { s.layer.reserve_workspace(workspace, Index(1) << 60, Index(20)); },
+                    {"HeadAttention::reserve_workspace", "batch · seq_len · emb_size", "bytes"});
+  std::vector<head_attention::KVCache<Scalar>> caches;
+  caches.push_back(s.layer.make_cache());
+  caches.push_back(other.make_cache());
+  check_shape_error([&] { s.layer.reserve_workspace(workspace, caches); },
+                    {"HeadAttention::reserve_workspace", "caches[1] sizes", "(13, 7, 20)", "(13, 8, 20)"});
+  check_shape_error([&] { s.layer.reserve_workspace(workspace, caches[0], 0); }, {"t", ">= 1", "got 0"});
+  auto mcache = mha.make_cache(2);
+  check_shape_error([&] { mha.reserve_workspace(workspace, mcache, kMax + 1); },
+                    {"MultiHeadAttention::reserve_workspace", "seq_len", "got 21"});
+  check_shape_error([&] { mha.reserve_workspace(workspace, -2, 3); },
+                    {"MultiHeadAttention::reserve_workspace", "batch", "got -2"});
+  CHECK(workspace.bytes() == bytes);
+  CHECK(caches[0].size() == 0);
+  CHECK(mcache.size() == 0);
+  s.check_unchanged(s.layer);
+}
+
 TEMPLATE_TEST_CASE("BatchedHeadAttention::Cache::sequence: b out of range", "[errors][bad-input][cache]",
                    float, double) {
   using Scalar = TestType;

@@ -155,16 +155,35 @@ TEMPLATE_TEST_CASE("callers' own threads each get a team of the size set", "[thr
 
 namespace {
 
-/// What one caller computes: every forward entry point on the shared layers, and a prefill plus decode steps
-/// on a cache of its own.
+/// Every gradient of a head, side by side: [head, emb + 1] per projection (weight | bias), then dL/dx.
+template <typename Scalar, typename Input>
+Matrix<Scalar> flatten(const head_attention::HeadGradients<Scalar>& g, const Input& input) {
+  const Index head = g.query.weight.rows(), emb = g.query.weight.cols();
+  Matrix<Scalar> all(3 * head + input.rows(), std::max(emb + 1, input.cols()));
+  all.setZero();
+  Index row = 0;
+  for (const head_attention::Linear<Scalar>* l : {&g.query, &g.key, &g.value}) {
+    all.block(row, 0, head, emb) = l->weight;
+    all.block(row, emb, head, 1) = l->bias;
+    row += head;
+  }
+  all.block(row, 0, input.rows(), input.cols()) = input;
+  return all;
+}
+
+/// What one caller computes: every forward and backward entry point on the shared layers, and a prefill
+/// plus decode steps on a cache of its own.
 template <typename Scalar>
 struct Calls {
   Matrix<Scalar> single, padded, multi, decoded, multi_decoded;
+  Matrix<Scalar> grad, grad_state, grad_padded, grad_multi;  // flattened gradients
   Tensor3<Scalar> batched;
 
   bool operator==(const Calls& o) const {
     return identical(single, o.single) && identical(padded, o.padded) && identical(multi, o.multi) &&
            identical(decoded, o.decoded) && identical(multi_decoded, o.multi_decoded) &&
+           identical(grad, o.grad) && identical(grad_state, o.grad_state) &&
+           identical(grad_padded, o.grad_padded) && identical(grad_multi, o.grad_multi) &&
            batched.size() == o.batched.size() &&
            max_abs_diff(batched.data(), o.batched.data(), batched.size()) == 0;
   }
@@ -196,6 +215,17 @@ struct Shared {
     c.multi_decoded.resize(T, kEmb);
     c.multi_decoded.topRows(T - 2) = mha.forward_cached(x.topRows(T - 2), multi_cache);
     c.multi_decoded.bottomRows(2) = mha.forward_cached(x.bottomRows(2), multi_cache);
+    // The backward passes: recomputing, from a training state, batched with padding, and multi-head.
+    const Matrix<Scalar> g = random_matrix<Scalar>(T, kHead, 900 + i);
+    const auto grads = layer.backward(x, g);  // Gradients<Scalar>
+    c.grad = flatten(grads, grads.input);
+    const auto from_state = layer.backward(x, g, layer.forward_training(x));
+    c.grad_state = flatten(from_state, from_state.input);
+    const auto padded = layer.backward(x, 2, g, std::vector<Index>{T / 2 - 3, T / 2});
+    c.grad_padded = flatten(padded, padded.input);
+    const head_attention::MultiHeadGradients<Scalar> multi =
+        mha.backward(x, random_matrix<Scalar>(T, kEmb, 950 + i));
+    c.grad_multi = flatten(multi.heads[1], multi.input);
     return c;
   }
 };
