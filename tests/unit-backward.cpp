@@ -134,6 +134,33 @@ TEST_CASE("backward: finite differences with right padding over a batch", "[back
                            });
 }
 
+// Regression (fuzz_layers, tests/fuzz/corpus/layers/regression-mha-backward-zero-rows): a multi-head backward
+// over no rows took column sums of an empty matrix, which offsets Eigen's null data pointer (UBSan).
+TEMPLATE_TEST_CASE("backward over no rows gives zero parameter gradients and an empty input gradient",
+                   "[backward]", float, double) {
+  using Scalar = TestType;
+  const head_attention::HeadAttention<Scalar> layer(6, 4, 10, 71);
+  const head_attention::MultiHeadAttention<Scalar> mha(2, 6, 3, 10, 72);
+  const Matrix<Scalar> x(0, 6), g(0, 4), g_mha(0, 6);
+  const auto single = layer.backward(x, g);
+  CHECK(single.input.rows() == 0);
+  CHECK(single.input.cols() == 6);
+  CHECK(single.query.weight.isZero());
+  CHECK(single.value.bias.size() == 4);
+  CHECK(single.value.bias.isZero());
+  const auto batched = layer.backward(x, 3, g);
+  CHECK(batched.key.bias.isZero());
+  const head_attention::MultiHeadGradients<Scalar> multi = mha.backward(x, g_mha);
+  CHECK(multi.input.rows() == 0);
+  CHECK(multi.projection.bias.size() == 6);
+  CHECK(multi.projection.bias.isZero());
+  CHECK(multi.projection.weight.isZero());
+  CHECK(multi.heads[1].query.bias.isZero());
+  const auto ref = head_attention::reference::backward(x, layer.query(), layer.key(), layer.value(), g);
+  CHECK(ref.query.bias.size() == 4);
+  CHECK(ref.query.bias.isZero());
+}
+
 TEMPLATE_TEST_CASE("backward: the fused pass matches the materialising reference backward", "[backward]",
                    float, double) {
   using Scalar = TestType;

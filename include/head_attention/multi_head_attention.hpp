@@ -509,7 +509,11 @@ class MultiHeadAttention {
     detail::backward(call);
     const detail::SerialEigenProducts serial;
     g.projection.weight.noalias() = dy.transpose() * concat;  // [emb, heads·head]
-    g.projection.bias = dy.colwise().sum().transpose();       // [emb]
+    // [emb] (no rows: zeros; Eigen's colwise() over 0 rows offsets a null pointer, UBSan says)
+    if (rows > 0)
+      g.projection.bias = dy.colwise().sum().transpose();
+    else
+      g.projection.bias.setZero(emb_size());
     return g;
   }
 

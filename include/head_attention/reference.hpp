@@ -147,7 +147,10 @@ Gradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x, const Linear<Sca
   Gradients<Scalar> g;
   const auto fill = [&](Linear<Scalar>& to, const Matrix& dY) {
     to.weight = dY.transpose() * x;  // [head, emb]
-    to.bias = dY.colwise().sum().transpose();
+    if (dY.rows() > 0)
+      to.bias = dY.colwise().sum().transpose();
+    else
+      to.bias.setZero(dY.cols());  // (colwise() over 0 rows offsets a null pointer)
   };
   fill(g.query, dQ);
   fill(g.key, dK);

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <head_attention/head_attention.hpp>
@@ -104,7 +105,25 @@ void single(ha_fuzz::Input& in) {
   if (!attempt([&] { layer.forward_into(xb, batch, outb, lengths); }) && !same_bits(outb, outb_before))
     ha_fuzz::fail("a refused padded forward_into wrote its output");
   head_attention::Workspace<Scalar> workspace;
-  (void)attempt([&] { layer.forward_into(xb, batch, outb, workspace); });
+  Matrix<Scalar> plain = outb;
+  const bool plain_ok = attempt([&] { layer.forward_into(xb, batch, plain); });
+  // A workspace sized ahead (reserve_workspace, the shape sometimes off) serves the call bit for bit.
+  if (attempt([&] { layer.reserve_workspace(workspace, near(in, batch), near(in, seq)); }) &&
+      attempt([&] { layer.forward_into(xb, batch, outb, workspace); }) &&
+      (!plain_ok || !same_bits(outb, plain)))
+    ha_fuzz::fail("forward_into with a reserved workspace differs from forward_into");
+
+  // The backward passes (float and double), grad_out sometimes of the wrong shape.
+  if constexpr (std::is_same<Scalar, head_attention::detail::compute_t<Scalar>>::value) {
+    const Matrix<Scalar> g = matrix<Scalar>(in, near(in, T), near(in, head));
+    if (attempt([&] {
+          if (layer.backward(x, g).input.rows() != x.rows()) ha_fuzz::fail("dL/dx is not x's shape");
+        }) &&
+        !ok)
+      ha_fuzz::fail("backward accepted an input forward refused");
+    const Matrix<Scalar> gb = matrix<Scalar>(in, xb.rows(), head);
+    (void)attempt([&] { (void)layer.backward(xb, batch, gb, lengths); });
+  }
 
   // Decoding in chunks; a refused chunk leaves the cache's size as it was.
   auto cache = layer.make_cache(in.flag() ? head_attention::Precision::bfloat16
@@ -134,6 +153,7 @@ void multi(ha_fuzz::Input& in) {
   Matrix<Scalar> out(x.rows(), emb);
   (void)attempt([&] { mha.forward_into(x, batch, out, in.flag() ? &lengths : nullptr); });
   (void)attempt([&] { (void)mha.forward(x); });
+  (void)attempt([&] { (void)mha.backward(x, batch, matrix<Scalar>(in, x.rows(), near(in, emb))); });
   auto cache = mha.make_cache(in.range(0, 2));
   for (int step = 0, steps = static_cast<int>(in.range(0, 4)); step < steps; ++step) {
     const Matrix<Scalar> chunk = matrix<Scalar>(in, in.range(0, 12), near(in, emb));
