@@ -134,6 +134,18 @@ Scalar exp_sum(Scalar* p, Eigen::Index n, Scalar shift) noexcept {
   return sum;
 }
 
+/// Whether every entry of the row-major [rows, cols] block at p (leading dimension stride) is finite: x · 0
+/// is 0 for a finite x and NaN otherwise, and a sum of such terms stays 0 or becomes NaN. A vectorised sum
+/// per row, where Eigen's allFinite() compares entry by entry (measured 1.6% of a call at B = 2, T = 10).
+template <typename Scalar>
+bool all_finite(const Scalar* p, Eigen::Index stride, Eigen::Index rows, Eigen::Index cols) noexcept {
+  using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
+  Scalar sum(0);
+  for (Eigen::Index r = 0; r < rows; ++r)
+    sum += (Eigen::Map<const RowVector>(p + r * stride, cols).array() * Scalar(0)).sum();
+  return sum == Scalar(0);
+}
+
 /// acc[bq, head] += probs[bq, bk] · V_tile for a tile where some query cannot see some key (its probs are 0
 /// there). A GEMM multiplies those zeros by the V rows, and 0 · NaN or 0 · Inf is NaN: a masked key would
 /// leak into outputs that cannot see it. So when the tile's V is not all finite, its non-finite rows are
@@ -668,6 +680,18 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   x_wide_chunk.assign(static_cast<std::size_t>(threads), -1);
   const Scalar scale = query_scale<Scalar>(head);
 
+  // Sequence c's (head h = c / batch, sequence b = c % batch) Kᵀ, and whether its V is finite: checked once
+  // here rather than in every masked tile of every query block.
+  const auto prepare_keys = [&](Index c) {
+    const Index h = c / batch, b = c % batch;
+    const Scalar* seq_qkv = qkv.data() + (h * rows + b * seq_len) * ld;
+    transpose_into(seq_qkv + head, ld, seq_len, head, keys_t + c * kt_size, kt_stride);
+    values_finite[static_cast<std::size_t>(c)] = all_finite(seq_qkv + 2 * head, ld, seq_len, head);
+  };
+  // With one query block per sequence (T <= query_block), each Kᵀ is read by one work item alone, which then
+  // prepares it itself: one loop and its barrier fewer.
+  const bool item_keys = plan.caches == nullptr && query_blocks == 1;
+
   HEAD_ATTENTION_OMP(parallel num_threads(threads) if (threads > 1)) {
     const std::size_t thread = static_cast<std::size_t>(thread_index());
     if (thread == 0) last_team_size() = team_size();  // the caller's own thread is the team's first
@@ -721,18 +745,10 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
         const Index h = c / batch, b = c % batch;
         plan.caches[c]->write(qkv.data() + (h * rows + b * seq_len) * ld + head, ld, seq_len);
       }
-    } else {
+    } else if (!item_keys) {
       HEAD_ATTENTION_OMP(for schedule(static))
-      for (Index c = 0; c < heads * batch; ++c) {
-        const Index h = c / batch, b = c % batch;
-        const Scalar* seq_qkv = qkv.data() + (h * rows + b * seq_len) * ld;
-        transpose_into(seq_qkv + head, ld, seq_len, head, keys_t + c * kt_size, kt_stride);
-        // Checked once here rather than in every masked tile of every query block.
-        values_finite[static_cast<std::size_t>(c)] =
-            Eigen::Map<const Matrix, 0, Eigen::OuterStride<>>(seq_qkv + 2 * head, seq_len, head,
-                                                              Eigen::OuterStride<>(ld))
-                .allFinite();
-      }
+      for (Index c = 0; c < heads * batch; ++c)
+        prepare_keys(c);
     }
     // One (head, sequence) after another, its costliest query blocks first (the last ones see the most keys),
     // handed out one at a time. Consecutive items read the same K and V rows (2 MB at T = 4096), which stay
@@ -752,6 +768,7 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
         position = plan.caches[c]->length();
         keys = plan.caches[c]->keys(seq_len);
       } else {
+        if (item_keys) prepare_keys(c);
         keys.kt = keys_t + c * kt_size;
         keys.kt_stride = kt_stride;
         keys.values_finite = values_finite[static_cast<std::size_t>(c)] != 0;
