@@ -46,7 +46,7 @@ NAME_RE = re.compile(r"^attention/(fast|fast_ws|packed|packed_ws|reference)/(flo
 # The multi-head comparison: simple_llm's sizes, 8 heads of 64 over emb 512, the shapes of issue 8.
 MH_HEADS = 8
 MH_SHAPES = [(8, 1024), (1, 4096)]
-MH_NAME_RE = re.compile(r"^multihead/(fused|fused_workspace|separate)/(float)/B:(\d+)/T:(\d+)/threads:(\d+)")
+MH_NAME_RE = re.compile(r"^multihead/(fused|fused_workspace|packed|packed_workspace|separate)/(float)/B:(\d+)/T:(\d+)/threads:(\d+)")
 
 
 def useful_flops(b, t):
