@@ -346,12 +346,12 @@ def write_md(args, saved, path):
                  (f", table rewritten {datetime.datetime.now().isoformat(timespec='seconds')}" if info.get("reused") else "")
                  + ".\n")
     lines.append(f"- Machine: {info['cpu']}; lscpu model name: **{info['cpu_model']}**. Shared: compare within this run only.")
-    path = saved["settings"].get("path", "fast")
+    ours_path = saved["settings"].get("path", "fast")
     what = {"fast": "`BatchedHeadAttention<float>` fast path", "fast_ws": "`HeadAttention<float>::forward_into` with a Workspace",
             "packed": "`PackedHeadAttention<float>` (weights prepared once)",
-            "packed_ws": "`PackedHeadAttention<float>::forward_into` with a Workspace"}[path]
+            "packed_ws": "`PackedHeadAttention<float>::forward_into` with a Workspace"}[ours_path]
     lines.append(f"- Library: {info.get('library_commit') or '?'}; ours = {what} "
-                 f"(`bench_attention`, `attention/{path}/float/B:<B>/T:<T>/threads:<n>`, median of "
+                 f"(`bench_attention`, `attention/{ours_path}/float/B:<B>/T:<T>/threads:<n>`, median of "
                  f"{saved['settings']['reps']} repetitions of {saved['settings']['min_time']} s per round).")
     ort = info["ort"]
     lines.append(f"- ONNX Runtime {ort.get('versions', {}).get('common', '?')} via npm `onnxruntime-node@"
