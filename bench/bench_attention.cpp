@@ -1,10 +1,12 @@
 // bench_attention: Google Benchmark suite for the fused forward path against the materialising reference.
 //
 // Benchmarks are named attention/<path>/<dtype>/B:<B>/T:<T>/threads:<n>, path = fast (BatchedHeadAttention::
-// forward, n threads through head().set_num_threads) or reference (head_attention::reference::forward on each
-// sequence, Eigen's own GEMMs limited to n threads with Eigen::setNbThreads). emb = 512, head = 64
-// throughout. The reference runs only up to T = 8192 (kReferenceMaxT): beyond, its [T, T] scores alone take 1
-// GiB in float.
+// forward, n threads through head().set_num_threads), fast_ws (the same layer's forward_into with a Workspace
+// and a preallocated output: calls that allocate nothing), packed (PackedHeadAttention made from the same
+// layer, its forward on the same tensor: weights prepared once instead of on every call), packed_ws (packed
+// plus fast_ws's Workspace and output) or reference (head_attention::reference::forward on each sequence,
+// Eigen's own GEMMs limited to n threads with Eigen::setNbThreads). emb = 512, head = 64 throughout. The
+// reference runs only up to T = 8192 (kReferenceMaxT): beyond, its [T, T] scores alone take 1 GiB in float.
 //
 // Counters, all on wall-clock time (every benchmark here uses UseRealTime):
 // - FLOP: useful flop/s, B (2 T emb 3 head + 2 head T (T+1)/2 + 2 head T (T+1)/2), that is the projections
@@ -239,6 +241,38 @@ void bm_fast(benchmark::State& state, Shape s, int threads) {
                        reference_median(key_of(dtype_name<Scalar>(), s, threads)));
 }
 
+/// The fast path's variants, all over the same layer and input: `packed` runs a PackedHeadAttention made from
+/// it, `workspace` calls forward_into with a Workspace and an output allocated once.
+template <typename Scalar>
+void bm_variant(benchmark::State& state, Shape s, int threads, bool packed, bool workspace) {
+  using RowMatrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  head_attention::HeadAttention<Scalar> layer(kEmb, kHead, s.seq_len, kSeed);
+  layer.set_num_threads(threads);
+  const head_attention::PackedHeadAttention<Scalar> packed_layer(layer);
+  const auto x = random_input<Scalar>(s);
+  const Eigen::Map<const RowMatrix> rows(x.data(), s.batch * s.seq_len, kEmb);  // [B·T, emb]
+  head_attention::Workspace<Scalar> ws;
+  RowMatrix out(s.batch * s.seq_len, kHead);  // [B·T, head]
+  const auto t0 = Clock::now();
+  for (auto _ : state) {
+    if (workspace && packed) {
+      packed_layer.forward_into(rows, s.batch, out, ws);
+      benchmark::DoNotOptimize(out.data());
+    } else if (workspace) {
+      layer.forward_into(rows, s.batch, out, ws);
+      benchmark::DoNotOptimize(out.data());
+    } else {
+      auto result = packed_layer.forward(x);
+      benchmark::DoNotOptimize(result.data());
+    }
+    benchmark::ClobberMemory();
+  }
+  const double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
+  const double per_call = state.iterations() > 0 ? elapsed / static_cast<double>(state.iterations()) : 0.0;
+  set_counters<Scalar>(state, s, threads, per_call,
+                       reference_median(key_of(dtype_name<Scalar>(), s, threads)));
+}
+
 template <typename Scalar>
 void bm_reference(benchmark::State& state, Shape s, int threads) {
   using Tensor3 = Eigen::Tensor<Scalar, 3, Eigen::RowMajor>;
@@ -281,6 +315,17 @@ void register_shape(const Shape& s) {
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
   }
+  const std::pair<const char*, std::pair<bool, bool>> variants[] = {
+      {"fast_ws", {false, true}}, {"packed", {true, false}}, {"packed_ws", {true, true}}};
+  for (const auto& variant : variants)
+    for (const int threads : kThreadCounts) {
+      const std::string name =
+          std::string("attention/") + variant.first + "/" + key_of(dtype_name<Scalar>(), s, threads);
+      benchmark::RegisterBenchmark(name.c_str(), bm_variant<Scalar>, s, threads, variant.second.first,
+                                   variant.second.second)
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
+    }
 }
 
 std::string cpu_model() {

@@ -23,7 +23,7 @@ libonnxruntime.so has the CPU contrib ops; there is no pip here). Steps:
  3. Parity: each attention graph run by ORT (bench/ort_runner.js parity) on one input per shape, against
     PyTorch's float32 output of the same module: max |ort - torch| / max |torch| must be <= 1e-4.
  4. Timing: --rounds interleaved rounds; in each, shape by shape, our bench_attention
-    (attention/fast/float/B:<B>/T:<T>/threads:<1|2>, --benchmark_repetitions 3) and one node process timing
+    (attention/<--path>/float/B:<B>/T:<T>/threads:<1|2>, --benchmark_repetitions 3) and one node process timing
     every ORT model of that shape on 1 and 2 threads (bench/ort_runner.js time), in an order rotated each round.
     A cell is the median over rounds of each round's median.
  5. Writes results/ort_comparison.md and results/ort_comparison.json.
@@ -221,7 +221,7 @@ def check_parity(args, module, paths):
 # ---------------------------------------------------------------------------------------------------- timing
 def run_ours(args, b, t, tmp):
     out = os.path.join(tmp, f"ours_B{b}_T{t}.json")
-    cmd = [os.path.abspath(args.bench), f"--benchmark_filter=^attention/fast/float/B:{b}/T:{t}/threads:[12]/",
+    cmd = [os.path.abspath(args.bench), f"--benchmark_filter=^attention/{args.path}/float/B:{b}/T:{t}/threads:[12]/",
            f"--benchmark_repetitions={args.reps}", f"--benchmark_min_time={args.min_time}",
            f"--benchmark_out={out}", "--benchmark_out_format=json"]
     if args.openblas_dir:  # bench_attention also times OpenBLAS's SGEMM, for the best-SGEMM ceiling
@@ -230,7 +230,7 @@ def run_ours(args, b, t, tmp):
     medians, context = parse_bench(out)
     rows = {}
     for (path, dtype, bb, tt, threads), r in medians.items():
-        if path == "fast" and dtype == "float" and threads in args.threads:
+        if path == args.path and dtype == "float" and threads in args.threads:
             rows[threads] = {"ms": r["ms"], "cpu_ms": r.get("cpu_ms")}
     return rows, context, " ".join(map(shlex.quote, cmd))
 
@@ -346,8 +346,12 @@ def write_md(args, saved, path):
                  (f", table rewritten {datetime.datetime.now().isoformat(timespec='seconds')}" if info.get("reused") else "")
                  + ".\n")
     lines.append(f"- Machine: {info['cpu']}; lscpu model name: **{info['cpu_model']}**. Shared: compare within this run only.")
-    lines.append(f"- Library: {info.get('library_commit') or '?'}; ours = `BatchedHeadAttention<float>` fast path "
-                 "(`bench_attention`, `attention/fast/float/B:<B>/T:<T>/threads:<n>`, median of "
+    ours_path = saved["settings"].get("path", "fast")
+    what = {"fast": "`BatchedHeadAttention<float>` fast path", "fast_ws": "`HeadAttention<float>::forward_into` with a Workspace",
+            "packed": "`PackedHeadAttention<float>` (weights prepared once)",
+            "packed_ws": "`PackedHeadAttention<float>::forward_into` with a Workspace"}[ours_path]
+    lines.append(f"- Library: {info.get('library_commit') or '?'}; ours = {what} "
+                 f"(`bench_attention`, `attention/{ours_path}/float/B:<B>/T:<T>/threads:<n>`, median of "
                  f"{saved['settings']['reps']} repetitions of {saved['settings']['min_time']} s per round).")
     ort = info["ort"]
     lines.append(f"- ONNX Runtime {ort.get('versions', {}).get('common', '?')} via npm `onnxruntime-node@"
@@ -487,6 +491,9 @@ def main():
     p.add_argument("--bench", default="/tmp/ort-build/bench/bench_attention", help="our bench_attention binary")
     p.add_argument("--bench-source", help="what --bench was built from, for the record (default: this checkout's "
                    "commit, marked when include/ has uncommitted changes)")
+    p.add_argument("--path", default="fast", choices=["fast", "fast_ws", "packed", "packed_ws"],
+                   help="which of our bench_attention paths is timed: attention/<path>/... (default fast, the "
+                        "layer's forward; packed: PackedHeadAttention's)")
     p.add_argument("--ort-dir", default="/tmp/ort-node", help="npm --prefix for onnxruntime-node (installed if missing)")
     p.add_argument("--ort-version", default="1.30.0", help="onnxruntime-node version to install")
     p.add_argument("--models-dir", default="/tmp/ort-models", help="where the ONNX files go")
@@ -545,7 +552,7 @@ def main():
     summary = summarise(args, rounds)
     saved = {"run_info": run_info, "shapes": args.shapes, "threads": args.threads,
              "settings": {k: getattr(args, k) for k in ("rounds", "reps", "min_time", "ort_min_time", "ort_min_calls",
-                                                         "ort_warmup")},
+                                                         "ort_warmup", "path")},
              "parity": parity,
              "summary": [{"key": list(k), **v} for k, v in sorted(summary.items(), key=lambda kv: str(kv[0]))],
              "rounds": rounds}

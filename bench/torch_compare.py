@@ -42,11 +42,11 @@ EMB, HEAD = 512, 64
 SHAPES = [(2, 10), (8, 1024)] + [(1, t) for t in (128, 256, 512, 1024, 2048, 4096, 8192, 16384)]
 QUICK_SHAPES = [(2, 10), (8, 1024), (1, 4096)]
 DTYPES = {"float": "float32", "double": "float64"}  # C++ name -> torch name
-NAME_RE = re.compile(r"^attention/(fast|reference)/(float|double)/B:(\d+)/T:(\d+)/threads:(\d+)")
+NAME_RE = re.compile(r"^attention/(fast|fast_ws|packed|packed_ws|reference)/(float|double)/B:(\d+)/T:(\d+)/threads:(\d+)")
 # The multi-head comparison: simple_llm's sizes, 8 heads of 64 over emb 512, the shapes of issue 8.
 MH_HEADS = 8
 MH_SHAPES = [(8, 1024), (1, 4096)]
-MH_NAME_RE = re.compile(r"^multihead/(fused|fused_workspace|separate)/(float)/B:(\d+)/T:(\d+)/threads:(\d+)")
+MH_NAME_RE = re.compile(r"^multihead/(fused|fused_workspace|packed|packed_workspace|separate)/(float)/B:(\d+)/T:(\d+)/threads:(\d+)")
 
 
 def useful_flops(b, t):

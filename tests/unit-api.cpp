@@ -245,3 +245,230 @@ TEMPLATE_TEST_CASE("weights set through query key and value take effect at the n
   layer.value() = other.value();
   CHECK(identical(layer.forward(x), expected));
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// The packed (frozen) inference forms: the same kernels on weights prepared once, so the same bits.
+
+TEMPLATE_TEST_CASE("PackedHeadAttention gives the layer's forward bit for bit", "[api][packed]", float,
+                   double) {
+  using Scalar = TestType;
+  struct Case {
+    Index emb, head, B, T;
+  };
+  // The seed's shape, a head whose 1/sqrt is not a power of two, odd sizes, and several query blocks.
+  for (const Case c : {Case{512, 64, 2, 10}, Case{24, 6, 3, 7}, Case{13, 7, 1, 1}, Case{40, 16, 2, 150}}) {
+    for (const head_attention::MaskRule& rule :
+         {head_attention::MaskRule::causal(), head_attention::MaskRule::bidirectional(),
+          head_attention::MaskRule::sliding_window(3)}) {
+      for (const int threads : {1, 2}) {
+        INFO("emb " << c.emb << ", head " << c.head << ", B " << c.B << ", T " << c.T << ", rule "
+                    << rule.name() << ", threads " << threads);
+        head_attention::HeadAttention<Scalar> layer(c.emb, c.head, c.T, 5, rule);
+        layer.set_num_threads(threads);
+        const head_attention::PackedHeadAttention<Scalar> packed(layer);
+        CHECK(packed.emb_size() == c.emb);
+        CHECK(packed.head_size() == c.head);
+        CHECK(packed.max_seq_len() == c.T);
+        CHECK(packed.mask_rule() == rule);
+        CHECK(packed.num_threads() == layer.num_threads());
+        const Matrix<Scalar> x = random_matrix<Scalar>(c.B * c.T, c.emb, 6);
+        const Matrix<Scalar> one = x.topRows(c.T);
+
+        // One sequence: plain, column-major, an expression, a strided block.
+        CHECK(identical(packed.forward(one), layer.forward(one)));
+        CHECK(identical(packed.forward(ColMatrix<Scalar>(one)), layer.forward(ColMatrix<Scalar>(one))));
+        CHECK(identical(packed.forward(one * Scalar(2)), layer.forward(one * Scalar(2))));
+        CHECK(identical(packed.forward(x.topRows(c.T).leftCols(c.emb)), layer.forward(one)));
+
+        // A batch: into caller storage, with a workspace (twice: the second call reuses it), with padding.
+        Matrix<Scalar> expected(c.B * c.T, c.head), out(c.B * c.T, c.head);
+        layer.forward_into(x, c.B, expected);
+        packed.forward_into(x, c.B, out);
+        CHECK(identical(out, expected));
+        head_attention::Workspace<Scalar> workspace;
+        for (int call = 0; call < 2; ++call) {
+          out.setZero();
+          packed.forward_into(x, c.B, out, workspace);
+          CHECK(identical(out, expected));
+        }
+        std::vector<Index> lengths(static_cast<std::size_t>(c.B), c.T);
+        lengths.back() = c.T / 2;
+        layer.forward_into(x, c.B, expected, lengths);
+        packed.forward_into(x, c.B, out, lengths);
+        CHECK(identical(out, expected));
+
+        // The seed's [B, T, emb] tensors, as BatchedHeadAttention takes them.
+        const Tensor3<Scalar> xt = random_tensor<Scalar>(c.B, c.T, c.emb, 7);
+        const head_attention::BatchedHeadAttention<Scalar> batched(layer);
+        const Tensor3<Scalar> got = packed.forward(xt), want = batched.forward(xt);
+        const Tensor3<Scalar> got_padded = packed.forward(xt, lengths),
+                              want_padded = batched.forward(xt, lengths);
+        for (Index b = 0; b < c.B; ++b) {
+          CHECK(identical(sequence(got, b), sequence(want, b)));
+          CHECK(identical(sequence(got_padded, b), sequence(want_padded, b)));
+        }
+      }
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("PackedMultiHeadAttention gives the layer's forward bit for bit", "[api][packed]", float,
+                   double) {
+  using Scalar = TestType;
+  constexpr Index heads = 3, emb = 48, head = 16, B = 2, T = 70;
+  for (const int threads : {1, 2}) {
+    INFO("threads " << threads);
+    head_attention::MultiHeadAttention<Scalar> layer(heads, emb, head, T, 8);
+    layer.set_num_threads(threads);
+    const head_attention::PackedMultiHeadAttention<Scalar> packed(layer);
+    CHECK(packed.num_heads() == heads);
+    CHECK(packed.emb_size() == emb);
+    CHECK(packed.head_size() == head);
+    CHECK(packed.max_seq_len() == T);
+    CHECK(packed.mask_rule() == layer.mask_rule());
+    const Matrix<Scalar> x = random_matrix<Scalar>(B * T, emb, 9);
+    const Matrix<Scalar> one = x.topRows(T);
+    CHECK(identical(packed.forward(one), layer.forward(one)));
+    CHECK(identical(packed.forward(ColMatrix<Scalar>(one)), layer.forward(ColMatrix<Scalar>(one))));
+
+    Matrix<Scalar> expected(B * T, emb), out(B * T, emb);
+    layer.forward_into(x, B, expected);
+    packed.forward_into(x, B, out);
+    CHECK(identical(out, expected));
+    head_attention::Workspace<Scalar> workspace;
+    for (int call = 0; call < 2; ++call) {
+      out.setZero();
+      packed.forward_into(x, B, out, workspace);
+      CHECK(identical(out, expected));
+    }
+    const std::vector<Index> lengths = {T, 5};
+    layer.forward_into(x, B, expected, &lengths);
+    packed.forward_into(x, B, out, workspace, &lengths);
+    CHECK(identical(out, expected));
+
+    const Tensor3<Scalar> xt = random_tensor<Scalar>(B, T, emb, 10);
+    const Tensor3<Scalar> got = packed.forward(xt), want = layer.forward(xt);
+    const Tensor3<Scalar> got_padded = packed.forward(xt, lengths), want_padded = layer.forward(xt, lengths);
+    for (Index b = 0; b < B; ++b) {
+      CHECK(identical(sequence(got, b), sequence(want, b)));
+      CHECK(identical(sequence(got_padded, b), sequence(want_padded, b)));
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("16-bit packed layers give the layer's forward bit for bit", "[api][packed]", Eigen::half,
+                   Eigen::bfloat16) {
+  using Scalar = TestType;
+  constexpr Index emb = 32, head = 8, T = 20;
+  const Matrix<Scalar> x = random_matrix<float>(T, emb, 11).template cast<Scalar>();
+  const head_attention::HeadAttention<Scalar> layer(emb, head, T, 12);
+  const Matrix<float> got =
+      head_attention::PackedHeadAttention<Scalar>(layer).forward(x).template cast<float>();
+  CHECK(identical(got, layer.forward(x).template cast<float>()));
+  const head_attention::MultiHeadAttention<Scalar> multi(2, emb, head, T, 13);
+  const Matrix<float> got_multi =
+      head_attention::PackedMultiHeadAttention<Scalar>(multi).forward(x).template cast<float>();
+  CHECK(identical(got_multi, multi.forward(x).template cast<float>()));
+}
+
+TEMPLATE_TEST_CASE("a packed layer does not see later changes to its layer", "[api][packed]", float, double) {
+  using Scalar = TestType;
+  constexpr Index emb = 12, head = 4, T = 9;
+  const Matrix<Scalar> x = random_matrix<Scalar>(T, emb, 14);
+  head_attention::HeadAttention<Scalar> layer(emb, head, T, 15);
+  const head_attention::HeadAttention<Scalar> original = layer;
+  const head_attention::PackedHeadAttention<Scalar> packed(layer);
+  const Matrix<Scalar> before = packed.forward(x);
+  CHECK(identical(before, original.forward(x)));
+  // New weights, another rule, and finally weights of the wrong shape (the layer would refuse to run).
+  layer.query().weight.setConstant(Scalar(0.5));
+  layer.value().bias.setConstant(Scalar(-3));
+  CHECK(!identical(layer.forward(x), before));
+  CHECK(identical(packed.forward(x), before));
+  layer.set_mask_rule(head_attention::MaskRule::bidirectional());
+  CHECK(identical(packed.forward(x), before));
+  CHECK(packed.mask_rule() == head_attention::MaskRule::causal());
+  layer.key().weight.resize(head + 1, emb);
+  CHECK_THROWS_AS(layer.forward(x), head_attention::shape_error);
+  CHECK(identical(packed.forward(x), before));
+  // Packing again takes the changes (and checks them).
+  check_shape_error([&] { head_attention::PackedHeadAttention<Scalar>{layer}; },
+                    {"PackedHeadAttention", "key().weight shape", "[4, 12]", "[5, 12]"});
+
+  head_attention::MultiHeadAttention<Scalar> multi(2, emb, head, T, 16);
+  const head_attention::MultiHeadAttention<Scalar> multi_original = multi;
+  const head_attention::PackedMultiHeadAttention<Scalar> packed_multi(multi);
+  const Matrix<Scalar> multi_before = packed_multi.forward(x);
+  CHECK(identical(multi_before, multi_original.forward(x)));
+  multi.head(1).value().weight.setConstant(Scalar(2));
+  multi.projection().bias.setConstant(Scalar(1));
+  multi.set_mask_rule(head_attention::MaskRule::sliding_window(2));
+  CHECK(!identical(multi.forward(x), multi_before));
+  CHECK(identical(packed_multi.forward(x), multi_before));
+  multi.projection().weight.resize(emb, 2 * head + 1);
+  CHECK(identical(packed_multi.forward(x), multi_before));
+  check_shape_error([&] { head_attention::PackedMultiHeadAttention<Scalar>{multi}; },
+                    {"PackedMultiHeadAttention", "projection().weight shape"});
+  multi.projection() = multi_original.projection();
+  multi.head(0).set_mask_rule(head_attention::MaskRule::causal());
+  check_shape_error([&] { head_attention::PackedMultiHeadAttention<Scalar>{multi}; },
+                    {"PackedMultiHeadAttention", "head 1's mask rule"});
+}
+
+TEMPLATE_TEST_CASE("packed layers refuse bad input as the layers do, out untouched", "[api][packed]", float,
+                   double) {
+  using Scalar = TestType;
+  constexpr Index emb = 10, head = 3, T = 6;
+  const head_attention::PackedHeadAttention<Scalar> packed(
+      head_attention::HeadAttention<Scalar>(emb, head, T, 17));
+  const head_attention::PackedMultiHeadAttention<Scalar> multi(
+      head_attention::MultiHeadAttention<Scalar>(2, emb, head, T, 18));
+  const Matrix<Scalar> x = random_matrix<Scalar>(2 * T, emb, 19);
+  Matrix<Scalar> out = Matrix<Scalar>::Constant(2 * T, head, Scalar(7));
+  Matrix<Scalar> multi_out = Matrix<Scalar>::Constant(2 * T, emb, Scalar(7));
+  const auto untouched = [&] {
+    CHECK((out.array() == Scalar(7)).all());
+    CHECK((multi_out.array() == Scalar(7)).all());
+  };
+
+  check_shape_error([&] { packed.forward(Matrix<Scalar>(T, emb + 1)); },
+                    {"PackedHeadAttention::forward", "x.cols() (input width)", "emb_size = 10", "11"});
+  check_shape_error([&] { packed.forward(Matrix<Scalar>(T + 1, emb)); },
+                    {"PackedHeadAttention::forward", "x.rows() (T)", "<= max_seq_len = 6", "7"});
+  check_shape_error([&] { packed.forward(random_tensor<Scalar>(1, T + 1, emb, 20)); },
+                    {"PackedHeadAttention::forward", "x.dimension(1) (T)", "<= max_seq_len = 6", "7"});
+  check_shape_error([&] { packed.forward_into(x, 5, out); },
+                    {"PackedHeadAttention::forward_into", "x.rows()", "a multiple of batch = 5", "12"});
+  check_shape_error([&] { packed.forward_into(x, -1, out); }, {"PackedHeadAttention::forward_into", "batch"});
+  check_shape_error(
+      [&] { packed.forward_into(x, 1, out); },
+      {"PackedHeadAttention::forward_into", "x.rows() / batch (T)", "<= max_seq_len = 6", "12"});
+  check_shape_error([&] { packed.forward_into(x, 2, out.topRows(T)); },
+                    {"PackedHeadAttention::forward_into", "out shape", "[12, 3]", "[6, 3]"});
+  check_shape_error(
+      [&] {
+        packed.forward_into(x, 2, out, std::vector<Index>{T, T + 1});
+      },
+      {"PackedHeadAttention::forward_into", "lengths[1]", "in [0, T = 6]", "7"});
+  check_shape_error([&] { packed.forward_into(x, 2, out, std::vector<Index>{T}); },
+                    {"PackedHeadAttention::forward_into", "lengths.size()", "batch = 2", "1"});
+  head_attention::Workspace<Scalar> workspace;
+  check_shape_error([&] { packed.forward_into(x.leftCols(emb - 1), 2, out, workspace); },
+                    {"PackedHeadAttention::forward_into", "x.cols() (input width)"});
+
+  check_shape_error([&] { multi.forward(Matrix<Scalar>(T, emb - 1)); },
+                    {"PackedMultiHeadAttention::forward", "x.cols() (input width)", "emb_size = 10", "9"});
+  check_shape_error([&] { multi.forward_into(x, 1, multi_out); },
+                    {"PackedMultiHeadAttention::forward_into", "x.rows() / batch (T)", "<= max_seq_len = 6"});
+  check_shape_error([&] { multi.forward_into(x, 2, multi_out.leftCols(head)); },
+                    {"PackedMultiHeadAttention::forward_into", "out shape", "[12, 10]", "[12, 3]"});
+  const std::vector<Index> bad_lengths = {T, -1};
+  check_shape_error([&] { multi.forward_into(x, 2, multi_out, workspace, &bad_lengths); },
+                    {"PackedMultiHeadAttention::forward_into", "lengths[1]"});
+  check_shape_error([&] { multi.forward(random_tensor<Scalar>(2, T, emb + 2, 21)); },
+                    {"PackedMultiHeadAttention::forward", "x.dimension(2) (input width)", "12"});
+  untouched();
+
+  head_attention::PackedHeadAttention<Scalar> settable(head_attention::HeadAttention<Scalar>(emb, head, T));
+  check_shape_error([&] { settable.set_num_threads(-1); }, {"PackedHeadAttention::set_num_threads"});
+}

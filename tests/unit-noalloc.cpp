@@ -137,6 +137,20 @@ TEMPLATE_TEST_CASE("forward_into and decode steps allocate nothing after warm-up
     mha.forward_into(x, B, out_mha, workspace);
     CHECK(allocations([&] { mha.forward_into(x, B, out_mha, workspace); }) == 0);
 
+    // The packed forms, which have no weights to prepare; and short sequences (one query block each, whose
+    // keys the attention items prepare themselves).
+    const head_attention::PackedHeadAttention<Scalar> packed(layer);
+    const head_attention::PackedMultiHeadAttention<Scalar> packed_mha(mha);
+    packed.forward_into(x, B, out, workspace);
+    CHECK(allocations([&] { packed.forward_into(x, B, out, workspace); }) == 0);
+    CHECK(identical(out, expected));
+    packed_mha.forward_into(x, B, out_mha, workspace);
+    CHECK(allocations([&] { packed_mha.forward_into(x, B, out_mha, workspace); }) == 0);
+    const Matrix<Scalar> short_x = x.topRows(B * 10);  // [B · 10, emb]
+    Matrix<Scalar> short_out(B * 10, head);
+    packed.forward_into(short_x, B, short_out, workspace);
+    CHECK(allocations([&] { packed.forward_into(short_x, B, short_out, workspace); }) == 0);
+
     // Decoding: a prefill, then single rows; every step after the first allocates nothing, across the
     // whole sequence (the cache reserved up front, the key blocks sized by max_seq_len).
     auto cache = layer.make_cache();

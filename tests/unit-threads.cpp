@@ -175,12 +175,13 @@ Matrix<Scalar> flatten(const head_attention::HeadGradients<Scalar>& g, const Inp
 /// plus decode steps on a cache of its own.
 template <typename Scalar>
 struct Calls {
-  Matrix<Scalar> single, padded, multi, decoded, multi_decoded;
+  Matrix<Scalar> single, padded, multi, decoded, multi_decoded, packed_single, packed_multi;
   Matrix<Scalar> grad, grad_state, grad_padded, grad_multi;  // flattened gradients
   Tensor3<Scalar> batched;
 
   bool operator==(const Calls& o) const {
     return identical(single, o.single) && identical(padded, o.padded) && identical(multi, o.multi) &&
+           identical(packed_single, o.packed_single) && identical(packed_multi, o.packed_multi) &&
            identical(decoded, o.decoded) && identical(multi_decoded, o.multi_decoded) &&
            identical(grad, o.grad) && identical(grad_state, o.grad_state) &&
            identical(grad_padded, o.grad_padded) && identical(grad_multi, o.grad_multi) &&
@@ -195,6 +196,8 @@ struct Shared {
   head_attention::HeadAttention<Scalar> layer{kEmb, kHead, kMax, 41};
   head_attention::BatchedHeadAttention<Scalar> batched{kEmb, kHead, kMax, 42};
   head_attention::MultiHeadAttention<Scalar> mha{3, kEmb, kHead, kMax, 43};
+  head_attention::PackedHeadAttention<Scalar> packed{layer};
+  head_attention::PackedMultiHeadAttention<Scalar> packed_mha{mha};
 
   /// Caller i's inputs differ from caller j's, so that a result landing in the wrong caller's buffer shows.
   Calls<Scalar> run(std::uint64_t i) const {
@@ -206,6 +209,9 @@ struct Shared {
     layer.forward_into(x, 2, c.padded, std::vector<Index>{T / 2 - 3, T / 2});
     c.batched = batched.forward(random_tensor<Scalar>(2, T, kEmb, 800 + i), std::vector<Index>{T, T - 5});
     c.multi = mha.forward(x);
+    c.packed_single = packed.forward(x);
+    c.packed_multi.resize(T, kEmb);
+    packed_mha.forward_into(x, 1, c.packed_multi);
     auto cache = layer.make_cache();
     c.decoded.resize(T, kHead);
     c.decoded.topRows(T - 4) = layer.forward_cached(x.topRows(T - 4), cache);

@@ -412,6 +412,7 @@ class HeadAttention {
 
  private:
   friend class BatchedHeadAttention<Scalar>;  // its backward writes dL/dx straight into its tensor
+  friend class PackedHeadAttention<Scalar>;   // copies the thread setting
 
   template <typename Derived>
   static constexpr void check_input() {
@@ -609,18 +610,7 @@ class HeadAttention {
   void run(const Eigen::MatrixBase<Derived>& x, Index batch, Index seq_len, Scalar* out, Index out_stride,
            const detail::AttentionPlan<Scalar>& plan) const {
     const LinearType* const layers[3] = {&m_query, &m_key, &m_value};
-    constexpr bool in_place =
-        (Derived::Flags & Eigen::DirectAccessBit) != 0 && Derived::InnerStrideAtCompileTime == 1;
-    if constexpr (in_place) {
-      constexpr int order = Derived::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
-      const Derived& xd = x.derived();
-      detail::forward<order>(xd.data(), xd.outerStride(), batch, seq_len, layers, 1, out, out_stride,
-                             num_threads(), plan);
-    } else {
-      const Matrix copy = x;  // an expression or strided view: evaluate it once
-      detail::forward<Eigen::RowMajor>(copy.data(), copy.cols(), batch, seq_len, layers, 1, out, out_stride,
-                                       num_threads(), plan);
-    }
+    detail::forward_expression(x, batch, seq_len, layers, 1, out, out_stride, num_threads(), plan);
   }
 
   /// Throws shape_error unless an input of this width and length can be run now: width == emb_size,

@@ -11,6 +11,10 @@ class BatchedHeadAttention;
 template <typename Scalar>
 class MultiHeadAttention;
 template <typename Scalar>
+class PackedHeadAttention;
+template <typename Scalar>
+class PackedMultiHeadAttention;
+template <typename Scalar>
 class KVCache;
 template <typename Scalar>
 class Workspace;

@@ -15,6 +15,7 @@
 #include "linear.hpp"
 #include "mask.hpp"
 #include "multi_head_attention.hpp"
+#include "packed.hpp"
 #include "precision.hpp"
 #include "reference.hpp"
 #include "version.hpp"

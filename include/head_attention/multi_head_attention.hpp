@@ -651,19 +651,12 @@ class MultiHeadAttention {
     plan.output = &m_projection;
     plan.projected = out;
     plan.projected_stride = out_stride;
-    constexpr bool in_place =
-        (Derived::Flags & Eigen::DirectAccessBit) != 0 && Derived::InnerStrideAtCompileTime == 1;
-    if constexpr (in_place) {
-      constexpr int order = Derived::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
-      const Derived& xd = x.derived();
-      detail::forward<order>(xd.data(), xd.outerStride(), batch, seq_len, layers.data(), num_heads(),
-                             static_cast<Scalar*>(nullptr), 0, num_threads(), plan);
-    } else {
-      const Matrix copy = x;  // an expression or strided view: evaluate it once
-      detail::forward<Eigen::RowMajor>(copy.data(), copy.cols(), batch, seq_len, layers.data(), num_heads(),
-                                       static_cast<Scalar*>(nullptr), 0, num_threads(), plan);
-    }
+    detail::forward_expression(x, batch, seq_len, layers.data(), num_heads(), static_cast<Scalar*>(nullptr),
+                               0, num_threads(), plan);
   }
+
+  friend class PackedMultiHeadAttention<Scalar>;  // checks the weights with check(), copies the thread
+                                                  // setting
 
   std::vector<Head> m_heads;  // num_heads × HeadAttention(emb_size, head_size, max_seq_len)
   LinearType m_projection;    // weight [emb_size, num_heads · head_size], bias [emb_size]

@@ -39,6 +39,8 @@ class Workspace {
  private:
   friend class HeadAttention<Scalar>;
   friend class MultiHeadAttention<Scalar>;
+  friend class PackedHeadAttention<Scalar>;
+  friend class PackedMultiHeadAttention<Scalar>;
   detail::ForwardBuffers<detail::compute_t<Scalar>> m_buffers;
   std::vector<detail::KVStore*> m_stores;       // a cached call's caches, [heads · batch]
   std::vector<const Linear<Scalar>*> m_layers;  // the multi-head layer's projections, [3 · heads]

@@ -134,6 +134,18 @@ Scalar exp_sum(Scalar* p, Eigen::Index n, Scalar shift) noexcept {
   return sum;
 }
 
+/// Whether every entry of the row-major [rows, cols] block at p (leading dimension stride) is finite: x · 0
+/// is 0 for a finite x and NaN otherwise, and a sum of such terms stays 0 or becomes NaN. A vectorised sum
+/// per row, where Eigen's allFinite() compares entry by entry (measured 1.6% of a call at B = 2, T = 10).
+template <typename Scalar>
+bool all_finite(const Scalar* p, Eigen::Index stride, Eigen::Index rows, Eigen::Index cols) noexcept {
+  using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
+  Scalar sum(0);
+  for (Eigen::Index r = 0; r < rows; ++r)
+    sum += (Eigen::Map<const RowVector>(p + r * stride, cols).array() * Scalar(0)).sum();
+  return sum == Scalar(0);
+}
+
 /// acc[bq, head] += probs[bq, bk] · V_tile for a tile where some query cannot see some key (its probs are 0
 /// there). A GEMM multiplies those zeros by the V rows, and 0 · NaN or 0 · Inf is NaN: a masked key would
 /// leak into outputs that cannot see it. So when the tile's V is not all finite, its non-finite rows are
@@ -372,6 +384,114 @@ struct ForwardBuffers {
   bool m_fitted = false;
 };
 
+/// The projections' weights prepared for the GEMMs of a forward call: what forward() otherwise builds at the
+/// start of every call (transposed, the query's 1/sqrt(head) folded in, converted to the compute type), kept
+/// by the packed layers (PackedHeadAttention, PackedMultiHeadAttention) so that their calls skip that step.
+/// Scalar is the compute type.
+template <typename Scalar>
+struct PackedWeights {
+  using Index = Eigen::Index;
+  using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+
+  Index heads = 0;
+  Index emb = 0;
+  Index head = 0;
+  Index out_width = 0;  // the output projection's out_features (emb), 0 without one
+  Vector weights_t;     // [heads · emb, 3 · head] each head's Wqᵀ·scale | Wkᵀ | Wvᵀ
+  Vector biases;        // [heads, 3 · head] each head's bq·scale | bk | bv
+  Vector output_t;      // [heads · head, out_width] the multi-head output projection's Woᵀ (or empty)
+  Vector output_bias;   // [out_width] its bias (or empty)
+};
+
+/// Part `part` of 6 · heads of the projections' preparation, the half [c0, c1) of the columns of weight
+/// part / 2 (head p / 3, projection p % 3 with p = part / 2): its transpose into weights_t ([heads · emb,
+/// 3 · head]), scaled by `scale` for a query, and (in the first half) its bias into biases ([heads, 3 ·
+/// head]). Halves, so that one head's three weights make six items for two threads. One function for the
+/// per-call and the packed preparation, so that both give the same bits.
+template <typename Scalar>
+void pack_projection_part(const Linear<Scalar>* const* layers, Eigen::Index emb, Eigen::Index head,
+                          Scalar scale, Eigen::Index part, Scalar* weights_t, Scalar* biases) noexcept {
+  using Index = Eigen::Index;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+  const Index ld = 3 * head;
+  const Index p = part / 2, c0 = part % 2 == 0 ? 0 : emb / 2, c1 = part % 2 == 0 ? emb / 2 : emb;
+  Scalar* wt = weights_t + (p / 3) * emb * ld + (p % 3) * head;
+  transpose_into(layers[p]->weight.data() + c0, emb, head, c1 - c0, wt + c0 * ld, ld);
+  if (p % 3 == 0)
+    Eigen::Map<Matrix, 0, Eigen::OuterStride<>>(wt + c0 * ld, c1 - c0, head, Eigen::OuterStride<>(ld)) *=
+        scale;
+  if (part % 2 == 0) {
+    Eigen::Map<Vector> bias(biases + (p / 3) * ld + (p % 3) * head, head);
+    bias = layers[p]->bias;
+    if (p % 3 == 0) bias *= scale;
+  }
+}
+
+/// Part `part` of 4 of the output projection's preparation: a quarter of the rows of its weight transposed
+/// into output_t ([in_features, out_features]).
+template <typename Scalar>
+void pack_output_part(const Linear<Scalar>& output, Eigen::Index part, Scalar* output_t) noexcept {
+  const Eigen::Index rows = output.weight.rows(), cols = output.weight.cols();
+  const Eigen::Index r0 = part * rows / 4, r1 = (part + 1) * rows / 4;
+  transpose_into(output.weight.data() + r0 * cols, cols, r1 - r0, cols, output_t + r0, rows);
+}
+
+/// The scale folded into the queries: 1/sqrt(head).
+template <typename Scalar>
+Scalar query_scale(Eigen::Index head) {
+  return Scalar(1) / std::sqrt(static_cast<Scalar>(head));
+}
+
+/// The weights of `heads` heads (layers: [3 · heads], as forward takes them) and of the output projection
+/// (or null) prepared once, exactly as a forward call prepares them (the same functions, so the same bits).
+/// Shapes must have been checked.
+template <typename Stored>
+PackedWeights<compute_t<Stored>> pack_weights(const Linear<Stored>* const* stored_layers, Eigen::Index heads,
+                                              const Linear<Stored>* output) {
+  using Scalar = compute_t<Stored>;
+  using Index = Eigen::Index;
+  const Index count = 3 * heads;
+  // The layers in the compute type: the layer's own for float and double, converted copies otherwise.
+  std::vector<Linear<Scalar>> wide;
+  std::vector<const Linear<Scalar>*> layers(static_cast<std::size_t>(count));
+  Linear<Scalar> wide_output;
+  const Linear<Scalar>* out_layer = nullptr;
+  if constexpr (std::is_same<Scalar, Stored>::value) {
+    for (Index p = 0; p < count; ++p)
+      layers[static_cast<std::size_t>(p)] = stored_layers[p];
+    out_layer = output;
+  } else {
+    wide.reserve(static_cast<std::size_t>(count));
+    for (Index p = 0; p < count; ++p) {
+      wide.push_back(widen(*stored_layers[p]));
+      layers[static_cast<std::size_t>(p)] = &wide.back();
+    }
+    if (output != nullptr) {
+      wide_output = widen(*output);
+      out_layer = &wide_output;
+    }
+  }
+  PackedWeights<Scalar> packed;
+  packed.heads = heads;
+  packed.emb = layers[0]->in_features();
+  packed.head = layers[0]->out_features();
+  packed.out_width = out_layer != nullptr ? out_layer->out_features() : 0;
+  packed.weights_t.resize(heads * packed.emb * 3 * packed.head);
+  packed.biases.resize(heads * 3 * packed.head);
+  const Scalar scale = query_scale<Scalar>(packed.head);
+  for (Index part = 0; part < 6 * heads; ++part)
+    pack_projection_part(layers.data(), packed.emb, packed.head, scale, part, packed.weights_t.data(),
+                         packed.biases.data());
+  if (out_layer != nullptr) {
+    packed.output_t.resize(out_layer->weight.size());
+    for (Index part = 0; part < 4; ++part)
+      pack_output_part(*out_layer, part, packed.output_t.data());
+    packed.output_bias = out_layer->bias;
+  }
+  return packed;
+}
+
 /// What differs between forward calls beyond their input: the mask rule, right padding, a KV cache, and the
 /// multi-head layer's output projection. Scalar is the layer's (stored) type.
 template <typename Scalar>
@@ -390,6 +510,9 @@ struct AttentionPlan {
   const Linear<Scalar>* output = nullptr;
   Scalar* projected = nullptr;
   Eigen::Index projected_stride = 0;
+  /// The weights prepared once by a packed layer (its own output projection included), or null: the call
+  /// prepares them from its layers and `output`, which are not read when this is set.
+  const PackedWeights<compute_t<Scalar>>* packed = nullptr;
   /// Buffers to reuse (a Workspace's), or null: the call allocates its own.
   ForwardBuffers<compute_t<Scalar>>* buffers = nullptr;
   /// Only make `buffers` fit a call of this shape (a workspace's reservation) and return: x and the outputs
@@ -423,7 +546,8 @@ double useful_flops(Eigen::Index batch, Eigen::Index rows_per_sequence, Eigen::I
 /// one parallel region. layers: [3 · heads] nn.Linear(emb, head), head h's Q, K, V at 3h, 3h + 1, 3h + 2.
 /// Writes head h's output to columns [h · head, (h + 1) · head) of out ([batch·seq_len, heads·head]
 /// row-major, leading dimension out_stride). x is read completely before out is written. Shapes are checked
-/// by the caller, and caches prepared. threads: the most threads to use (>= 1).
+/// by the caller, and caches prepared. threads: the most threads to use (>= 1). With plan.packed, the weights
+/// are read from there and stored_layers (which may then be null) and plan.output are not read.
 ///
 /// Stored is the layer's type; everything is computed in compute_t<Stored>. For the 16-bit types the
 /// weights are converted once per call, each row chunk of x when it is projected, and outputs when written:
@@ -435,7 +559,6 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   using Scalar = compute_t<Stored>;
   using Index = Eigen::Index;
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
   constexpr bool wide = !std::is_same<Scalar, Stored>::value;  // a 16-bit layer computing in float
   const Index rows = batch * seq_len;
   last_team_size() = 1;
@@ -446,10 +569,14 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   ForwardBuffers<Scalar> own;
   ForwardBuffers<Scalar>& buffers = plan.buffers != nullptr ? *plan.buffers : own;
 
-  // The weights in the compute type: the layer's own for float and double, converted copies otherwise.
-  const Linear<Scalar>* const* layers;
+  // The weights in the compute type: the layer's own for float and double, converted copies otherwise; none
+  // when they come packed.
+  const PackedWeights<Scalar>* const packed = plan.packed;
+  const Linear<Scalar>* const* layers = nullptr;
   const Linear<Scalar>* output = nullptr;
-  if constexpr (wide) {
+  if (packed != nullptr) {
+    // Prepared once by the packed layer: nothing to convert, transpose or scale here.
+  } else if constexpr (wide) {
     const Index count = 3 * heads + (plan.output != nullptr ? 1 : 0);
     buffers.wide_layers.resize(static_cast<std::size_t>(count));
     buffers.wide_pointers.resize(static_cast<std::size_t>(count));
@@ -467,9 +594,15 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
     layers = stored_layers;
     output = plan.output;
   }
-  const Index emb = layers[0]->in_features();
-  const Index head = layers[0]->out_features();
+  const Index emb = packed != nullptr ? packed->emb : layers[0]->in_features();
+  const Index head = packed != nullptr ? packed->head : layers[0]->out_features();
   const Index ld = 3 * head;  // qkv row of one head: [q | k | v]
+  // The multi-head layer's output projection: its width (emb, > 0) and bias, or 0 and null without one.
+  const Index out_width =
+      packed != nullptr ? packed->out_width : (output != nullptr ? output->out_features() : 0);
+  const Scalar* const output_bias =
+      packed != nullptr ? packed->output_bias.data() : (output != nullptr ? output->bias.data() : nullptr);
+  const bool projected = out_width > 0;
 
   // The most keys any sequence has after this call (cached: its cache plus the chunk), and the most any
   // sequence can have: key blocks are sized by the latter, so that the decode steps of one cache all have the
@@ -519,22 +652,29 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   // and each sequence's Kᵀ ([head, T]), Q·Kᵀ's: transposed once per call, read by every row chunk or query
   // block without packing. The query's 1/sqrt(head) is folded into Wq and bq there (exact for the usual
   // powers of two, 64 and 256 say: the scale is then a power of two too).
-  Scalar* weights_t = ForwardBuffers<Scalar>::grow(buffers.weights_t, heads * emb * ld);
-  Scalar* biases =
-      ForwardBuffers<Scalar>::grow(buffers.biases, heads * ld);  // [heads, 3·head] bq·s | bk | bv
+  // A packed layer's are read where they are, and this call's buffers for them stay untouched (unallocated
+  // without a workspace).
+  Scalar* const own_weights_t =
+      packed != nullptr ? nullptr : ForwardBuffers<Scalar>::grow(buffers.weights_t, heads * emb * ld);
+  Scalar* const own_biases =
+      packed != nullptr
+          ? nullptr
+          : ForwardBuffers<Scalar>::grow(buffers.biases, heads * ld);  // [heads, 3·head] bq·s | bk | bv
+  const Scalar* const weights_t = packed != nullptr ? packed->weights_t.data() : own_weights_t;
+  const Scalar* const biases = packed != nullptr ? packed->biases.data() : own_biases;
   std::vector<char>& values_finite = buffers.values_finite;
   values_finite.resize(static_cast<std::size_t>(plan.caches == nullptr ? heads * batch : 0));
-  Scalar* output_t =
+  Scalar* const own_output_t =
       ForwardBuffers<Scalar>::grow(buffers.output_t, output != nullptr ? output->weight.size() : 0);
+  const Scalar* const output_t = packed != nullptr ? packed->output_t.data() : own_output_t;
   // Rows of Kᵀ are kt_stride apart, padded by a cache line: at T = 1024 or 4096 unpadded rows are a multiple
   // of 4 KB apart, so the rows of a tile all fall into the same few L1 sets and evict each other.
   const Index kt_stride = seq_len + 64 / static_cast<Index>(sizeof(Scalar));
   const Index kt_size = head * kt_stride;  // one sequence's Kᵀ
   Scalar* keys_t =
       ForwardBuffers<Scalar>::grow(buffers.keys_t, plan.caches == nullptr ? heads * batch * kt_size : 0);
-  const Index out_width = output != nullptr ? output->out_features() : 0;
   // The multi-head layer's concatenation of head outputs, in the compute type.
-  const Index concat_rows = output != nullptr ? rows : 0;
+  const Index concat_rows = projected ? rows : 0;
   Eigen::Map<Matrix> concat(ForwardBuffers<Scalar>::grow(buffers.concat, concat_rows * heads * head),
                             concat_rows,
                             heads * head);  // [rows, heads · head]
@@ -545,36 +685,36 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   std::vector<Index>& x_wide_chunk = buffers.x_wide_chunk;
   x_wide_chunk.assign(static_cast<std::size_t>(threads), -1);
   if (plan.size_only) return;
-  const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(head));
+  const Scalar scale = query_scale<Scalar>(head);
+
+  // Sequence c's (head h = c / batch, sequence b = c % batch) Kᵀ, and whether its V is finite: checked once
+  // here rather than in every masked tile of every query block.
+  const auto prepare_keys = [&](Index c) {
+    const Index h = c / batch, b = c % batch;
+    const Scalar* seq_qkv = qkv.data() + (h * rows + b * seq_len) * ld;
+    transpose_into(seq_qkv + head, ld, seq_len, head, keys_t + c * kt_size, kt_stride);
+    values_finite[static_cast<std::size_t>(c)] = all_finite(seq_qkv + 2 * head, ld, seq_len, head);
+  };
+  // With one query block per sequence (T <= query_block), each Kᵀ is read by one work item alone, which then
+  // prepares it itself: one loop and its barrier fewer.
+  const bool item_keys = plan.caches == nullptr && query_blocks == 1;
 
   HEAD_ATTENTION_OMP(parallel num_threads(threads) if (threads > 1)) {
     const std::size_t thread = static_cast<std::size_t>(thread_index());
     if (thread == 0) last_team_size() = team_size();  // the caller's own thread is the team's first
-    // The weights are transposed here, on every call: a copy kept between calls could not be kept in sync
-    // with weights that callers change through query()/key()/value() references.
-    // (nowait: the output projection's weights are read only after the next loop's barrier.)
-    if (output != nullptr) {
-      HEAD_ATTENTION_OMP(for schedule(static) nowait)
-      for (Index part = 0; part < 4; ++part) {
-        const Index r0 = part * output->weight.rows() / 4, r1 = (part + 1) * output->weight.rows() / 4;
-        transpose_into(output->weight.data() + r0 * output->weight.cols(), output->weight.cols(), r1 - r0,
-                       output->weight.cols(), output_t + r0, output->weight.rows());
+    // The weights are transposed here, on every call, unless they come packed: a copy kept by the layer
+    // between calls could not be kept in sync with weights that callers change through query()/key()/value()
+    // references (a packed layer is the explicit, immutable copy).
+    if (packed == nullptr) {
+      // (nowait: the output projection's weights are read only after the next loop's barrier.)
+      if (output != nullptr) {
+        HEAD_ATTENTION_OMP(for schedule(static) nowait)
+        for (Index part = 0; part < 4; ++part)
+          pack_output_part(*output, part, own_output_t);
       }
-    }
-    // Each weight in two halves (of its columns), so that one head's three make six items for two threads.
-    HEAD_ATTENTION_OMP(for schedule(static))
-    for (Index part = 0; part < 6 * heads; ++part) {
-      const Index p = part / 2, c0 = part % 2 == 0 ? 0 : emb / 2, c1 = part % 2 == 0 ? emb / 2 : emb;
-      Scalar* wt = weights_t + (p / 3) * emb * ld + (p % 3) * head;
-      transpose_into(layers[p]->weight.data() + c0, emb, head, c1 - c0, wt + c0 * ld, ld);
-      if (p % 3 == 0)
-        Eigen::Map<Matrix, 0, Eigen::OuterStride<>>(wt + c0 * ld, c1 - c0, head, Eigen::OuterStride<>(ld)) *=
-            scale;
-      if (part % 2 == 0) {
-        Eigen::Map<Vector> bias(biases + (p / 3) * ld + (p % 3) * head, head);
-        bias = layers[p]->bias;
-        if (p % 3 == 0) bias *= scale;
-      }
+      HEAD_ATTENTION_OMP(for schedule(static))
+      for (Index part = 0; part < 6 * heads; ++part)
+        pack_projection_part(layers, emb, head, scale, part, own_weights_t, own_biases);
     }
     HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
     for (Index item = 0; item < proj_items; ++item) {
@@ -612,18 +752,10 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
         const Index h = c / batch, b = c % batch;
         plan.caches[c]->write(qkv.data() + (h * rows + b * seq_len) * ld + head, ld, seq_len);
       }
-    } else {
+    } else if (!item_keys) {
       HEAD_ATTENTION_OMP(for schedule(static))
-      for (Index c = 0; c < heads * batch; ++c) {
-        const Index h = c / batch, b = c % batch;
-        const Scalar* seq_qkv = qkv.data() + (h * rows + b * seq_len) * ld;
-        transpose_into(seq_qkv + head, ld, seq_len, head, keys_t + c * kt_size, kt_stride);
-        // Checked once here rather than in every masked tile of every query block.
-        values_finite[static_cast<std::size_t>(c)] =
-            Eigen::Map<const Matrix, 0, Eigen::OuterStride<>>(seq_qkv + 2 * head, seq_len, head,
-                                                              Eigen::OuterStride<>(ld))
-                .allFinite();
-      }
+      for (Index c = 0; c < heads * batch; ++c)
+        prepare_keys(c);
     }
     // One (head, sequence) after another, its costliest query blocks first (the last ones see the most keys),
     // handed out one at a time. Consecutive items read the same K and V rows (2 MB at T = 4096), which stay
@@ -643,6 +775,7 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
         position = plan.caches[c]->length();
         keys = plan.caches[c]->keys(seq_len);
       } else {
+        if (item_keys) prepare_keys(c);
         keys.kt = keys_t + c * kt_size;
         keys.kt_stride = kt_stride;
         keys.values_finite = values_finite[static_cast<std::size_t>(c)] != 0;
@@ -650,7 +783,7 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
       if (plan.lengths != nullptr) keys.valid = std::min(keys.valid, plan.lengths[b]);
       const Index first_row = b * seq_len;
       Scalar* const lse = plan.lse != nullptr ? plan.lse + h * rows + first_row : nullptr;
-      if (output != nullptr)
+      if (projected)
         attend_query_block(
             Queries<Scalar>{seq_qkv, ld, position, concat.data() + first_row * concat.cols() + h * head,
                             concat.cols(), lse},
@@ -660,7 +793,7 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
                                                    out + first_row * out_stride + h * head, out_stride, lse},
                            keys, plan.rule, r0, bq, scratch[thread]);
     }
-    if (output != nullptr) {
+    if (projected) {
       // The output projection, one GEMM per row chunk of the concatenation: [rows, heads·head] · Woᵀ + bo.
       HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
       for (Index chunk = 0; chunk < chunks; ++chunk) {
@@ -680,12 +813,34 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
           result_stride = plan.projected_stride;
         }
         gemm_nn(n, out_width, heads * head, concat.data() + r0 * concat.cols(), concat.cols(), output_t,
-                out_width, result, result_stride, 1, output->bias.data());
+                out_width, result, result_stride, 1, output_bias);
         if constexpr (wide)
           dst =
               Eigen::Map<Matrix>(buffers.projected_wide[thread].data(), n, out_width).template cast<Stored>();
       }
     }
+  }
+}
+
+/// forward() over x [batch · seq_len, emb], any dense Eigen expression of Stored: plain storage with
+/// contiguous rows or columns is read in place, anything else (an expression, a strided view) evaluated once
+/// into a row-major copy.
+template <typename Derived, typename Stored>
+void forward_expression(const Eigen::MatrixBase<Derived>& x, Eigen::Index batch, Eigen::Index seq_len,
+                        const Linear<Stored>* const* layers, Eigen::Index heads, Stored* out,
+                        Eigen::Index out_stride, int threads, const AttentionPlan<Stored>& plan) {
+  constexpr bool in_place =
+      (Derived::Flags & Eigen::DirectAccessBit) != 0 && Derived::InnerStrideAtCompileTime == 1;
+  if constexpr (in_place) {
+    constexpr int order = Derived::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
+    const Derived& xd = x.derived();
+    forward<order>(xd.data(), xd.outerStride(), batch, seq_len, layers, heads, out, out_stride, threads,
+                   plan);
+  } else {
+    using Matrix = Eigen::Matrix<Stored, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    const Matrix copy = x;  // [batch · seq_len, emb]: evaluated once
+    forward<Eigen::RowMajor>(copy.data(), copy.cols(), batch, seq_len, layers, heads, out, out_stride,
+                             threads, plan);
   }
 }
 

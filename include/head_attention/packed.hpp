@@ -1,0 +1,420 @@
+// head-attention: PackedHeadAttention and PackedMultiHeadAttention, immutable inference forms of the layers
+// whose weights are prepared once.
+#pragma once
+
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <Eigen/Core>
+#include <unsupported/Eigen/CXX11/Tensor>
+
+#include "attention.hpp"
+#include "batched.hpp"
+#include "detail/flash.hpp"
+#include "detail/parallel.hpp"
+#include "errors.hpp"
+#include "fwd.hpp"
+#include "mask.hpp"
+#include "multi_head_attention.hpp"
+#include "workspace.hpp"
+
+namespace head_attention {
+
+namespace detail {
+
+/// Throws shape_error unless an input of this width and length fits a packed layer of these sizes.
+inline void check_packed_call(Eigen::Index width, Eigen::Index length, Eigen::Index emb_size,
+                              Eigen::Index max_seq_len, const char* where, const char* width_name,
+                              const char* length_name) {
+  HEAD_ATTENTION_REQUIRE(width == emb_size, where, width_name, "emb_size = " + std::to_string(emb_size),
+                         std::to_string(width));
+  HEAD_ATTENTION_REQUIRE(length <= max_seq_len, where, length_name,
+                         "<= max_seq_len = " + std::to_string(max_seq_len), std::to_string(length));
+}
+
+}  // namespace detail
+
+/// HeadAttention frozen for inference, like an ONNX Runtime session or PyTorch's frozen modules: made from a
+/// layer, it keeps its own copy of the weights prepared for the projections' GEMMs (transposed into one
+/// [emb_size, 3 · head_size] operand, the query's 1/sqrt(head_size) folded into Wq and bq, 16-bit weights
+/// widened to float). HeadAttention::forward prepares them anew on every call, since callers may change its
+/// weights through query()/key()/value() at any time; this form skips that (the whole preparation at small T,
+/// e.g. 17% of a call at B = 2, T = 10, emb 512, head 64).
+///
+/// Immutable: the weights, sizes and mask rule are fixed when it is made, and later changes to the layer it
+/// was made from do not reach it (pack again to take them). Results are bit-identical to the layer's forward
+/// (same kernels, same weights layout) at any thread count. const, and safe to call from many threads at
+/// once.
+template <typename Scalar>
+class PackedHeadAttention {
+  static_assert(detail::is_layer_scalar<Scalar>,
+                "PackedHeadAttention<Scalar> needs float, double, Eigen::half or Eigen::bfloat16");
+
+ public:
+  /// Eigen's signed index type, for every size and position.
+  using Index = Eigen::Index;
+  /// The layer it is made from.
+  using Layer = HeadAttention<Scalar>;
+  /// Row-major [rows, features], as the layer's.
+  using Matrix = typename Layer::Matrix;
+  /// The type products and softmax run in (float for the 16-bit layers).
+  using Compute = typename Layer::Compute;
+  /// Where forward_into writes, as the layer's: row-major [rows, head_size] storage with contiguous rows.
+  using OutputRef = typename Layer::OutputRef;
+  /// [B, T, features] tensors of the seed's calling convention.
+  using Tensor3 = Eigen::Tensor<Scalar, 3, Eigen::RowMajor>;
+
+  /// Packs `layer`: copies its sizes, mask rule and thread setting and prepares its weights (O(emb_size ·
+  /// head_size) time and memory, once). Throws shape_error, before anything is kept, unless every projection
+  /// is [head_size, emb_size] + [head_size].
+  explicit PackedHeadAttention(const Layer& layer)
+      : m_emb_size(layer.emb_size()),
+        m_head_size(layer.head_size()),
+        m_max_seq_len(layer.max_seq_len()),
+        m_rule(layer.mask_rule()),
+        m_threads(layer.m_threads) {
+    detail::check_projections(layer, "PackedHeadAttention");
+    const Linear<Scalar>* const layers[3] = {&layer.query(), &layer.key(), &layer.value()};
+    m_weights = detail::pack_weights(layers, 1, static_cast<const Linear<Scalar>*>(nullptr));
+  }
+
+  /// The packed layer's sizes: input features, output features, longest sequence.
+  ///@{
+  Index emb_size() const { return m_emb_size; }
+  Index head_size() const { return m_head_size; }
+  Index max_seq_len() const { return m_max_seq_len; }
+  ///@}
+  /// The mask rule of the layer when it was packed.
+  const MaskRule& mask_rule() const { return m_rule; }
+
+  /// The thread cap of a forward call, as HeadAttention::set_num_threads (copied from the layer; 0: Eigen's
+  /// default). Results do not depend on it. Throws shape_error if n < 0.
+  void set_num_threads(int n) {
+    HEAD_ATTENTION_REQUIRE(n >= 0, "PackedHeadAttention::set_num_threads", "the thread count", ">= 0",
+                           std::to_string(n));
+    m_threads = n;
+  }
+  /// The thread count a large call made now, from this thread, would run on (1 inside a parallel region or
+  /// without OpenMP).
+  int num_threads() const {
+    if (!detail::has_openmp || detail::in_parallel_region()) return 1;
+    return m_threads > 0 ? m_threads : detail::default_thread_count();
+  }
+
+  /// One sequence: x [T, emb_size] (any dense Eigen expression of Scalar, read in place when it can be) to
+  /// [T, head_size], as HeadAttention::forward. Throws shape_error if x.cols() != emb_size or T >
+  /// max_seq_len.
+  template <typename Derived>
+  Matrix forward(const Eigen::MatrixBase<Derived>& x) const {
+    check_input<Derived>();
+    detail::check_packed_call(x.cols(), x.rows(), m_emb_size, m_max_seq_len, "PackedHeadAttention::forward",
+                              "x.cols() (input width)", "x.rows() (T)");
+    Matrix out(x.rows(), m_head_size);  // [T, head]
+    run(x, 1, x.rows(), out.data(), out.outerStride(), plan());
+    return out;
+  }
+
+  /// The seed's calling convention, as BatchedHeadAttention::forward: x [B, T, emb_size] (a row-major
+  /// Eigen::Tensor or TensorMap, read in place, or any tensor expression) to [B, T, head_size]. Throws
+  /// shape_error if x.dimension(2) != emb_size or x.dimension(1) > max_seq_len.
+  template <typename TensorDerived>
+  Tensor3 forward(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x) const {
+    return forward_tensor(x, nullptr);
+  }
+
+  /// The same with right padding: sequence b's keys at positions >= lengths[b] are masked. Throws shape_error
+  /// unless lengths has B entries, each in [0, T], and as forward(x).
+  template <typename TensorDerived>
+  Tensor3 forward(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
+                  const std::vector<Index>& lengths) const {
+    return forward_tensor(x, &lengths);
+  }
+
+  /// forward(x) written into out [T, head_size] (see HeadAttention::forward_into). Throws shape_error, before
+  /// touching out, on any bad shape.
+  template <typename Derived>
+  void forward_into(const Eigen::MatrixBase<Derived>& x, OutputRef out) const {
+    forward_into(x, 1, std::move(out));
+  }
+
+  /// `batch` sequences of equal length back to back: x [batch · T, emb_size] to out [batch · T, head_size].
+  /// Throws shape_error, before touching out, unless batch >= 0 and x.rows() is a multiple of it (0 rows when
+  /// batch = 0), and on any bad shape.
+  template <typename Derived>
+  void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out) const {
+    batch_into(x, batch, out, nullptr, nullptr);
+  }
+
+  /// The same, with its working memory taken from (and left in) `workspace` (one shared with unpacked layers
+  /// of the same Scalar is fine): once it has served a call of this shape, calls of that shape allocate
+  /// nothing (see Workspace).
+  template <typename Derived>
+  void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
+                    Workspace<Scalar>& workspace) const {
+    batch_into(x, batch, out, nullptr, &workspace);
+  }
+
+  /// The same with right padding: sequence b's keys at positions >= lengths[b] are masked. Throws shape_error
+  /// unless lengths has `batch` entries, each in [0, T].
+  template <typename Derived>
+  void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
+                    const std::vector<Index>& lengths) const {
+    batch_into(x, batch, out, &lengths, nullptr);
+  }
+
+ private:
+  template <typename Derived>
+  static constexpr void check_input() {
+    static_assert(std::is_same<typename Derived::Scalar, Scalar>::value,
+                  "PackedHeadAttention<Scalar>::forward needs an input of the same Scalar");
+  }
+
+  detail::AttentionPlan<Scalar> plan() const {
+    detail::AttentionPlan<Scalar> plan;
+    plan.rule = m_rule;
+    plan.packed = &m_weights;
+    return plan;
+  }
+
+  template <typename Derived>
+  void batch_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef& out,
+                  const std::vector<Index>* lengths, Workspace<Scalar>* workspace) const {
+    check_input<Derived>();
+    const char* where = "PackedHeadAttention::forward_into";
+    const Index seq_len = detail::sequence_length(x.rows(), batch, where);
+    detail::check_packed_call(x.cols(), seq_len, m_emb_size, m_max_seq_len, where, "x.cols() (input width)",
+                              "x.rows() / batch (T)");
+    HEAD_ATTENTION_REQUIRE(out.rows() == x.rows() && out.cols() == m_head_size, where, "out shape",
+                           detail::shape_string(x.rows(), m_head_size),
+                           detail::shape_string(out.rows(), out.cols()));
+    detail::AttentionPlan<Scalar> p = plan();
+    if (lengths != nullptr) {
+      detail::check_lengths(*lengths, batch, seq_len, where);
+      p.lengths = lengths->data();
+    }
+    if (workspace != nullptr) p.buffers = &workspace->m_buffers;
+    run(x, batch, seq_len, out.data(), out.outerStride(), p);
+  }
+
+  template <typename TensorDerived>
+  Tensor3 forward_tensor(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
+                         const std::vector<Index>* lengths) const {
+    return detail::with_tensor_data<Scalar>(
+        x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
+          const char* where = "PackedHeadAttention::forward";
+          detail::check_packed_call(width, seq_len, m_emb_size, m_max_seq_len, where,
+                                    "x.dimension(2) (input width)", "x.dimension(1) (T)");
+          detail::AttentionPlan<Scalar> p = plan();
+          if (lengths != nullptr) {
+            detail::check_lengths(*lengths, batch, seq_len, where);
+            p.lengths = lengths->data();
+          }
+          Tensor3 out(batch, seq_len, m_head_size);                           // [B, T, head]
+          const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);  // [B·T, emb]
+          run(rows, batch, seq_len, out.data(), m_head_size, p);
+          return out;
+        });
+  }
+
+  template <typename Derived>
+  void run(const Eigen::MatrixBase<Derived>& x, Index batch, Index seq_len, Scalar* out, Index out_stride,
+           const detail::AttentionPlan<Scalar>& plan) const {
+    detail::forward_expression(x, batch, seq_len, static_cast<const Linear<Scalar>* const*>(nullptr), 1, out,
+                               out_stride, num_threads(), plan);
+  }
+
+  Index m_emb_size;
+  Index m_head_size;
+  Index m_max_seq_len;
+  MaskRule m_rule;
+  int m_threads = 0;
+  detail::PackedWeights<Compute> m_weights;  // [emb, 3·head] Wqᵀ·s | Wkᵀ | Wvᵀ and [3·head] bq·s | bk | bv
+};
+
+/// MultiHeadAttention frozen for inference (what a simple_llm model runs): every head's weights and the
+/// output projection prepared once, as PackedHeadAttention does for one head (MultiHeadAttention::forward
+/// prepares them on every call: for 8 heads of 64 at emb 512, 1 MB of transposes). Immutable: later changes
+/// to the layer it was made from do not reach it. Results are bit-identical to the layer's forward at any
+/// thread count. const, and safe to call from many threads at once.
+template <typename Scalar>
+class PackedMultiHeadAttention {
+  static_assert(detail::is_layer_scalar<Scalar>,
+                "PackedMultiHeadAttention<Scalar> needs float, double, Eigen::half or Eigen::bfloat16");
+
+ public:
+  /// Eigen's signed index type, for every size and position.
+  using Index = Eigen::Index;
+  /// The layer it is made from.
+  using Layer = MultiHeadAttention<Scalar>;
+  /// Row-major [rows, features], as the layer's.
+  using Matrix = typename Layer::Matrix;
+  /// Where forward_into writes, as the layer's: row-major [rows, emb_size] storage with contiguous rows.
+  using OutputRef = typename Layer::OutputRef;
+  /// [B, T, emb_size] tensors of the seed's calling convention.
+  using Tensor3 = typename Layer::Tensor3;
+
+  /// Packs `layer`: copies its sizes, mask rule and thread setting and prepares every weight (O(num_heads ·
+  /// head_size · emb_size) time and memory, once). Throws shape_error, before anything is kept, unless every
+  /// weight has its shape and all heads share one mask rule.
+  explicit PackedMultiHeadAttention(const Layer& layer)
+      : m_num_heads(layer.num_heads()),
+        m_emb_size(layer.emb_size()),
+        m_head_size(layer.head_size()),
+        m_max_seq_len(layer.max_seq_len()),
+        m_rule(layer.mask_rule()),
+        m_threads(layer.m_threads) {
+    layer.check(m_emb_size, 0, "PackedMultiHeadAttention", "emb_size", "T");
+    std::vector<const Linear<Scalar>*> layers;  // [3 · heads] head h's Q, K, V at 3h, 3h + 1, 3h + 2
+    layers.reserve(static_cast<std::size_t>(3 * m_num_heads));
+    for (Index h = 0; h < m_num_heads; ++h)
+      for (const Linear<Scalar>* l : {&layer.head(h).query(), &layer.head(h).key(), &layer.head(h).value()})
+        layers.push_back(l);
+    m_weights = detail::pack_weights(layers.data(), m_num_heads, &layer.projection());
+  }
+
+  /// The packed layer's sizes: heads, input (and output) features, features per head, longest sequence.
+  ///@{
+  Index num_heads() const { return m_num_heads; }
+  Index emb_size() const { return m_emb_size; }
+  Index head_size() const { return m_head_size; }
+  Index max_seq_len() const { return m_max_seq_len; }
+  ///@}
+  /// Every head's mask rule when the layer was packed.
+  const MaskRule& mask_rule() const { return m_rule; }
+
+  /// The thread cap of a forward call, as MultiHeadAttention::set_num_threads (copied from the layer).
+  /// Results do not depend on it. Throws shape_error if n < 0.
+  void set_num_threads(int n) {
+    HEAD_ATTENTION_REQUIRE(n >= 0, "PackedMultiHeadAttention::set_num_threads", "the thread count", ">= 0",
+                           std::to_string(n));
+    m_threads = n;
+  }
+  /// The thread count a large call made now, from this thread, would run on (1 inside a parallel region or
+  /// without OpenMP).
+  int num_threads() const {
+    if (!detail::has_openmp || detail::in_parallel_region()) return 1;
+    return m_threads > 0 ? m_threads : detail::default_thread_count();
+  }
+
+  /// One sequence: x [T, emb_size] to [T, emb_size], as MultiHeadAttention::forward. Throws shape_error if
+  /// x.cols() != emb_size or T > max_seq_len.
+  template <typename Derived>
+  Matrix forward(const Eigen::MatrixBase<Derived>& x) const {
+    check_input<Derived>();
+    detail::check_packed_call(x.cols(), x.rows(), m_emb_size, m_max_seq_len,
+                              "PackedMultiHeadAttention::forward", "x.cols() (input width)", "x.rows() (T)");
+    Matrix out(x.rows(), m_emb_size);  // [T, emb]
+    run(x, 1, x.rows(), out.data(), out.outerStride(), plan());
+    return out;
+  }
+
+  /// `batch` sequences of equal length back to back, x [batch · T, emb_size], into out [batch · T, emb_size];
+  /// with `lengths` (one per sequence, each in [0, T]), keys at or after lengths[b] are masked. Throws
+  /// shape_error, before touching out, on any bad shape.
+  template <typename Derived>
+  void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
+                    const std::vector<Index>* lengths = nullptr) const {
+    batch_into(x, batch, out, lengths, nullptr);
+  }
+
+  /// The same, with its working memory taken from (and left in) `workspace`: once it has served a call of
+  /// this shape, calls of that shape allocate nothing (see Workspace).
+  template <typename Derived>
+  void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
+                    Workspace<Scalar>& workspace, const std::vector<Index>* lengths = nullptr) const {
+    batch_into(x, batch, out, lengths, &workspace);
+  }
+
+  /// The seed's calling convention: x [B, T, emb_size] (row-major tensor) to [B, T, emb_size]; with
+  /// `lengths`, right padding as in forward_into. Throws as forward_into.
+  ///@{
+  template <typename TensorDerived>
+  Tensor3 forward(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x) const {
+    return forward_tensor(x, nullptr);
+  }
+  template <typename TensorDerived>
+  Tensor3 forward(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
+                  const std::vector<Index>& lengths) const {
+    return forward_tensor(x, &lengths);
+  }
+  ///@}
+
+ private:
+  template <typename Derived>
+  static constexpr void check_input() {
+    static_assert(std::is_same<typename Derived::Scalar, Scalar>::value,
+                  "PackedMultiHeadAttention<Scalar>::forward needs an input of the same Scalar");
+  }
+
+  detail::AttentionPlan<Scalar> plan() const {
+    detail::AttentionPlan<Scalar> plan;
+    plan.rule = m_rule;
+    plan.packed = &m_weights;
+    return plan;
+  }
+
+  template <typename Derived>
+  void batch_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef& out,
+                  const std::vector<Index>* lengths, Workspace<Scalar>* workspace) const {
+    check_input<Derived>();
+    const char* where = "PackedMultiHeadAttention::forward_into";
+    const Index seq_len = detail::sequence_length(x.rows(), batch, where);
+    detail::check_packed_call(x.cols(), seq_len, m_emb_size, m_max_seq_len, where, "x.cols() (input width)",
+                              "x.rows() / batch (T)");
+    HEAD_ATTENTION_REQUIRE(out.rows() == x.rows() && out.cols() == m_emb_size, where, "out shape",
+                           detail::shape_string(x.rows(), m_emb_size),
+                           detail::shape_string(out.rows(), out.cols()));
+    detail::AttentionPlan<Scalar> p = plan();
+    if (lengths != nullptr) {
+      detail::check_lengths(*lengths, batch, seq_len, where);
+      p.lengths = lengths->data();
+    }
+    if (workspace != nullptr) p.buffers = &workspace->m_buffers;
+    run(x, batch, seq_len, out.data(), out.outerStride(), p);
+  }
+
+  template <typename TensorDerived>
+  Tensor3 forward_tensor(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
+                         const std::vector<Index>* lengths) const {
+    return detail::with_tensor_data<Scalar>(
+        x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
+          const char* where = "PackedMultiHeadAttention::forward";
+          detail::check_packed_call(width, seq_len, m_emb_size, m_max_seq_len, where,
+                                    "x.dimension(2) (input width)", "x.dimension(1) (T)");
+          detail::AttentionPlan<Scalar> p = plan();
+          if (lengths != nullptr) {
+            detail::check_lengths(*lengths, batch, seq_len, where);
+            p.lengths = lengths->data();
+          }
+          Tensor3 out(batch, seq_len, m_emb_size);                            // [B, T, emb]
+          const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);  // [B·T, emb]
+          run(rows, batch, seq_len, out.data(), m_emb_size, p);
+          return out;
+        });
+  }
+
+  /// All heads and the output projection: out [batch · seq_len, emb_size], leading dimension out_stride.
+  template <typename Derived>
+  void run(const Eigen::MatrixBase<Derived>& x, Index batch, Index seq_len, Scalar* out, Index out_stride,
+           detail::AttentionPlan<Scalar> plan) const {
+    if (batch * seq_len == 0) return;
+    plan.projected = out;
+    plan.projected_stride = out_stride;
+    detail::forward_expression(x, batch, seq_len, static_cast<const Linear<Scalar>* const*>(nullptr),
+                               m_num_heads, static_cast<Scalar*>(nullptr), 0, num_threads(), plan);
+  }
+
+  Index m_num_heads;
+  Index m_emb_size;
+  Index m_head_size;
+  Index m_max_seq_len;
+  MaskRule m_rule;
+  int m_threads = 0;
+  // [heads · emb, 3·head] each head's Wqᵀ·s | Wkᵀ | Wvᵀ, [heads, 3·head] biases, [heads · head, emb] Woᵀ,
+  // [emb] bo
+  detail::PackedWeights<detail::compute_t<Scalar>> m_weights;
+};
+
+}  // namespace head_attention
