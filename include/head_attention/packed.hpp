@@ -34,6 +34,39 @@ inline void check_packed_call(Eigen::Index width, Eigen::Index length, Eigen::In
                          "<= max_seq_len = " + std::to_string(max_seq_len), std::to_string(length));
 }
 
+/// The checks and plan of a packed form's call over `batch` sequences back to back, x [batch · T, emb_size]
+/// into out [batch · T, out_width], with right padding when lengths is not null: throws shape_error, before
+/// anything is written, on any bad shape; returns T.
+template <typename Scalar, typename Derived, typename Out>
+Eigen::Index packed_batch_plan(const Eigen::MatrixBase<Derived>& x, Eigen::Index batch, const Out& out,
+                               Eigen::Index emb_size, Eigen::Index max_seq_len, Eigen::Index out_width,
+                               const std::vector<Eigen::Index>* lengths, AttentionPlan<Scalar>& plan,
+                               const char* where) {
+  const Eigen::Index seq_len = sequence_length(x.rows(), batch, where);
+  check_packed_call(x.cols(), seq_len, emb_size, max_seq_len, where, "x.cols() (input width)",
+                    "x.rows() / batch (T)");
+  HEAD_ATTENTION_REQUIRE(out.rows() == x.rows() && out.cols() == out_width, where, "out shape",
+                         shape_string(x.rows(), out_width), shape_string(out.rows(), out.cols()));
+  if (lengths != nullptr) {
+    check_lengths(*lengths, batch, seq_len, where);
+    plan.lengths = lengths->data();
+  }
+  return seq_len;
+}
+
+/// The same for the rows of a [batch, seq_len, width] tensor.
+template <typename Scalar>
+void packed_tensor_plan(Eigen::Index batch, Eigen::Index seq_len, Eigen::Index width, Eigen::Index emb_size,
+                        Eigen::Index max_seq_len, const std::vector<Eigen::Index>* lengths,
+                        AttentionPlan<Scalar>& plan, const char* where) {
+  check_packed_call(width, seq_len, emb_size, max_seq_len, where, "x.dimension(2) (input width)",
+                    "x.dimension(1) (T)");
+  if (lengths != nullptr) {
+    check_lengths(*lengths, batch, seq_len, where);
+    plan.lengths = lengths->data();
+  }
+}
+
 }  // namespace detail
 
 /// HeadAttention frozen for inference, like an ONNX Runtime session or PyTorch's frozen modules: made from a
@@ -182,18 +215,9 @@ class PackedHeadAttention {
   void batch_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef& out,
                   const std::vector<Index>* lengths, Workspace<Scalar>* workspace) const {
     check_input<Derived>();
-    const char* where = "PackedHeadAttention::forward_into";
-    const Index seq_len = detail::sequence_length(x.rows(), batch, where);
-    detail::check_packed_call(x.cols(), seq_len, m_emb_size, m_max_seq_len, where, "x.cols() (input width)",
-                              "x.rows() / batch (T)");
-    HEAD_ATTENTION_REQUIRE(out.rows() == x.rows() && out.cols() == m_head_size, where, "out shape",
-                           detail::shape_string(x.rows(), m_head_size),
-                           detail::shape_string(out.rows(), out.cols()));
     detail::AttentionPlan<Scalar> p = plan();
-    if (lengths != nullptr) {
-      detail::check_lengths(*lengths, batch, seq_len, where);
-      p.lengths = lengths->data();
-    }
+    const Index seq_len = detail::packed_batch_plan(x, batch, out, m_emb_size, m_max_seq_len, m_head_size,
+                                                    lengths, p, "PackedHeadAttention::forward_into");
     if (workspace != nullptr) p.buffers = &workspace->m_buffers;
     run(x, batch, seq_len, out.data(), out.outerStride(), p);
   }
@@ -203,14 +227,9 @@ class PackedHeadAttention {
                          const std::vector<Index>* lengths) const {
     return detail::with_tensor_data<Scalar>(
         x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
-          const char* where = "PackedHeadAttention::forward";
-          detail::check_packed_call(width, seq_len, m_emb_size, m_max_seq_len, where,
-                                    "x.dimension(2) (input width)", "x.dimension(1) (T)");
           detail::AttentionPlan<Scalar> p = plan();
-          if (lengths != nullptr) {
-            detail::check_lengths(*lengths, batch, seq_len, where);
-            p.lengths = lengths->data();
-          }
+          detail::packed_tensor_plan(batch, seq_len, width, m_emb_size, m_max_seq_len, lengths, p,
+                                     "PackedHeadAttention::forward");
           Tensor3 out(batch, seq_len, m_head_size);                           // [B, T, head]
           const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);  // [B·T, emb]
           run(rows, batch, seq_len, out.data(), m_head_size, p);
@@ -359,18 +378,9 @@ class PackedMultiHeadAttention {
   void batch_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef& out,
                   const std::vector<Index>* lengths, Workspace<Scalar>* workspace) const {
     check_input<Derived>();
-    const char* where = "PackedMultiHeadAttention::forward_into";
-    const Index seq_len = detail::sequence_length(x.rows(), batch, where);
-    detail::check_packed_call(x.cols(), seq_len, m_emb_size, m_max_seq_len, where, "x.cols() (input width)",
-                              "x.rows() / batch (T)");
-    HEAD_ATTENTION_REQUIRE(out.rows() == x.rows() && out.cols() == m_emb_size, where, "out shape",
-                           detail::shape_string(x.rows(), m_emb_size),
-                           detail::shape_string(out.rows(), out.cols()));
     detail::AttentionPlan<Scalar> p = plan();
-    if (lengths != nullptr) {
-      detail::check_lengths(*lengths, batch, seq_len, where);
-      p.lengths = lengths->data();
-    }
+    const Index seq_len = detail::packed_batch_plan(x, batch, out, m_emb_size, m_max_seq_len, m_emb_size,
+                                                    lengths, p, "PackedMultiHeadAttention::forward_into");
     if (workspace != nullptr) p.buffers = &workspace->m_buffers;
     run(x, batch, seq_len, out.data(), out.outerStride(), p);
   }
@@ -380,14 +390,9 @@ class PackedMultiHeadAttention {
                          const std::vector<Index>* lengths) const {
     return detail::with_tensor_data<Scalar>(
         x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
-          const char* where = "PackedMultiHeadAttention::forward";
-          detail::check_packed_call(width, seq_len, m_emb_size, m_max_seq_len, where,
-                                    "x.dimension(2) (input width)", "x.dimension(1) (T)");
           detail::AttentionPlan<Scalar> p = plan();
-          if (lengths != nullptr) {
-            detail::check_lengths(*lengths, batch, seq_len, where);
-            p.lengths = lengths->data();
-          }
+          detail::packed_tensor_plan(batch, seq_len, width, m_emb_size, m_max_seq_len, lengths, p,
+                                     "PackedMultiHeadAttention::forward");
           Tensor3 out(batch, seq_len, m_emb_size);                            // [B, T, emb]
           const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);  // [B·T, emb]
           run(rows, batch, seq_len, out.data(), m_emb_size, p);
