@@ -23,6 +23,10 @@
 
 #include <head_attention/head_attention.hpp>
 
+#ifdef HEAD_ATTENTION_TEST_KERNEL_INSTANCES
+#include "kernel_instances.hpp"
+#endif
+
 #include "catch_compat.hpp"
 
 namespace ha_test {
