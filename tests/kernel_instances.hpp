@@ -10,22 +10,22 @@
 
 // X(XOrder, Stored) for every input order and stored type of detail::forward, and B(Scalar) for every
 // scalar of detail::backward.
-#define HEAD_ATTENTION_TEST_KERNELS(X, B)                                                                      \
-  X(Eigen::RowMajor, float)                                                                                     \
-  X(Eigen::ColMajor, float)                                                                                     \
-  X(Eigen::RowMajor, double)                                                                                    \
-  X(Eigen::ColMajor, double)                                                                                    \
-  X(Eigen::RowMajor, Eigen::half)                                                                               \
-  X(Eigen::ColMajor, Eigen::half)                                                                               \
-  X(Eigen::RowMajor, Eigen::bfloat16)                                                                           \
-  X(Eigen::ColMajor, Eigen::bfloat16)                                                                           \
-  B(float)                                                                                                      \
+#define HEAD_ATTENTION_TEST_KERNELS(X, B) \
+  X(Eigen::RowMajor, float)               \
+  X(Eigen::ColMajor, float)               \
+  X(Eigen::RowMajor, double)              \
+  X(Eigen::ColMajor, double)              \
+  X(Eigen::RowMajor, Eigen::half)         \
+  X(Eigen::ColMajor, Eigen::half)         \
+  X(Eigen::RowMajor, Eigen::bfloat16)     \
+  X(Eigen::ColMajor, Eigen::bfloat16)     \
+  B(float)                                \
   B(double)
 
-#define HEAD_ATTENTION_TEST_FORWARD(XOrder, Stored)                                                            \
-  template void forward<XOrder, Stored>(const Stored*, Eigen::Index, Eigen::Index, Eigen::Index,              \
-                                        const Linear<Stored>* const*, Eigen::Index, Stored*, Eigen::Index, int, \
-                                        const AttentionPlan<Stored>&);
+#define HEAD_ATTENTION_TEST_FORWARD(XOrder, Stored)                                                        \
+  template void forward<XOrder, Stored>(const Stored*, Eigen::Index, Eigen::Index, Eigen::Index,           \
+                                        const Linear<Stored>* const*, Eigen::Index, Stored*, Eigen::Index, \
+                                        int, const AttentionPlan<Stored>&);
 #define HEAD_ATTENTION_TEST_BACKWARD(Scalar) template void backward<Scalar>(const BackwardCall<Scalar>&);
 
 #ifndef HEAD_ATTENTION_TEST_DEFINE_KERNELS
