@@ -222,3 +222,136 @@ TEMPLATE_TEST_CASE("truncate rolls a cache back", "[cache]", float, double) {
   const Matrix<Scalar> again = windowed.forward_cached(x.middleRows(59, 2), wcache);
   CHECK(relative_error(again, Matrix<Scalar>(wfull.middleRows(59, 2))) <= decode_tolerance<Scalar>());
 }
+
+TEMPLATE_TEST_CASE("packed forms decode bit for bit as their layers", "[cache][packed]", float, double) {
+  using Scalar = TestType;
+  constexpr Index emb = 16, head = 8, heads = 3, T = 150, B = 3;
+  for (const MaskRule& rule : {MaskRule::causal(), MaskRule::sliding_window(20)}) {
+    INFO("rule " << rule.name());
+    const head_attention::HeadAttention<Scalar> layer(emb, head, T, 2100, rule);
+    const head_attention::PackedHeadAttention<Scalar> packed(layer);
+    const Matrix<Scalar> x = random_matrix<Scalar>(T, emb, 2101);
+    // One sequence: the layer's cache and the packed form's, each extended by its own form; then a cache
+    // passed from one form to the other continues as if it had stayed.
+    auto layer_cache = layer.make_cache();
+    auto packed_cache = packed.make_cache();
+    head_attention::Workspace<Scalar> workspace;
+    Matrix<Scalar> pieces(T, head);
+    Index at = 0;
+    bool all_equal = true;
+    for (const Index s : split(T, 2102, {70, 1, 1, 2})) {
+      const Matrix<Scalar> expected = layer.forward_cached(x.middleRows(at, s), layer_cache);
+      Matrix<Scalar> got(s, head);
+      if (at % 2 == 0)
+        got = packed.forward_cached(x.middleRows(at, s), packed_cache);
+      else
+        packed.forward_cached_into(x.middleRows(at, s), packed_cache, got, workspace);
+      all_equal = all_equal && got == expected;
+      pieces.middleRows(at, s) = got;
+      at += s;
+    }
+    CHECK(all_equal);
+    CHECK(packed_cache.size() == T);
+    CHECK(relative_error(pieces, Matrix<Scalar>(layer.forward(x))) <= decode_tolerance<Scalar>());
+    auto handed_over = layer.make_cache();
+    (void)layer.forward_cached(x.topRows(100), handed_over);
+    CHECK(packed.forward_cached(x.middleRows(100, 7), handed_over) == pieces.middleRows(100, 7));
+
+    // Several sequences at once.
+    std::vector<head_attention::KVCache<Scalar>> layer_caches(B, layer.make_cache());
+    std::vector<head_attention::KVCache<Scalar>> packed_caches(B, packed.make_cache());
+    const Matrix<Scalar> xb = random_matrix<Scalar>(B * T, emb, 2103);  // step i: rows [B · i, B · i + B)
+    Matrix<Scalar> expected(B, head), got(B, head);
+    all_equal = true;
+    for (Index i = 0; i < 40; ++i) {
+      layer.forward_cached_into(xb.middleRows(B * i, B), layer_caches, expected);
+      if (i % 2 == 0)
+        packed.forward_cached_into(xb.middleRows(B * i, B), packed_caches, got);
+      else
+        packed.forward_cached_into(xb.middleRows(B * i, B), packed_caches, got, workspace);
+      all_equal = all_equal && got == expected;
+    }
+    CHECK(all_equal);
+    CHECK(packed_caches[2].size() == 40);
+
+    // Multi-head.
+    const head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 2104, rule);
+    const head_attention::PackedMultiHeadAttention<Scalar> packed_mha(mha);
+    auto mha_cache = mha.make_cache(2);
+    auto packed_mha_cache = packed_mha.make_cache(2);
+    CHECK(packed_mha_cache.batch() == 2);
+    const Matrix<Scalar> x2 = random_matrix<Scalar>(2 * T, emb, 2105);  // [2 · T, emb]: per step, 2 chunks
+    at = 0;
+    all_equal = true;
+    for (const Index s : split(T, 2106, {64, 1, 3})) {
+      Matrix<Scalar> chunk(2 * s, emb);  // sequence 0's s rows, then sequence 1's
+      chunk.topRows(s) = x2.middleRows(at, s);
+      chunk.bottomRows(s) = x2.middleRows(T + at, s);
+      const Matrix<Scalar> want = mha.forward_cached(chunk, mha_cache);
+      Matrix<Scalar> have(2 * s, emb);
+      if (at % 2 == 0)
+        have = packed_mha.forward_cached(chunk, packed_mha_cache);
+      else
+        packed_mha.forward_cached_into(chunk, packed_mha_cache, have, workspace);
+      all_equal = all_equal && have == want;
+      at += s;
+    }
+    CHECK(all_equal);
+    CHECK(packed_mha_cache.size() == T);
+  }
+}
+
+TEMPLATE_TEST_CASE("packed decode errors leave the caches as they were", "[cache][packed][errors][bad-input]",
+                   float, double) {
+  using Scalar = TestType;
+  constexpr Index emb = 7, head = 3, max = 20;
+  const head_attention::HeadAttention<Scalar> layer(emb, head, max, 2200);
+  const head_attention::PackedHeadAttention<Scalar> packed(layer);
+  const Matrix<Scalar> x = random_matrix<Scalar>(max + 5, emb, 2201);
+  auto cache = packed.make_cache();
+  (void)packed.forward_cached(x.topRows(15), cache);
+  const auto state = [&] { return std::make_pair(cache.size(), cache.capacity()); };
+  const auto before = state();
+  check_shape_error(
+      [&] { (void)packed.forward_cached(x.middleRows(15, 6), cache); },
+      {"PackedHeadAttention::forward_cached", "cache.size() + t", "max_seq_len = 20", "15 + 6"});
+  const Matrix<Scalar> narrow = random_matrix<Scalar>(2, emb - 1, 2202);
+  check_shape_error([&] { (void)packed.forward_cached(narrow, cache); },
+                    {"PackedHeadAttention::forward_cached", "input width", "emb_size = 7", "got 6"});
+  head_attention::HeadAttention<Scalar> other(emb, head + 1, max, 2203);
+  auto other_cache = other.make_cache();
+  check_shape_error([&] { (void)packed.forward_cached(x.topRows(1), other_cache); },
+                    {"PackedHeadAttention::forward_cached", "cache sizes", "(7, 3, 20)", "got (7, 4, 20)"});
+  Matrix<Scalar> wrong_out(1, head + 1);
+  head_attention::Workspace<Scalar> workspace;
+  check_shape_error([&] { packed.forward_cached_into(x.topRows(1), cache, wrong_out, workspace); },
+                    {"PackedHeadAttention::forward_cached_into", "out shape", "[1, 3]", "[1, 4]"});
+  CHECK(state() == before);
+  CHECK(other_cache.size() == 0);
+  // Several caches: one that does not fit refuses the call before any cache changes.
+  std::vector<head_attention::KVCache<Scalar>> caches{packed.make_cache(), other.make_cache()};
+  Matrix<Scalar> out2(2, head);
+  check_shape_error([&] { packed.forward_cached_into(x.topRows(2), caches, out2); },
+                    {"PackedHeadAttention::forward_cached_into", "caches[1] sizes"});
+  Matrix<Scalar> out3(3, head);
+  check_shape_error([&] { packed.forward_cached_into(x.topRows(3), caches, out3); },
+                    {"PackedHeadAttention::forward_cached_into", "x.rows()",
+                     "multiple of the number of sequences = 2", "got 3"});
+  CHECK(caches[0].size() == 0);
+  CHECK(caches[1].size() == 0);
+
+  // Multi-head: a cache of another head count, or another batch.
+  const head_attention::MultiHeadAttention<Scalar> mha(2, emb, head, max, 2204);
+  const head_attention::PackedMultiHeadAttention<Scalar> packed_mha(mha);
+  const head_attention::MultiHeadAttention<Scalar> three_heads(3, emb, head, max, 2205);
+  auto foreign = three_heads.make_cache(1);
+  check_shape_error([&] { (void)packed_mha.forward_cached(x.topRows(2), foreign); },
+                    {"PackedMultiHeadAttention::forward_cached", "cache heads", "2", "got 3"});
+  auto mha_cache = packed_mha.make_cache(2);
+  check_shape_error([&] { (void)packed_mha.forward_cached(x.topRows(3), mha_cache); },
+                    {"PackedMultiHeadAttention::forward_cached", "x.rows()", "= 2", "got 3"});
+  check_shape_error([&] { (void)packed_mha.make_cache(-1); },
+                    {"PackedMultiHeadAttention::make_cache", "batch", "got -1"});
+  CHECK(foreign.size() == 0);
+  CHECK(mha_cache.size() == 0);
+}

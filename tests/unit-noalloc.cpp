@@ -242,6 +242,30 @@ TEMPLATE_TEST_CASE("a reserved workspace makes even the first call allocate noth
     CHECK(step_allocations == 0);
     CHECK(relative_error(decoded.template cast<double>().eval(), own.template cast<double>().eval()) <= 1e-2);
 
+    // The packed form's decode steps, from the first on, with a workspace sized by its layer (the packed
+    // form uses less of it): no allocation, and the layer's outputs bit for bit.
+    const head_attention::PackedHeadAttention<Scalar> packed(layer);
+    std::vector<head_attention::KVCache<Scalar>> packed_caches;
+    for (Index b = 0; b < B; ++b) {
+      packed_caches.push_back(packed.make_cache());
+      packed_caches.back().reserve();
+    }
+    head_attention::Workspace<Scalar> packed_decode;
+    layer.reserve_workspace(packed_decode, packed_caches);
+    long packed_allocations = 0;
+    bool packed_identical = true;
+    for (Index r = 0; r < T; ++r) {
+      for (Index b = 0; b < B; ++b)
+        rows.row(b) = x.row(b * T + r);
+      packed_allocations +=
+          allocations([&] { packed.forward_cached_into(rows, packed_caches, step, packed_decode); });
+      for (Index b = 0; b < B; ++b)
+        packed_identical = packed_identical &&
+                           identical(Matrix<Scalar>(step.row(b)), Matrix<Scalar>(decoded.row(b * T + r)));
+    }
+    CHECK(packed_allocations == 0);
+    CHECK(packed_identical);
+
     auto mcache = mha.make_cache(B);
     mcache.reserve();
     head_attention::Workspace<Scalar> mha_decode;

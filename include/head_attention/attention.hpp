@@ -332,7 +332,7 @@ class HeadAttention {
   /// half the bytes, so a decode step streams half as much; keys and values are rounded to nearest even
   /// when stored and computed with in the layer's precision.
   KVCache<Scalar> make_cache(Precision storage = precision_of<Scalar>()) const {
-    return KVCache<Scalar>(m_emb_size, m_head_size, m_max_seq_len, m_rule, storage);
+    return detail::CacheAccess::make<Scalar>(m_emb_size, m_head_size, m_max_seq_len, m_rule, storage);
   }
 
   /// Incremental decoding: projects the t new rows of x [t, emb_size] (any dense expression, like forward),
@@ -532,28 +532,18 @@ class HeadAttention {
     check_call(x.cols(), t, where, "x.cols() (input width)", "x.rows() (t)");
     check_out(out, x.rows(), where);
     for (Index b = 0; b < count; ++b)
-      caches[b].check_fits(m_emb_size, m_head_size, m_max_seq_len, m_rule, t, where,
-                           count == 1 ? "cache" : "caches[" + std::to_string(b) + "]");
+      detail::CacheAccess::check_fits(caches[b], m_emb_size, m_head_size, m_max_seq_len, m_rule, t, where,
+                                      count == 1 ? "cache" : "caches[" + std::to_string(b) + "]");
     if (t == 0) return;
     std::vector<detail::KVStore*> own;
-    std::vector<detail::KVStore*>& stores = workspace != nullptr ? workspace->m_stores : own;
-    stores.resize(static_cast<std::size_t>(count));
-    for (Index b = 0; b < count; ++b) {
-      detail::KVStore& store = caches[b].m_store;
-      // Under a sliding window, positions before the first key of this chunk's first query are never seen
-      // again: dropped. Other rules keep everything.
-      const Index keep_from =
-          m_rule.kind() == MaskRule::Kind::sliding_window ? m_rule.first_key(store.length()) : 0;
-      store.prepare(t, keep_from);
-      stores[static_cast<std::size_t>(b)] = &store;
-    }
-    detail::AttentionPlan<Scalar> plan;
-    plan.rule = m_rule;
-    plan.caches = stores.data();
-    if (workspace != nullptr) plan.buffers = &workspace->m_buffers;
-    run(x, count, t, out.data(), out.outerStride(), plan);
-    for (detail::KVStore* store : stores)
-      store->commit(t);
+    detail::CacheAccess::step(caches, count, t, m_rule, workspace != nullptr ? workspace->m_stores : own,
+                              [&](detail::KVStore** stores) {
+                                detail::AttentionPlan<Scalar> plan;
+                                plan.rule = m_rule;
+                                plan.caches = stores;
+                                if (workspace != nullptr) plan.buffers = &workspace->m_buffers;
+                                run(x, count, t, out.data(), out.outerStride(), plan);
+                              });
   }
 
   static KVCache<Scalar>* one_cache(KVCache<Scalar>& cache) { return &cache; }
@@ -573,11 +563,11 @@ class HeadAttention {
     HEAD_ATTENTION_REQUIRE(t >= 1, where, "t", ">= 1", std::to_string(t));
     check_reservation(count, t, where);
     for (Index b = 0; b < count; ++b)
-      caches[b].check_fits(m_emb_size, m_head_size, m_max_seq_len, m_rule, 0, where,
-                           count == 1 ? "cache" : "caches[" + std::to_string(b) + "]");
+      detail::CacheAccess::check_fits(caches[b], m_emb_size, m_head_size, m_max_seq_len, m_rule, 0, where,
+                                      count == 1 ? "cache" : "caches[" + std::to_string(b) + "]");
     workspace.m_stores.resize(static_cast<std::size_t>(count));
     for (Index b = 0; b < count; ++b)  // read for their sizes only (AttentionPlan::size_only)
-      workspace.m_stores[static_cast<std::size_t>(b)] = const_cast<detail::KVStore*>(&caches[b].m_store);
+      workspace.m_stores[static_cast<std::size_t>(b)] = detail::CacheAccess::sizing_store(caches[b]);
     size_workspace(workspace, count, t, workspace.m_stores.data());
   }
 

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <Eigen/Core>
 
@@ -13,6 +15,10 @@
 #include "precision.hpp"
 
 namespace head_attention {
+
+namespace detail {
+struct CacheAccess;
+}  // namespace detail
 
 /// The keys and values of one sequence's positions so far, for incremental decoding: made by
 /// HeadAttention::make_cache() and extended by HeadAttention::forward_cached(). It belongs to the sizes and
@@ -70,8 +76,7 @@ class KVCache {
   Precision precision() const { return m_store.precision(); }
 
  private:
-  friend class HeadAttention<Scalar>;
-  friend class MultiHeadAttention<Scalar>;
+  friend struct detail::CacheAccess;
 
   /// Throws shape_error unless the cache belongs to a layer of these sizes and this rule and has room for t
   /// more positions; `name` is what the message calls it.
@@ -102,5 +107,56 @@ class KVCache {
   MaskRule m_rule;
   detail::KVStore m_store;  // K and V, [capacity, head_size] each, in precision()
 };
+
+namespace detail {
+
+/// What every layer form's decode step needs of a KVCache's insides, in one place: the layers and their
+/// packed forms share it.
+struct CacheAccess {
+  using Index = Eigen::Index;
+
+  /// An empty cache for a layer of these sizes and this rule.
+  template <typename Scalar>
+  static KVCache<Scalar> make(Index emb_size, Index head_size, Index max_seq_len, const MaskRule& rule,
+                              Precision storage) {
+    return KVCache<Scalar>(emb_size, head_size, max_seq_len, rule, storage);
+  }
+
+  /// KVCache::check_fits: throws shape_error unless `cache` fits a layer of these sizes and rule and has room
+  /// for t more positions.
+  template <typename Scalar>
+  static void check_fits(const KVCache<Scalar>& cache, Index emb_size, Index head_size, Index max_seq_len,
+                         const MaskRule& rule, Index t, const char* where, const std::string& name) {
+    cache.check_fits(emb_size, head_size, max_seq_len, rule, t, where, name);
+  }
+
+  /// The cache's storage, to be read for its sizes only (a workspace's sizing, AttentionPlan::size_only).
+  template <typename Scalar>
+  static KVStore* sizing_store(const KVCache<Scalar>& cache) {
+    return const_cast<KVStore*>(&cache.m_store);
+  }
+
+  /// One decode step of t rows over caches[0, count), already checked: prepares every cache's storage for t
+  /// more rows into `stores` (under a sliding window dropping the positions before the first key of the
+  /// chunk's first query, which no later query sees; other rules keep everything), runs run(stores.data()),
+  /// which writes the new keys and values, then commits the t rows.
+  template <typename Scalar, typename Run>
+  static void step(KVCache<Scalar>* caches, Index count, Index t, const MaskRule& rule,
+                   std::vector<KVStore*>& stores, Run&& run) {
+    stores.resize(static_cast<std::size_t>(count));
+    for (Index b = 0; b < count; ++b) {
+      KVStore& store = caches[b].m_store;
+      const Index keep_from =
+          rule.kind() == MaskRule::Kind::sliding_window ? rule.first_key(store.length()) : 0;
+      store.prepare(t, keep_from);
+      stores[static_cast<std::size_t>(b)] = &store;
+    }
+    std::forward<Run>(run)(stores.data());
+    for (KVStore* store : stores)
+      store->commit(t);
+  }
+};
+
+}  // namespace detail
 
 }  // namespace head_attention

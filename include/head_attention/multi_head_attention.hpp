@@ -311,6 +311,7 @@ class MultiHeadAttention {
 
    private:
     friend class MultiHeadAttention;
+    friend class PackedMultiHeadAttention<Scalar>;
     Index m_batch = 0;
     std::vector<KVCache<Scalar>> m_caches;  // [num_heads · batch], head h of sequence b at h · batch + b
   };
@@ -371,11 +372,12 @@ class MultiHeadAttention {
                            "cache heads", std::to_string(num_heads()),
                            std::to_string(cache.batch() > 0 ? cache.m_caches.size() / cache.batch() : 0));
     for (const KVCache<Scalar>& c : cache.m_caches)
-      c.check_fits(emb_size(), head_size(), max_seq_len(), mask_rule(), 0, where, "cache");
+      detail::CacheAccess::check_fits(c, emb_size(), head_size(), max_seq_len(), mask_rule(), 0, where,
+                                      "cache");
     workspace.m_stores.clear();
     workspace.m_stores.reserve(cache.m_caches.size());
     for (const KVCache<Scalar>& c : cache.m_caches)  // read for their sizes only (AttentionPlan::size_only)
-      workspace.m_stores.push_back(const_cast<detail::KVStore*>(&c.m_store));
+      workspace.m_stores.push_back(detail::CacheAccess::sizing_store(c));
     size_workspace(workspace, cache.batch(), t, workspace.m_stores.data());
   }
 
@@ -591,25 +593,17 @@ class MultiHeadAttention {
                            std::to_string(batch > 0 ? cache.m_caches.size() / batch : 0));
     const MaskRule& rule = mask_rule();
     for (const KVCache<Scalar>& c : cache.m_caches)
-      c.check_fits(emb_size(), head_size(), max_seq_len(), rule, t, where, "cache");
+      detail::CacheAccess::check_fits(c, emb_size(), head_size(), max_seq_len(), rule, t, where, "cache");
     if (t == 0) return;
     std::vector<detail::KVStore*> own;
-    std::vector<detail::KVStore*>& stores = workspace != nullptr ? workspace->m_stores : own;
-    stores.clear();
-    stores.reserve(cache.m_caches.size());
-    for (KVCache<Scalar>& c : cache.m_caches) {
-      detail::KVStore& store = c.m_store;
-      const Index keep_from =
-          rule.kind() == MaskRule::Kind::sliding_window ? rule.first_key(store.length()) : 0;
-      store.prepare(t, keep_from);
-      stores.push_back(&store);
-    }
-    detail::AttentionPlan<Scalar> plan;
-    plan.caches = stores.data();
-    if (workspace != nullptr) plan.buffers = &workspace->m_buffers;
-    run(x, batch, t, out.data(), out.outerStride(), plan, workspace);
-    for (detail::KVStore* store : stores)
-      store->commit(t);
+    detail::CacheAccess::step(cache.m_caches.data(), static_cast<Index>(cache.m_caches.size()), t, rule,
+                              workspace != nullptr ? workspace->m_stores : own,
+                              [&](detail::KVStore** stores) {
+                                detail::AttentionPlan<Scalar> plan;
+                                plan.caches = stores;
+                                if (workspace != nullptr) plan.buffers = &workspace->m_buffers;
+                                run(x, batch, t, out.data(), out.outerStride(), plan, workspace);
+                              });
   }
 
   void check_reservation(Index batch, Index seq_len) const {

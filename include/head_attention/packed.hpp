@@ -16,8 +16,10 @@
 #include "detail/parallel.hpp"
 #include "errors.hpp"
 #include "fwd.hpp"
+#include "kv_cache.hpp"
 #include "mask.hpp"
 #include "multi_head_attention.hpp"
+#include "precision.hpp"
 #include "workspace.hpp"
 
 namespace head_attention {
@@ -65,6 +67,28 @@ void packed_tensor_plan(Eigen::Index batch, Eigen::Index seq_len, Eigen::Index w
     check_lengths(*lengths, batch, seq_len, where);
     plan.lengths = lengths->data();
   }
+}
+
+/// The checks of a packed form's decode step: x holds `sequences` chunks of t rows back to back ([sequences ·
+/// t, emb_size]) into out [sequences · t, out_width], and caches[0, count) must all fit a layer of these
+/// sizes and rule with room for t more positions. Throws shape_error, before anything changes, otherwise;
+/// returns t.
+template <typename Scalar, typename Derived, typename Out>
+Eigen::Index packed_decode_checks(const Eigen::MatrixBase<Derived>& x, Eigen::Index sequences, const Out& out,
+                                  const KVCache<Scalar>* caches, Eigen::Index count, Eigen::Index emb_size,
+                                  Eigen::Index head_size, Eigen::Index max_seq_len, Eigen::Index out_width,
+                                  const MaskRule& rule, const char* where) {
+  HEAD_ATTENTION_REQUIRE(sequences > 0 ? x.rows() % sequences == 0 : x.rows() == 0, where, "x.rows()",
+                         "a multiple of the number of sequences = " + std::to_string(sequences),
+                         std::to_string(x.rows()));
+  const Eigen::Index t = sequences > 0 ? x.rows() / sequences : 0;
+  check_packed_call(x.cols(), t, emb_size, max_seq_len, where, "x.cols() (input width)", "x.rows() (t)");
+  HEAD_ATTENTION_REQUIRE(out.rows() == x.rows() && out.cols() == out_width, where, "out shape",
+                         shape_string(x.rows(), out_width), shape_string(out.rows(), out.cols()));
+  for (Eigen::Index b = 0; b < count; ++b)
+    CacheAccess::check_fits(caches[b], emb_size, head_size, max_seq_len, rule, t, where,
+                            count == 1 ? "cache" : "caches[" + std::to_string(b) + "]");
+  return t;
 }
 
 }  // namespace detail
@@ -197,6 +221,48 @@ class PackedHeadAttention {
     batch_into(x, batch, out, &lengths, nullptr);
   }
 
+  /// An empty KV cache for decoding with this packed layer, as HeadAttention::make_cache. A cache fits the
+  /// layer and its packed forms alike (same sizes and rule), so decoding may switch between them.
+  KVCache<Scalar> make_cache(Precision storage = precision_of<Scalar>()) const {
+    return detail::CacheAccess::make<Scalar>(m_emb_size, m_head_size, m_max_seq_len, m_rule, storage);
+  }
+
+  /// Incremental decoding, as HeadAttention::forward_cached and bit-identical to it: the t new rows of x
+  /// [t, emb_size] extend the cache, and their outputs [t, head_size] are returned. Throws shape_error, the
+  /// cache unchanged, on a bad shape, a cache of other sizes or rule, or cache.size() + t > max_seq_len.
+  template <typename Derived>
+  Matrix forward_cached(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache) const {
+    Matrix out(x.rows(), m_head_size);  // [t, head]
+    cached(x, &cache, 1, out, "PackedHeadAttention::forward_cached", nullptr);
+    return out;
+  }
+
+  /// forward_cached into out [t, head_size], its working memory taken from (and left in) `workspace`: the
+  /// no-allocation decode step (see HeadAttention::forward_cached_into).
+  template <typename Derived>
+  void forward_cached_into(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache, OutputRef out,
+                           Workspace<Scalar>& workspace) const {
+    cached(x, &cache, 1, out, "PackedHeadAttention::forward_cached_into", &workspace);
+  }
+
+  /// forward_cached of several sequences that advance together: x [B · t, emb_size] holds caches.size()
+  /// chunks of t rows back to back, chunk b extends caches[b], out [B · t, head_size] receives their outputs.
+  /// Checks everything before changing anything.
+  template <typename Derived>
+  void forward_cached_into(const Eigen::MatrixBase<Derived>& x, std::vector<KVCache<Scalar>>& caches,
+                           OutputRef out) const {
+    cached(x, caches.data(), static_cast<Index>(caches.size()), out,
+           "PackedHeadAttention::forward_cached_into", nullptr);
+  }
+
+  /// The same, its working memory taken from (and left in) `workspace`.
+  template <typename Derived>
+  void forward_cached_into(const Eigen::MatrixBase<Derived>& x, std::vector<KVCache<Scalar>>& caches,
+                           OutputRef out, Workspace<Scalar>& workspace) const {
+    cached(x, caches.data(), static_cast<Index>(caches.size()), out,
+           "PackedHeadAttention::forward_cached_into", &workspace);
+  }
+
  private:
   template <typename Derived>
   static constexpr void check_input() {
@@ -220,6 +286,24 @@ class PackedHeadAttention {
                                                     lengths, p, "PackedHeadAttention::forward_into");
     if (workspace != nullptr) p.buffers = &workspace->m_buffers;
     run(x, batch, seq_len, out.data(), out.outerStride(), p);
+  }
+
+  /// The decode step of `count` chunks stored back to back in x, chunk b extending caches[b].
+  template <typename Derived>
+  void cached(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>* caches, Index count, OutputRef out,
+              const char* where, Workspace<Scalar>* workspace) const {
+    check_input<Derived>();
+    const Index t = detail::packed_decode_checks(x, count, out, caches, count, m_emb_size, m_head_size,
+                                                 m_max_seq_len, m_head_size, m_rule, where);
+    if (t == 0) return;
+    std::vector<detail::KVStore*> own;
+    detail::CacheAccess::step(caches, count, t, m_rule, workspace != nullptr ? workspace->m_stores : own,
+                              [&](detail::KVStore** stores) {
+                                detail::AttentionPlan<Scalar> p = plan();
+                                p.caches = stores;
+                                if (workspace != nullptr) p.buffers = &workspace->m_buffers;
+                                run(x, count, t, out.data(), out.outerStride(), p);
+                              });
   }
 
   template <typename TensorDerived>
@@ -273,6 +357,8 @@ class PackedMultiHeadAttention {
   using OutputRef = typename Layer::OutputRef;
   /// [B, T, emb_size] tensors of the seed's calling convention.
   using Tensor3 = typename Layer::Tensor3;
+  /// The KV caches of a batch of sequences, the layer's (make_cache).
+  using Cache = typename Layer::Cache;
 
   /// Packs `layer`: copies its sizes, mask rule and thread setting and prepares every weight (O(num_heads ·
   /// head_size · emb_size) time and memory, once). Throws shape_error, before anything is kept, unless every
@@ -360,6 +446,39 @@ class PackedMultiHeadAttention {
   }
   ///@}
 
+  /// An empty cache for `batch` sequences decoded together, as MultiHeadAttention::make_cache (it fits the
+  /// layer and its packed forms alike). Throws shape_error if batch < 0.
+  Cache make_cache(Index batch = 1, Precision storage = precision_of<Scalar>()) const {
+    HEAD_ATTENTION_REQUIRE(batch >= 0, "PackedMultiHeadAttention::make_cache", "batch", ">= 0",
+                           std::to_string(batch));
+    Cache cache;
+    cache.m_batch = batch;
+    cache.m_caches.reserve(static_cast<std::size_t>(m_num_heads * batch));
+    for (Index i = 0; i < m_num_heads * batch; ++i)
+      cache.m_caches.push_back(
+          detail::CacheAccess::make<Scalar>(m_emb_size, m_head_size, m_max_seq_len, m_rule, storage));
+    return cache;
+  }
+
+  /// Incremental decoding of the cache's B sequences, as MultiHeadAttention::forward_cached and
+  /// bit-identical to it: x [B · t, emb_size] (each sequence's t rows back to back) to [B · t, emb_size].
+  /// Throws shape_error, the cache unchanged, on a bad shape, a cache of other sizes, rule or head count, or
+  /// cache.size() + t > max_seq_len.
+  template <typename Derived>
+  Matrix forward_cached(const Eigen::MatrixBase<Derived>& x, Cache& cache) const {
+    Matrix out(x.rows(), m_emb_size);  // [B · t, emb]
+    cached(x, cache, out, "PackedMultiHeadAttention::forward_cached", nullptr);
+    return out;
+  }
+
+  /// forward_cached into out [B · t, emb_size], its working memory taken from (and left in) `workspace`: the
+  /// no-allocation decode step (see MultiHeadAttention::forward_cached_into).
+  template <typename Derived>
+  void forward_cached_into(const Eigen::MatrixBase<Derived>& x, Cache& cache, OutputRef out,
+                           Workspace<Scalar>& workspace) const {
+    cached(x, cache, out, "PackedMultiHeadAttention::forward_cached_into", &workspace);
+  }
+
  private:
   template <typename Derived>
   static constexpr void check_input() {
@@ -398,6 +517,28 @@ class PackedMultiHeadAttention {
           run(rows, batch, seq_len, out.data(), m_emb_size, p);
           return out;
         });
+  }
+
+  template <typename Derived>
+  void cached(const Eigen::MatrixBase<Derived>& x, Cache& cache, OutputRef out, const char* where,
+              Workspace<Scalar>* workspace) const {
+    check_input<Derived>();
+    const Index batch = cache.batch();
+    const Index count = static_cast<Index>(cache.m_caches.size());
+    HEAD_ATTENTION_REQUIRE(count == m_num_heads * batch, where, "cache heads", std::to_string(m_num_heads),
+                           std::to_string(batch > 0 ? count / batch : 0));
+    const Index t = detail::packed_decode_checks(x, batch, out, cache.m_caches.data(), count, m_emb_size,
+                                                 m_head_size, m_max_seq_len, m_emb_size, m_rule, where);
+    if (t == 0) return;
+    std::vector<detail::KVStore*> own;
+    detail::CacheAccess::step(cache.m_caches.data(), count, t, m_rule,
+                              workspace != nullptr ? workspace->m_stores : own,
+                              [&](detail::KVStore** stores) {
+                                detail::AttentionPlan<Scalar> p = plan();
+                                p.caches = stores;
+                                if (workspace != nullptr) p.buffers = &workspace->m_buffers;
+                                run(x, batch, t, out.data(), out.outerStride(), p);
+                              });
   }
 
   /// All heads and the output projection: out [batch · seq_len, emb_size], leading dimension out_stride.
