@@ -14,6 +14,9 @@
 //   weights (3 · emb · head · 4 bytes), the other unavoidable traffic of a step.
 // - GBps: bytes of K, V and weights per second of step.
 //
+// decode/packed/float/cache:float32/n:<n>: the same step of the layer's PackedHeadAttention, whose weights
+// were prepared once (the layer transposes and scales them on every call: at t = 1 a large part of a step).
+//
 // window/<rule>/float/T:<T>: a full forward over T rows, one thread, under the causal rule and a sliding
 // window of 512: the window's cost grows as T · 512, the causal one as T².
 #include <algorithm>
@@ -66,9 +69,10 @@ double read_bandwidth(std::size_t bytes) {
   return static_cast<double>(repeats) * static_cast<double>(n) * sizeof(float) / best;
 }
 
-void bm_decode(benchmark::State& state, Index n, head_attention::Precision storage) {
+void bm_decode(benchmark::State& state, Index n, head_attention::Precision storage, bool packed) {
   head_attention::HeadAttention<float> layer(kEmb, kHead, n + 1, kSeed);
   layer.set_num_threads(1);
+  const head_attention::PackedHeadAttention<float> packed_layer(layer);
   const Matrix prompt = random_rows(n + 1, kSeed + static_cast<std::uint64_t>(n));
   auto cache = layer.make_cache(storage);
   (void)layer.forward_cached(prompt.topRows(n), cache);
@@ -90,7 +94,7 @@ void bm_decode(benchmark::State& state, Index n, head_attention::Precision stora
 
   const auto t0 = Clock::now();
   for (auto _ : state) {
-    const Matrix out = layer.forward_cached(next, cache);
+    const Matrix out = packed ? packed_layer.forward_cached(next, cache) : layer.forward_cached(next, cache);
     benchmark::DoNotOptimize(out.data());
     cache.truncate(n);
   }
@@ -126,9 +130,14 @@ int main(int argc, char** argv) {
       if (storage != Precision::float32 && n < 1024) continue;
       const std::string name = std::string("decode/float/cache:") + head_attention::precision_name(storage) +
                                "/n:" + std::to_string(n);
-      benchmark::RegisterBenchmark(name.c_str(), bm_decode, n, storage)
+      benchmark::RegisterBenchmark(name.c_str(), bm_decode, n, storage, false)
           ->Unit(benchmark::kMicrosecond)
           ->UseRealTime();
+      if (storage == Precision::float32)
+        benchmark::RegisterBenchmark(("decode/packed/float/cache:float32/n:" + std::to_string(n)).c_str(),
+                                     bm_decode, n, storage, true)
+            ->Unit(benchmark::kMicrosecond)
+            ->UseRealTime();
     }
   for (const Index T : kWindowLengths) {
     benchmark::RegisterBenchmark(("window/causal/float/T:" + std::to_string(T)).c_str(), bm_window, T, false)
