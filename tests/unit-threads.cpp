@@ -172,10 +172,11 @@ Matrix<Scalar> flatten(const head_attention::HeadGradients<Scalar>& g, const Inp
 }
 
 /// What one caller computes: every forward and backward entry point on the shared layers, and a prefill
-/// plus decode steps on a cache of its own.
+/// plus decode steps on caches of its own (the layers' and the packed forms').
 template <typename Scalar>
 struct Calls {
-  Matrix<Scalar> single, padded, multi, decoded, multi_decoded, packed_single, packed_multi;
+  Matrix<Scalar> single, padded, multi, decoded, multi_decoded, packed_single, packed_multi, packed_decoded,
+      packed_multi_decoded;
   Matrix<Scalar> grad, grad_state, grad_padded, grad_multi;  // flattened gradients
   Tensor3<Scalar> batched;
 
@@ -183,9 +184,10 @@ struct Calls {
     return identical(single, o.single) && identical(padded, o.padded) && identical(multi, o.multi) &&
            identical(packed_single, o.packed_single) && identical(packed_multi, o.packed_multi) &&
            identical(decoded, o.decoded) && identical(multi_decoded, o.multi_decoded) &&
-           identical(grad, o.grad) && identical(grad_state, o.grad_state) &&
-           identical(grad_padded, o.grad_padded) && identical(grad_multi, o.grad_multi) &&
-           batched.size() == o.batched.size() &&
+           identical(packed_decoded, o.packed_decoded) &&
+           identical(packed_multi_decoded, o.packed_multi_decoded) && identical(grad, o.grad) &&
+           identical(grad_state, o.grad_state) && identical(grad_padded, o.grad_padded) &&
+           identical(grad_multi, o.grad_multi) && batched.size() == o.batched.size() &&
            max_abs_diff(batched.data(), o.batched.data(), batched.size()) == 0;
   }
 };
@@ -221,6 +223,15 @@ struct Shared {
     c.multi_decoded.resize(T, kEmb);
     c.multi_decoded.topRows(T - 2) = mha.forward_cached(x.topRows(T - 2), multi_cache);
     c.multi_decoded.bottomRows(2) = mha.forward_cached(x.bottomRows(2), multi_cache);
+    auto packed_cache = packed.make_cache();
+    c.packed_decoded.resize(T, kHead);
+    c.packed_decoded.topRows(T - 3) = packed.forward_cached(x.topRows(T - 3), packed_cache);
+    for (Index r = T - 3; r < T; ++r)
+      c.packed_decoded.row(r) = packed.forward_cached(x.row(r), packed_cache);
+    auto packed_multi_cache = packed_mha.make_cache();
+    c.packed_multi_decoded.resize(T, kEmb);
+    c.packed_multi_decoded.topRows(T - 1) = packed_mha.forward_cached(x.topRows(T - 1), packed_multi_cache);
+    c.packed_multi_decoded.bottomRows(1) = packed_mha.forward_cached(x.bottomRows(1), packed_multi_cache);
     // The backward passes: recomputing, from a training state, batched with padding, and multi-head.
     const Matrix<Scalar> g = random_matrix<Scalar>(T, kHead, 900 + i);
     const auto grads = layer.backward(x, g);  // Gradients<Scalar>
