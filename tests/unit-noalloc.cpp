@@ -242,16 +242,23 @@ TEMPLATE_TEST_CASE("a reserved workspace makes even the first call allocate noth
     CHECK(step_allocations == 0);
     CHECK(relative_error(decoded.template cast<double>().eval(), own.template cast<double>().eval()) <= 1e-2);
 
-    // The packed form's decode steps, from the first on, with a workspace sized by its layer (the packed
-    // form uses less of it): no allocation, and the layer's outputs bit for bit.
+    // The packed form: its first forward_into with a workspace it reserved, and its decode steps from the
+    // first on: no allocation, and the layer's outputs bit for bit.
     const head_attention::PackedHeadAttention<Scalar> packed(layer);
+    head_attention::Workspace<Scalar> packed_workspace;
+    packed.reserve_workspace(packed_workspace, B, T);
+    CHECK(packed_workspace.bytes() == packed.workspace_bytes(B, T));
+    CHECK(packed_workspace.bytes() < reserved);  // no room for the weights
+    Matrix<Scalar> packed_out(B * T, head);
+    CHECK(allocations([&] { packed.forward_into(x, B, packed_out, packed_workspace); }) == 0);
+    CHECK(identical(packed_out, own));
     std::vector<head_attention::KVCache<Scalar>> packed_caches;
     for (Index b = 0; b < B; ++b) {
       packed_caches.push_back(packed.make_cache());
       packed_caches.back().reserve();
     }
     head_attention::Workspace<Scalar> packed_decode;
-    layer.reserve_workspace(packed_decode, packed_caches);
+    packed.reserve_workspace(packed_decode, packed_caches);
     long packed_allocations = 0;
     bool packed_identical = true;
     for (Index r = 0; r < T; ++r) {
@@ -278,5 +285,24 @@ TEMPLATE_TEST_CASE("a reserved workspace makes even the first call allocate noth
       multi_allocations += allocations([&] { mha.forward_cached_into(mrows, mcache, mstep, mha_decode); });
     }
     CHECK(multi_allocations == 0);
+
+    const head_attention::PackedMultiHeadAttention<Scalar> packed_mha(mha);
+    head_attention::Workspace<Scalar> packed_mha_workspace;
+    packed_mha.reserve_workspace(packed_mha_workspace, B, T);
+    CHECK(packed_mha_workspace.bytes() == packed_mha.workspace_bytes(B, T));
+    CHECK(allocations([&] { packed_mha.forward_into(x, B, out_mha, packed_mha_workspace); }) == 0);
+    CHECK(identical(out_mha, own_mha));
+    auto packed_mcache = packed_mha.make_cache(B);
+    packed_mcache.reserve();
+    head_attention::Workspace<Scalar> packed_mha_decode;
+    packed_mha.reserve_workspace(packed_mha_decode, packed_mcache);
+    long packed_multi_allocations = 0;
+    for (Index r = 0; r < 50; ++r) {
+      for (Index b = 0; b < B; ++b)
+        mrows.row(b) = x.row(b * T + r);
+      packed_multi_allocations += allocations(
+          [&] { packed_mha.forward_cached_into(mrows, packed_mcache, mstep, packed_mha_decode); });
+    }
+    CHECK(packed_multi_allocations == 0);
   }
 }

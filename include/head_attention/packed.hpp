@@ -2,6 +2,7 @@
 // whose weights are prepared once.
 #pragma once
 
+#include <cstddef>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -89,6 +90,35 @@ Eigen::Index packed_decode_checks(const Eigen::MatrixBase<Derived>& x, Eigen::In
     CacheAccess::check_fits(caches[b], emb_size, head_size, max_seq_len, rule, t, where,
                             count == 1 ? "cache" : "caches[" + std::to_string(b) + "]");
   return t;
+}
+
+/// Throws shape_error, nothing changed, unless a packed form's workspace can be sized for `batch` sequences
+/// of `seq_len` rows: batch >= 0, 0 <= seq_len <= max_seq_len, and their byte count fits Index.
+inline void check_packed_reservation(Eigen::Index batch, Eigen::Index seq_len, Eigen::Index emb_size,
+                                     Eigen::Index max_seq_len, std::size_t scalar_bytes, const char* where) {
+  HEAD_ATTENTION_REQUIRE(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
+  HEAD_ATTENTION_REQUIRE(seq_len >= 0 && seq_len <= max_seq_len, where, "seq_len",
+                         "in [0, max_seq_len = " + std::to_string(max_seq_len) + "]",
+                         std::to_string(seq_len));
+  require_fits({batch, seq_len, emb_size}, scalar_bytes, where, "batch · seq_len · emb_size");
+}
+
+/// The checks of a packed form's reserve_workspace for decode steps of t rows per sequence over `sequences`
+/// sequences, whose caches are caches[0, count); then their storage, to be read for its sizes only, into
+/// `stores`. Throws shape_error, nothing changed, unless 1 <= t <= max_seq_len and every cache fits.
+template <typename Scalar>
+void packed_cache_reservation(std::vector<KVStore*>& stores, const KVCache<Scalar>* caches,
+                              Eigen::Index count, Eigen::Index sequences, Eigen::Index t,
+                              Eigen::Index emb_size, Eigen::Index head_size, Eigen::Index max_seq_len,
+                              const MaskRule& rule, const char* where) {
+  HEAD_ATTENTION_REQUIRE(t >= 1, where, "t", ">= 1", std::to_string(t));
+  check_packed_reservation(sequences, t, emb_size, max_seq_len, sizeof(Scalar), where);
+  for (Eigen::Index b = 0; b < count; ++b)
+    CacheAccess::check_fits(caches[b], emb_size, head_size, max_seq_len, rule, 0, where,
+                            count == 1 ? "cache" : "caches[" + std::to_string(b) + "]");
+  stores.resize(static_cast<std::size_t>(count));
+  for (Eigen::Index b = 0; b < count; ++b)
+    stores[static_cast<std::size_t>(b)] = CacheAccess::sizing_store(caches[b]);
 }
 
 }  // namespace detail
@@ -263,6 +293,38 @@ class PackedHeadAttention {
            "PackedHeadAttention::forward_cached_into", &workspace);
   }
 
+  /// Sizes `workspace` for forward_into calls of `batch` sequences of `seq_len` rows, as
+  /// HeadAttention::reserve_workspace does for the layer (for what this form needs: no room for weights), so
+  /// that even the first such call allocates nothing. Throws shape_error, the workspace unchanged, unless
+  /// batch
+  /// >= 0 and 0 <= seq_len <= max_seq_len.
+  void reserve_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len) const {
+    detail::check_packed_reservation(batch, seq_len, m_emb_size, m_max_seq_len, sizeof(Scalar),
+                                     "PackedHeadAttention::reserve_workspace");
+    size_workspace(workspace, batch, seq_len, nullptr);
+  }
+
+  /// Sizes `workspace` for decode steps of t rows per sequence extending `caches` (forward_cached_into), so
+  /// that with the caches reserve()d the first step allocates nothing either. Throws shape_error, nothing
+  /// changed, unless every cache fits this form and 1 <= t <= max_seq_len.
+  void reserve_workspace(Workspace<Scalar>& workspace, const std::vector<KVCache<Scalar>>& caches,
+                         Index t = 1) const {
+    reserve_for_caches(workspace, caches.data(), static_cast<Index>(caches.size()), t);
+  }
+
+  /// reserve_workspace for the decode steps of a single cache.
+  void reserve_workspace(Workspace<Scalar>& workspace, const KVCache<Scalar>& cache, Index t = 1) const {
+    reserve_for_caches(workspace, &cache, 1, t);
+  }
+
+  /// The bytes of working memory a forward_into call of `batch` sequences of `seq_len` rows uses. Throws as
+  /// reserve_workspace does.
+  std::size_t workspace_bytes(Index batch, Index seq_len) const {
+    Workspace<Scalar> workspace;
+    reserve_workspace(workspace, batch, seq_len);
+    return workspace.bytes();
+  }
+
  private:
   template <typename Derived>
   static constexpr void check_input() {
@@ -286,6 +348,25 @@ class PackedHeadAttention {
                                                     lengths, p, "PackedHeadAttention::forward_into");
     if (workspace != nullptr) p.buffers = &workspace->m_buffers;
     run(x, batch, seq_len, out.data(), out.outerStride(), p);
+  }
+
+  void reserve_for_caches(Workspace<Scalar>& workspace, const KVCache<Scalar>* caches, Index count,
+                          Index t) const {
+    detail::packed_cache_reservation(workspace.m_stores, caches, count, count, t, m_emb_size, m_head_size,
+                                     m_max_seq_len, m_rule, "PackedHeadAttention::reserve_workspace");
+    size_workspace(workspace, count, t, workspace.m_stores.data());
+  }
+
+  /// Sizes the workspace's buffers through the forward pass itself (AttentionPlan::size_only).
+  void size_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len,
+                      detail::KVStore* const* caches) const {
+    if (batch * seq_len == 0) return;
+    detail::AttentionPlan<Scalar> p = plan();
+    p.caches = caches;
+    p.buffers = &workspace.m_buffers;
+    p.size_only = true;
+    const Eigen::Map<const Matrix> nothing(nullptr, batch * seq_len, m_emb_size);  // never read
+    run(nothing, batch, seq_len, nullptr, m_head_size, p);
   }
 
   /// The decode step of `count` chunks stored back to back in x, chunk b extending caches[b].
@@ -479,6 +560,37 @@ class PackedMultiHeadAttention {
     cached(x, cache, out, "PackedMultiHeadAttention::forward_cached_into", &workspace);
   }
 
+  /// Sizes `workspace` for forward_into calls of `batch` sequences of `seq_len` rows, as
+  /// MultiHeadAttention::reserve_workspace does for the layer (for what this form needs). Throws shape_error,
+  /// the workspace unchanged, unless batch >= 0 and 0 <= seq_len <= max_seq_len.
+  void reserve_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len) const {
+    detail::check_packed_reservation(batch, seq_len, m_emb_size, m_max_seq_len, sizeof(Scalar),
+                                     "PackedMultiHeadAttention::reserve_workspace");
+    size_workspace(workspace, batch, seq_len, nullptr);
+  }
+
+  /// Sizes `workspace` for decode steps of t rows per sequence extending `cache` (forward_cached_into): with
+  /// the cache reserve()d, the first step allocates nothing either. Throws shape_error, nothing changed,
+  /// unless the cache fits this form and 1 <= t <= max_seq_len.
+  void reserve_workspace(Workspace<Scalar>& workspace, const Cache& cache, Index t = 1) const {
+    const char* where = "PackedMultiHeadAttention::reserve_workspace";
+    const Index count = static_cast<Index>(cache.m_caches.size());
+    HEAD_ATTENTION_REQUIRE(count == m_num_heads * cache.batch(), where, "cache heads",
+                           std::to_string(m_num_heads),
+                           std::to_string(cache.batch() > 0 ? count / cache.batch() : 0));
+    detail::packed_cache_reservation(workspace.m_stores, cache.m_caches.data(), count, cache.batch(), t,
+                                     m_emb_size, m_head_size, m_max_seq_len, m_rule, where);
+    size_workspace(workspace, cache.batch(), t, workspace.m_stores.data());
+  }
+
+  /// The bytes of working memory a forward_into call of `batch` sequences of `seq_len` rows uses. Throws as
+  /// reserve_workspace does.
+  std::size_t workspace_bytes(Index batch, Index seq_len) const {
+    Workspace<Scalar> workspace;
+    reserve_workspace(workspace, batch, seq_len);
+    return workspace.bytes();
+  }
+
  private:
   template <typename Derived>
   static constexpr void check_input() {
@@ -539,6 +651,17 @@ class PackedMultiHeadAttention {
                                 if (workspace != nullptr) p.buffers = &workspace->m_buffers;
                                 run(x, batch, t, out.data(), out.outerStride(), p);
                               });
+  }
+
+  /// Sizes the workspace's buffers through the forward pass itself (AttentionPlan::size_only).
+  void size_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len,
+                      detail::KVStore* const* caches) const {
+    detail::AttentionPlan<Scalar> p = plan();
+    p.caches = caches;
+    p.buffers = &workspace.m_buffers;
+    p.size_only = true;
+    const Eigen::Map<const Matrix> nothing(nullptr, batch * seq_len, m_emb_size);  // never read
+    run(nothing, batch, seq_len, nullptr, m_emb_size, p);
   }
 
   /// All heads and the output projection: out [batch · seq_len, emb_size], leading dimension out_stride.
