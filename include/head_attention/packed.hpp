@@ -124,8 +124,8 @@ void packed_cache_reservation(std::vector<KVStore*>& stores, const KVCache<Scala
 }  // namespace detail
 
 /// HeadAttention frozen for inference, like an ONNX Runtime session or PyTorch's frozen modules: made from a
-/// layer, it keeps its own copy of the weights prepared for the projections' GEMMs (transposed into one
-/// [emb_size, 3 · head_size] operand, the query's 1/sqrt(head_size) folded into Wq and bq, 16-bit weights
+/// layer, it keeps its own copy of the weights prepared for the projections' GEMMs (each transposed into an
+/// [emb_size, head_size] operand, the query's 1/sqrt(head_size) folded into Wq and bq, 16-bit weights
 /// widened to float). HeadAttention::forward prepares them anew on every call, since callers may change its
 /// weights through query()/key()/value() at any time; this form skips that (the whole preparation at small T,
 /// e.g. 17% of a call at B = 2, T = 10, emb 512, head 64).
@@ -414,7 +414,7 @@ class PackedHeadAttention {
   Index m_max_seq_len;
   MaskRule m_rule;
   int m_threads = 0;
-  detail::PackedWeights<Compute> m_weights;  // [emb, 3·head] Wqᵀ·s | Wkᵀ | Wvᵀ and [3·head] bq·s | bk | bv
+  detail::PackedWeights<Compute> m_weights;  // [3, emb, head] Wqᵀ·s, Wkᵀ, Wvᵀ and [3·head] bq·s | bk | bv
 };
 
 /// MultiHeadAttention frozen for inference (what a simple_llm model runs): every head's weights and the
@@ -681,7 +681,7 @@ class PackedMultiHeadAttention {
   Index m_max_seq_len;
   MaskRule m_rule;
   int m_threads = 0;
-  // [heads · emb, 3·head] each head's Wqᵀ·s | Wkᵀ | Wvᵀ, [heads, 3·head] biases, [heads · head, emb] Woᵀ,
+  // [3 · heads, emb, head] each head's Wqᵀ·s, Wkᵀ, Wvᵀ, [heads, 3·head] biases, [heads · head, emb] Woᵀ,
   // [emb] bo
   detail::PackedWeights<detail::compute_t<Scalar>> m_weights;
 };
