@@ -388,8 +388,12 @@ struct ForwardBuffers {
 /// with AVX2), so that the rows of B a tile reads are contiguous and stream in order. Measured on Zen 4
 /// against one [emb, head] block per weight: as fast with AVX-512 (one panel either way at head 64), 1.25x
 /// faster projections with AVX2 (100 against 80 GFLOP/s).
+/// With the Gemm fallback (Eigen's public product) one panel, the whole weight: a narrow last panel would
+/// send Eigen to its matrix-vector kernels, whose rounding depends on x's storage order.
 template <typename Scalar>
-inline constexpr Eigen::Index weight_panel = (tile_packets * simd_width<Scalar>);
+inline constexpr Eigen::Index weight_panel = gemm_uses_eigen_internals
+                                                 ? (simd_width<Scalar>* tile_packets)
+                                                 : std::numeric_limits<Eigen::Index>::max();
 
 /// C[m, n] = bias + A · B for a B [k, n] stored as column panels, one after another: [k, weight_panel] each,
 /// the last one narrower when n is not a multiple. A as for gemm_nn.
