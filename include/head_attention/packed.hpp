@@ -296,8 +296,7 @@ class PackedHeadAttention {
   /// Sizes `workspace` for forward_into calls of `batch` sequences of `seq_len` rows, as
   /// HeadAttention::reserve_workspace does for the layer (for what this form needs: no room for weights), so
   /// that even the first such call allocates nothing. Throws shape_error, the workspace unchanged, unless
-  /// batch
-  /// >= 0 and 0 <= seq_len <= max_seq_len.
+  /// batch >= 0 and 0 <= seq_len <= max_seq_len.
   void reserve_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len) const {
     detail::check_packed_reservation(batch, seq_len, m_emb_size, m_max_seq_len, sizeof(Scalar),
                                      "PackedHeadAttention::reserve_workspace");
