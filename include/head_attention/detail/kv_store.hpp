@@ -14,9 +14,11 @@ namespace head_attention::detail {
 /// One sequence's keys and values: K and V rows of absolute positions [first, count), stored in `precision`,
 /// the row of position j at element k + (j - first) · stride (and v likewise). Keys at or after `valid` are
 /// masked for every query (right padding). Positions before `first` (dropped by a sliding-window cache) are
-/// never visible. Optionally the same keys transposed, in the compute type: position j's key is column
-/// j - first of kt ([head, count - first], rows kt_stride apart), which Q·Kᵀ reads without packing. And
-/// whether every value is known to be finite (false: unknown, so the kernel checks each masked tile).
+/// never visible. Optionally the same keys transposed, in the compute type, which Q·Kᵀ reads without
+/// packing: Kᵀ [head, count - first] cut into column panels of kt_panel keys, each [head, kt_panel] and
+/// row-major, one after another, so position j's key is column (j - first) % kt_panel of panel (j - first) /
+/// kt_panel (see key_panel). And whether every value is known to be finite (false: unknown, so the kernel
+/// checks each masked tile).
 struct KeyValues {
   const void* k;
   const void* v;
@@ -26,7 +28,7 @@ struct KeyValues {
   Eigen::Index count;
   Eigen::Index valid;
   const void* kt = nullptr;
-  Eigen::Index kt_stride = 0;
+  Eigen::Index kt_panel = 0;
   bool values_finite = false;
 };
 
