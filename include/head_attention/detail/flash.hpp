@@ -104,20 +104,21 @@ struct Queries {
   Scalar* lse;
 };
 
-/// exp of a packet, for x <= 88.3 (exp_sum's are <= 0): Eigen's pexp, except for AVX's 8-float packets,
-/// where it is Eigen's own polynomial (pexp_float: same constants, same operations) with its last step,
-/// y · 2^m, one multiply by a 2^m built from its bits instead of Eigen's pldexp_generic, which splits the
-/// power in four to reach every exponent (Eigen's AVX-512 pexp has the short form already). Same bits as
-/// Eigen's wherever exp(x) is a normal float (x >= -87.3); below, 0 where Eigen gives a subnormal, as its
-/// AVX-512 form does. exp_sum, Zen 4, AVX2: 0.38 against 0.57 ns a score. (SSE2's pfloor is slow either
-/// way, and there this form measured 5% slower.)
+/// exp(x) of a packet of x <= 0 (or NaN), exp_sum's: Eigen's pexp, except for AVX's 8-float packets, where it
+/// is Eigen's own polynomial (pexp_float: same constants, same operations) with a cheaper last step, y · 2^m
+/// by one multiply with a 2^m built from its bits, where Eigen's pldexp_generic splits the power in four to
+/// reach every exponent (Eigen's AVX-512 pexp has the short form already), and without the clamps that only
+/// x > 0 needs. Same bits as Eigen's wherever exp(x) is a normal float (x >= -87.3); below, 0 where Eigen
+/// gives a subnormal, as its AVX-512 form does. exp_sum, Zen 4, AVX2: 0.31 against 0.57 ns a score. (SSE2's
+/// pfloor is slow either way, and there this form measured 5% slower.)
 template <typename Packet>
-Packet exp_packet(const Packet& x) noexcept {
+Packet exp_nonpositive(const Packet& x) noexcept {
   using namespace Eigen::internal;
   using Scalar = typename unpacket_traits<Packet>::type;
   if constexpr (std::is_same<Scalar, float>::value && unpacket_traits<Packet>::size == 8) {
     using PacketI = typename unpacket_traits<Packet>::integer_packet;
-    const Packet clamped = pmax(pmin(x, pset1<Packet>(88.723f)), pset1<Packet>(-88.723f));
+    // (Eigen's pmax(a, b) is a when either is NaN: a NaN x stays NaN, and so does the result.)
+    const Packet clamped = pmax(x, pset1<Packet>(-88.723f));
     // exp(x) = 2^m · exp(r), m = floor(x / ln 2 + 1/2), r = x - m · ln 2 (ln 2 in two parts).
     const Packet m = pfloor(pmadd(clamped, pset1<Packet>(1.44269504088896341f), pset1<Packet>(0.5f)));
     Packet r = pmadd(m, pset1<Packet>(-0.693359375f), clamped);
@@ -131,11 +132,9 @@ Packet exp_packet(const Packet& x) noexcept {
     y1 = pmadd(y1, r, pset1<Packet>(5.0000001201E-1f));
     y = pmadd(y, r3, y1);
     y = pmadd(y, r2, y2);
-    // 2^m from its biased exponent m + 127, clamped to [0, 255]: 0 below 2^-126, infinity above 2^127.
-    const Packet biased =
-        pmin(pmax(padd(m, pset1<Packet>(127.0f)), pset1<Packet>(0.0f)), pset1<Packet>(255.0f));
-    const Packet power = preinterpret<Packet>(plogical_shift_left<23>(pcast<Packet, PacketI>(biased)));
-    return pmax(pmul(y, power), x);  // (as Eigen: a NaN x stays NaN through y)
+    // 2^m from its biased exponent m + 127, at least 0: 2^m = 0 below 2^-126.
+    const Packet biased = pmax(padd(m, pset1<Packet>(127.0f)), pset1<Packet>(0.0f));
+    return pmul(y, preinterpret<Packet>(plogical_shift_left<23>(pcast<Packet, PacketI>(biased))));
   } else {
     return pexp(x);
   }
@@ -155,8 +154,8 @@ Scalar exp_sum(Scalar* p, Eigen::Index n, Scalar shift) noexcept {
     const Packet shift_packet = pset1<Packet>(shift);
     Packet sum0 = pset1<Packet>(Scalar(0)), sum1 = sum0;  // two chains: pexp's latency is long
     for (; i + 2 * W <= n; i += 2 * W) {
-      const Packet e0 = exp_packet(psub(ploadu<Packet>(p + i), shift_packet));
-      const Packet e1 = exp_packet(psub(ploadu<Packet>(p + i + W), shift_packet));
+      const Packet e0 = exp_nonpositive(psub(ploadu<Packet>(p + i), shift_packet));
+      const Packet e1 = exp_nonpositive(psub(ploadu<Packet>(p + i + W), shift_packet));
       pstoreu(p + i, e0);
       pstoreu(p + i + W, e1);
       sum0 = padd(sum0, e0);
@@ -204,7 +203,16 @@ void partial_tile_values(const Scalar* v_tile, Eigen::Index stride, Eigen::Index
     return;
   }
   if (known_finite || v.allFinite()) {
-    gemm_nn(bq, head, bk, s.probs.data(), block_k, v_tile, stride, s.acc.data(), head);
+    // Each group of a tile's rows takes only the keys some row of it sees (probs are 0 elsewhere, and adding
+    // 0 · v leaves a sum as it is): on the causal diagonal, about half of the tile.
+    for (Index r = 0; r < bq; r += tile_rows) {
+      const Index rows = std::min<Index>(tile_rows, bq - r);
+      const Index a = *std::min_element(seen_begin + r, seen_begin + r + rows);
+      const Index b = *std::max_element(seen_end + r, seen_end + r + rows);
+      if (b > a)
+        gemm_nn(rows, head, b - a, s.probs.data() + r * block_k + a, block_k, v_tile + a * stride, stride,
+                s.acc.data() + r * head, head);
+    }
     return;
   }
   Eigen::Map<Matrix> clean(s.clean_values.data(), bk, head);
@@ -222,7 +230,8 @@ void partial_tile_values(const Scalar* v_tile, Eigen::Index stride, Eigen::Index
 /// probs[bq, n] = Q · Kᵀ for the keys [j0, j0 + n) of a Kᵀ stored in column panels of `panel` keys (see
 /// KeyValues::kt): one GEMM per panel, or per piece of one where the range starts or ends inside it. Every
 /// score is the same FMA chain over the head as in one GEMM over the whole range, so the cut never changes a
-/// bit.
+/// bit. (Taking each group of query rows across all the panels before the next, rather than panel after
+/// panel, measured 4% faster Q·Kᵀ alone with AVX-512 but no difference in a whole forward call.)
 template <typename Scalar>
 void scores_from_panels(Eigen::Index bq, Eigen::Index n, Eigen::Index head, const Scalar* q, Eigen::Index ldq,
                         const Scalar* kt, Eigen::Index panel, Eigen::Index j0, const Scalar* zeros,
@@ -289,11 +298,20 @@ void attend_query_block(const Queries<Scalar, Out>& queries, const KeyValues& ke
       v_tile = s.wide_v.data();
       kv_stride = head;
     }
+    // The tile is whole when the last query's range starts and the first query's range ends outside it.
+    const bool whole = first_key(bq - 1) <= j0 && end_key(0) >= j0 + bk;
     if (keys.kt != nullptr) {
-      // probs = 0 + Q·Kᵀ: written, not accumulated, so the tile needs no zeroing first.
-      scores_from_panels(bq, bk, head, queries.q + r0 * queries.stride, queries.stride,
-                         static_cast<const Scalar*>(keys.kt), keys.kt_panel, j0 - keys.first, s.zeros.data(),
-                         probs.data(), block_k);
+      // probs = 0 + Q·Kᵀ: written, not accumulated, so the tile needs no zeroing first. In a cut tile, each
+      // group of rows only for the keys some row of it sees (the softmax below zeroes the rest of each row).
+      for (Index r = 0; r < bq; r += tile_rows) {
+        const Index rows = whole ? bq : std::min<Index>(tile_rows, bq - r);
+        const Index a = whole ? 0 : std::clamp<Index>(first_key(r) - j0, 0, bk);
+        const Index b = whole ? bk : std::clamp<Index>(end_key(r + rows - 1) - j0, a, bk);
+        scores_from_panels(rows, b - a, head, queries.q + (r0 + r) * queries.stride, queries.stride,
+                           static_cast<const Scalar*>(keys.kt), keys.kt_panel, j0 + a - keys.first,
+                           s.zeros.data(), probs.data() + r * block_k + a, block_k);
+        if (whole) break;
+      }
     } else if (!fused) {
       probs.setZero();
       s.qk.template accumulate<Eigen::RowMajor, Eigen::ColMajor>(
@@ -301,8 +319,6 @@ void attend_query_block(const Queries<Scalar, Out>& queries, const KeyValues& ke
           block_k);
     }
 
-    // The tile is whole when the last query's range starts and the first query's range ends outside it.
-    const bool whole = first_key(bq - 1) <= j0 && end_key(0) >= j0 + bk;
     for (Index r = 0; r < bq; ++r) {
       Eigen::Map<RowVector> row(probs.data() + r * block_k, bk);
       const Index a = whole ? 0 : std::clamp<Index>(first_key(r) - j0, 0, bk);
@@ -424,9 +440,10 @@ struct ForwardBuffers {
   Vector weights_t;  // [3 · heads] × [emb, head] each head's Wqᵀ, Wkᵀ, Wvᵀ, in column panels
   Vector output_t;   // [heads · head, emb] the multi-head output projection's Woᵀ
   Vector biases;     // [heads, 3 · head] each head's bq·scale | bk | bv
-  std::vector<char> values_finite;  // [heads · batch] whether a sequence's V is all finite (without a cache)
-  Vector keys_t;  // [heads · batch] · [head, T] each sequence's Kᵀ in key panels (without a cache)
-  Vector concat;  // [rows, heads · head] the multi-head layer's concatenated head outputs
+  std::vector<char>
+      values_finite;  // [heads · chunks] whether a row chunk's V is all finite (without a cache)
+  Vector keys_t;      // [heads · batch] · [head, T] each sequence's Kᵀ in key panels (without a cache)
+  Vector concat;      // [rows, heads · head] the multi-head layer's concatenated head outputs
   std::vector<FlashScratch<Scalar>> scratch;   // per thread
   std::vector<Vector> x_wide, projected_wide;  // per thread, 16-bit layers: a chunk of x and of the output
   std::vector<Index> x_wide_chunk;             // per thread: which chunk x_wide holds
@@ -759,7 +776,7 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   const Scalar* const weights_t = packed != nullptr ? packed->weights_t.data() : own_weights_t;
   const Scalar* const biases = packed != nullptr ? packed->biases.data() : own_biases;
   std::vector<char>& values_finite = buffers.values_finite;
-  values_finite.resize(static_cast<std::size_t>(plan.caches == nullptr ? heads * batch : 0));
+  values_finite.resize(static_cast<std::size_t>(plan.caches == nullptr ? heads * chunks : 0));
   Scalar* const own_output_t =
       ForwardBuffers<Scalar>::grow(buffers.output_t, output != nullptr ? output->weight.size() : 0);
   const Scalar* const output_t = packed != nullptr ? packed->output_t.data() : own_output_t;
@@ -781,19 +798,29 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   if (plan.size_only) return;
   const Scalar scale = query_scale<Scalar>(head);
 
-  // Sequence c's (head h = c / batch, sequence b = c % batch) Kᵀ, and whether its V is finite: checked once
-  // here rather than in every masked tile of every query block.
-  const auto prepare_keys = [&](Index c) {
-    const Index h = c / batch, b = c % batch;
-    const Scalar* seq_qkv = qkv.data() + (h * rows + b * seq_len) * ld;
-    for (Index j = 0; j < seq_len; j += kt_panel)
-      transpose_into(seq_qkv + head + j * ld, ld, std::min(kt_panel, seq_len - j), head,
-                     keys_t + c * kt_size + j * head, kt_panel);
-    values_finite[static_cast<std::size_t>(c)] = all_finite(seq_qkv + 2 * head, ld, seq_len, head);
+  // Right after a row chunk's K or V is projected, while it is still in cache (each step measured 2% of a
+  // call at B = 8, T = 1024 with AVX2 when done in a pass of its own, reading them back from L3): its K rows
+  // are transposed into their sequences' Kᵀ panels, and whether its V is all finite is noted for the chunk.
+  const auto prepare_keys = [&](Index h, Index r0, Index n) {
+    for (Index row = r0; row < r0 + n;) {
+      const Index b = row / seq_len, t0 = row % seq_len;
+      const Index t1 = std::min(seq_len, t0 + (r0 + n - row));
+      const Scalar* k_rows = qkv.data() + (h * rows + b * seq_len) * ld + head;
+      Scalar* kt = keys_t + (h * batch + b) * kt_size;
+      for (Index t = t0; t < t1;) {  // one panel, or the piece of one these rows fill
+        const Index offset = t % kt_panel, width = std::min(kt_panel - offset, t1 - t);
+        transpose_into(k_rows + t * ld, ld, width, head, kt + (t - offset) * head + offset, kt_panel);
+        t += width;
+      }
+      row += t1 - t0;
+    }
   };
-  // With one query block per sequence (T <= query_block), each Kᵀ is read by one work item alone, which then
-  // prepares it itself: one loop and its barrier fewer.
-  const bool item_keys = plan.caches == nullptr && query_blocks == 1;
+  // Whether sequence b of head h has only finite values: the chunks that hold its rows all do.
+  const auto sequence_finite = [&](Index h, Index b) {
+    for (Index chunk = b * seq_len / proj_rows; chunk <= ((b + 1) * seq_len - 1) / proj_rows; ++chunk)
+      if (values_finite[static_cast<std::size_t>(h * chunks + chunk)] == 0) return false;
+    return true;
+  };
 
   HEAD_ATTENTION_OMP(parallel num_threads(threads) if (threads > 1)) {
     const std::size_t thread = static_cast<std::size_t>(thread_index());
@@ -840,6 +867,10 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
       } else {  // column-major x: its columns x_stride apart
         gemm_panels(n, head, emb, x_rows, 1, x_stride, wt, bias, qkv_rows, ld);
       }
+      if (plan.caches == nullptr && p % 3 == 1) prepare_keys(p / 3, r0, n);
+      if (plan.caches == nullptr && p % 3 == 2)
+        values_finite[static_cast<std::size_t>((p / 3) * chunks + r0 / proj_rows)] =
+            all_finite(qkv_rows, ld, n, head);
     }
     // (The implicit barrier above: every projection is done before anything reads it.)
     if (plan.caches != nullptr) {
@@ -848,10 +879,6 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
         const Index h = c / batch, b = c % batch;
         plan.caches[c]->write(qkv.data() + (h * rows + b * seq_len) * ld + head, ld, seq_len);
       }
-    } else if (!item_keys) {
-      HEAD_ATTENTION_OMP(for schedule(static))
-      for (Index c = 0; c < heads * batch; ++c)
-        prepare_keys(c);
     }
     // One (head, sequence) after another, its costliest query blocks first (the last ones see the most keys),
     // handed out one at a time. Consecutive items read the same K and V rows (2 MB at T = 4096), which stay
@@ -871,10 +898,9 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
         position = plan.caches[c]->length();
         keys = plan.caches[c]->keys(seq_len);
       } else {
-        if (item_keys) prepare_keys(c);
         keys.kt = keys_t + c * kt_size;
         keys.kt_panel = kt_panel;
-        keys.values_finite = values_finite[static_cast<std::size_t>(c)] != 0;
+        keys.values_finite = sequence_finite(h, b);
       }
       if (plan.lengths != nullptr) keys.valid = std::min(keys.valid, plan.lengths[b]);
       const Index first_row = b * seq_len;
