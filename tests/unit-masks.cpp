@@ -17,9 +17,12 @@ struct Shape {
   Index T, emb, head;
 };
 
-// Block edges (64 queries, 256 keys) in different places.
-const Shape kShapes[] = {{1, 8, 4},    {7, 5, 3},   {64, 16, 16}, {65, 6, 5},
-                         {150, 13, 7}, {300, 8, 4}, {520, 8, 8}};
+// Block edges (detail::Tuning: 96 queries, 384 keys) in different places.
+constexpr Index kQueryBlock = head_attention::detail::Tuning::query_block;
+const Shape kShapes[] = {
+    {1, 8, 4},   {7, 5, 3},  {kQueryBlock, 16, 16}, {kQueryBlock + 1, 6, 5}, {150, 13, 7},
+    {300, 8, 4}, {520, 8, 8}};
+static_assert(520 > head_attention::detail::Tuning::key_block, "a shape must cross a key block edge");
 
 std::vector<MaskRule> rules() {
   return {MaskRule::causal(),

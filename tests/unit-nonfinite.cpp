@@ -4,6 +4,7 @@
 //
 // (PyTorch's seed module does not give this: its weights · V multiplies the masked zeros by V, and 0 · NaN is
 // NaN, so there a NaN in row p reaches every earlier row too.)
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -25,14 +26,31 @@ struct Shape {
       rows;  // where a value is planted: every row of the small shape, the block edges of the others
 };
 
-// T = 10: one tile. T = 150: three query blocks in one key block. T = 320: two key blocks, so that the
-// planted row sits in the diagonal tile of some query blocks and in a full tile of later ones. Query blocks
-// are 64 rows and key blocks 256 (detail::Tuning), so the rows either side of each block edge, the first and
-// the last are planted; planting in every row of the large shapes took 30 s, several minutes under
-// sanitizers.
-const Shape kShapes[] = {{10, 6, 4, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}},
-                         {150, 12, 8, {0, 1, 62, 63, 64, 65, 100, 127, 128, 129, 148, 149}},
-                         {320, 16, 8, {0, 63, 64, 127, 128, 191, 192, 255, 256, 257, 300, 318, 319}}};
+constexpr Index kQueryBlock = head_attention::detail::Tuning::query_block;
+constexpr Index kKeyBlock = head_attention::detail::Tuning::key_block;
+
+/// The first two rows, the last two, the rows either side of each query block edge and after the first key
+/// block edge: planting in every row of the large shapes took 30 s, several minutes under sanitizers.
+std::vector<Index> edge_rows(Index T) {
+  std::vector<Index> rows = {0, 1, T - 2, T - 1};
+  for (Index edge = kQueryBlock; edge < T; edge += kQueryBlock) {
+    rows.push_back(edge - 1);
+    rows.push_back(edge);
+  }
+  if (kKeyBlock + 1 < T) rows.push_back(kKeyBlock + 1);
+  std::sort(rows.begin(), rows.end());
+  rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+  return rows;
+}
+
+// T = 10: one tile, every row planted. Then three query blocks in one key block, and two key blocks, so that
+// the planted row sits in the diagonal tile of some query blocks and in a full tile of later ones (block
+// sizes from detail::Tuning).
+const Shape kShapes[] = {
+    {10, 6, 4, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}},
+    {2 * kQueryBlock + kQueryBlock / 4, 12, 8, edge_rows(2 * kQueryBlock + kQueryBlock / 4)},
+    {kKeyBlock + 2 * kQueryBlock / 3, 16, 8, edge_rows(kKeyBlock + 2 * kQueryBlock / 3)}};
+static_assert(2 * kQueryBlock + kQueryBlock / 4 < kKeyBlock, "the middle shape must stay in one key block");
 
 /// Rows [0, p) of `got` are bit-identical to those of `clean` and finite.
 template <typename Scalar>

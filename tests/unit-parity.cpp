@@ -51,8 +51,9 @@ TEST_CASE("the fixture set covers the required cases", "[parity]") {
     head_gt_emb |= f.head > f.emb;
     scale5 |= f.scale >= 5;
     batch |= f.B > 1;
-    several_query_blocks |= f.T > 64 && f.T % 64 != 0;
-    several_key_blocks |= f.T > 256;
+    several_query_blocks |= f.T > head_attention::detail::Tuning::query_block &&
+                            f.T % head_attention::detail::Tuning::query_block != 0;
+    several_key_blocks |= f.T > head_attention::detail::Tuning::key_block;
   }
   CHECK(t1);
   CHECK(t_max);

@@ -57,8 +57,9 @@ TEMPLATE_TEST_CASE("16-bit HeadAttention matches the double definition", "[preci
   struct Shape {
     Index emb, head, T;
   };
-  // T = 300 crosses query blocks (64) and key blocks (256); 512/64 is simple_llm's size.
-  const Shape shapes[] = {{16, 8, 1}, {16, 8, 10}, {64, 16, 77}, {512, 64, 300}, {13, 7, 65}};
+  // T = 450 crosses query blocks and key blocks; 512/64 is simple_llm's size.
+  static_assert(450 > head_attention::detail::Tuning::key_block, "T = 450 must cross a key block edge");
+  const Shape shapes[] = {{16, 8, 1}, {16, 8, 10}, {64, 16, 77}, {512, 64, 450}, {13, 7, 65}};
   const MaskRule rules[] = {MaskRule::causal(), MaskRule::bidirectional(), MaskRule::sliding_window(5)};
   double worst = 0;
   for (const Shape& s : shapes) {

@@ -14,9 +14,12 @@ struct Shape {
   Index T, emb, head;
 };
 
-// Shapes that put the tiled kernel's block edges (64 queries, 256 keys) in different places.
-const std::vector<Shape> kShapes = {{1, 8, 4},    {2, 13, 7},  {64, 16, 16}, {65, 5, 12},
-                                    {150, 13, 7}, {300, 8, 4}, {513, 24, 8}};
+// Shapes that put the tiled kernel's block edges (detail::Tuning: 96 queries, 384 keys) in different places.
+constexpr Index kQueryBlock = head_attention::detail::Tuning::query_block;
+const std::vector<Shape> kShapes = {
+    {1, 8, 4},    {2, 13, 7},  {kQueryBlock, 16, 16}, {kQueryBlock + 1, 5, 12},
+    {150, 13, 7}, {300, 8, 4}, {513, 24, 8}};
+static_assert(513 > head_attention::detail::Tuning::key_block, "a shape must cross a key block edge");
 
 template <typename Scalar>
 Matrix<Scalar> value_projection(const head_attention::HeadAttention<Scalar>& layer, const Matrix<Scalar>& x) {

@@ -1,6 +1,6 @@
 // The fused, tiled fast path against head_attention::reference, the seed module step by step, on many shapes:
-// sequence lengths on both sides of the query block (64) and key block (256) edges, odd widths, head_size >
-// emb_size, and the 512/64 shape of a real model.
+// sequence lengths on both sides of the query block and key block edges (detail::Tuning), odd widths,
+// head_size > emb_size, and the 512/64 shape of a real model.
 #include <cstdint>
 #include <iostream>
 #include <vector>
@@ -20,7 +20,20 @@ struct Width {
   Index emb, head;
 };
 
-const std::vector<Index> kLengths = {1, 2, 63, 64, 65, 127, 255, 256, 257, 300, 513, 1000};
+constexpr Index kQueryBlock = head_attention::detail::Tuning::query_block;
+constexpr Index kKeyBlock = head_attention::detail::Tuning::key_block;
+const std::vector<Index> kLengths = {1,
+                                     2,
+                                     kQueryBlock - 1,
+                                     kQueryBlock,
+                                     kQueryBlock + 1,
+                                     2 * kQueryBlock - 1,
+                                     kKeyBlock - 1,
+                                     kKeyBlock,
+                                     kKeyBlock + 1,
+                                     300,
+                                     kKeyBlock + kQueryBlock + 1,
+                                     1000};
 const std::vector<Width> kWidths = {{8, 4}, {13, 7}, {5, 12}, {64, 64}, {512, 64}};
 
 }  // namespace
