@@ -27,10 +27,10 @@ namespace head_attention::detail {
 
 /// Block sizes and thresholds, chosen by measurement with bench/ (see README, "Performance").
 struct Tuning {
-  /// Rows of Q per work item: a multiple of the GEMM's 6-row tile, so that no tile runs short of rows (with 64,
-  /// every 64 rows ended in a 4-row tile). Measured on Zen 4 against 64 × 256, one thread, best of 30 runs:
-  /// AVX2 build 1.07x faster at B = 1, T = 4096 and 1.05x at B = 8, T = 1024 (48 × 240, 60 × 240, 72 × 288,
-  /// 96 × 192/288 and 120 × 240 in between); AVX-512 build within 1%.
+  /// Rows of Q per work item: a multiple of the GEMM's 6-row tile, so that no tile runs short of rows (with
+  /// 64, every 64 rows ended in a 4-row tile). Measured on Zen 4 against 64 × 256, one thread, best of 30
+  /// runs: AVX2 build 1.07x faster at B = 1, T = 4096 and 1.05x at B = 8, T = 1024 (48 × 240, 60 × 240, 72 ×
+  /// 288, 96 × 192/288 and 120 × 240 in between); AVX-512 build within 1%.
   static constexpr Eigen::Index query_block = 96;
   /// Rows of K and V per inner step: a multiple of query_block and of the Kᵀ panel (key_panel).
   static constexpr Eigen::Index key_block = 384;
