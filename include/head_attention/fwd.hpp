@@ -19,4 +19,9 @@ class KVCache;
 template <typename Scalar>
 class Workspace;
 
+namespace detail {
+template <typename Scalar>
+class PackedForm;
+}  // namespace detail
+
 }  // namespace head_attention

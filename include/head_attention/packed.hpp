@@ -123,6 +123,186 @@ void packed_cache_reservation(std::vector<KVStore*>& stores, const KVCache<Scala
 
 }  // namespace detail
 
+namespace detail {
+
+/// What PackedHeadAttention and PackedMultiHeadAttention share: the prepared weights of `heads` heads (and,
+/// for the multi-head form, its output projection), the sizes, rule and thread setting, and every call behind
+/// the two public APIs, which forward here with their own names for the error messages. Results are the
+/// layers' bit for bit: the same forward pass, on weights prepared the same way.
+template <typename Scalar>
+class PackedForm {
+ protected:
+  using Index = Eigen::Index;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using OutputRef = Eigen::Ref<Matrix, 0, Eigen::OuterStride<>>;
+  using Tensor3 = Eigen::Tensor<Scalar, 3, Eigen::RowMajor>;
+
+  PackedForm(Index heads, Index emb_size, Index head_size, Index max_seq_len, const MaskRule& rule,
+             int threads, PackedWeights<compute_t<Scalar>> weights)
+      : m_heads(heads),
+        m_emb_size(emb_size),
+        m_head_size(head_size),
+        m_max_seq_len(max_seq_len),
+        m_rule(rule),
+        m_threads(threads),
+        m_weights(std::move(weights)) {}
+
+  /// Output features: the multi-head form's projection writes emb_size, a single head head_size.
+  Index out_width() const { return projected() ? m_emb_size : m_head_size; }
+  bool projected() const { return m_weights.out_width > 0; }
+
+  void set_threads(int n, const char* where) {
+    HEAD_ATTENTION_REQUIRE(n >= 0, where, "the thread count", ">= 0", std::to_string(n));
+    m_threads = n;
+  }
+  int threads() const {
+    if (!has_openmp || in_parallel_region()) return 1;
+    return m_threads > 0 ? m_threads : default_thread_count();
+  }
+
+  template <typename Derived>
+  static constexpr void check_input() {
+    static_assert(std::is_same<typename Derived::Scalar, Scalar>::value,
+                  "a packed layer's forward needs an input of its own Scalar");
+  }
+
+  AttentionPlan<Scalar> plan() const {
+    AttentionPlan<Scalar> plan;
+    plan.rule = m_rule;
+    plan.packed = &m_weights;
+    return plan;
+  }
+
+  /// One sequence x [T, emb_size] to [T, out_width].
+  template <typename Derived>
+  Matrix forward_rows(const Eigen::MatrixBase<Derived>& x, const char* where) const {
+    check_input<Derived>();
+    check_packed_call(x.cols(), x.rows(), m_emb_size, m_max_seq_len, where, "x.cols() (input width)",
+                      "x.rows() (T)");
+    Matrix out(x.rows(), out_width());  // [T, out_width]
+    run(x, 1, x.rows(), out.data(), out.outerStride(), plan());
+    return out;
+  }
+
+  /// `batch` sequences back to back, x [batch · T, emb_size] into out [batch · T, out_width].
+  template <typename Derived>
+  void batch_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef& out,
+                  const std::vector<Index>* lengths, Workspace<Scalar>* workspace, const char* where) const {
+    check_input<Derived>();
+    AttentionPlan<Scalar> p = plan();
+    const Index seq_len =
+        packed_batch_plan(x, batch, out, m_emb_size, m_max_seq_len, out_width(), lengths, p, where);
+    if (workspace != nullptr) p.buffers = &workspace->m_buffers;
+    run(x, batch, seq_len, out.data(), out.outerStride(), p);
+  }
+
+  /// x [B, T, emb_size] to [B, T, out_width].
+  template <typename TensorDerived>
+  Tensor3 forward_tensor(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
+                         const std::vector<Index>* lengths, const char* where) const {
+    return with_tensor_data<Scalar>(x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
+      AttentionPlan<Scalar> p = plan();
+      packed_tensor_plan(batch, seq_len, width, m_emb_size, m_max_seq_len, lengths, p, where);
+      Tensor3 out(batch, seq_len, out_width());                           // [B, T, out_width]
+      const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);  // [B·T, emb]
+      run(rows, batch, seq_len, out.data(), out_width(), p);
+      return out;
+    });
+  }
+
+  /// An empty KV cache of one head and sequence.
+  KVCache<Scalar> make_store(Precision storage) const {
+    return CacheAccess::make<Scalar>(m_emb_size, m_head_size, m_max_seq_len, m_rule, storage);
+  }
+
+  /// The decode step of `sequences` chunks of t rows stored back to back in x, into out [sequences · t,
+  /// out_width]; caches[0, count) are every head's caches of those sequences (head h's of sequence b at
+  /// h · sequences + b).
+  template <typename Derived>
+  void decode(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>* caches, Index count, Index sequences,
+              OutputRef& out, Workspace<Scalar>* workspace, const char* where) const {
+    check_input<Derived>();
+    const Index t = packed_decode_checks(x, sequences, out, caches, count, m_emb_size, m_head_size,
+                                         m_max_seq_len, out_width(), m_rule, where);
+    if (t == 0) return;
+    std::vector<KVStore*> own;
+    CacheAccess::step(caches, count, t, m_rule, workspace != nullptr ? workspace->m_stores : own,
+                      [&](KVStore** stores) {
+                        AttentionPlan<Scalar> p = plan();
+                        p.caches = stores;
+                        if (workspace != nullptr) p.buffers = &workspace->m_buffers;
+                        run(x, sequences, t, out.data(), out.outerStride(), p);
+                      });
+  }
+
+  /// Throws shape_error, nothing changed, unless caches[0, count) hold every head's cache of `sequences`.
+  void check_heads(Index count, Index sequences, const char* where) const {
+    HEAD_ATTENTION_REQUIRE(count == m_heads * sequences, where, "cache heads", std::to_string(m_heads),
+                           std::to_string(sequences > 0 ? count / sequences : 0));
+  }
+
+  /// reserve_workspace for forward_into calls of `batch` sequences of `seq_len` rows.
+  void reserve_rows(Workspace<Scalar>& workspace, Index batch, Index seq_len, const char* where) const {
+    check_packed_reservation(batch, seq_len, m_emb_size, m_max_seq_len, sizeof(Scalar), where);
+    size_workspace(workspace, batch, seq_len, nullptr);
+  }
+
+  /// reserve_workspace for decode steps of t rows per sequence extending caches[0, count) (as decode).
+  void reserve_decode(Workspace<Scalar>& workspace, const KVCache<Scalar>* caches, Index count,
+                      Index sequences, Index t, const char* where) const {
+    packed_cache_reservation(workspace.m_stores, caches, count, sequences, t, m_emb_size, m_head_size,
+                             m_max_seq_len, m_rule, where);
+    size_workspace(workspace, sequences, t, workspace.m_stores.data());
+  }
+
+  std::size_t bytes_for(Index batch, Index seq_len, const char* where) const {
+    Workspace<Scalar> workspace;
+    reserve_rows(workspace, batch, seq_len, where);
+    return workspace.bytes();
+  }
+
+  Index m_heads;
+  Index m_emb_size;
+  Index m_head_size;
+  Index m_max_seq_len;
+  MaskRule m_rule;
+  int m_threads = 0;
+  // [3 · heads, emb, head] each head's Wqᵀ·s, Wkᵀ, Wvᵀ in column panels, [heads, 3·head] biases; the
+  // multi-head form's [heads · head, emb] Woᵀ and [emb] bo
+  PackedWeights<compute_t<Scalar>> m_weights;
+
+ private:
+  /// Sizes the workspace's buffers through the forward pass itself (AttentionPlan::size_only).
+  void size_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len,
+                      KVStore* const* caches) const {
+    if (batch * seq_len == 0) return;
+    AttentionPlan<Scalar> p = plan();
+    p.caches = caches;
+    p.buffers = &workspace.m_buffers;
+    p.size_only = true;
+    const Eigen::Map<const Matrix> nothing(nullptr, batch * seq_len, m_emb_size);  // never read
+    run(nothing, batch, seq_len, nullptr, out_width(), p);
+  }
+
+  /// The forward pass: out [batch · seq_len, out_width], leading dimension out_stride (the multi-head form's
+  /// output projection writes it, each head's output going to an intermediate buffer).
+  template <typename Derived>
+  void run(const Eigen::MatrixBase<Derived>& x, Index batch, Index seq_len, Scalar* out, Index out_stride,
+           AttentionPlan<Scalar> plan) const {
+    const Linear<Scalar>* const* no_layers = nullptr;  // the weights come packed
+    if (projected()) {
+      plan.projected = out;
+      plan.projected_stride = out_stride;
+      forward_expression(x, batch, seq_len, no_layers, m_heads, static_cast<Scalar*>(nullptr), 0, threads(),
+                         plan);
+    } else {
+      forward_expression(x, batch, seq_len, no_layers, m_heads, out, out_stride, threads(), plan);
+    }
+  }
+};
+
+}  // namespace detail
+
 /// HeadAttention frozen for inference, like an ONNX Runtime session or PyTorch's frozen modules: made from a
 /// layer, it keeps its own copy of the weights prepared for the projections' GEMMs (each transposed into an
 /// [emb_size, head_size] operand, the query's 1/sqrt(head_size) folded into Wq and bq, 16-bit weights
@@ -135,9 +315,10 @@ void packed_cache_reservation(std::vector<KVStore*>& stores, const KVCache<Scala
 /// (same kernels, same weights layout) at any thread count. const, and safe to call from many threads at
 /// once.
 template <typename Scalar>
-class PackedHeadAttention {
+class PackedHeadAttention : private detail::PackedForm<Scalar> {
   static_assert(detail::is_layer_scalar<Scalar>,
                 "PackedHeadAttention<Scalar> needs float, double, Eigen::half or Eigen::bfloat16");
+  using Base = detail::PackedForm<Scalar>;
 
  public:
   /// Eigen's signed index type, for every size and position.
@@ -157,50 +338,31 @@ class PackedHeadAttention {
   /// head_size) time and memory, once). Throws shape_error, before anything is kept, unless every projection
   /// is [head_size, emb_size] + [head_size].
   explicit PackedHeadAttention(const Layer& layer)
-      : m_emb_size(layer.emb_size()),
-        m_head_size(layer.head_size()),
-        m_max_seq_len(layer.max_seq_len()),
-        m_rule(layer.mask_rule()),
-        m_threads(layer.m_threads) {
-    detail::check_projections(layer, "PackedHeadAttention");
-    const Linear<Scalar>* const layers[3] = {&layer.query(), &layer.key(), &layer.value()};
-    m_weights = detail::pack_weights(layers, 1, static_cast<const Linear<Scalar>*>(nullptr));
-  }
+      : Base(1, layer.emb_size(), layer.head_size(), layer.max_seq_len(), layer.mask_rule(), layer.m_threads,
+             pack(layer)) {}
 
   /// The packed layer's sizes: input features, output features, longest sequence.
   ///@{
-  Index emb_size() const { return m_emb_size; }
-  Index head_size() const { return m_head_size; }
-  Index max_seq_len() const { return m_max_seq_len; }
+  Index emb_size() const { return this->m_emb_size; }
+  Index head_size() const { return this->m_head_size; }
+  Index max_seq_len() const { return this->m_max_seq_len; }
   ///@}
   /// The mask rule of the layer when it was packed.
-  const MaskRule& mask_rule() const { return m_rule; }
+  const MaskRule& mask_rule() const { return this->m_rule; }
 
   /// The thread cap of a forward call, as HeadAttention::set_num_threads (copied from the layer; 0: Eigen's
   /// default). Results do not depend on it. Throws shape_error if n < 0.
-  void set_num_threads(int n) {
-    HEAD_ATTENTION_REQUIRE(n >= 0, "PackedHeadAttention::set_num_threads", "the thread count", ">= 0",
-                           std::to_string(n));
-    m_threads = n;
-  }
+  void set_num_threads(int n) { this->set_threads(n, "PackedHeadAttention::set_num_threads"); }
   /// The thread count a large call made now, from this thread, would run on (1 inside a parallel region or
   /// without OpenMP).
-  int num_threads() const {
-    if (!detail::has_openmp || detail::in_parallel_region()) return 1;
-    return m_threads > 0 ? m_threads : detail::default_thread_count();
-  }
+  int num_threads() const { return this->threads(); }
 
   /// One sequence: x [T, emb_size] (any dense Eigen expression of Scalar, read in place when it can be) to
   /// [T, head_size], as HeadAttention::forward. Throws shape_error if x.cols() != emb_size or T >
   /// max_seq_len.
   template <typename Derived>
   Matrix forward(const Eigen::MatrixBase<Derived>& x) const {
-    check_input<Derived>();
-    detail::check_packed_call(x.cols(), x.rows(), m_emb_size, m_max_seq_len, "PackedHeadAttention::forward",
-                              "x.cols() (input width)", "x.rows() (T)");
-    Matrix out(x.rows(), m_head_size);  // [T, head]
-    run(x, 1, x.rows(), out.data(), out.outerStride(), plan());
-    return out;
+    return this->forward_rows(x, "PackedHeadAttention::forward");
   }
 
   /// The seed's calling convention, as BatchedHeadAttention::forward: x [B, T, emb_size] (a row-major
@@ -208,7 +370,7 @@ class PackedHeadAttention {
   /// shape_error if x.dimension(2) != emb_size or x.dimension(1) > max_seq_len.
   template <typename TensorDerived>
   Tensor3 forward(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x) const {
-    return forward_tensor(x, nullptr);
+    return this->forward_tensor(x, nullptr, "PackedHeadAttention::forward");
   }
 
   /// The same with right padding: sequence b's keys at positions >= lengths[b] are masked. Throws shape_error
@@ -216,7 +378,7 @@ class PackedHeadAttention {
   template <typename TensorDerived>
   Tensor3 forward(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
                   const std::vector<Index>& lengths) const {
-    return forward_tensor(x, &lengths);
+    return this->forward_tensor(x, &lengths, "PackedHeadAttention::forward");
   }
 
   /// forward(x) written into out [T, head_size] (see HeadAttention::forward_into). Throws shape_error, before
@@ -231,7 +393,7 @@ class PackedHeadAttention {
   /// batch = 0), and on any bad shape.
   template <typename Derived>
   void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out) const {
-    batch_into(x, batch, out, nullptr, nullptr);
+    this->batch_into(x, batch, out, nullptr, nullptr, "PackedHeadAttention::forward_into");
   }
 
   /// The same, with its working memory taken from (and left in) `workspace` (one shared with unpacked layers
@@ -240,7 +402,7 @@ class PackedHeadAttention {
   template <typename Derived>
   void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
                     Workspace<Scalar>& workspace) const {
-    batch_into(x, batch, out, nullptr, &workspace);
+    this->batch_into(x, batch, out, nullptr, &workspace, "PackedHeadAttention::forward_into");
   }
 
   /// The same with right padding: sequence b's keys at positions >= lengths[b] are masked. Throws shape_error
@@ -248,13 +410,13 @@ class PackedHeadAttention {
   template <typename Derived>
   void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
                     const std::vector<Index>& lengths) const {
-    batch_into(x, batch, out, &lengths, nullptr);
+    this->batch_into(x, batch, out, &lengths, nullptr, "PackedHeadAttention::forward_into");
   }
 
   /// An empty KV cache for decoding with this packed layer, as HeadAttention::make_cache. A cache fits the
   /// layer and its packed forms alike (same sizes and rule), so decoding may switch between them.
   KVCache<Scalar> make_cache(Precision storage = precision_of<Scalar>()) const {
-    return detail::CacheAccess::make<Scalar>(m_emb_size, m_head_size, m_max_seq_len, m_rule, storage);
+    return this->make_store(storage);
   }
 
   /// Incremental decoding, as HeadAttention::forward_cached and bit-identical to it: the t new rows of x
@@ -262,8 +424,9 @@ class PackedHeadAttention {
   /// cache unchanged, on a bad shape, a cache of other sizes or rule, or cache.size() + t > max_seq_len.
   template <typename Derived>
   Matrix forward_cached(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache) const {
-    Matrix out(x.rows(), m_head_size);  // [t, head]
-    cached(x, &cache, 1, out, "PackedHeadAttention::forward_cached", nullptr);
+    Matrix out(x.rows(), this->m_head_size);  // [t, head]
+    OutputRef ref(out);
+    this->decode(x, &cache, 1, 1, ref, nullptr, "PackedHeadAttention::forward_cached");
     return out;
   }
 
@@ -272,7 +435,7 @@ class PackedHeadAttention {
   template <typename Derived>
   void forward_cached_into(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache, OutputRef out,
                            Workspace<Scalar>& workspace) const {
-    cached(x, &cache, 1, out, "PackedHeadAttention::forward_cached_into", &workspace);
+    this->decode(x, &cache, 1, 1, out, &workspace, "PackedHeadAttention::forward_cached_into");
   }
 
   /// forward_cached of several sequences that advance together: x [B · t, emb_size] holds caches.size()
@@ -281,16 +444,16 @@ class PackedHeadAttention {
   template <typename Derived>
   void forward_cached_into(const Eigen::MatrixBase<Derived>& x, std::vector<KVCache<Scalar>>& caches,
                            OutputRef out) const {
-    cached(x, caches.data(), static_cast<Index>(caches.size()), out,
-           "PackedHeadAttention::forward_cached_into", nullptr);
+    const Index count = static_cast<Index>(caches.size());
+    this->decode(x, caches.data(), count, count, out, nullptr, "PackedHeadAttention::forward_cached_into");
   }
 
   /// The same, its working memory taken from (and left in) `workspace`.
   template <typename Derived>
   void forward_cached_into(const Eigen::MatrixBase<Derived>& x, std::vector<KVCache<Scalar>>& caches,
                            OutputRef out, Workspace<Scalar>& workspace) const {
-    cached(x, caches.data(), static_cast<Index>(caches.size()), out,
-           "PackedHeadAttention::forward_cached_into", &workspace);
+    const Index count = static_cast<Index>(caches.size());
+    this->decode(x, caches.data(), count, count, out, &workspace, "PackedHeadAttention::forward_cached_into");
   }
 
   /// Sizes `workspace` for forward_into calls of `batch` sequences of `seq_len` rows, as
@@ -298,9 +461,7 @@ class PackedHeadAttention {
   /// that even the first such call allocates nothing. Throws shape_error, the workspace unchanged, unless
   /// batch >= 0 and 0 <= seq_len <= max_seq_len.
   void reserve_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len) const {
-    detail::check_packed_reservation(batch, seq_len, m_emb_size, m_max_seq_len, sizeof(Scalar),
-                                     "PackedHeadAttention::reserve_workspace");
-    size_workspace(workspace, batch, seq_len, nullptr);
+    this->reserve_rows(workspace, batch, seq_len, "PackedHeadAttention::reserve_workspace");
   }
 
   /// Sizes `workspace` for decode steps of t rows per sequence extending `caches` (forward_cached_into), so
@@ -308,112 +469,27 @@ class PackedHeadAttention {
   /// changed, unless every cache fits this form and 1 <= t <= max_seq_len.
   void reserve_workspace(Workspace<Scalar>& workspace, const std::vector<KVCache<Scalar>>& caches,
                          Index t = 1) const {
-    reserve_for_caches(workspace, caches.data(), static_cast<Index>(caches.size()), t);
+    const Index count = static_cast<Index>(caches.size());
+    this->reserve_decode(workspace, caches.data(), count, count, t, "PackedHeadAttention::reserve_workspace");
   }
 
   /// reserve_workspace for the decode steps of a single cache.
   void reserve_workspace(Workspace<Scalar>& workspace, const KVCache<Scalar>& cache, Index t = 1) const {
-    reserve_for_caches(workspace, &cache, 1, t);
+    this->reserve_decode(workspace, &cache, 1, 1, t, "PackedHeadAttention::reserve_workspace");
   }
 
   /// The bytes of working memory a forward_into call of `batch` sequences of `seq_len` rows uses. Throws as
   /// reserve_workspace does.
   std::size_t workspace_bytes(Index batch, Index seq_len) const {
-    Workspace<Scalar> workspace;
-    reserve_workspace(workspace, batch, seq_len);
-    return workspace.bytes();
+    return this->bytes_for(batch, seq_len, "PackedHeadAttention::reserve_workspace");
   }
 
  private:
-  template <typename Derived>
-  static constexpr void check_input() {
-    static_assert(std::is_same<typename Derived::Scalar, Scalar>::value,
-                  "PackedHeadAttention<Scalar>::forward needs an input of the same Scalar");
+  static detail::PackedWeights<Compute> pack(const Layer& layer) {
+    detail::check_projections(layer, "PackedHeadAttention");
+    const Linear<Scalar>* const layers[3] = {&layer.query(), &layer.key(), &layer.value()};
+    return detail::pack_weights(layers, 1, static_cast<const Linear<Scalar>*>(nullptr));
   }
-
-  detail::AttentionPlan<Scalar> plan() const {
-    detail::AttentionPlan<Scalar> plan;
-    plan.rule = m_rule;
-    plan.packed = &m_weights;
-    return plan;
-  }
-
-  template <typename Derived>
-  void batch_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef& out,
-                  const std::vector<Index>* lengths, Workspace<Scalar>* workspace) const {
-    check_input<Derived>();
-    detail::AttentionPlan<Scalar> p = plan();
-    const Index seq_len = detail::packed_batch_plan(x, batch, out, m_emb_size, m_max_seq_len, m_head_size,
-                                                    lengths, p, "PackedHeadAttention::forward_into");
-    if (workspace != nullptr) p.buffers = &workspace->m_buffers;
-    run(x, batch, seq_len, out.data(), out.outerStride(), p);
-  }
-
-  void reserve_for_caches(Workspace<Scalar>& workspace, const KVCache<Scalar>* caches, Index count,
-                          Index t) const {
-    detail::packed_cache_reservation(workspace.m_stores, caches, count, count, t, m_emb_size, m_head_size,
-                                     m_max_seq_len, m_rule, "PackedHeadAttention::reserve_workspace");
-    size_workspace(workspace, count, t, workspace.m_stores.data());
-  }
-
-  /// Sizes the workspace's buffers through the forward pass itself (AttentionPlan::size_only).
-  void size_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len,
-                      detail::KVStore* const* caches) const {
-    if (batch * seq_len == 0) return;
-    detail::AttentionPlan<Scalar> p = plan();
-    p.caches = caches;
-    p.buffers = &workspace.m_buffers;
-    p.size_only = true;
-    const Eigen::Map<const Matrix> nothing(nullptr, batch * seq_len, m_emb_size);  // never read
-    run(nothing, batch, seq_len, nullptr, m_head_size, p);
-  }
-
-  /// The decode step of `count` chunks stored back to back in x, chunk b extending caches[b].
-  template <typename Derived>
-  void cached(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>* caches, Index count, OutputRef out,
-              const char* where, Workspace<Scalar>* workspace) const {
-    check_input<Derived>();
-    const Index t = detail::packed_decode_checks(x, count, out, caches, count, m_emb_size, m_head_size,
-                                                 m_max_seq_len, m_head_size, m_rule, where);
-    if (t == 0) return;
-    std::vector<detail::KVStore*> own;
-    detail::CacheAccess::step(caches, count, t, m_rule, workspace != nullptr ? workspace->m_stores : own,
-                              [&](detail::KVStore** stores) {
-                                detail::AttentionPlan<Scalar> p = plan();
-                                p.caches = stores;
-                                if (workspace != nullptr) p.buffers = &workspace->m_buffers;
-                                run(x, count, t, out.data(), out.outerStride(), p);
-                              });
-  }
-
-  template <typename TensorDerived>
-  Tensor3 forward_tensor(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
-                         const std::vector<Index>* lengths) const {
-    return detail::with_tensor_data<Scalar>(
-        x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
-          detail::AttentionPlan<Scalar> p = plan();
-          detail::packed_tensor_plan(batch, seq_len, width, m_emb_size, m_max_seq_len, lengths, p,
-                                     "PackedHeadAttention::forward");
-          Tensor3 out(batch, seq_len, m_head_size);                           // [B, T, head]
-          const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);  // [B·T, emb]
-          run(rows, batch, seq_len, out.data(), m_head_size, p);
-          return out;
-        });
-  }
-
-  template <typename Derived>
-  void run(const Eigen::MatrixBase<Derived>& x, Index batch, Index seq_len, Scalar* out, Index out_stride,
-           const detail::AttentionPlan<Scalar>& plan) const {
-    detail::forward_expression(x, batch, seq_len, static_cast<const Linear<Scalar>* const*>(nullptr), 1, out,
-                               out_stride, num_threads(), plan);
-  }
-
-  Index m_emb_size;
-  Index m_head_size;
-  Index m_max_seq_len;
-  MaskRule m_rule;
-  int m_threads = 0;
-  detail::PackedWeights<Compute> m_weights;  // [3, emb, head] Wqᵀ·s, Wkᵀ, Wvᵀ and [3·head] bq·s | bk | bv
 };
 
 /// MultiHeadAttention frozen for inference (what a simple_llm model runs): every head's weights and the
@@ -422,9 +498,10 @@ class PackedHeadAttention {
 /// to the layer it was made from do not reach it. Results are bit-identical to the layer's forward at any
 /// thread count. const, and safe to call from many threads at once.
 template <typename Scalar>
-class PackedMultiHeadAttention {
+class PackedMultiHeadAttention : private detail::PackedForm<Scalar> {
   static_assert(detail::is_layer_scalar<Scalar>,
                 "PackedMultiHeadAttention<Scalar> needs float, double, Eigen::half or Eigen::bfloat16");
+  using Base = detail::PackedForm<Scalar>;
 
  public:
   /// Eigen's signed index type, for every size and position.
@@ -444,55 +521,31 @@ class PackedMultiHeadAttention {
   /// head_size · emb_size) time and memory, once). Throws shape_error, before anything is kept, unless every
   /// weight has its shape and all heads share one mask rule.
   explicit PackedMultiHeadAttention(const Layer& layer)
-      : m_num_heads(layer.num_heads()),
-        m_emb_size(layer.emb_size()),
-        m_head_size(layer.head_size()),
-        m_max_seq_len(layer.max_seq_len()),
-        m_rule(layer.mask_rule()),
-        m_threads(layer.m_threads) {
-    layer.check(m_emb_size, 0, "PackedMultiHeadAttention", "emb_size", "T");
-    std::vector<const Linear<Scalar>*> layers;  // [3 · heads] head h's Q, K, V at 3h, 3h + 1, 3h + 2
-    layers.reserve(static_cast<std::size_t>(3 * m_num_heads));
-    for (Index h = 0; h < m_num_heads; ++h)
-      for (const Linear<Scalar>* l : {&layer.head(h).query(), &layer.head(h).key(), &layer.head(h).value()})
-        layers.push_back(l);
-    m_weights = detail::pack_weights(layers.data(), m_num_heads, &layer.projection());
-  }
+      : Base(layer.num_heads(), layer.emb_size(), layer.head_size(), layer.max_seq_len(), layer.mask_rule(),
+             layer.m_threads, pack(layer)) {}
 
   /// The packed layer's sizes: heads, input (and output) features, features per head, longest sequence.
   ///@{
-  Index num_heads() const { return m_num_heads; }
-  Index emb_size() const { return m_emb_size; }
-  Index head_size() const { return m_head_size; }
-  Index max_seq_len() const { return m_max_seq_len; }
+  Index num_heads() const { return this->m_heads; }
+  Index emb_size() const { return this->m_emb_size; }
+  Index head_size() const { return this->m_head_size; }
+  Index max_seq_len() const { return this->m_max_seq_len; }
   ///@}
   /// Every head's mask rule when the layer was packed.
-  const MaskRule& mask_rule() const { return m_rule; }
+  const MaskRule& mask_rule() const { return this->m_rule; }
 
   /// The thread cap of a forward call, as MultiHeadAttention::set_num_threads (copied from the layer).
   /// Results do not depend on it. Throws shape_error if n < 0.
-  void set_num_threads(int n) {
-    HEAD_ATTENTION_REQUIRE(n >= 0, "PackedMultiHeadAttention::set_num_threads", "the thread count", ">= 0",
-                           std::to_string(n));
-    m_threads = n;
-  }
+  void set_num_threads(int n) { this->set_threads(n, "PackedMultiHeadAttention::set_num_threads"); }
   /// The thread count a large call made now, from this thread, would run on (1 inside a parallel region or
   /// without OpenMP).
-  int num_threads() const {
-    if (!detail::has_openmp || detail::in_parallel_region()) return 1;
-    return m_threads > 0 ? m_threads : detail::default_thread_count();
-  }
+  int num_threads() const { return this->threads(); }
 
   /// One sequence: x [T, emb_size] to [T, emb_size], as MultiHeadAttention::forward. Throws shape_error if
   /// x.cols() != emb_size or T > max_seq_len.
   template <typename Derived>
   Matrix forward(const Eigen::MatrixBase<Derived>& x) const {
-    check_input<Derived>();
-    detail::check_packed_call(x.cols(), x.rows(), m_emb_size, m_max_seq_len,
-                              "PackedMultiHeadAttention::forward", "x.cols() (input width)", "x.rows() (T)");
-    Matrix out(x.rows(), m_emb_size);  // [T, emb]
-    run(x, 1, x.rows(), out.data(), out.outerStride(), plan());
-    return out;
+    return this->forward_rows(x, "PackedMultiHeadAttention::forward");
   }
 
   /// `batch` sequences of equal length back to back, x [batch · T, emb_size], into out [batch · T, emb_size];
@@ -501,7 +554,7 @@ class PackedMultiHeadAttention {
   template <typename Derived>
   void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
                     const std::vector<Index>* lengths = nullptr) const {
-    batch_into(x, batch, out, lengths, nullptr);
+    this->batch_into(x, batch, out, lengths, nullptr, "PackedMultiHeadAttention::forward_into");
   }
 
   /// The same, with its working memory taken from (and left in) `workspace`: once it has served a call of
@@ -509,7 +562,7 @@ class PackedMultiHeadAttention {
   template <typename Derived>
   void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
                     Workspace<Scalar>& workspace, const std::vector<Index>* lengths = nullptr) const {
-    batch_into(x, batch, out, lengths, &workspace);
+    this->batch_into(x, batch, out, lengths, &workspace, "PackedMultiHeadAttention::forward_into");
   }
 
   /// The seed's calling convention: x [B, T, emb_size] (row-major tensor) to [B, T, emb_size]; with
@@ -517,12 +570,12 @@ class PackedMultiHeadAttention {
   ///@{
   template <typename TensorDerived>
   Tensor3 forward(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x) const {
-    return forward_tensor(x, nullptr);
+    return this->forward_tensor(x, nullptr, "PackedMultiHeadAttention::forward");
   }
   template <typename TensorDerived>
   Tensor3 forward(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
                   const std::vector<Index>& lengths) const {
-    return forward_tensor(x, &lengths);
+    return this->forward_tensor(x, &lengths, "PackedMultiHeadAttention::forward");
   }
   ///@}
 
@@ -533,10 +586,9 @@ class PackedMultiHeadAttention {
                            std::to_string(batch));
     Cache cache;
     cache.m_batch = batch;
-    cache.m_caches.reserve(static_cast<std::size_t>(m_num_heads * batch));
-    for (Index i = 0; i < m_num_heads * batch; ++i)
-      cache.m_caches.push_back(
-          detail::CacheAccess::make<Scalar>(m_emb_size, m_head_size, m_max_seq_len, m_rule, storage));
+    cache.m_caches.reserve(static_cast<std::size_t>(this->m_heads * batch));
+    for (Index i = 0; i < this->m_heads * batch; ++i)
+      cache.m_caches.push_back(this->make_store(storage));
     return cache;
   }
 
@@ -546,7 +598,7 @@ class PackedMultiHeadAttention {
   /// cache.size() + t > max_seq_len.
   template <typename Derived>
   Matrix forward_cached(const Eigen::MatrixBase<Derived>& x, Cache& cache) const {
-    Matrix out(x.rows(), m_emb_size);  // [B · t, emb]
+    Matrix out(x.rows(), this->m_emb_size);  // [B · t, emb]
     cached(x, cache, out, "PackedMultiHeadAttention::forward_cached", nullptr);
     return out;
   }
@@ -563,9 +615,7 @@ class PackedMultiHeadAttention {
   /// MultiHeadAttention::reserve_workspace does for the layer (for what this form needs). Throws shape_error,
   /// the workspace unchanged, unless batch >= 0 and 0 <= seq_len <= max_seq_len.
   void reserve_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len) const {
-    detail::check_packed_reservation(batch, seq_len, m_emb_size, m_max_seq_len, sizeof(Scalar),
-                                     "PackedMultiHeadAttention::reserve_workspace");
-    size_workspace(workspace, batch, seq_len, nullptr);
+    this->reserve_rows(workspace, batch, seq_len, "PackedMultiHeadAttention::reserve_workspace");
   }
 
   /// Sizes `workspace` for decode steps of t rows per sequence extending `cache` (forward_cached_into): with
@@ -574,115 +624,34 @@ class PackedMultiHeadAttention {
   void reserve_workspace(Workspace<Scalar>& workspace, const Cache& cache, Index t = 1) const {
     const char* where = "PackedMultiHeadAttention::reserve_workspace";
     const Index count = static_cast<Index>(cache.m_caches.size());
-    HEAD_ATTENTION_REQUIRE(count == m_num_heads * cache.batch(), where, "cache heads",
-                           std::to_string(m_num_heads),
-                           std::to_string(cache.batch() > 0 ? count / cache.batch() : 0));
-    detail::packed_cache_reservation(workspace.m_stores, cache.m_caches.data(), count, cache.batch(), t,
-                                     m_emb_size, m_head_size, m_max_seq_len, m_rule, where);
-    size_workspace(workspace, cache.batch(), t, workspace.m_stores.data());
+    this->check_heads(count, cache.batch(), where);
+    this->reserve_decode(workspace, cache.m_caches.data(), count, cache.batch(), t, where);
   }
 
   /// The bytes of working memory a forward_into call of `batch` sequences of `seq_len` rows uses. Throws as
   /// reserve_workspace does.
   std::size_t workspace_bytes(Index batch, Index seq_len) const {
-    Workspace<Scalar> workspace;
-    reserve_workspace(workspace, batch, seq_len);
-    return workspace.bytes();
+    return this->bytes_for(batch, seq_len, "PackedMultiHeadAttention::reserve_workspace");
   }
 
  private:
-  template <typename Derived>
-  static constexpr void check_input() {
-    static_assert(std::is_same<typename Derived::Scalar, Scalar>::value,
-                  "PackedMultiHeadAttention<Scalar>::forward needs an input of the same Scalar");
-  }
-
-  detail::AttentionPlan<Scalar> plan() const {
-    detail::AttentionPlan<Scalar> plan;
-    plan.rule = m_rule;
-    plan.packed = &m_weights;
-    return plan;
-  }
-
-  template <typename Derived>
-  void batch_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef& out,
-                  const std::vector<Index>* lengths, Workspace<Scalar>* workspace) const {
-    check_input<Derived>();
-    detail::AttentionPlan<Scalar> p = plan();
-    const Index seq_len = detail::packed_batch_plan(x, batch, out, m_emb_size, m_max_seq_len, m_emb_size,
-                                                    lengths, p, "PackedMultiHeadAttention::forward_into");
-    if (workspace != nullptr) p.buffers = &workspace->m_buffers;
-    run(x, batch, seq_len, out.data(), out.outerStride(), p);
-  }
-
-  template <typename TensorDerived>
-  Tensor3 forward_tensor(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
-                         const std::vector<Index>* lengths) const {
-    return detail::with_tensor_data<Scalar>(
-        x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
-          detail::AttentionPlan<Scalar> p = plan();
-          detail::packed_tensor_plan(batch, seq_len, width, m_emb_size, m_max_seq_len, lengths, p,
-                                     "PackedMultiHeadAttention::forward");
-          Tensor3 out(batch, seq_len, m_emb_size);                            // [B, T, emb]
-          const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);  // [B·T, emb]
-          run(rows, batch, seq_len, out.data(), m_emb_size, p);
-          return out;
-        });
+  static detail::PackedWeights<detail::compute_t<Scalar>> pack(const Layer& layer) {
+    layer.check(layer.emb_size(), 0, "PackedMultiHeadAttention", "emb_size", "T");
+    std::vector<const Linear<Scalar>*> layers;  // [3 · heads] head h's Q, K, V at 3h, 3h + 1, 3h + 2
+    layers.reserve(static_cast<std::size_t>(3 * layer.num_heads()));
+    for (Index h = 0; h < layer.num_heads(); ++h)
+      for (const Linear<Scalar>* l : {&layer.head(h).query(), &layer.head(h).key(), &layer.head(h).value()})
+        layers.push_back(l);
+    return detail::pack_weights(layers.data(), layer.num_heads(), &layer.projection());
   }
 
   template <typename Derived>
   void cached(const Eigen::MatrixBase<Derived>& x, Cache& cache, OutputRef out, const char* where,
               Workspace<Scalar>* workspace) const {
-    check_input<Derived>();
-    const Index batch = cache.batch();
     const Index count = static_cast<Index>(cache.m_caches.size());
-    HEAD_ATTENTION_REQUIRE(count == m_num_heads * batch, where, "cache heads", std::to_string(m_num_heads),
-                           std::to_string(batch > 0 ? count / batch : 0));
-    const Index t = detail::packed_decode_checks(x, batch, out, cache.m_caches.data(), count, m_emb_size,
-                                                 m_head_size, m_max_seq_len, m_emb_size, m_rule, where);
-    if (t == 0) return;
-    std::vector<detail::KVStore*> own;
-    detail::CacheAccess::step(cache.m_caches.data(), count, t, m_rule,
-                              workspace != nullptr ? workspace->m_stores : own,
-                              [&](detail::KVStore** stores) {
-                                detail::AttentionPlan<Scalar> p = plan();
-                                p.caches = stores;
-                                if (workspace != nullptr) p.buffers = &workspace->m_buffers;
-                                run(x, batch, t, out.data(), out.outerStride(), p);
-                              });
+    this->check_heads(count, cache.batch(), where);
+    this->decode(x, cache.m_caches.data(), count, cache.batch(), out, workspace, where);
   }
-
-  /// Sizes the workspace's buffers through the forward pass itself (AttentionPlan::size_only).
-  void size_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len,
-                      detail::KVStore* const* caches) const {
-    detail::AttentionPlan<Scalar> p = plan();
-    p.caches = caches;
-    p.buffers = &workspace.m_buffers;
-    p.size_only = true;
-    const Eigen::Map<const Matrix> nothing(nullptr, batch * seq_len, m_emb_size);  // never read
-    run(nothing, batch, seq_len, nullptr, m_emb_size, p);
-  }
-
-  /// All heads and the output projection: out [batch · seq_len, emb_size], leading dimension out_stride.
-  template <typename Derived>
-  void run(const Eigen::MatrixBase<Derived>& x, Index batch, Index seq_len, Scalar* out, Index out_stride,
-           detail::AttentionPlan<Scalar> plan) const {
-    if (batch * seq_len == 0) return;
-    plan.projected = out;
-    plan.projected_stride = out_stride;
-    detail::forward_expression(x, batch, seq_len, static_cast<const Linear<Scalar>* const*>(nullptr),
-                               m_num_heads, static_cast<Scalar*>(nullptr), 0, num_threads(), plan);
-  }
-
-  Index m_num_heads;
-  Index m_emb_size;
-  Index m_head_size;
-  Index m_max_seq_len;
-  MaskRule m_rule;
-  int m_threads = 0;
-  // [3 · heads, emb, head] each head's Wqᵀ·s, Wkᵀ, Wvᵀ, [heads, 3·head] biases, [heads · head, emb] Woᵀ,
-  // [emb] bo
-  detail::PackedWeights<detail::compute_t<Scalar>> m_weights;
 };
 
 }  // namespace head_attention

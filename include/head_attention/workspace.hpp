@@ -39,8 +39,7 @@ class Workspace {
  private:
   friend class HeadAttention<Scalar>;
   friend class MultiHeadAttention<Scalar>;
-  friend class PackedHeadAttention<Scalar>;
-  friend class PackedMultiHeadAttention<Scalar>;
+  friend class detail::PackedForm<Scalar>;  // both packed forms' calls
   detail::ForwardBuffers<detail::compute_t<Scalar>> m_buffers;
   std::vector<detail::KVStore*> m_stores;       // a cached call's caches, [heads · batch]
   std::vector<const Linear<Scalar>*> m_layers;  // the multi-head layer's projections, [3 · heads]
