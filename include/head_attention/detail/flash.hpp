@@ -205,24 +205,31 @@ void partial_tile_values(const Scalar* v_tile, Eigen::Index stride, Eigen::Index
     if (b > a) s.acc.row(0).noalias() += s.probs.row(0).segment(a, b - a) * v.middleRows(a, b - a);
     return;
   }
-  if (known_finite || v.allFinite()) {
-    // Each group of a tile's rows takes only the keys some row of it sees (probs are 0 elsewhere, and adding
-    // 0 · v leaves a sum as it is): on the causal diagonal, about half of the tile.
-    for (Index r = 0; r < bq; r += tile_rows) {
-      const Index rows = std::min<Index>(tile_rows, bq - r);
-      const Index a = *std::min_element(seen_begin + r, seen_begin + r + rows);
-      const Index b = *std::max_element(seen_end + r, seen_end + r + rows);
-      if (b > a)
-        gemm_nn(rows, head, b - a, s.probs.data() + r * block_k + a, block_k, v_tile + a * stride, stride,
-                s.acc.data() + r * head, head);
-    }
-    return;
+  // Non-finite rows of V, if any, zeroed in a copy for the product and added back below.
+  const bool finite = known_finite || v.allFinite();
+  const Scalar* values = v_tile;
+  Index values_stride = stride;
+  if (!finite) {
+    Eigen::Map<Matrix> clean(s.clean_values.data(), bk, head);
+    clean = v;
+    for (Index t = 0; t < bk; ++t)
+      if (!v.row(t).allFinite()) clean.row(t).setZero();
+    values = clean.data();
+    values_stride = head;
   }
-  Eigen::Map<Matrix> clean(s.clean_values.data(), bk, head);
-  clean = v;
-  for (Index t = 0; t < bk; ++t)
-    if (!v.row(t).allFinite()) clean.row(t).setZero();
-  gemm_nn(bq, head, bk, s.probs.data(), block_k, clean.data(), head, s.acc.data(), head);
+  // Each group of a tile's rows takes only the keys some row of it sees (probs are 0 elsewhere, and adding
+  // 0 · v leaves a sum as it is): on the causal diagonal, about half of the tile. The same groups with or
+  // without a copy, so that an output's rounding never depends on whether V is finite (Eigen's own product,
+  // the Gemm fallback, rounds differently for another depth even when the extra terms are 0).
+  for (Index r = 0; r < bq; r += tile_rows) {
+    const Index rows = std::min<Index>(tile_rows, bq - r);
+    const Index a = *std::min_element(seen_begin + r, seen_begin + r + rows);
+    const Index b = *std::max_element(seen_end + r, seen_end + r + rows);
+    if (b > a)
+      gemm_nn(rows, head, b - a, s.probs.data() + r * block_k + a, block_k, values + a * values_stride,
+              values_stride, s.acc.data() + r * head, head);
+  }
+  if (finite) return;
   for (Index t = 0; t < bk; ++t) {
     if (v.row(t).allFinite()) continue;
     for (Index r = 0; r < bq; ++r)
