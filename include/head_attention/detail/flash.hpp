@@ -58,39 +58,71 @@ struct Tuning {
 static_assert(Tuning::key_block % Tuning::query_block == 0, "key_block must be a multiple of query_block");
 
 /// Per-thread working storage for the attention loop, allocated before the parallel region (so that a
-/// bad_alloc reaches the caller as an exception instead of terminating inside an OpenMP region).
+/// bad_alloc reaches the caller as an exception instead of terminating inside an OpenMP region). Its arrays
+/// are cut from one allocation: a call without a workspace builds one scratch per thread, and at the seed's
+/// B = 2, T = 10 the ten allocations of each (and the unused GEMM buffers) were 4-5% of a two-thread call's
+/// profile.
 template <typename Scalar>
 struct FlashScratch {
   using Index = Eigen::Index;
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
 
-  /// wide_keys: also room for one converted K and V tile (keys stored in another precision).
-  FlashScratch(Index block_q, Index block_k, Index head, bool wide_keys = false)
-      : probs(block_q, block_k),
-        acc(block_q, head),
-        clean_values(block_q > 1 ? block_k : 0, head),
-        wide_k(wide_keys ? block_k : 0, head),
-        wide_v(wide_keys ? block_k : 0, head),
-        zeros(Vector::Zero(block_k)),
-        row_max(block_q),
-        row_sum(block_q),
-        seen_begin(static_cast<std::size_t>(block_q)),
-        seen_end(static_cast<std::size_t>(block_q)),
-        qk(block_q, block_k, head) {}
+  /// wide_keys: also room for one converted K and V tile (keys stored in another precision). cached_keys:
+  /// keys not stored transposed (a KV cache), whose Q·Kᵀ takes Eigen's packed GEMM and its buffers.
+  FlashScratch(Index block_q, Index block_k, Index head, bool wide_keys = false, bool cached_keys = true)
+      : storage(size(block_q, block_k, head, wide_keys)),
+        probs(take(block_q * block_k), block_q, block_k),
+        acc(take(block_q * head), block_q, head),
+        clean_values(take((block_q > 1 ? block_k : 0) * head), block_q > 1 ? block_k : 0, head),
+        wide_k(take((wide_keys ? block_k : 0) * head), wide_keys ? block_k : 0, head),
+        wide_v(take((wide_keys ? block_k : 0) * head), wide_keys ? block_k : 0, head),
+        zeros(take(block_k), block_k),
+        row_max(take(block_q), block_q),
+        row_sum(take(block_q), block_q),
+        seen(static_cast<std::size_t>(2 * block_q)),
+        seen_begin(seen.data()),
+        seen_end(seen.data() + block_q),
+        qk(cached_keys ? block_q : 1, block_k, head) {
+    zeros.setZero();
+  }
+  // The maps point into storage: a copy would share it, a move keeps it (Eigen moves the heap block).
+  FlashScratch(const FlashScratch&) = delete;
+  FlashScratch(FlashScratch&&) = default;
+  FlashScratch& operator=(const FlashScratch&) = delete;
+  FlashScratch& operator=(FlashScratch&&) = delete;
 
-  Matrix probs;  // [block_q, block_k] scores of one tile, then their exponentials
-  Matrix acc;    // [block_q, head] un-normalised output
-  Matrix
+ private:
+  static constexpr Index align = 64 / static_cast<Index>(sizeof(Scalar));  // each array on a cache line
+  static constexpr Index aligned(Index n) noexcept { return (n + align - 1) / align * align; }
+  static Index size(Index block_q, Index block_k, Index head, bool wide_keys) noexcept {
+    const Index tile_k = block_q > 1 ? block_k : 0, tile_w = wide_keys ? block_k : 0;
+    return aligned(block_q * block_k) + aligned(block_q * head) + aligned(tile_k * head) +
+           2 * aligned(tile_w * head) + aligned(block_k) + 2 * aligned(block_q);
+  }
+  Scalar* take(Index n) noexcept {
+    Scalar* p = storage.data() + m_used;
+    m_used += aligned(n);
+    return p;
+  }
+
+  Index m_used = 0;  // (declared before the maps: take() runs in their initialisers)
+
+ public:
+  Vector storage;            // every array below
+  Eigen::Map<Matrix> probs;  // [block_q, block_k] scores of one tile, then their exponentials
+  Eigen::Map<Matrix> acc;    // [block_q, head] un-normalised output
+  Eigen::Map<Matrix>
       clean_values;  // [block_k, head] a masked tile's V with its non-finite rows zeroed (unused for one row)
-  Matrix wide_k;     // [block_k, head] a K tile converted from the cache's precision (or unused)
-  Matrix wide_v;     // [block_k, head] its V tile
-  Vector zeros;      // [block_k] all 0: the bias of probs = 0 + Q·Kᵀ
-  Vector row_max;    // [block_q] running max of each query's scores
-  Vector row_sum;    // [block_q] running sum of exp(score - row_max)
-  std::vector<Index> seen_begin;  // [block_q] the tile-relative key range each query sees in the
-  std::vector<Index> seen_end;    //            current tile
-  Gemm<Scalar> qk;                // probs = Q_tile · K_tileᵀ, for keys not stored transposed (a cache)
+  Eigen::Map<Matrix> wide_k;   // [block_k, head] a K tile converted from the cache's precision (or unused)
+  Eigen::Map<Matrix> wide_v;   // [block_k, head] its V tile
+  Eigen::Map<Vector> zeros;    // [block_k] all 0: the bias of probs = 0 + Q·Kᵀ
+  Eigen::Map<Vector> row_max;  // [block_q] running max of each query's scores
+  Eigen::Map<Vector> row_sum;  // [block_q] running sum of exp(score - row_max)
+  std::vector<Index> seen;     // [2 · block_q] seen_begin, then seen_end:
+  Index* seen_begin;           // [block_q] the tile-relative key range each query sees in the current tile
+  Index* seen_end;             // [block_q]
+  Gemm<Scalar> qk;             // probs = Q_tile · K_tileᵀ, for keys not stored transposed (a cache)
 };
 
 /// One sequence's queries: the rows at absolute positions [position, position + rows), scaled Q of row r at
@@ -365,8 +397,7 @@ void attend_query_block(const Queries<Scalar, Out>& queries, const KeyValues& ke
     else if (whole)
       gemm_nn(bq, head, bk, probs.data(), block_k, v_tile, kv_stride, s.acc.data(), head);
     else
-      partial_tile_values(v_tile, kv_stride, head, bq, bk, s.seen_begin.data(), s.seen_end.data(),
-                          keys.values_finite, s);
+      partial_tile_values(v_tile, kv_stride, head, bq, bk, s.seen_begin, s.seen_end, keys.values_finite, s);
   }
 
   using OutMatrix = Eigen::Matrix<Out, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -412,9 +443,10 @@ struct ForwardBuffers {
 
   /// Makes the per-thread GEMMs and scratch fit this shape, rebuilding them only if it differs from the last.
   void fit(int threads, Index rows, Index head, Index emb, Index out_width, Index block_q, Index block_k,
-           bool wide_keys, bool wide) {
+           bool wide_keys, bool cached_keys, bool wide) {
     // An array, not a vector: a call of a shape seen before must allocate nothing (no-allocation mode).
-    const std::array<Index, 9> key = {threads, rows, head, emb, out_width, block_q, block_k, wide_keys, wide};
+    const std::array<Index, 10> key = {threads, rows,    head,      emb,         out_width,
+                                       block_q, block_k, wide_keys, cached_keys, wide};
     // Fewer threads than fitted use the first ones' scratch: a decode step that turns serial (or a call of a
     // workspace reserved for the most threads) reallocates nothing.
     if (m_fitted && threads <= m_key[0] && std::equal(key.begin() + 1, key.end(), m_key.begin() + 1)) return;
@@ -422,10 +454,10 @@ struct ForwardBuffers {
     scratch.clear();
     // Reserved first: a scratch owns GEMM packing buffers and must never be relocated by a growing vector.
     scratch.reserve(static_cast<std::size_t>(threads));
-    x_wide.resize(static_cast<std::size_t>(threads));
-    projected_wide.resize(static_cast<std::size_t>(threads));
+    x_wide.resize(static_cast<std::size_t>(wide ? threads : 0));
+    projected_wide.resize(static_cast<std::size_t>(wide ? threads : 0));
     for (int t = 0; t < threads; ++t) {
-      scratch.emplace_back(block_q, block_k, head, wide_keys);
+      scratch.emplace_back(block_q, block_k, head, wide_keys, cached_keys);
       if (wide) {
         grow(x_wide[static_cast<std::size_t>(t)], rows * emb);
         grow(projected_wide[static_cast<std::size_t>(t)], rows * out_width);
@@ -447,8 +479,7 @@ struct ForwardBuffers {
       n += static_cast<std::size_t>(l.weight.size() + l.bias.size());
     n *= sizeof(Scalar);
     for (const FlashScratch<Scalar>& f : scratch)
-      n += sizeof(Scalar) * static_cast<std::size_t>(f.probs.size() + f.acc.size() + f.clean_values.size() +
-                                                     f.wide_k.size() + f.wide_v.size());
+      n += sizeof(Scalar) * static_cast<std::size_t>(f.storage.size());
     return n;
   }
 
@@ -467,7 +498,7 @@ struct ForwardBuffers {
   std::vector<const Linear<Scalar>*> wide_pointers;
 
  private:
-  std::array<Index, 9> m_key{};  // the shape the GEMMs and scratch were made for
+  std::array<Index, 10> m_key{};  // the shape the GEMMs and scratch were made for
   bool m_fitted = false;
 };
 
@@ -807,10 +838,11 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
                             heads * head);  // [rows, heads · head]
   // Per thread: attention scratch, and for a 16-bit layer a row chunk of x and of the projected output in the
   // compute type.
-  buffers.fit(threads, std::min(proj_rows, rows), head, emb, out_width, block_q, block_k, wide_keys, wide);
+  buffers.fit(threads, std::min(proj_rows, rows), head, emb, out_width, block_q, block_k, wide_keys,
+              plan.caches != nullptr, wide);
   std::vector<FlashScratch<Scalar>>& scratch = buffers.scratch;
   std::vector<Index>& x_wide_chunk = buffers.x_wide_chunk;
-  x_wide_chunk.assign(static_cast<std::size_t>(threads), -1);
+  x_wide_chunk.assign(static_cast<std::size_t>(wide ? threads : 0), -1);
   if (plan.size_only) return;
   const Scalar scale = query_scale<Scalar>(head);
 
