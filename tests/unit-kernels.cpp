@@ -1,6 +1,7 @@
 // The forward pass's building blocks on their own: the register-blocked GEMM (detail::gemm_nn) against a
-// long-double triple loop, and the blocked transpose (detail::transpose_into) against plain indexing, over
-// shapes that hit every remainder of the tiles (rows, packets, depth blocks) and strided storage.
+// long-double triple loop, the blocked transpose (detail::transpose_into) against plain indexing, over
+// shapes that hit every remainder of the tiles (rows, packets, depth blocks) and strided storage, and the
+// softmax's exponentials (detail::exp_sum) against long-double exp.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -8,6 +9,7 @@
 #include <random>
 #include <vector>
 
+#include <head_attention/detail/flash.hpp>
 #include <head_attention/detail/microkernel.hpp>
 
 #include "catch_compat.hpp"
@@ -133,4 +135,61 @@ TEMPLATE_TEST_CASE("transpose_into: exact, edges included, padding untouched", "
       INFO("rows = " << rows << ", cols = " << cols);
       CHECK(wrong == 0);
     }
+}
+
+TEMPLATE_TEST_CASE("exp_sum: each exp(p - shift) within 2 ulp of long-double exp, their sum, and the edges",
+                   "[kernels]", float, double) {
+  using Scalar = TestType;
+  const long double eps = std::numeric_limits<Scalar>::epsilon();
+  const long double tiny = std::numeric_limits<Scalar>::min();  // below it the kernel may give 0
+  std::mt19937 gen(11u);
+  std::uniform_real_distribution<double> dist(-100.0, 0.0);
+  int checked = 0;
+  for (const Scalar shift : {Scalar(0), Scalar(0.75), Scalar(-3.5)})
+    for (Index n = 0; n <= 70; ++n) {  // every packet remainder, with a scalar tail
+      std::vector<Scalar> p(static_cast<std::size_t>(n) + 1, Scalar(-7));  // one past the end: untouched
+      for (Index i = 0; i < n; ++i)
+        p[static_cast<std::size_t>(i)] = static_cast<Scalar>(dist(gen)) + shift;
+      std::vector<long double> expected(static_cast<std::size_t>(n));
+      long double expected_sum = 0;
+      for (Index i = 0; i < n; ++i) {  // the kernel's own argument: p - shift rounded to Scalar
+        const Scalar x = p[static_cast<std::size_t>(i)] - shift;
+        expected[static_cast<std::size_t>(i)] = std::exp(static_cast<long double>(x));
+        expected_sum += expected[static_cast<std::size_t>(i)];
+      }
+      const Scalar sum = detail::exp_sum(p.data(), n, shift);
+      int wrong = 0;
+      for (Index i = 0; i < n; ++i) {
+        const long double e = expected[static_cast<std::size_t>(i)];
+        const long double got = p[static_cast<std::size_t>(i)];
+        wrong += e >= tiny ? std::fabs(got - e) > 2 * eps * e : !(got >= 0 && got <= tiny);
+        ++checked;
+      }
+      INFO("n = " << n << ", shift = " << shift);
+      CHECK(wrong == 0);
+      CHECK(p[static_cast<std::size_t>(n)] == Scalar(-7));
+      CHECK(std::fabs(static_cast<long double>(sum) - expected_sum) <=
+            2 * (n + 2) * eps * expected_sum + n * tiny);
+    }
+  CHECK(checked == 3 * 70 * 71 / 2);
+
+  // Edges, in a packet and in the scalar tail: exp(0) = 1, exp(-inf) = 0, far below the normal range 0, NaN
+  // stays NaN.
+  const Scalar inf = std::numeric_limits<Scalar>::infinity(), nan = std::numeric_limits<Scalar>::quiet_NaN();
+  const std::vector<Scalar> edges = {Scalar(0), -inf, Scalar(-1000), nan, Scalar(-0.0), Scalar(-1e30)};
+  // As entries 0 to 5 of 70 (in packets), or 64 to 69 (the scalar tail: exp_sum takes packets in pairs, and
+  // 70 is a multiple of no pair's width).
+  for (const std::size_t at : {std::size_t(0), std::size_t(64)}) {
+    std::vector<Scalar> p(70, Scalar(-1));
+    std::copy(edges.begin(), edges.end(), p.begin() + static_cast<std::ptrdiff_t>(at));
+    const Scalar sum = detail::exp_sum(p.data(), static_cast<Index>(p.size()), Scalar(0));
+    INFO("edges from entry " << at);
+    CHECK(p[at] == Scalar(1));
+    CHECK(p[at + 1] == Scalar(0));
+    CHECK(p[at + 2] == Scalar(0));
+    CHECK(std::isnan(p[at + 3]));
+    CHECK(p[at + 4] == Scalar(1));
+    CHECK(p[at + 5] == Scalar(0));
+    CHECK(std::isnan(sum));
+  }
 }
