@@ -40,12 +40,13 @@ struct Tuning {
   /// stay in L2.
   static constexpr Eigen::Index decode_wide_key_block = 256;
   /// Inputs shorter than projection_split · projection_rows rows are cut into about this many projection
-  /// chunks (of a multiple of the GEMM's 6-row tile, at least projection_min_rows), whatever the thread
-  /// count.
+  /// chunks (of at least projection_min_rows), whatever the thread count.
   static constexpr Eigen::Index projection_split = 8;
   /// Rows of x per projection work item, at least (unless x has fewer). Nothing is packed per item (the
   /// weights are transposed once per call), so short chunks cost only a re-read of the weights from cache;
-  /// 12 splits the seed's B = 2, T = 10 into two chunks, six items for two threads.
+  /// 12 splits the seed's B = 2, T = 10 into two chunks of 10 rows, six equal items for two threads. (Chunks
+  /// of equal size, not of whole 6-row tiles: 12 + 8 rows were 1.03x slower on two threads with AVX-512 and
+  /// 1.11x with AVX2, once 4-row tiles ran as fast as 6-row ones.)
   static constexpr Eigen::Index projection_min_rows = 12;
   /// Rows of x per projection work item, at most.
   static constexpr Eigen::Index projection_rows = 256;
@@ -789,15 +790,16 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   const double flops =
       static_cast<double>(heads) * useful_flops<Scalar>(batch, seq_len, emb, head, max_keys, plan.rule);
   if ((flops < Tuning::serial_below_flops && !plan.size_only) || in_parallel_region()) threads = 1;
-  // Short inputs are cut into up to projection_split chunks, so that the threads all get projection work. The
-  // cut depends on the input alone, never on the thread count (and gemm_nn rounds a row the same in any
-  // chunk, so results do not even depend on the cut).
-  const Index proj_rows = std::min(
+  // Short inputs are cut into up to projection_split chunks, so that the threads all get projection work; all
+  // chunks but the last of proj_rows rows, about equal. The cut depends on the input alone, never on the
+  // thread count (and gemm_nn rounds a row the same in any chunk, so results do not even depend on the cut).
+  const Index chunk_target = std::min(
       Tuning::projection_rows,
       std::max<Index>(Tuning::projection_min_rows,
                       ((rows + Tuning::projection_split - 1) / Tuning::projection_split + tile_rows - 1) /
                           tile_rows * tile_rows));
-  const Index chunks = (rows + proj_rows - 1) / proj_rows;
+  const Index chunks = std::max<Index>(1, (rows + chunk_target - 1) / chunk_target);
+  const Index proj_rows = std::max<Index>(1, (rows + chunks - 1) / chunks);  // chunks of equal size
   const Index proj_items = 3 * heads * chunks;  // (row chunk, head, projection) triples
   threads = static_cast<int>(std::min<Index>(threads, std::max(items, proj_items)));
 
