@@ -18,9 +18,9 @@
 #endif
 
 // A tile's B packets must be loaded once per depth step. With few rows GCC folds each load into every FMA
-// that uses it instead (a 2-row AVX-512 tile made 8 loads where 4 do, and ran at 0.7 of the 6-row tile's
-// speed per row); an empty asm statement that "changes" the packet keeps it in a register. (x86 only, where
-// the "v" constraint names any vector register.)
+// that uses it instead (a 2-row AVX-512 tile made 8 loads where 4 do; 2- to 4-row tiles ran at 0.53-0.55 of
+// the 6-row tile's speed per row); an empty asm statement that "changes" the packet keeps it in a register.
+// (x86 only, where the "v" constraint names any vector register.)
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define HEAD_ATTENTION_IN_REGISTER(packet) __asm__("" : "+v"(packet))
 #else
