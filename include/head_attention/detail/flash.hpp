@@ -295,6 +295,42 @@ void scores_from_panels(Eigen::Index bq, Eigen::Index n, Eigen::Index head, cons
   }
 }
 
+/// probs[bq, ·] = Q · Kᵀ in a cut tile (the causal diagonal, say), where query r sees the tile's keys
+/// [seen_begin[r], seen_end[r]), both non-decreasing in r, and Kᵀ's column key0 is the tile's first key.
+/// Panel piece by panel piece, each for the groups of masked_group_rows rows some row of which sees a key
+/// in it: every group then runs whole-width tiles up to the panel its range ends in, where one call per
+/// group cut its last panel into narrow tiles and a padded copy (the cut tiles' Q·Kᵀ ran 1.25x slower per
+/// score than P·V's with AVX2). Scores past a row's range are computed, and zeroed by the softmax; none
+/// lies outside the tile's keys [seen_begin[0], seen_end[bq - 1]).
+template <typename Scalar>
+void cut_tile_scores(Eigen::Index bq, Eigen::Index head, const Scalar* q, Eigen::Index ldq, const Scalar* kt,
+                     Eigen::Index panel, Eigen::Index key0, const Eigen::Index* seen_begin,
+                     const Eigen::Index* seen_end, const Scalar* zeros, Scalar* probs,
+                     Eigen::Index ldp) noexcept {
+  using Index = Eigen::Index;
+  constexpr Index G = masked_group_rows;
+  const Index groups = bq <= G ? 1 : (bq + G - 1) / G;
+  const auto first_row = [&](Index g) { return g == 0 ? 0 : g * G; };  // (G may be the largest Index)
+  const auto group_begin = [&](Index g) { return seen_begin[first_row(g)]; };
+  const auto group_end = [&](Index g) { return seen_end[g + 1 < groups ? first_row(g + 1) - 1 : bq - 1]; };
+  const Index lo = seen_begin[0], hi = std::max(lo, seen_end[bq - 1]);
+  Index g_lo = 0, g_hi = 0;  // the groups [g_lo, g_hi) that see some key of the current piece
+  for (Index j = lo; j < hi;) {
+    const Index offset = (key0 + j) % panel;
+    const Index width = std::min(panel - offset, hi - j);
+    while (g_lo < groups && group_end(g_lo) <= j)
+      ++g_lo;
+    while (g_hi < groups && group_begin(g_hi) < j + width)
+      ++g_hi;
+    if (g_lo < g_hi) {
+      const Index r = first_row(g_lo), rows = (g_hi == groups ? bq : first_row(g_hi)) - r;
+      gemm_nn(rows, width, head, q + r * ldq, ldq, kt + (key0 + j - offset) * head + offset, panel,
+              probs + r * ldp + j, ldp, 1, zeros);
+    }
+    j += width;
+  }
+}
+
 /// Attention of the query rows [r0, r0 + bq) of one sequence over its keys, under `rule` and the padding of
 /// `keys`. Each query sees the contiguous key range [first_key, end_key) of its position, so only the key
 /// blocks between the first row's first key and the last row's end are visited, and only tiles cut by some
@@ -350,18 +386,20 @@ void attend_query_block(const Queries<Scalar, Out>& queries, const KeyValues& ke
     }
     // The tile is whole when the last query's range starts and the first query's range ends outside it.
     const bool whole = first_key(bq - 1) <= j0 && end_key(0) >= j0 + bk;
+    // The tile-relative key range [seen_begin[r], seen_end[r]) each query sees.
+    for (Index r = 0; r < bq; ++r) {
+      s.seen_begin[r] = whole ? 0 : std::clamp<Index>(first_key(r) - j0, 0, bk);
+      s.seen_end[r] = whole ? bk : std::clamp<Index>(end_key(r) - j0, s.seen_begin[r], bk);
+    }
     if (keys.kt != nullptr) {
-      // probs = 0 + Q·Kᵀ: written, not accumulated, so the tile needs no zeroing first. In a cut tile, each
-      // group of rows only for the keys some row of it sees (the softmax below zeroes the rest of each row).
-      for (Index r = 0; r < bq; r += masked_group_rows) {
-        const Index rows = whole ? bq : std::min<Index>(masked_group_rows, bq - r);
-        const Index a = whole ? 0 : std::clamp<Index>(first_key(r) - j0, 0, bk);
-        const Index b = whole ? bk : std::clamp<Index>(end_key(r + rows - 1) - j0, a, bk);
-        scores_from_panels(rows, b - a, head, queries.q + (r0 + r) * queries.stride, queries.stride,
-                           static_cast<const Scalar*>(keys.kt), keys.kt_panel, j0 + a - keys.first,
-                           s.zeros.data(), probs.data() + r * block_k + a, block_k);
-        if (whole) break;
-      }
+      // probs = 0 + Q·Kᵀ: written, not accumulated, so the tile needs no zeroing first.
+      const Scalar* kt = static_cast<const Scalar*>(keys.kt);
+      if (whole)
+        scores_from_panels(bq, bk, head, queries.q + r0 * queries.stride, queries.stride, kt, keys.kt_panel,
+                           j0 - keys.first, s.zeros.data(), probs.data(), block_k);
+      else
+        cut_tile_scores(bq, head, queries.q + r0 * queries.stride, queries.stride, kt, keys.kt_panel,
+                        j0 - keys.first, s.seen_begin, s.seen_end, s.zeros.data(), probs.data(), block_k);
     } else if (!fused) {
       probs.setZero();
       s.qk.template accumulate<Eigen::RowMajor, Eigen::ColMajor>(
@@ -371,10 +409,7 @@ void attend_query_block(const Queries<Scalar, Out>& queries, const KeyValues& ke
 
     for (Index r = 0; r < bq; ++r) {
       Eigen::Map<RowVector> row(probs.data() + r * block_k, bk);
-      const Index a = whole ? 0 : std::clamp<Index>(first_key(r) - j0, 0, bk);
-      const Index b = whole ? bk : std::clamp<Index>(end_key(r) - j0, a, bk);
-      s.seen_begin[r] = a;
-      s.seen_end[r] = b;
+      const Index a = s.seen_begin[r], b = s.seen_end[r];
       if (a == b) {  // this query sees none of these keys
         row.setZero();
         continue;
