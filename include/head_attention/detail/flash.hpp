@@ -522,7 +522,7 @@ struct ForwardBuffers {
 
   Vector qkv;        // [heads · rows, 3 · head] Q | K | V of every head
   Vector weights_t;  // [3 · heads] × [emb, head] each head's Wqᵀ, Wkᵀ, Wvᵀ, in column panels
-  Vector output_t;   // [heads · head, emb] the multi-head output projection's Woᵀ
+  Vector output_t;   // [heads · head, emb] the multi-head output projection's Woᵀ, in column panels
   Vector biases;     // [heads, 3 · head] each head's bq·scale | bk | bv
   std::vector<char>
       values_finite;  // [heads · chunks] whether a row chunk's V is all finite (without a cache)
@@ -592,7 +592,7 @@ struct PackedWeights {
   Index out_width = 0;  // the output projection's out_features (emb), 0 without one
   Vector weights_t;    // [3 · heads] × [emb, head] each head's Wqᵀ·scale, Wkᵀ, Wvᵀ, in column panels
   Vector biases;       // [heads, 3 · head] each head's bq·scale | bk | bv
-  Vector output_t;     // [heads · head, out_width] the multi-head output projection's Woᵀ (or empty)
+  Vector output_t;     // [heads · head, out_width] the output projection's Woᵀ in column panels (or empty)
   Vector output_bias;  // [out_width] its bias (or empty)
 };
 
@@ -624,12 +624,21 @@ void pack_projection_part(const Linear<Scalar>* const* layers, Eigen::Index emb,
 }
 
 /// Part `part` of 4 of the output projection's preparation: a quarter of the rows of its weight transposed
-/// into output_t ([in_features, out_features]).
+/// into output_t, Woᵀ [in_features, out_features] in column panels of weight_panel (see gemm_panels). In one
+/// block its rows sat out_features apart, 2 KB at emb 512, where an AVX2 tile's rows of one cache line each
+/// share two L1 sets.
 template <typename Scalar>
 void pack_output_part(const Linear<Scalar>& output, Eigen::Index part, Scalar* output_t) noexcept {
-  const Eigen::Index rows = output.weight.rows(), cols = output.weight.cols();
-  const Eigen::Index r0 = part * rows / 4, r1 = (part + 1) * rows / 4;
-  transpose_into(output.weight.data() + r0 * cols, cols, r1 - r0, cols, output_t + r0, rows);
+  using Index = Eigen::Index;
+  constexpr Index panel = weight_panel<Scalar>;
+  const Index rows = output.weight.rows(), cols = output.weight.cols();
+  const Index r0 = part * rows / 4, r1 = (part + 1) * rows / 4;
+  for (Index r = r0; r < r1;) {  // the rows of one panel, or the piece of one this part holds
+    const Index j = r / panel * panel, width = std::min(panel, rows - j);
+    const Index n = std::min(r1, j + width) - r;
+    transpose_into(output.weight.data() + r * cols, cols, n, cols, output_t + j * cols + (r - j), width);
+    r += n;
+  }
 }
 
 /// The scale folded into the queries: 1/sqrt(head).
@@ -1020,8 +1029,8 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
           result = dst.data();
           result_stride = plan.projected_stride;
         }
-        gemm_nn(n, out_width, heads * head, concat.data() + r0 * concat.cols(), concat.cols(), output_t,
-                out_width, result, result_stride, 1, output_bias);
+        gemm_panels(n, out_width, heads * head, concat.data() + r0 * concat.cols(), concat.cols(), 1, output_t,
+                    output_bias, result, result_stride);
         if constexpr (wide)
           dst =
               Eigen::Map<Matrix>(buffers.projected_wide[thread].data(), n, out_width).template cast<Stored>();
