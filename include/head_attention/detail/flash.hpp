@@ -1029,8 +1029,8 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
           result = dst.data();
           result_stride = plan.projected_stride;
         }
-        gemm_panels(n, out_width, heads * head, concat.data() + r0 * concat.cols(), concat.cols(), 1, output_t,
-                    output_bias, result, result_stride);
+        gemm_panels(n, out_width, heads * head, concat.data() + r0 * concat.cols(), concat.cols(), 1,
+                    output_t, output_bias, result, result_stride);
         if constexpr (wide)
           dst =
               Eigen::Map<Matrix>(buffers.projected_wide[thread].data(), n, out_width).template cast<Stored>();
