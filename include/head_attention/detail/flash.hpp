@@ -178,7 +178,7 @@ Packet exp_nonpositive(const Packet& x) noexcept {
 }
 
 /// p[i] = exp(p[i] - shift) for i < n, and returns their sum: the softmax's exponentials and row sum in one
-/// pass over the scores (Eigen's expressions take two).
+/// pass over the scores (Eigen's expressions take two). Every score takes the SIMD form when there is one.
 template <typename Scalar>
 Scalar exp_sum(Scalar* p, Eigen::Index n, Scalar shift) noexcept {
   using Index = Eigen::Index;
@@ -197,6 +197,23 @@ Scalar exp_sum(Scalar* p, Eigen::Index n, Scalar shift) noexcept {
       pstoreu(p + i + W, e1);
       sum0 = padd(sum0, e0);
       sum1 = padd(sum1, e1);
+    }
+    if (i < n) {
+      // The last n - i < 2W scores through the same packets, padded with -inf (whose exp is 0): one at a
+      // time through std::exp they were up to 31 calls a row with AVX-512, at the end of every row a causal
+      // diagonal cuts.
+      Scalar tail[2 * W];
+      const Index rest = n - i;
+      for (Index t = 0; t < 2 * W; ++t)
+        tail[t] = t < rest ? p[i + t] : -std::numeric_limits<Scalar>::infinity();
+      const Packet e0 = exp_nonpositive(psub(ploadu<Packet>(tail), shift_packet));
+      const Packet e1 = exp_nonpositive(psub(ploadu<Packet>(tail + W), shift_packet));
+      pstoreu(tail, e0);
+      pstoreu(tail + W, e1);
+      sum0 = padd(sum0, e0);
+      sum1 = padd(sum1, e1);
+      std::copy_n(tail, rest, p + i);
+      i = n;
     }
     sum = predux(padd(sum0, sum1));
   }
