@@ -387,13 +387,15 @@ void backward(const BackwardCall<Scalar>& call) {
   threads = std::max(threads, 1);
 
   // Every projection's weight in the GEMMs' layouts, column panels of the register tile's width (see
-  // weight_panel), so that a tile's B rows are contiguous: Wᵀ of each, [emb, head], the forward's layout, for
-  // Q', K and V (read in one [emb, 3·heads·head] block they sat 768 bytes apart: 85 against 102 GFLOP/s with
-  // AVX2, 102 against 108 with AVX-512, Zen 4); all of W stacked, [3·heads·head, emb], for dx (in place its
-  // rows sat 2 KB apart at emb 512, where a tile's rows of one cache line each share two L1 sets: 91 against
-  // 113 GFLOP/s with AVX2; AVX-512 unchanged).
+  // weight_panel), so that a tile's B rows are contiguous. For Q', K and V the forward's own preparation
+  // (pack_projection_part: Wᵀ of each, the query's scale folded in), so that they are the forward's bits;
+  // read in one [emb, 3·heads·head] block they sat 768 bytes apart (85 against 102 GFLOP/s with AVX2, 102
+  // against 108 with AVX-512, Zen 4). All of W stacked, [3·heads·head, emb], for dx: in place its rows sat
+  // 2 KB apart at emb 512, where a tile's rows of one cache line each share two L1 sets (91 against 113
+  // GFLOP/s with AVX2; AVX-512 unchanged).
   constexpr Index panel = weight_panel<Scalar>;
-  Vector projections_t(width * emb);   // [3·heads] × [emb, head] in column panels
+  Vector projections_t(width * emb);   // [3·heads] × [emb, head] in column panels, Wq scaled
+  Vector projection_biases(width);     // [heads, 3·head] bq·scale | bk | bv
   Vector weights_panels(width * emb);  // [width, emb] in column panels
   const Vector zeros = Vector::Zero(emb);
   Matrix qkv(rows, width);   // [rows, 3·heads·head] Q' | K | V, head after head
@@ -413,13 +415,11 @@ void backward(const BackwardCall<Scalar>& call) {
   // [heads · batch · blocks] whether a key block's rows of Q', K, V and dO are all finite
   std::vector<char> finite_blocks(static_cast<std::size_t>(block_items));
   Matrix dweights(width, emb);  // [3·heads·head, emb]
+  const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(head));
+  for (Index part = 0; part < 6 * heads; ++part)
+    pack_projection_part(call.layers, emb, head, scale, part, projections_t.data(), projection_biases.data());
   for (Index p = 0; p < 3 * heads; ++p) {
     const typename Linear<Scalar>::Matrix& w = call.layers[p]->weight;  // [head, emb]
-    for (Index j = 0; j < head; j += panel) {
-      const Index pw = std::min(panel, head - j);
-      Eigen::Map<Matrix>(projections_t.data() + (p * head + j) * emb, emb, pw) =
-          w.middleRows(j, pw).transpose();
-    }
     for (Index j = 0; j < emb; j += panel) {
       const Index pw = std::min(panel, emb - j);
       Eigen::Map<Matrix>(weights_panels.data() + j * width + p * head * pw, head, pw) = w.middleCols(j, pw);
@@ -432,7 +432,6 @@ void backward(const BackwardCall<Scalar>& call) {
   scratch.reserve(static_cast<std::size_t>(threads));
   for (int t = 0; t < threads; ++t)
     scratch.emplace_back(block, tile, head, x_block);
-  const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(head));
   const Eigen::Map<const Matrix, 0, Stride> x(call.x, rows, emb, Stride(call.x_stride));  // [rows, emb]
   Eigen::Map<Matrix> dx(call.dx, rows, emb);                                              // [rows, emb]
   const auto sequence = [&](Index c) {  // (head h = c / batch, sequence b = c % batch)
@@ -478,9 +477,8 @@ void backward(const BackwardCall<Scalar>& call) {
       const Index n = std::min(chunk, rows - r0);
       Eigen::Block<Matrix> y = qkv.block(r0, p * head, n, head);  // [n, head]
       gemm_panels(n, head, emb, x.data() + r0 * call.x_stride, call.x_stride, 1,
-                  projections_t.data() + p * head * emb, call.layers[p]->bias.data(), y.data(),
-                  width);  // y = b + x Wᵀ
-      if (p % 3 == 0) y *= scale;
+                  projections_t.data() + p * head * emb, projection_biases.data() + p * head, y.data(),
+                  width);  // y = b + x Wᵀ (both scaled for Q')
     }
     // Kᵀ and Vᵀ, by key block; and whether the block's rows are all finite.
     HEAD_ATTENTION_OMP(for schedule(static))
@@ -569,10 +567,9 @@ void backward(const BackwardCall<Scalar>& call) {
           for (Index j = 0; j < nc; j += panel) {
             const Index pw = std::min(panel, nc - j);
             Eigen::Map<Matrix>(xp + j * d, d, pw) = x.block(r0, c0 + j, d, pw);
+            gemm_nn(width, pw, d, dqkv.data() + r0 * width, 1, xp + j * d, pw, dweights.data() + c0 + j, emb,
+                    width);
           }
-          for (Index j = 0; j < nc; j += panel)
-            gemm_nn(width, std::min(panel, nc - j), d, dqkv.data() + r0 * width, 1, xp + j * d,
-                    std::min(panel, nc - j), dweights.data() + c0 + j, emb, width);
         }
       }
     }
