@@ -582,15 +582,17 @@ Eigen::Index key_panel(Eigen::Index seq_len) noexcept {
 }
 
 /// C[m, n] = bias + A · B for a B [k, n] stored as column panels, one after another: [k, weight_panel] each,
-/// the last one narrower when n is not a multiple. A as for gemm_nn.
+/// the last one narrower when n is not a multiple. A as for gemm_nn. cold_a: A is likely not in cache (the
+/// first GEMM to read a row chunk of x, say); the first panel's pass over it then prefetches its rows (see
+/// gemm_nn), and the other panels find them in cache.
 template <typename Scalar>
 void gemm_panels(Eigen::Index m, Eigen::Index n, Eigen::Index k, const Scalar* a, Eigen::Index lda,
-                 Eigen::Index a_step, const Scalar* panels, const Scalar* bias, Scalar* c,
-                 Eigen::Index ldc) noexcept {
+                 Eigen::Index a_step, const Scalar* panels, const Scalar* bias, Scalar* c, Eigen::Index ldc,
+                 bool cold_a) noexcept {
   constexpr Eigen::Index panel = weight_panel<Scalar>;
   for (Eigen::Index j = 0; j < n; j += panel) {
     const Eigen::Index width = std::min(panel, n - j);
-    gemm_nn(m, width, k, a, lda, panels + j * k, width, c + j, ldc, a_step, bias + j);
+    gemm_nn(m, width, k, a, lda, panels + j * k, width, c + j, ldc, a_step, bias + j, cold_a && j == 0);
   }
 }
 
@@ -960,6 +962,9 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
       Scalar* qkv_rows = qkv.data() + ((p / 3) * rows + r0) * ld + (p % 3) * head;
       const Scalar* wt = weights_t + p * emb * head;  // [emb, head] in column panels
       const Scalar* bias = biases + (p / 3) * ld + (p % 3) * head;
+      // The chunk's first items read x from memory (the others find it in cache); with several threads, the
+      // first few run at once.
+      const bool cold_x = p < threads;
       if constexpr (wide) {
         Eigen::Map<Matrix> xw(buffers.x_wide[thread].data(), std::min(proj_rows, rows), emb);
         if (x_wide_chunk[thread] != r0) {  // items of one chunk often follow each other on a thread
@@ -973,11 +978,11 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
           }
           x_wide_chunk[thread] = r0;
         }
-        gemm_panels(n, head, emb, xw.data(), emb, 1, wt, bias, qkv_rows, ld);
+        gemm_panels(n, head, emb, xw.data(), emb, 1, wt, bias, qkv_rows, ld, false);  // (just converted)
       } else if constexpr (XOrder == Eigen::RowMajor) {
-        gemm_panels(n, head, emb, x_rows, x_stride, 1, wt, bias, qkv_rows, ld);
+        gemm_panels(n, head, emb, x_rows, x_stride, 1, wt, bias, qkv_rows, ld, cold_x);
       } else {  // column-major x: its columns x_stride apart
-        gemm_panels(n, head, emb, x_rows, 1, x_stride, wt, bias, qkv_rows, ld);
+        gemm_panels(n, head, emb, x_rows, 1, x_stride, wt, bias, qkv_rows, ld, cold_x);
       }
       if (plan.caches == nullptr && p % 3 == 1) prepare_keys(p / 3, r0, n);
       if (plan.caches == nullptr && p % 3 == 2)
@@ -1047,7 +1052,7 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
           result_stride = plan.projected_stride;
         }
         gemm_panels(n, out_width, heads * head, concat.data() + r0 * concat.cols(), concat.cols(), 1,
-                    output_t, output_bias, result, result_stride);
+                    output_t, output_bias, result, result_stride, true);
         if constexpr (wide)
           dst =
               Eigen::Map<Matrix>(buffers.projected_wide[thread].data(), n, out_width).template cast<Stored>();

@@ -476,9 +476,10 @@ void backward(const BackwardCall<Scalar>& call) {
       const Index r0 = (item / (3 * heads)) * chunk, p = item % (3 * heads);
       const Index n = std::min(chunk, rows - r0);
       Eigen::Block<Matrix> y = qkv.block(r0, p * head, n, head);  // [n, head]
-      gemm_panels(n, head, emb, x.data() + r0 * call.x_stride, call.x_stride, 1,
-                  projections_t.data() + p * head * emb, projection_biases.data() + p * head, y.data(),
-                  width);  // y = b + x Wᵀ (both scaled for Q')
+      gemm_panels(
+          n, head, emb, x.data() + r0 * call.x_stride, call.x_stride, 1,
+          projections_t.data() + p * head * emb, projection_biases.data() + p * head, y.data(), width,
+          p < threads);  // y = b + x Wᵀ (both scaled for Q'); a chunk's first items read x from memory
     }
     // Kᵀ and Vᵀ, by key block; and whether the block's rows are all finite.
     HEAD_ATTENTION_OMP(for schedule(static))
@@ -552,7 +553,7 @@ void backward(const BackwardCall<Scalar>& call) {
       if (item < chunks) {
         const Index r0 = item * chunk, n = std::min(chunk, rows - r0);
         gemm_panels(n, emb, width, dqkv.data() + r0 * width, width, 1, weights_panels.data(), zeros.data(),
-                    dx.data() + r0 * emb, emb);
+                    dx.data() + r0 * emb, emb, true);
       } else {
         const Index c0 = (item - chunks) * BackwardTuning::column_block;
         const Index nc = std::min(BackwardTuning::column_block, emb - c0);
