@@ -596,6 +596,36 @@ void gemm_panels(Eigen::Index m, Eigen::Index n, Eigen::Index k, const Scalar* a
   }
 }
 
+/// dst = src [rows, cols] (row-major, leading dimension ld) in column panels of weight_panel columns (the
+/// last one narrower), each [rows, width] row-major, panel after panel: the layout gemm_b_panels reads.
+template <typename Scalar>
+void pack_column_panels(const Scalar* src, Eigen::Index ld, Eigen::Index rows, Eigen::Index cols,
+                        Scalar* dst) noexcept {
+  using Index = Eigen::Index;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using Stride = Eigen::OuterStride<>;
+  for (Index j = 0; j < cols; j += weight_panel<Scalar>) {
+    const Index width = std::min(weight_panel<Scalar>, cols - j);
+    Eigen::Map<Matrix>(dst + j * rows, rows, width) =
+        Eigen::Map<const Matrix, 0, Stride>(src + j, rows, width, Stride(ld));
+  }
+}
+
+/// C[m, n] += A[m, k] · B[k, n] for a B packed by pack_column_panels (B's rows [0, k), of a block of `rows`
+/// rows). A as for gemm_nn. Every output is the same chain of fused multiply-adds as gemm_nn over B in place
+/// gives (it cuts columns the same way), so the bits are too; but a tile's B rows are contiguous, where in
+/// place a [k, 16] slice of rows 768 B apart (Q' or K in the backward's Q | K | V buffer, AVX2) maps onto a
+/// quarter of L1's sets.
+template <typename Scalar>
+void gemm_b_panels(Eigen::Index m, Eigen::Index n, Eigen::Index k, const Scalar* a, Eigen::Index lda,
+                   Eigen::Index a_step, const Scalar* panels, Eigen::Index rows, Scalar* c,
+                   Eigen::Index ldc) noexcept {
+  for (Eigen::Index j = 0; j < n; j += weight_panel<Scalar>) {
+    const Eigen::Index width = std::min(weight_panel<Scalar>, n - j);
+    gemm_nn(m, width, k, a, lda, panels + j * rows, width, c + j, ldc, a_step);
+  }
+}
+
 /// The projections' weights prepared for the GEMMs of a forward call: what forward() otherwise builds at the
 /// start of every call (transposed, the query's 1/sqrt(head) folded in, converted to the compute type), kept
 /// by the packed layers (PackedHeadAttention, PackedMultiHeadAttention) so that their calls skip that step.

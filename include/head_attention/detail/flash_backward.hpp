@@ -74,7 +74,8 @@ struct BackwardScratch {
         acc(block, head),
         row_max(block),
         row_sum(block),
-        x_panels(x_block) {}
+        x_panels(x_block),
+        b_panels((2 * tile + block) * head) {}
 
   Matrix probs;     // [tile, tile] a tile's scores, then P = exp(S - lse)
   Matrix dscores;   // [tile, tile] dO Vᵀ, then dS = P ∘ (dP - D)
@@ -82,6 +83,7 @@ struct BackwardScratch {
   Vector row_max;   // [block] running max of each query's scores
   Vector row_sum;   // [block] running sum of exp(score - row_max)
   Vector x_panels;  // [tile_depth, column_block] a block of x in column panels: dW's B operand
+  Vector b_panels;  // [2 · tile + block, head] a query tile's dO and Q', a key block's K, in column panels
 };
 
 /// One (head, sequence) of a backward call: where its rows of Q' = Q / sqrt(head), K, V and dO are, its
@@ -276,6 +278,12 @@ void key_gradients(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eig
                                               Stride(sq.ld));  // [bk, head]
   dk.setZero();
   dv.setZero();
+  // The B operands of the tiles' three GEMMs in column panels (see gemm_b_panels): the block's K here, each
+  // query tile's dO and Q' below. Copies of [tile, head], against three GEMMs of [bk, tile, head] each.
+  Scalar* const dout_panels = s.b_panels.data();
+  Scalar* const q_panels = dout_panels + tile * sq.head;
+  Scalar* const k_panels = q_panels + tile * sq.head;
+  pack_column_panels(k.data(), sq.ld, bk, sq.head, k_panels);
   for (Index r0 = 0; r0 < sq.seq_len; r0 += tile) {
     const Index bq = std::min(tile, sq.seq_len - r0);
     // Both ends of a query's range never decrease with its position: the tile sees [lo, hi).
@@ -285,13 +293,14 @@ void key_gradients(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eig
     tile_gradients(sq, rule, r0, bq, j0, bk, s);
     if (sq.finite || whole_tile(sq, rule, r0, bq, j0, bk)) {
       // Pᵀ and dSᵀ are the row-major tiles read as column-major (lda = 1, columns a tile row apart).
-      gemm_nn(bk, sq.head, bq, s.probs.data(), 1, sq.dout + r0 * sq.dout_stride, sq.dout_stride, dv.data(),
-              sq.ld,
-              s.probs.cols());  // dV [bk, head] += Pᵀ dO
-      gemm_nn(bk, sq.head, bq, s.dscores.data(), 1, sq.q + r0 * sq.ld, sq.ld, dk.data(), sq.ld,
-              s.dscores.cols());  // dK [bk, head] += dSᵀ Q' (Q' carries the scale)
-      gemm_nn(bq, sq.head, bk, s.dscores.data(), s.dscores.cols(), k.data(), sq.ld, dq_acc + r0 * dq_stride,
-              dq_stride);  // dQ [bq, head] += dS K
+      pack_column_panels(sq.dout + r0 * sq.dout_stride, sq.dout_stride, bq, sq.head, dout_panels);
+      pack_column_panels(sq.q + r0 * sq.ld, sq.ld, bq, sq.head, q_panels);
+      gemm_b_panels(bk, sq.head, bq, s.probs.data(), 1, s.probs.cols(), dout_panels, bq, dv.data(),
+                    sq.ld);  // dV [bk, head] += Pᵀ dO
+      gemm_b_panels(bk, sq.head, bq, s.dscores.data(), 1, s.dscores.cols(), q_panels, bq, dk.data(),
+                    sq.ld);  // dK [bk, head] += dSᵀ Q' (Q' carries the scale)
+      gemm_b_panels(bq, sq.head, bk, s.dscores.data(), s.dscores.cols(), 1, k_panels, bk,
+                    dq_acc + r0 * dq_stride, dq_stride);  // dQ [bq, head] += dS K
     } else {
       const Eigen::Map<const Matrix, 0, Stride> dout(sq.dout + r0 * sq.dout_stride, bq, sq.head,
                                                      Stride(sq.dout_stride));  // [bq, head]
