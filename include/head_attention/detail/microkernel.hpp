@@ -212,7 +212,7 @@ void gemm_tail(Eigen::Index m, Eigen::Index n, Eigen::Index k, const Scalar* a, 
 /// A·B instead, without reading C. prefetch: A (row-major) is likely not in cache, as on a first pass over
 /// a projection's input; the first column block's tiles then prefetch the rows of the tile after them
 /// (measured on Zen 4, AVX2, B = 8, T = 1024: the query projection, the first to read each row chunk of x
-/// from memory, went from 92 to 101 GFLOP/s; the key and value projections after it run at 111). With
+/// from memory, went from 88 to 97 GFLOP/s; the key and value projections after it run at 111). With
 /// HEAD_ATTENTION_GEMM_FALLBACK (or an Eigen other than 3.4) Eigen's internal packet functions are not
 /// used: the product is then Gemm's, Eigen's public one.
 template <typename Scalar>
