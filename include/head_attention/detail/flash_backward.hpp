@@ -75,7 +75,8 @@ struct BackwardScratch {
         row_max(block),
         row_sum(block),
         x_panels(x_block),
-        b_panels((2 * tile + block) * head) {}
+        b_panels((2 * tile + block) * head),
+        zeros(Vector::Zero(tile)) {}
 
   Matrix probs;     // [tile, tile] a tile's scores, then P = exp(S - lse)
   Matrix dscores;   // [tile, tile] dO Vᵀ, then dS = P ∘ (dP - D)
@@ -84,6 +85,7 @@ struct BackwardScratch {
   Vector row_sum;   // [block] running sum of exp(score - row_max)
   Vector x_panels;  // [tile_depth, column_block] a block of x in column panels: dW's B operand
   Vector b_panels;  // [2 · tile + block, head] a query tile's dO and Q', a key block's K, in column panels
+  Vector zeros;     // [tile] all 0: the bias of S = 0 + Q' Kᵀ and dP = 0 + dO Vᵀ
 };
 
 /// One (head, sequence) of a backward call: where its rows of Q' = Q / sqrt(head), K, V and dO are, its
@@ -92,9 +94,9 @@ template <typename Scalar>
 struct BackwardSequence {
   using Index = Eigen::Index;
   const Scalar* q;  // [seq_len, head] Q', leading dimension ld; K at q + head, V at q + 2 · head
-  const Scalar*
-      kt;  // [head, seq_len] Kᵀ (row-major, leading dimension kt_stride); Vᵀ at kt + head · kt_stride
-  Index kt_stride;     // seq_len and a cache line (rows 4 KB apart, at T = 1024, would share a few L1 sets)
+  const Scalar* kt;  // [head, seq_len] Kᵀ in column panels of kt_panel keys (the forward's layout, key_panel)
+  const Scalar* vt;    // [head, seq_len] Vᵀ, the same
+  Index kt_panel;      // keys per panel
   Scalar* dq;          // [seq_len, head] dQ, leading dimension ld; dK at dq + head, dV at dq + 2 · head
   Index ld;            // row stride of q and dq
   const Scalar* dout;  // [seq_len, head] dL/dO, leading dimension dout_stride
@@ -149,12 +151,9 @@ void for_visible(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Eigen
 template <typename Scalar>
 void tile_scores(const BackwardSequence<Scalar>& sq, Eigen::Index r0, Eigen::Index bq, Eigen::Index j0,
                  Eigen::Index bk, BackwardScratch<Scalar>& s) noexcept {
-  using Matrix = typename BackwardScratch<Scalar>::Matrix;
-  using Stride = Eigen::OuterStride<>;
-  Eigen::Map<Matrix, 0, Stride> scores(s.probs.data(), bq, bk, Stride(s.probs.cols()));  // [bq, bk]
-  scores.setZero();
-  gemm_nn(bq, bk, sq.head, sq.q + r0 * sq.ld, sq.ld, sq.kt + j0, sq.kt_stride, scores.data(),
-          s.probs.cols());  // S = Q' Kᵀ
+  // S = 0 + Q' Kᵀ: written, not accumulated, so the tile needs no zeroing first.
+  scores_from_panels(bq, bk, sq.head, sq.q + r0 * sq.ld, sq.ld, sq.kt, sq.kt_panel, j0, s.zeros.data(),
+                     s.probs.data(), s.probs.cols());
 }
 
 /// P and dS of the tile (query rows [r0, r0 + bq), keys [j0, j0 + bk)) into s.probs and s.dscores, from the
@@ -178,10 +177,9 @@ void tile_gradients(const BackwardSequence<Scalar>& sq, const MaskRule& rule, Ei
     probs.row(r).head(a).setZero();
     probs.row(r).tail(bk - b).setZero();
   }
-  dscores.setZero();
-  gemm_nn(bq, bk, sq.head, sq.dout + r0 * sq.dout_stride, sq.dout_stride, sq.kt + sq.head * sq.kt_stride + j0,
-          sq.kt_stride, dscores.data(), s.dscores.cols());  // dP = dO Vᵀ
-  const Eigen::Map<const Vector> delta(sq.delta + r0, bq);  // [bq]
+  scores_from_panels(bq, bk, sq.head, sq.dout + r0 * sq.dout_stride, sq.dout_stride, sq.vt, sq.kt_panel, j0,
+                     s.zeros.data(), dscores.data(), s.dscores.cols());  // dP = 0 + dO Vᵀ
+  const Eigen::Map<const Vector> delta(sq.delta + r0, bq);               // [bq]
   dscores = (probs.array() * (dscores.array().colwise() - delta.array())).matrix();
   if (!sq.finite)  // masked entries: 0 · (dP - D) is NaN where dP or D is
     for (Index r = 0; r < bq; ++r) {
@@ -409,13 +407,16 @@ void backward(const BackwardCall<Scalar>& call) {
   const Vector zeros = Vector::Zero(emb);
   Matrix qkv(rows, width);   // [rows, 3·heads·head] Q' | K | V, head after head
   Matrix dqkv(rows, width);  // [rows, 3·heads·head] dQ | dK | dV (group 0 accumulates dQ here)
-  // Scratch: the other groups' dQ accumulators, [(groups - 1) · heads · rows, head], then Kᵀ | Vᵀ of every
-  // (head, sequence), [heads · batch, 2 · head, kt_stride] (the row-major operands of Q'Kᵀ and dO Vᵀ). Their
-  // rows are padded by a cache line: with AVX2 the backward ran 1.05-1.07x faster at B = 8, T = 1024 and
-  // 1.13-1.17x at B = 1, T = 4096 (one thread, Zen 4; AVX-512 unchanged). In dx's storage when it fits there
-  // (dx is written only after the attention passes), which keeps a single head's peak memory down.
-  const Index kt_stride = call.seq_len + 64 / static_cast<Index>(sizeof(Scalar));
-  const Index scratch_size = (groups - 1) * heads * rows * head + sequences * 2 * head * kt_stride;
+  // Scratch: the other groups' dQ accumulators, [(groups - 1) · heads · rows, head], then Kᵀ and Vᵀ of every
+  // (head, sequence), [heads · batch, 2] × [head, T] (the B operands of Q'Kᵀ and dO Vᵀ) in the forward's Kᵀ
+  // layout: column panels of the register tile's width (key_panel), so that the rows a tile reads are
+  // contiguous. (As one [head, T] block with rows a cache line longer than T, a tile's 64 rows sat on 64
+  // pages at T >= 1024: S and dP ran 1.3x slower per flop than dV += Pᵀ dO with AVX2.) In dx's storage when
+  // it fits there (dx is written only after the attention passes), which keeps a single head's peak memory
+  // down.
+  const Index kt_panel = key_panel<Scalar>(call.seq_len);
+  const Index kt_size = head * ((call.seq_len + kt_panel - 1) / kt_panel * kt_panel);  // one Kᵀ or Vᵀ
+  const Index scratch_size = (groups - 1) * heads * rows * head + sequences * 2 * kt_size;
   const bool in_dx = scratch_size <= rows * emb;
   Eigen::Matrix<Scalar, Eigen::Dynamic, 1> own_scratch(in_dx ? 0 : scratch_size);
   Scalar* const dq_groups = in_dx ? call.dx : own_scratch.data();
@@ -448,8 +449,9 @@ void backward(const BackwardCall<Scalar>& call) {
     const Index row0 = b * call.seq_len;
     BackwardSequence<Scalar> sq;
     sq.q = qkv.data() + row0 * width + 3 * h * head;
-    sq.kt = kv_t + c * 2 * head * kt_stride;
-    sq.kt_stride = kt_stride;
+    sq.kt = kv_t + c * 2 * kt_size;
+    sq.vt = sq.kt + kt_size;
+    sq.kt_panel = kt_panel;
     sq.dq = dqkv.data() + row0 * width + 3 * h * head;
     sq.ld = width;
     sq.dout = call.dout + row0 * call.dout_stride + h * head;
@@ -496,12 +498,17 @@ void backward(const BackwardCall<Scalar>& call) {
       const Index c = item / blocks, h = c / call.batch, b = c % call.batch;
       const Index j0 = (item % blocks) * block, bk = std::min(block, call.seq_len - j0);
       const Index row = b * call.seq_len + j0;
-      Scalar* const kt = kv_t + c * 2 * head * kt_stride;  // [2 · head, seq_len], rows kt_stride apart
+      Scalar* const kt = kv_t + c * 2 * kt_size;  // Kᵀ, then Vᵀ, in panels of kt_panel keys
       const Eigen::Map<const Matrix, 0, Stride> qkv_rows(qkv.data() + row * width + 3 * h * head, bk,
                                                          3 * head,
                                                          Stride(width));  // [bk, 3 · head] Q' | K | V
-      Eigen::Map<Matrix, 0, Stride>(kt + j0, 2 * head, bk, Stride(kt_stride)) =
-          qkv_rows.rightCols(2 * head).transpose();
+      for (Index t = j0; t < j0 + bk;) {  // one panel, or the piece of one this block holds
+        const Index offset = t % kt_panel, n = std::min(kt_panel - offset, j0 + bk - t);
+        for (Index part = 1; part <= 2; ++part)  // K, V
+          transpose_into(qkv_rows.data() + (t - j0) * width + part * head, width, n, head,
+                         kt + (part - 1) * kt_size + (t - offset) * head + offset, kt_panel);
+        t += n;
+      }
       const Eigen::Map<const Matrix, 0, Stride> dout(call.dout + row * call.dout_stride + h * head, bk, head,
                                                      Stride(call.dout_stride));  // [bk, head]
       finite_blocks[static_cast<std::size_t>(item)] = qkv_rows.allFinite() && dout.allFinite();
