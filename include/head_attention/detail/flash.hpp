@@ -581,6 +581,19 @@ Eigen::Index key_panel(Eigen::Index seq_len) noexcept {
     return seq_len + 64 / static_cast<Eigen::Index>(sizeof(Scalar));
 }
 
+/// Rows [t0, t1) of a sequence's K ([T, head], row t at k + t · ld) transposed into its Kᵀ in column panels
+/// of `panel` keys (the layout of key_panel: key t in column t % panel of the [head, panel] block at
+/// kt + (t - t % panel) · head), panel piece by panel piece.
+template <typename Scalar>
+void transpose_into_key_panels(const Scalar* k, Eigen::Index ld, Eigen::Index t0, Eigen::Index t1,
+                               Eigen::Index head, Scalar* kt, Eigen::Index panel) noexcept {
+  for (Eigen::Index t = t0; t < t1;) {  // one panel, or the piece of one these rows fill
+    const Eigen::Index offset = t % panel, width = std::min(panel - offset, t1 - t);
+    transpose_into(k + t * ld, ld, width, head, kt + (t - offset) * head + offset, panel);
+    t += width;
+  }
+}
+
 /// C[m, n] = bias + A · B for a B [k, n] stored as column panels, one after another: [k, weight_panel] each,
 /// the last one narrower when n is not a multiple. A as for gemm_nn. cold_a: A is likely not in cache (the
 /// first GEMM to read a row chunk of x, say); the first panel's pass over it then prefetches its rows (see
@@ -949,13 +962,8 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
     for (Index row = r0; row < r0 + n;) {
       const Index b = row / seq_len, t0 = row % seq_len;
       const Index t1 = std::min(seq_len, t0 + (r0 + n - row));
-      const Scalar* k_rows = qkv.data() + (h * rows + b * seq_len) * ld + head;
-      Scalar* kt = keys_t + (h * batch + b) * kt_size;
-      for (Index t = t0; t < t1;) {  // one panel, or the piece of one these rows fill
-        const Index offset = t % kt_panel, width = std::min(kt_panel - offset, t1 - t);
-        transpose_into(k_rows + t * ld, ld, width, head, kt + (t - offset) * head + offset, kt_panel);
-        t += width;
-      }
+      transpose_into_key_panels(qkv.data() + (h * rows + b * seq_len) * ld + head, ld, t0, t1, head,
+                                keys_t + (h * batch + b) * kt_size, kt_panel);
       row += t1 - t0;
     }
   };

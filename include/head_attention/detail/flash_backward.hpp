@@ -502,13 +502,9 @@ void backward(const BackwardCall<Scalar>& call) {
       const Eigen::Map<const Matrix, 0, Stride> qkv_rows(qkv.data() + row * width + 3 * h * head, bk,
                                                          3 * head,
                                                          Stride(width));  // [bk, 3 · head] Q' | K | V
-      for (Index t = j0; t < j0 + bk;) {  // one panel, or the piece of one this block holds
-        const Index offset = t % kt_panel, n = std::min(kt_panel - offset, j0 + bk - t);
-        for (Index part = 1; part <= 2; ++part)  // K, V
-          transpose_into(qkv_rows.data() + (t - j0) * width + part * head, width, n, head,
-                         kt + (part - 1) * kt_size + (t - offset) * head + offset, kt_panel);
-        t += n;
-      }
+      const Scalar* const sequence_rows = qkv.data() + b * call.seq_len * width + 3 * h * head;  // Q' | K | V
+      transpose_into_key_panels(sequence_rows + head, width, j0, j0 + bk, head, kt, kt_panel);
+      transpose_into_key_panels(sequence_rows + 2 * head, width, j0, j0 + bk, head, kt + kt_size, kt_panel);
       const Eigen::Map<const Matrix, 0, Stride> dout(call.dout + row * call.dout_stride + h * head, bk, head,
                                                      Stride(call.dout_stride));  // [bk, head]
       finite_blocks[static_cast<std::size_t>(item)] = qkv_rows.allFinite() && dout.allFinite();
