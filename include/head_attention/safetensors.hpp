@@ -53,8 +53,9 @@ struct StoredTensor {
   /// Row-major, as the file stores the values.
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-  std::vector<Index> shape;    ///< the dimensions as the file gives them, outermost first; empty for a scalar
-  std::vector<Scalar> values;  ///< row-major, product(shape) of them
+  std::vector<Index> shape;  ///< the dimensions as the file gives them, outermost first; empty for a scalar
+  std::vector<Scalar>
+      values;  ///< row-major, product(shape) of them (for bool a std::vector<bool>: no matrix())
 
   /// The values as a row-major matrix [product of all dimensions but the last, last dimension]: [B, T, C]
   /// gives [B·T, C], [n] gives [1, n], a scalar [1, 1]. Throws shape_error if a dimension is negative, if
@@ -611,13 +612,17 @@ std::vector<T> convert_checked(const Contents& c, const std::string& where, cons
       if (size < 8 && ((bits >> (8 * size - 1)) & 1u)) bits |= ~std::uint64_t{0} << (8 * size);
       std::int64_t v;
       std::memcpy(&v, &bits, sizeof v);
-      if (!exact(v, out[i])) inexact(i, std::to_string(v));
+      T value{};
+      if (!exact(v, value)) inexact(i, std::to_string(v));
+      out[i] = value;  // not exact(v, out[i]): std::vector<bool>'s elements are proxies
     } else {
       if (e.dtype == Dtype::BOOL && bits > 1)
         fail(where, c,
              tensor + ": element " + std::to_string(i) + " is byte " + std::to_string(bits) +
                  ", not a BOOL (0 or 1)");
-      if (!exact(bits, out[i])) inexact(i, std::to_string(bits));
+      T value{};
+      if (!exact(bits, value)) inexact(i, std::to_string(bits));
+      out[i] = value;
     }
   }
   return out;
