@@ -1262,3 +1262,13 @@ TEST_CASE("save refuses a shape that overflows and a name that is not UTF-8, bef
           head_attention::load_state_dict(other, dir.file("f"), "\xc3(");
         }).find("missing key(s)") != std::string::npos);
 }
+
+TEST_CASE("a header's parse error quotes at most a bounded piece of the offending token",
+          "[safetensors][bad-input]") {
+  // A 1 MB key ending in an invalid UTF-8 byte: nlohmann's message holds the whole token.
+  const std::string bytes = file_bytes("{\"" + std::string(1000000, 'k') + "\xff\": 1}", "");
+  const std::string message =
+      expect_error<format_error>([&] { (void)SafetensorsFile::view(bytes.data(), bytes.size()); });
+  CHECK(message.find("not valid UTF-8 JSON") != std::string::npos);
+  CHECK(message.size() < 600);
+}

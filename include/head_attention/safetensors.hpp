@@ -413,7 +413,10 @@ inline void parse(Contents& c, const std::string& where) {
   try {
     json = nlohmann::json::parse(header, header + n, callback);
   } catch (const nlohmann::json::exception& e) {
-    fail(where, c, std::string("the header is not valid UTF-8 JSON: ") + e.what());
+    // nlohmann's message quotes the offending token whole, and a token may be most of the header.
+    const std::string what = e.what();
+    fail(where, c,
+         "the header is not valid UTF-8 JSON: " + (what.size() <= 400 ? what : what.substr(0, 400) + "..."));
   }
   if (!duplicate.empty()) fail(where, c, "duplicate key " + shown(duplicate) + " in the JSON header");
   if (!json.is_object()) fail(where, c, "the JSON header must be an object");
