@@ -678,14 +678,8 @@ class SafetensorsFile {
 
   /// Takes ownership of `bytes`, the contents of a safetensors file, and validates them as open() does.
   static SafetensorsFile from_memory(std::vector<unsigned char> bytes) {
-    detail::safetensors::Contents c;
-    c.source = "memory buffer of " + std::to_string(bytes.size()) + " bytes";
-    auto owned = std::make_shared<const std::vector<unsigned char>>(std::move(bytes));
-    c.data = owned->data();
-    c.size = owned->size();
-    c.owned = std::move(owned);
-    detail::safetensors::parse(c, "head_attention::SafetensorsFile::from_memory");
-    return SafetensorsFile(std::move(c));
+    std::string source = "memory buffer of " + std::to_string(bytes.size()) + " bytes";
+    return owning(std::move(bytes), std::move(source), "head_attention::SafetensorsFile::from_memory");
   }
 
   /// Validates the `size` bytes at `data` as open() does, without copying them: the caller keeps them alive
@@ -746,10 +740,14 @@ class SafetensorsFile {
   explicit SafetensorsFile(detail::safetensors::Contents contents) : m_contents(std::move(contents)) {}
 
   static SafetensorsFile open_as(const std::string& path, const std::string& where) {
+    return owning(detail::safetensors::read_file(path, where), path, where);
+  }
+
+  static SafetensorsFile owning(std::vector<unsigned char> bytes, std::string source,
+                                const std::string& where) {
     detail::safetensors::Contents c;
-    c.source = path;
-    auto owned =
-        std::make_shared<const std::vector<unsigned char>>(detail::safetensors::read_file(path, where));
+    c.source = std::move(source);
+    auto owned = std::make_shared<const std::vector<unsigned char>>(std::move(bytes));
     c.data = owned->data();
     c.size = owned->size();
     c.owned = std::move(owned);
