@@ -1,6 +1,8 @@
 /// \file
 /// head-attention: weights from and to PyTorch in the safetensors format
 /// (https://github.com/huggingface/safetensors), with the exact state_dict() names of simple_llm's modules.
+/// SafetensorsFile validates a file (or a buffer) once and then serves its tensors by name, converted to the
+/// type asked for; load_state_dict, load_tensor, save_state_dict and save_tensors are built on it.
 ///
 /// Not part of the umbrella header head_attention.hpp: this one needs nlohmann/json (3.x), which the rest of
 /// the library does not. Include it explicitly and link HeadAttention::safetensors.
