@@ -363,8 +363,10 @@ class GPT {
       if (!missing.empty()) got += "missing key(s) " + detail::some_names(missing);
       if (!extra.empty())
         got += std::string(got.empty() ? "" : "; ") + "unexpected key(s) " + detail::some_names(extra);
-      head_attention::detail::require(false, where.c_str(), "the tensors",
-                                      "the state_dict of the __metadata__'s " + config_text(c), got);
+      // Thrown here rather than through HEAD_ATTENTION_REQUIRE: the message is built already.
+      throw head_attention::shape_error(where +
+                                        ": the tensors must be the state_dict of the __metadata__'s " +
+                                        config_text(c) + ", got " + got);
     }
     for (const auto& kv : params) {
       const std::vector<Index>& shape = file.info(kv.first).shape;
