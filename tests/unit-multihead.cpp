@@ -203,6 +203,16 @@ TEMPLATE_TEST_CASE("MultiHeadAttention: bad input is refused, the layer unchange
                     {"MultiHeadAttention", "num_heads", "> 0", "got 0"});
   check_shape_error([] { head_attention::MultiHeadAttention<Scalar>(2, 8, -1, 16); },
                     {"HeadAttention", "head_size", "> 0", "got -1"});
+  // Sizes are checked before room for the heads is reserved: the bad size is named, whatever num_heads is.
+  const Index many = Index(1) << 58;
+  check_shape_error([&] { head_attention::MultiHeadAttention<Scalar>(many, 1, 1, 1); },
+                    {"MultiHeadAttention", "num_heads * sizeof(HeadAttention)", "at most"});
+  check_shape_error([&] { head_attention::MultiHeadAttention<Scalar>(many, 0, 4, 16); },
+                    {"MultiHeadAttention", "emb_size", "> 0", "got 0"});
+  check_shape_error([&] { head_attention::MultiHeadAttention<Scalar>(many, 8, -1, 16); },
+                    {"MultiHeadAttention", "head_size", "> 0", "got -1"});
+  check_shape_error([&] { head_attention::MultiHeadAttention<Scalar>(Index(1) << 40, 8, 4, 0); },
+                    {"MultiHeadAttention", "max_seq_len", "> 0", "got 0"});
   head_attention::MultiHeadAttention<Scalar> mha(2, 8, 4, 16, 0.1, 2500);
   const Matrix<Scalar> x = random_matrix<Scalar>(10, 8, 2501);
   const Matrix<Scalar> before = mha.forward(x);

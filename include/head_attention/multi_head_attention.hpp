@@ -69,6 +69,15 @@ class MultiHeadAttention {
                            std::to_string(num_heads));
     HEAD_ATTENTION_REQUIRE(m_dropout >= 0 && m_dropout < 1, "MultiHeadAttention", "dropout", "in [0, 1)",
                            std::to_string(m_dropout));
+    // Every size before anything is reserved: a bad one must be named, not surface as length_error or
+    // bad_alloc from reserving num_heads heads.
+    HEAD_ATTENTION_REQUIRE(emb_size > 0, "MultiHeadAttention", "emb_size", "> 0", std::to_string(emb_size));
+    HEAD_ATTENTION_REQUIRE(head_size > 0, "MultiHeadAttention", "head_size", "> 0",
+                           std::to_string(head_size));
+    HEAD_ATTENTION_REQUIRE(max_seq_len > 0, "MultiHeadAttention", "max_seq_len", "> 0",
+                           std::to_string(max_seq_len));
+    detail::require_fits({num_heads}, sizeof(Head), "MultiHeadAttention",
+                         "num_heads * sizeof(HeadAttention)");
     // All heads' Q|K|V rows of a full-length sequence, and the projection's weight, must be addressable.
     detail::require_fits({num_heads, max_seq_len, 3, head_size}, sizeof(detail::compute_t<Scalar>),
                          "MultiHeadAttention", "num_heads * max_seq_len * 3 * head_size * element size");
