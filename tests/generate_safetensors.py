@@ -14,6 +14,13 @@ multiple of 8), then the data section, little-endian, row-major.
                                          float32 for F32, F16 and BF16 (for F16 and BF16: the float32 module
                                          whose weights are the rounded ones, so the only difference left with
                                          the C++ side is float32 rounding)
+          dtypes.safetensors             one tensor of each integer dtype (I64, I32, I16, I8, U64, U32, U16, U8,
+                                         BOOL) holding its extremes and values that float / double cannot hold
+                                         exactly, a zero-element I32 [3, 0, 2], an F32 scalar, and all 256 bytes
+                                         of F8_E4M3 and F8_E5M2 next to their float32 values (f8_*.f32, decoded
+                                         here from the format's definition), with metadata
+          manifest.json                  for every file above: its metadata and each tensor's dtype and shape as
+                                         written; and the values of dtypes.safetensors' non-F8 tensors
         Deterministic: rerunning writes identical files.
 
     /usr/bin/python3 tests/generate_safetensors.py --check <file> head <emb_size> <head_size> <max_seq_len>
@@ -26,6 +33,7 @@ multiple of 8), then the data section, little-endian, row-major.
 
 import copy
 import json
+import math
 import os
 import struct
 import sys
@@ -44,19 +52,25 @@ CASES = [
 DTYPES = ["F64", "F32", "F16", "BF16"]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}
 
-NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BOOL": "u1", "I64": "<i8", "I32": "<i4"}
-ELEMENT_SIZE = {"BOOL": 1, "F16": 2, "BF16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8}
+NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BOOL": "u1", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+                "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "F8_E4M3": "u1", "F8_E5M2": "u1"}
+ELEMENT_SIZE = {"BOOL": 1, "F16": 2, "BF16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8, "I16": 2, "I8": 1, "U64": 8,
+                "U32": 4, "U16": 2, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def to_entry(t):
-    """(dtype, shape, little-endian bytes) of a torch tensor."""
+    """(dtype, shape, little-endian bytes) of a torch tensor, or of a (dtype, numpy array) pair for the dtypes
+    torch 1.13 lacks (U16, U32, U64, F8_*: their raw values)."""
+    if isinstance(t, tuple):
+        dtype, array = t
+        return dtype, list(array.shape), np.ascontiguousarray(array).astype(NUMPY_DTYPES[dtype]).tobytes()
     t = t.detach().contiguous().cpu()
     shape = list(t.shape)
     if t.dtype == torch.bfloat16:
         # numpy has no bfloat16: its bits as int16 (torch rounds to nearest even when converting to bfloat16).
         return "BF16", shape, t.view(torch.int16).numpy().astype("<i2").tobytes()
     names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bool: "BOOL",
-             torch.int64: "I64", torch.int32: "I32"}
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8"}
     dtype = names[t.dtype]
     return dtype, shape, t.numpy().astype(NUMPY_DTYPES[dtype]).tobytes()
 
@@ -78,6 +92,55 @@ def write_safetensors(path, tensors, metadata=None):
         f.write(text)
         for name in order:
             f.write(entries[name][2])
+    return {"metadata": header["__metadata__"],
+            "tensors": {name: {"dtype": entries[name][0], "shape": entries[name][1]} for name in entries}}
+
+
+def f8_e4m3_value(byte):
+    """float8_e4m3fn, from its definition: sign, 4 exponent bits (bias 7), 3 mantissa bits; no infinities;
+    S.1111.111 is NaN."""
+    sign = -1.0 if byte & 0x80 else 1.0
+    exponent, mantissa = (byte >> 3) & 0xF, byte & 0x7
+    if exponent == 0xF and mantissa == 0x7:
+        return float("nan")
+    if exponent == 0:
+        return sign * math.ldexp(mantissa / 8.0, -6)
+    return sign * math.ldexp(1.0 + mantissa / 8.0, exponent - 7)
+
+
+def dtype_tensors():
+    """The tensors of dtypes.safetensors, and the values of the integer ones (row-major, as Python ints and
+    bools) for the manifest."""
+    values = {
+        "i64": ("I64", [[-2**63, -1, 0, 1], [2**24 + 1, 2**53 + 1, 2**63 - 1, 255]]),
+        "i32": ("I32", [[-2**31, -129], [-1, 0], [127, 2**31 - 1]]),
+        "i16": ("I16", [-2**15, -1, 0, 2**15 - 1]),
+        "i8": ("I8", [[-128, -1], [0, 127]]),
+        "u64": ("U64", [0, 2**53 + 1, 2**64 - 1]),
+        "u32": ("U32", [[0, 2**31], [2**32 - 1, 7]]),
+        "u16": ("U16", [0, 1, 65535]),
+        "u8": ("U8", [0, 1, 127, 128, 255]),
+        "bool": ("BOOL", [[True, False, True], [False, False, True]]),
+        "scalar": ("F32", 2.5),
+    }
+    torch_types = {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                   "BOOL": torch.bool, "F32": torch.float32}
+    tensors = {}
+    for name, (dtype, v) in values.items():
+        if dtype in torch_types:
+            tensors[name] = torch.tensor(v, dtype=torch_types[dtype])
+        else:
+            tensors[name] = (dtype, np.array(v, dtype=NUMPY_DTYPES[dtype]))
+    tensors["empty"] = torch.zeros(3, 0, 2, dtype=torch.int32)
+    every_byte = np.arange(256, dtype=np.uint8)
+    tensors["f8_e4m3"] = ("F8_E4M3", every_byte)
+    tensors["f8_e4m3.f32"] = torch.tensor([f8_e4m3_value(b) for b in range(256)], dtype=torch.float32)
+    tensors["f8_e5m2"] = ("F8_E5M2", every_byte)
+    # F8_E5M2 is the top byte of a binary16: numpy's float16 decodes it.
+    tensors["f8_e5m2.f32"] = torch.from_numpy((every_byte.astype(np.uint16) << 8).view(np.float16).astype(np.float32))
+    flat = {name: np.array(v, dtype=object).reshape(-1).tolist() for name, (dtype, v) in values.items()}
+    flat["empty"] = []
+    return tensors, flat
 
 
 def read_safetensors(path):
@@ -136,6 +199,7 @@ def relative_error(ours, expected):
 def generate(out_dir):
     torch.set_num_threads(1)  # deterministic reductions
     os.makedirs(out_dir, exist_ok=True)
+    manifest = {"files": {}}
     for name, kind, sizes, seed in CASES:
         torch.manual_seed(seed)
         module64 = build(kind, sizes, torch.float64)
@@ -158,15 +222,24 @@ def generate(out_dir):
                 out = module(x)
             assert torch.isfinite(out).all()
             base = os.path.join(out_dir, f"{name}.{dtype}")
-            write_safetensors(base + ".safetensors", state)
-            write_safetensors(base + ".io.safetensors", {"x": x, "out": out})
+            manifest["files"][f"{name}.{dtype}.safetensors"] = write_safetensors(base + ".safetensors", state)
+            manifest["files"][f"{name}.{dtype}.io.safetensors"] = write_safetensors(base + ".io.safetensors",
+                                                                                     {"x": x, "out": out})
             # Round trip through our own reader.
             back = read_safetensors(base + ".safetensors")
             assert set(back) == set(state), (set(back), set(state))
             for k, v in state.items():
                 assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    tensors, values = dtype_tensors()
+    manifest["files"]["dtypes.safetensors"] = write_safetensors(
+        os.path.join(out_dir, "dtypes.safetensors"), tensors,
+        {"format": "pt", "generator": "tests/generate_safetensors.py", "note": "caf\u00e9, \u2211 of dtypes"})
+    manifest["values"] = {"dtypes.safetensors": values}
+    with open(os.path.join(out_dir, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.write("\n")
     total = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
-    print(f"wrote {len(CASES) * len(DTYPES) * 2} files ({total} bytes) to {out_dir}", file=sys.stderr)
+    print(f"wrote {len(CASES) * len(DTYPES) * 2 + 2} files ({total} bytes) to {out_dir}", file=sys.stderr)
 
 
 def check(path, kind, sizes):

@@ -771,3 +771,494 @@ TEMPLATE_TEST_CASE("a failed multi-head load leaves every head and the projectio
       expect_error<shape_error>([&] { head_attention::load_state_dict(two, valid_path); });
   CHECK(message.find("unexpected key(s): _heads.2._k.bias") != std::string::npos);
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// SafetensorsFile: the fixtures as generate_safetensors.py wrote them (manifest.json), every dtype, every way
+// of opening.
+
+namespace {
+
+using head_attention::SafetensorsFile;
+
+const json& manifest() {
+  static const json m = json::parse(read_bytes(golden("manifest.json")));
+  return m;
+}
+
+std::vector<unsigned char> file_vector(const std::string& path) {
+  const std::string raw = read_bytes(path);
+  return std::vector<unsigned char>(raw.begin(), raw.end());
+}
+
+/// The manifest's entry for one file (dtype and shape of each tensor, metadata) against what `file` reads.
+void check_listing(const SafetensorsFile& file, const json& expected) {
+  std::vector<std::string> names;
+  for (auto it = expected.at("tensors").begin(); it != expected.at("tensors").end(); ++it)
+    names.push_back(it.key());
+  std::sort(names.begin(), names.end());
+  CHECK(file.names() == names);
+  for (const std::string& name : names) {
+    INFO("tensor " << name);
+    const json& e = expected.at("tensors").at(name);
+    CHECK(file.contains(name));
+    const head_attention::TensorInfo& info = file.info(name);
+    CHECK(info.dtype == e.at("dtype").get<std::string>());
+    const std::vector<Index> shape = e.at("shape").get<std::vector<Index>>();
+    CHECK(info.shape == shape);
+    Index count = 1;
+    for (Index d : shape)
+      count *= d;
+    CHECK(info.count == count);
+  }
+  CHECK_FALSE(file.contains("no such tensor"));
+  CHECK(file.metadata() == expected.at("metadata").get<std::map<std::string, std::string>>());
+}
+
+/// Whether an integer value of the manifest (a JSON integer or boolean) fits the integer type T.
+template <typename T>
+bool fits(const json& v) {
+  if (v.is_boolean()) return true;
+  if (v.is_number_unsigned())
+    return v.get<std::uint64_t>() <= static_cast<std::uint64_t>(std::numeric_limits<T>::max());
+  return std::is_signed<T>::value &&
+         v.get<std::int64_t>() >= static_cast<std::int64_t>(std::numeric_limits<T>::min());
+}
+
+template <typename T>
+T as(const json& v) {
+  if (v.is_boolean()) return static_cast<T>(v.get<bool>());
+  if (v.is_number_unsigned()) return static_cast<T>(v.get<std::uint64_t>());
+  return static_cast<T>(v.get<std::int64_t>());
+}
+
+std::string text(const json& v) {
+  return v.is_boolean() ? (v.get<bool>() ? "1" : "0") : v.dump();
+}
+
+const std::vector<std::string> kIntegerTensors = {"i64", "i32", "i16", "i8",   "u64",
+                                                  "u32", "u16", "u8",  "bool", "empty"};
+
+/// Every integer tensor of dtypes.safetensors into integer type T: the values when all fit, otherwise
+/// format_error naming the first element that does not.
+template <typename T>
+void check_integer_target(const SafetensorsFile& file) {
+  const json& values = manifest().at("values").at("dtypes.safetensors");
+  for (const std::string& name : kIntegerTensors) {
+    INFO("tensor " << name << " into " << head_attention::detail::safetensors::type_name<T>());
+    const json& expected = values.at(name);
+    std::size_t first_bad = expected.size();
+    for (std::size_t i = 0; i < expected.size() && first_bad == expected.size(); ++i)
+      if (!fits<T>(expected[i])) first_bad = i;
+    if (first_bad == expected.size()) {
+      const head_attention::StoredTensor<T> t = file.tensor<T>(name);
+      CHECK(t.shape == file.info(name).shape);
+      REQUIRE(t.values.size() == expected.size());
+      for (std::size_t i = 0; i < expected.size(); ++i)
+        CHECK(t.values[i] == as<T>(expected[i]));
+    } else {
+      const std::string message = expect_error<format_error>([&] { (void)file.tensor<T>(name); });
+      CHECK(message.find("tensor '" + name + "': element " + std::to_string(first_bad) + " is " +
+                         text(expected[first_bad]) + " (" + file.info(name).dtype + ")") !=
+            std::string::npos);
+    }
+  }
+}
+
+/// Integer tensors into floating type T: `refused` maps a tensor to the index of its first element T
+/// cannot hold exactly (worked out by hand from the values of generate_safetensors.py); the others must
+/// load exactly.
+template <typename T>
+void check_floating_target(const SafetensorsFile& file, const std::map<std::string, std::size_t>& refused) {
+  const json& values = manifest().at("values").at("dtypes.safetensors");
+  for (const std::string& name : kIntegerTensors) {
+    INFO("tensor " << name << " into " << head_attention::detail::safetensors::type_name<T>());
+    const json& expected = values.at(name);
+    const auto bad = refused.find(name);
+    if (bad == refused.end()) {
+      const head_attention::StoredTensor<T> t = file.tensor<T>(name);
+      REQUIRE(t.values.size() == expected.size());
+      for (std::size_t i = 0; i < expected.size(); ++i) {
+        const long double want = expected[i].is_boolean() ? (expected[i].get<bool>() ? 1.0L : 0.0L)
+                                 : expected[i].is_number_unsigned()
+                                     ? static_cast<long double>(expected[i].get<std::uint64_t>())
+                                     : static_cast<long double>(expected[i].get<std::int64_t>());
+        // Eigen's 16-bit types convert to float, which holds them exactly.
+        const long double got = sizeof(T) == 2 ? static_cast<long double>(static_cast<float>(t.values[i]))
+                                               : static_cast<long double>(t.values[i]);
+        CHECK(got == want);
+      }
+    } else {
+      const std::string message = expect_error<format_error>([&] { (void)file.tensor<T>(name); });
+      CHECK(message.find("tensor '" + name + "': element " + std::to_string(bad->second) + " is " +
+                         text(expected[bad->second])) != std::string::npos);
+      CHECK(message.find("cannot hold exactly") != std::string::npos);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("SafetensorsFile lists every fixture's names, dtypes, shapes and metadata as the script wrote them",
+          "[safetensors][file]") {
+  const json& files = manifest().at("files");
+  REQUIRE(files.size() == 17);
+  for (auto it = files.begin(); it != files.end(); ++it) {
+    INFO("file " << it.key());
+    const SafetensorsFile file = SafetensorsFile::open(golden(it.key()));
+    check_listing(file, it.value());
+  }
+  const SafetensorsFile file = SafetensorsFile::open(golden("head.F32.safetensors"));
+  const std::string message = expect_error<shape_error>([&] { (void)file.info("_q.weight "); });
+  CHECK(message.find("no tensor '_q.weight '") != std::string::npos);
+  CHECK(message.find("head.F32.safetensors") != std::string::npos);
+  CHECK_THROWS_AS(file.tensor<float>("nothing"), shape_error);
+}
+
+TEST_CASE(
+    "integer dtypes read exactly into every integer type that holds them, refused where they do not fit",
+    "[safetensors][file][dtypes]") {
+  const SafetensorsFile file = SafetensorsFile::open(golden("dtypes.safetensors"));
+  check_integer_target<std::int64_t>(file);
+  check_integer_target<std::int32_t>(file);
+  check_integer_target<std::int16_t>(file);
+  check_integer_target<std::int8_t>(file);
+  check_integer_target<std::uint64_t>(file);
+  check_integer_target<std::uint32_t>(file);
+  check_integer_target<std::uint16_t>(file);
+  check_integer_target<std::uint8_t>(file);
+  check_integer_target<bool>(file);
+  // The extremes come through: no sign or width mistake can pass the loop above, but say it plainly.
+  CHECK(file.tensor<std::int64_t>("i64").values.front() == std::numeric_limits<std::int64_t>::min());
+  CHECK(file.tensor<std::uint64_t>("u64").values.back() == std::numeric_limits<std::uint64_t>::max());
+  CHECK(file.tensor<std::int8_t>("i8").values.front() == -128);
+  // A refusal names the value and the type's range.
+  const std::string message = expect_error<format_error>([&] { (void)file.tensor<std::uint8_t>("i16"); });
+  CHECK(message.find("tensor 'i16': element 0 is -32768 (I16), which std::uint8_t [0, 255] cannot hold "
+                     "exactly") != std::string::npos);
+}
+
+TEST_CASE("integer dtypes into float, double, Eigen::half, Eigen::bfloat16 exactly or not at all",
+          "[safetensors][file][dtypes]") {
+  const SafetensorsFile file = SafetensorsFile::open(golden("dtypes.safetensors"));
+  // i64: 2^24 + 1 (element 4) is the first value float cannot hold, 2^53 + 1 (element 5) double's;
+  // u64: 2^53 + 1 (element 1); i32: 2^31 - 1 (element 5) for float; u32: 2^32 - 1 (element 2) for float;
+  // i16: 32767 (element 3) has 15 significant bits, more than half's 11 and bfloat16's 8; u16: 65535
+  // (element 2) likewise; every u8, i8 and BOOL value has at most 8 significant bits.
+  check_floating_target<double>(file, {{"i64", 5}, {"u64", 1}});
+  check_floating_target<float>(file, {{"i64", 4}, {"u64", 1}, {"i32", 5}, {"u32", 2}});
+  // Eigen::half also overflows: its largest finite value is 65504, so -2^63 (i64's element 0), -2^31 (i32's
+  // element 0) and 2^31 (u32's element 1) come out infinite; bfloat16 has float's range.
+  check_floating_target<Eigen::half>(
+      file, {{"i64", 0}, {"u64", 1}, {"i32", 0}, {"u32", 1}, {"i16", 3}, {"u16", 2}});
+  check_floating_target<Eigen::bfloat16>(
+      file, {{"i64", 4}, {"u64", 1}, {"i32", 5}, {"u32", 2}, {"i16", 3}, {"u16", 2}});
+  const std::string message = expect_error<format_error>([&] { (void)file.tensor<double>("i64"); });
+  CHECK(message.find("tensor 'i64': element 5 is 9007199254740993 (I64), which double cannot hold exactly") !=
+        std::string::npos);
+  CHECK(message.find("dtypes.safetensors") != std::string::npos);
+}
+
+TEST_CASE("floating dtypes into an integer type are refused; F8 bytes decode as the script decodes them",
+          "[safetensors][file][dtypes]") {
+  const SafetensorsFile file = SafetensorsFile::open(golden("dtypes.safetensors"));
+  std::string message = expect_error<format_error>([&] { (void)file.tensor<std::int32_t>("scalar"); });
+  CHECK(message.find("tensor 'scalar' has dtype F32, which does not convert exactly to std::int32_t") !=
+        std::string::npos);
+  CHECK_THROWS_AS(file.tensor<bool>("f8_e4m3"), format_error);
+  CHECK_THROWS_AS(file.tensor<std::uint8_t>("f8_e5m2"), format_error);
+  {
+    const SafetensorsFile head = SafetensorsFile::open(golden("head.BF16.safetensors"));
+    CHECK_THROWS_AS(head.tensor<std::int64_t>("_q.bias"), format_error);
+  }
+
+  for (const char* name : {"f8_e4m3", "f8_e5m2"}) {
+    INFO(name);
+    const auto decoded = file.tensor<float>(name);
+    const auto expected = file.tensor<float>(std::string(name) + ".f32");
+    REQUIRE(decoded.values.size() == 256);
+    REQUIRE(expected.values.size() == 256);
+    int nan = 0;
+    for (std::size_t b = 0; b < 256; ++b) {
+      const float got = decoded.values[b], want = expected.values[b];
+      if (std::isnan(want)) {
+        ++nan;
+        CHECK(std::isnan(got));
+      } else if (!(got == want && std::signbit(got) == std::signbit(want))) {
+        FAIL_CHECK("byte " << b << ": " << got << " != " << want);
+      }
+    }
+    CHECK(nan == (std::string(name) == "f8_e4m3" ? 2 : 6));  // e4m3fn: S.1111.111; e5m2: as binary16
+    const auto wide = file.tensor<double>(name);
+    for (std::size_t b = 0; b < 256; ++b)
+      if (!std::isnan(decoded.values[b])) CHECK(wide.values[b] == static_cast<double>(decoded.values[b]));
+  }
+  CHECK(file.tensor<float>("f8_e4m3").values[0x7e] == 448.0f);  // the largest finite e4m3fn
+  CHECK(file.tensor<float>("f8_e5m2").values[0x7c] == std::numeric_limits<float>::infinity());
+}
+
+TEST_CASE("zero-element and scalar tensors", "[safetensors][file][dtypes]") {
+  const SafetensorsFile file = SafetensorsFile::open(golden("dtypes.safetensors"));
+  const auto empty = file.tensor<float>("empty");
+  CHECK(empty.shape == std::vector<Index>{3, 0, 2});
+  CHECK(empty.values.empty());
+  CHECK(file.info("empty").count == 0);
+  CHECK(empty.matrix().rows() == 0);
+  CHECK(empty.matrix().cols() == 2);
+  const auto scalar = file.tensor<double>("scalar");
+  CHECK(scalar.shape.empty());
+  CHECK(file.info("scalar").count == 1);
+  CHECK(scalar.values == std::vector<double>{2.5});
+  CHECK(scalar.matrix().rows() == 1);
+  CHECK(scalar.matrix()(0, 0) == 2.5);
+}
+
+TEST_CASE("from_memory and view read what open reads; copies share the bytes", "[safetensors][file]") {
+  for (const char* name : {"dtypes.safetensors", "mha.BF16.safetensors", "head.F64.io.safetensors"}) {
+    INFO(name);
+    const std::string path = golden(name);
+    const std::vector<unsigned char> bytes = file_vector(path);
+    const SafetensorsFile opened = SafetensorsFile::open(path);
+    const SafetensorsFile owned = SafetensorsFile::from_memory(bytes);
+    const SafetensorsFile viewed = SafetensorsFile::view(bytes.data(), bytes.size());
+    const json& expected = manifest().at("files").at(name);
+    for (const SafetensorsFile* f : {&opened, &owned, &viewed}) {
+      check_listing(*f, expected);
+      for (const std::string& tensor : f->names()) {
+        if (f->info(tensor).dtype.rfind("F", 0) != 0) continue;
+        const auto a = opened.tensor<double>(tensor), b = f->tensor<double>(tensor);
+        CHECK(a.shape == b.shape);
+        CHECK(std::memcmp(a.values.data(), b.values.data(), a.values.size() * sizeof(double)) == 0);
+      }
+    }
+  }
+  // A copy keeps the buffer alive after the original and the caller's vector are gone.
+  std::unique_ptr<SafetensorsFile> copy;
+  {
+    const SafetensorsFile original = SafetensorsFile::from_memory(file_vector(golden("dtypes.safetensors")));
+    copy = std::make_unique<SafetensorsFile>(original);
+  }
+  CHECK(copy->tensor<std::int32_t>("i32").values.back() == 2147483647);
+
+  std::string message = expect_error<shape_error>([] { (void)SafetensorsFile::view(nullptr, 16); });
+  CHECK(message.find("a null pointer") != std::string::npos);
+  message = expect_error<format_error>([] { (void)SafetensorsFile::view(nullptr, 0); });
+  CHECK(message.find("viewed buffer of 0 bytes: truncated: 0 bytes") != std::string::npos);
+  message = expect_error<format_error>([] { (void)SafetensorsFile::from_memory({1, 2, 3}); });
+  CHECK(message.find("SafetensorsFile::from_memory: memory buffer of 3 bytes: truncated: 3 bytes") !=
+        std::string::npos);
+  message = expect_error<format_error>([] { (void)SafetensorsFile::open("/no/such/file.safetensors"); });
+  CHECK(message.find("SafetensorsFile::open: /no/such/file.safetensors: cannot open the file") !=
+        std::string::npos);
+}
+
+TEMPLATE_TEST_CASE("load_state_dict from a file object equals load_state_dict from its path",
+                   "[safetensors][file]", float, double) {
+  using Scalar = TestType;
+  for (const std::string& dtype : kDtypes) {
+    INFO(dtype);
+    const std::string path = golden("mha." + dtype + ".safetensors");
+    const SafetensorsFile file = SafetensorsFile::open(path);
+    MultiHeadAttention<Scalar> from_path(3, 16, 8, 12, 1), from_file(3, 16, 8, 12, 2);
+    head_attention::load_state_dict(from_path, path);
+    head_attention::load_state_dict(from_file, file);
+    for (Index h = 0; h < 3; ++h) {
+      CHECK(same(from_path.head(h).query(), from_file.head(h).query()));
+      CHECK(same(from_path.head(h).key(), from_file.head(h).key()));
+      CHECK(same(from_path.head(h).value(), from_file.head(h).value()));
+      // One file object serves every head through a prefix.
+      HeadAttention<Scalar> head(16, 8, 12, 3);
+      head_attention::load_state_dict(head, file, "_heads." + std::to_string(h) + ".");
+      CHECK(same(head.value(), from_path.head(h).value()));
+    }
+    CHECK(same(from_path.projection(), from_file.projection()));
+    CHECK(identical(file.tensor<Scalar>("_layer.weight").matrix(),
+                    head_attention::load_tensor<Scalar>(path, "_layer.weight").matrix()));
+  }
+}
+
+TEMPLATE_TEST_CASE("a file object of a malformed module is refused as the path is, the layer unchanged",
+                   "[safetensors][file][bad-input]", float, double) {
+  using Scalar = TestType;
+  const TempDir dir;
+  const std::string valid_path = dir.file("valid.safetensors");
+  head_attention::save_state_dict(HeadAttention<double>(kEmb, kHead, kMax, 7), valid_path);
+  const std::vector<Case> cases = malformed_cases(tensors_of(valid_path));
+  HeadAttention<Scalar> layer(kEmb, kHead, kMax, 8);
+  const HeadAttention<Scalar> before = layer;
+  for (std::size_t i = 0; i < cases.size(); ++i) {
+    const Case& c = cases[i];
+    INFO("case: " << c.name);
+    const std::vector<unsigned char> bytes(c.bytes.begin(), c.bytes.end());
+    const auto from_memory = [&] {
+      head_attention::load_state_dict(layer, SafetensorsFile::from_memory(bytes));
+    };
+    const auto from_view = [&] {
+      head_attention::load_state_dict(layer, SafetensorsFile::view(bytes.data(), bytes.size()));
+    };
+    for (const auto& load : {std::function<void()>(from_memory), std::function<void()>(from_view)}) {
+      const std::string message =
+          c.expect == Expect::format ? expect_error<format_error>(load) : expect_error<shape_error>(load);
+      INFO("message: " << message);
+      CHECK(message.find(c.fragment) != std::string::npos);
+      check_same_layer(layer, before);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Regressions of issue 24.
+
+namespace {
+
+/// `depth` nested arrays around a 1: [[[...[1]...]]].
+std::string deep_array(std::size_t depth) {
+  return std::string(depth, '[') + "1" + std::string(depth, ']');
+}
+
+}  // namespace
+
+TEST_CASE("a header nested 2,000,000 deep anywhere is refused without recursion",
+          "[safetensors][bad-input]") {
+  const std::size_t deep = 2000000;
+  const std::string d = deep_array(deep);
+  const std::string objects = [&] {
+    std::string s;
+    for (std::size_t i = 0; i < deep; ++i)
+      s += "{\"a\":";
+    return s + "1" + std::string(deep, '}');
+  }();
+  const std::string entry_head = R"({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, )";
+  const std::vector<std::pair<std::string, std::string>> headers = {
+      {"shape", R"({"x": {"dtype": "F32", "data_offsets": [0, 4], "shape": )" + d + "}}"},
+      {"shape element", R"({"x": {"dtype": "F32", "data_offsets": [0, 4], "shape": [1, )" + d + "]}}"},
+      {"dtype", R"({"x": {"shape": [1], "data_offsets": [0, 4], "dtype": )" + d + "}}"},
+      {"data_offsets", R"({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, )" + d + "]}}"},
+      {"__metadata__ value", entry_head + R"("__metadata__": {"k": )" + d + "}}"},
+      {"__metadata__ itself", entry_head + R"("__metadata__": )" + objects + "}"},
+      {"a top-level value", entry_head + R"("y": )" + d + "}"},
+      {"an entry's unknown field",
+       R"({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "z": )" + objects + "}}"},
+      {"unterminated", entry_head + R"("y": )" + std::string(deep, '[')},
+  };
+  for (const auto& h : headers) {
+    INFO("nested in " << h.first);
+    const std::string bytes = file_bytes(h.second, std::string(4, '\0'));
+    const std::string message =
+        expect_error<format_error>([&] { (void)SafetensorsFile::view(bytes.data(), bytes.size()); });
+    CHECK(message.find("nests deeper than a safetensors header") != std::string::npos);
+    CHECK(message.size() < 400);
+  }
+  // The whole header an array: refused by its first byte.
+  const std::string array = file_bytes(d, "");
+  const std::string message =
+      expect_error<format_error>([&] { (void)SafetensorsFile::view(array.data(), array.size()); });
+  CHECK(message.find("must start with '{'") != std::string::npos);
+  // One level too deep is refused by the same rule; values are described by kind, never dumped.
+  const std::string shallow =
+      file_bytes(R"({"x": {"dtype": "F32", "shape": [[1]], "data_offsets": [0, 4]}})", std::string(4, '\0'));
+  CHECK(expect_error<format_error>([&] {
+          (void)SafetensorsFile::view(shallow.data(), shallow.size());
+        }).find("at depth 4 (at most 3") != std::string::npos);
+  const std::string kinds = file_bytes(
+      R"({"x": {"dtype": "F32", "shape": ["1"], "data_offsets": {"begin": 0}}})", std::string(4, '\0'));
+  CHECK(expect_error<format_error>([&] {
+          (void)SafetensorsFile::view(kinds.data(), kinds.size());
+        }).find("shape entries must be non-negative integers, got a string") != std::string::npos);
+}
+
+TEST_CASE("a shape whose non-zero dimensions overflow Eigen::Index is refused at read time; matrix() is safe",
+          "[safetensors][bad-input]") {
+  const auto header = [](const std::string& shape) {
+    return file_bytes(R"({"x": {"dtype": "I32", "shape": )" + shape + R"(, "data_offsets": [0, 0]}})", "");
+  };
+  for (const char* shape : {"[3, 4611686018427387904, 0]", "[0, 9223372036854775808]",
+                            "[4611686018427387904, 2, 0]", "[8589934592, 2147483648, 0]"}) {
+    INFO("shape " << shape);
+    const std::string bytes = header(shape);
+    const std::string message =
+        expect_error<format_error>([&] { (void)SafetensorsFile::view(bytes.data(), bytes.size()); });
+    CHECK(message.find(std::string("tensor 'x': the element count of shape ") + shape +
+                       " overflows Eigen::Index") != std::string::npos);
+  }
+  // The product of the non-zero dimensions fits: a valid zero-element tensor, whatever the order.
+  for (const char* shape :
+       {"[0, 4611686018427387904, 1]", "[4611686018427387904, 0]", "[9223372036854775807, 0]"}) {
+    INFO("shape " << shape);
+    const std::string bytes = header(shape);
+    const SafetensorsFile file = SafetensorsFile::view(bytes.data(), bytes.size());
+    CHECK(file.info("x").count == 0);
+    const auto t = file.tensor<float>("x");
+    CHECK(t.values.empty());
+    CHECK(t.matrix().size() == 0);
+  }
+
+  // A StoredTensor filled by hand.
+  head_attention::StoredTensor<float> t;
+  t.shape = {3, Index(1) << 62, 0};
+  CHECK(expect_error<shape_error>([&] { (void)t.matrix(); }).find("product of the leading dimensions") !=
+        std::string::npos);
+  t.shape = {-1, 2};
+  CHECK(expect_error<shape_error>([&] { (void)t.matrix(); }).find("every dimension must be >= 0, got -1") !=
+        std::string::npos);
+  t.shape = {2, 3};
+  t.values.assign(5, 1.0f);
+  CHECK(expect_error<shape_error>([&] { (void)t.matrix(); }).find("the value count must be 6") !=
+        std::string::npos);
+  t.values.push_back(2.0f);
+  CHECK(t.matrix()(1, 2) == 2.0f);
+}
+
+TEST_CASE("BOOL bytes other than 0 and 1 are refused by tensor<T>", "[safetensors][bad-input]") {
+  const std::string bytes = file_bytes(R"({"b": {"dtype": "BOOL", "shape": [3], "data_offsets": [0, 3]}})",
+                                       std::string("\1\0\2", 3));
+  const SafetensorsFile file = SafetensorsFile::view(bytes.data(), bytes.size());
+  for (const auto& read : {std::function<void()>([&] { (void)file.tensor<bool>("b"); }),
+                           std::function<void()>([&] { (void)file.tensor<float>("b"); })})
+    CHECK(expect_error<format_error>(read).find("tensor 'b': element 2 is byte 2, not a BOOL (0 or 1)") !=
+          std::string::npos);
+}
+
+TEST_CASE("save refuses a shape that overflows and a name that is not UTF-8, before touching the file",
+          "[safetensors][bad-input]") {
+  const TempDir dir;
+  head_attention::StoredTensor<float> zero;
+  zero.shape = {Index(1) << 33, Index(1) << 31, 0};  // the product of the non-zero dimensions is 2^64
+  std::string message = expect_error<shape_error>([&] {
+    head_attention::save_tensors<float>(dir.file("a"), {{"x", zero}});
+  });
+  CHECK(message.find("the product of the non-zero dimensions of 'x' must be at most") != std::string::npos);
+  CHECK_FALSE(fs::exists(dir.file("a")));
+  // Fits: written and read back.
+  zero.shape = {Index(1) << 31, 0, Index(1) << 31};
+  head_attention::save_tensors<float>(dir.file("b"), {{"x", zero}});
+  CHECK(SafetensorsFile::open(dir.file("b")).info("x").shape == zero.shape);
+
+  head_attention::StoredTensor<double> one;
+  one.shape = {1};
+  one.values = {1.0};
+  for (const std::string& name :
+       {std::string("bad\xff"), std::string("\xc3("), std::string("\xed\xa0\x80"), std::string("\xc0\xaf")}) {
+    message = expect_error<shape_error>([&] {
+      head_attention::save_tensors<double>(dir.file("c"), {{name, one}});
+    });
+    CHECK(message.find("must be valid UTF-8") != std::string::npos);
+    CHECK_FALSE(fs::exists(dir.file("c")));
+  }
+  CHECK(expect_error<shape_error>([&] {
+          head_attention::save_tensors<double>(dir.file("c"), {{"__metadata__", one}});
+        }).find("anything but '__metadata__'") != std::string::npos);
+  head_attention::save_tensors<double>(dir.file("d"), {{"caf\xc3\xa9 \xe2\x88\x91", one}});  // valid UTF-8
+  CHECK(SafetensorsFile::open(dir.file("d")).contains("caf\xc3\xa9 \xe2\x88\x91"));
+
+  const HeadAttention<float> layer(kEmb, kHead, kMax, 1);
+  message =
+      expect_error<shape_error>([&] { head_attention::save_state_dict(layer, dir.file("e"), "\xc3("); });
+  CHECK(message.find("a tensor name (prefix included) must be valid UTF-8") != std::string::npos);
+  CHECK_FALSE(fs::exists(dir.file("e")));
+  // Loading with such a prefix matches no key: the module's keys are missing, nothing else escapes.
+  head_attention::save_state_dict(layer, dir.file("f"));
+  HeadAttention<float> other(kEmb, kHead, kMax, 2);
+  CHECK(expect_error<shape_error>([&] {
+          head_attention::load_state_dict(other, dir.file("f"), "\xc3(");
+        }).find("missing key(s)") != std::string::npos);
+}

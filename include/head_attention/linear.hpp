@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cmath>
+#include <string>
+#include <type_traits>
 
 #include <Eigen/Core>
 
@@ -31,6 +33,40 @@ struct Linear {
   Index in_features() const { return weight.cols(); }
   /// out: the width of the outputs, weight's rows.
   Index out_features() const { return weight.rows(); }
+
+  /// y = x weightᵀ + bias, what PyTorch's `layer(x)` computes: x [rows, in] (any dense Eigen expression of
+  /// Scalar, one sample per row) to y [rows, out]. A 16-bit layer computes in float and rounds y once, as
+  /// the attention layers do. Throws shape_error unless x.cols() == in_features() and bias has
+  /// out_features() entries.
+  template <typename Derived>
+  Matrix forward(const Eigen::MatrixBase<Derived>& x) const {
+    static_assert(std::is_same<typename Derived::Scalar, Scalar>::value,
+                  "Linear<Scalar>::forward needs an input of the same Scalar");
+    HEAD_ATTENTION_REQUIRE(x.cols() == in_features(), "Linear::forward", "x.cols() (input width)",
+                           "in_features = " + std::to_string(in_features()), std::to_string(x.cols()));
+    HEAD_ATTENTION_REQUIRE(bias.size() == out_features(), "Linear::forward", "bias size",
+                           "out_features = " + std::to_string(out_features()), std::to_string(bias.size()));
+    using Wide = detail::compute_t<Scalar>;
+    using WideMatrix = Eigen::Matrix<Wide, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    // No rows: nothing to broadcast the bias over (Eigen's vectorwise ops offset a null pointer, UBSan says).
+    if (x.rows() == 0) return Matrix(0, out_features());
+    WideMatrix y(x.rows(), out_features());  // [rows, out]
+    if constexpr (std::is_same<Wide, Scalar>::value) {
+      y.noalias() = x * weight.transpose();
+      y.rowwise() += bias.transpose();
+      return y;
+    } else {
+      y.noalias() = x.template cast<Wide>() * weight.template cast<Wide>().transpose();
+      y.rowwise() += bias.template cast<Wide>().transpose();
+      return y.template cast<Scalar>();
+    }
+  }
+
+  /// forward(x), spelt as PyTorch calls a layer.
+  template <typename Derived>
+  Matrix operator()(const Eigen::MatrixBase<Derived>& x) const {
+    return forward(x);
+  }
 };
 
 namespace detail {
