@@ -1058,7 +1058,7 @@ TEMPLATE_TEST_CASE("load_state_dict from a file object equals load_state_dict fr
     INFO(dtype);
     const std::string path = golden("mha." + dtype + ".safetensors");
     const SafetensorsFile file = SafetensorsFile::open(path);
-    MultiHeadAttention<Scalar> from_path(3, 16, 8, 12, 1), from_file(3, 16, 8, 12, 2);
+    MultiHeadAttention<Scalar> from_path(3, 16, 8, 12, 0.1, 1), from_file(3, 16, 8, 12, 0.1, 2);
     head_attention::load_state_dict(from_path, path);
     head_attention::load_state_dict(from_file, file);
     for (Index h = 0; h < 3; ++h) {
