@@ -344,7 +344,10 @@ TEST_CASE("GPT refuses bad tokens and sampling arguments", "[gpt]") {
 }
 
 TEST_CASE("GPT::load refuses files that are not simple_llm's GPT", "[gpt]") {
-  const auto [tensors, metadata] = tiny_raw();
+  // Not a structured binding: C++17 lambdas cannot capture those (clang refuses).
+  const auto raw = tiny_raw();
+  const RawTensors& tensors = raw.first;
+  const std::map<std::string, std::string>& metadata = raw.second;
   const char* where = "simple_llm::GPT::load";
   // The rebuilt file itself loads (the masks are optional) and gives the committed model's logits.
   const Tokens prompt = {1, 2, 3, 4};

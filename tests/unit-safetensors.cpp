@@ -1262,3 +1262,30 @@ TEST_CASE("save refuses a shape that overflows and a name that is not UTF-8, bef
           head_attention::load_state_dict(other, dir.file("f"), "\xc3(");
         }).find("missing key(s)") != std::string::npos);
 }
+
+TEST_CASE("a header's parse error quotes at most a bounded piece of the offending token",
+          "[safetensors][bad-input]") {
+  // A 1 MB key ending in an invalid UTF-8 byte: nlohmann's message holds the whole token.
+  const std::string bytes = file_bytes("{\"" + std::string(1000000, 'k') + "\xff\": 1}", "");
+  const std::string message =
+      expect_error<format_error>([&] { (void)SafetensorsFile::view(bytes.data(), bytes.size()); });
+  CHECK(message.find("not valid UTF-8 JSON") != std::string::npos);
+  CHECK(message.size() < 600);
+}
+
+TEST_CASE("a key mismatch names the first 16 keys of each kind, then how many more",
+          "[safetensors][bad-input]") {
+  const TempDir dir;
+  const std::string path = dir.file("valid.safetensors");
+  head_attention::save_state_dict(HeadAttention<double>(kEmb, kHead, kMax, 7), path);
+  std::vector<RawTensor> tensors = tensors_of(path);
+  for (int i = 0; i < 20; ++i)
+    tensors.push_back({"_extra" + std::to_string(100 + i), "F64", json({1}), std::string(8, '\0')});
+  const std::string bytes = layout(tensors);
+  HeadAttention<double> layer(kEmb, kHead, kMax, 8);
+  const std::string message = expect_error<shape_error>(
+      [&] { head_attention::load_state_dict(layer, SafetensorsFile::view(bytes.data(), bytes.size())); });
+  CHECK(message.find("unexpected key(s): _extra100, _extra101") != std::string::npos);
+  CHECK(message.find("_extra115 and 4 more") != std::string::npos);
+  CHECK(message.find("_extra116") == std::string::npos);
+}

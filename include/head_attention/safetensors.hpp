@@ -1,6 +1,8 @@
 /// \file
 /// head-attention: weights from and to PyTorch in the safetensors format
 /// (https://github.com/huggingface/safetensors), with the exact state_dict() names of simple_llm's modules.
+/// SafetensorsFile validates a file (or a buffer) once and then serves its tensors by name, converted to the
+/// type asked for; load_state_dict, load_tensor, save_state_dict and save_tensors are built on it.
 ///
 /// Not part of the umbrella header head_attention.hpp: this one needs nlohmann/json (3.x), which the rest of
 /// the library does not. Include it explicitly and link HeadAttention::safetensors.
@@ -413,7 +415,10 @@ inline void parse(Contents& c, const std::string& where) {
   try {
     json = nlohmann::json::parse(header, header + n, callback);
   } catch (const nlohmann::json::exception& e) {
-    fail(where, c, std::string("the header is not valid UTF-8 JSON: ") + e.what());
+    // nlohmann's message quotes the offending token whole, and a token may be most of the header.
+    const std::string what = e.what();
+    fail(where, c,
+         "the header is not valid UTF-8 JSON: " + (what.size() <= 400 ? what : what.substr(0, 400) + "..."));
   }
   if (!duplicate.empty()) fail(where, c, "duplicate key " + shown(duplicate) + " in the JSON header");
   if (!json.is_object()) fail(where, c, "the JSON header must be an object");
@@ -675,14 +680,8 @@ class SafetensorsFile {
 
   /// Takes ownership of `bytes`, the contents of a safetensors file, and validates them as open() does.
   static SafetensorsFile from_memory(std::vector<unsigned char> bytes) {
-    detail::safetensors::Contents c;
-    c.source = "memory buffer of " + std::to_string(bytes.size()) + " bytes";
-    auto owned = std::make_shared<const std::vector<unsigned char>>(std::move(bytes));
-    c.data = owned->data();
-    c.size = owned->size();
-    c.owned = std::move(owned);
-    detail::safetensors::parse(c, "head_attention::SafetensorsFile::from_memory");
-    return SafetensorsFile(std::move(c));
+    std::string source = "memory buffer of " + std::to_string(bytes.size()) + " bytes";
+    return owning(std::move(bytes), std::move(source), "head_attention::SafetensorsFile::from_memory");
   }
 
   /// Validates the `size` bytes at `data` as open() does, without copying them: the caller keeps them alive
@@ -743,10 +742,14 @@ class SafetensorsFile {
   explicit SafetensorsFile(detail::safetensors::Contents contents) : m_contents(std::move(contents)) {}
 
   static SafetensorsFile open_as(const std::string& path, const std::string& where) {
+    return owning(detail::safetensors::read_file(path, where), path, where);
+  }
+
+  static SafetensorsFile owning(std::vector<unsigned char> bytes, std::string source,
+                                const std::string& where) {
     detail::safetensors::Contents c;
-    c.source = path;
-    auto owned =
-        std::make_shared<const std::vector<unsigned char>>(detail::safetensors::read_file(path, where));
+    c.source = std::move(source);
+    auto owned = std::make_shared<const std::vector<unsigned char>>(std::move(bytes));
     c.data = owned->data();
     c.size = owned->size();
     c.owned = std::move(owned);

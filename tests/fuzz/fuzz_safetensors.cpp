@@ -1,14 +1,16 @@
-// libFuzzer target: the safetensors reader fed arbitrary bytes, loading into HeadAttention and
-// MultiHeadAttention of the seed corpus's sizes (so that valid files reach every check) and reading single
-// tensors. Every input must either load or throw the library's exceptions (format_error, shape_error) with
-// the module unchanged; anything else (a crash, a sanitizer report, another exception) is a finding.
+// libFuzzer target: the safetensors reader fed arbitrary bytes in memory (SafetensorsFile::view: no file),
+// loading into HeadAttention and MultiHeadAttention of the seed corpus's sizes (so that valid files reach
+// every check) and reading the first tensors of an accepted file into floating, integer and bool types. Every
+// input must either be accepted or refused with the library's exceptions (format_error, shape_error), a
+// refused load leaving the module unchanged; a tensor read from an accepted file must give a matrix().
+// Anything else (a crash, a sanitizer report, another exception) is a finding.
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <fstream>
+#include <optional>
 #include <string>
-
-#include <unistd.h>
+#include <type_traits>
+#include <vector>
 
 #include <head_attention/head_attention.hpp>
 #include <head_attention/safetensors.hpp>
@@ -20,6 +22,7 @@ namespace {
 using head_attention::format_error;
 using head_attention::HeadAttention;
 using head_attention::MultiHeadAttention;
+using head_attention::SafetensorsFile;
 using head_attention::shape_error;
 
 // The sizes of the seed corpus (corpus/safetensors/): emb_size 6, head_size 4, max_seq_len 5, 2 heads.
@@ -64,42 +67,68 @@ void expect_load_or_refuse(Layer& layer, Load&& load) {
 }
 
 template <typename Scalar>
-void load_all(const std::string& path) {
+void load_all(const SafetensorsFile& file) {
   HeadAttention<Scalar> layer(kEmb, kHead, kMax, 1);
-  expect_load_or_refuse(layer, [&] { head_attention::load_state_dict(layer, path); });
-  expect_load_or_refuse(layer, [&] { head_attention::load_state_dict(layer, path, "_heads.1."); });
+  expect_load_or_refuse(layer, [&] { head_attention::load_state_dict(layer, file); });
+  expect_load_or_refuse(layer, [&] { head_attention::load_state_dict(layer, file, "_heads.1."); });
   // A loaded layer runs (its weights may be anything the file held, NaN included).
   const typename HeadAttention<Scalar>::Matrix x = HeadAttention<Scalar>::Matrix::Ones(kMax, kEmb);
   (void)layer.forward(x);
 
   MultiHeadAttention<Scalar> mha(kHeads, kEmb, kHead, kMax, 0.1, 2);
-  expect_load_or_refuse(mha, [&] { head_attention::load_state_dict(mha, path); });
+  expect_load_or_refuse(mha, [&] { head_attention::load_state_dict(mha, file); });
   (void)mha.forward(x);
+}
 
-  for (const char* name : {"_q.weight", "_tril_mask", "_layer.bias", "_heads.0._k.weight"}) {
-    try {
-      (void)head_attention::load_tensor<Scalar>(path, name);
-    } catch (const format_error&) {
-    } catch (const shape_error&) {
-    }
+/// Tensor `name` as T: refused with format_error (a value T cannot hold, a dtype that does not convert) or
+/// read, and then its matrix() must exist: the header's checks bound every shape.
+template <typename T>
+void read_as(const SafetensorsFile& file, const std::string& name) {
+  head_attention::StoredTensor<T> t;
+  try {
+    t = file.tensor<T>(name);
+  } catch (const format_error&) {
+    return;
+  }
+  if (t.shape != file.info(name).shape || static_cast<Eigen::Index>(t.values.size()) != file.info(name).count)
+    ha_fuzz::fail("a tensor's shape or count differs from its info()");
+  if constexpr (!std::is_same<T, bool>::value) (void)t.matrix();
+}
+
+void read_tensors(const SafetensorsFile& file) {
+  int budget = 16;  // a header may list thousands of tensors: the first few cover every path
+  for (const std::string& name : file.names()) {
+    if (budget-- == 0) break;
+    read_as<float>(file, name);
+    read_as<double>(file, name);
+    read_as<Eigen::bfloat16>(file, name);
+    read_as<Eigen::half>(file, name);
+    read_as<std::int64_t>(file, name);
+    read_as<std::uint8_t>(file, name);
+    read_as<bool>(file, name);
+  }
+  try {
+    (void)file.tensor<float>("no such tensor");
+    ha_fuzz::fail("a missing tensor was read");
+  } catch (const shape_error&) {
   }
 }
 
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  // One file per fuzzing process (libFuzzer's -jobs/-workers run several), rewritten for every input.
-  static const std::string path = [] {
-    const char* dir = std::getenv("TMPDIR");
-    return std::string(dir != nullptr ? dir : "/tmp") + "/ha_fuzz_safetensors." + std::to_string(getpid());
-  }();
-  {
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    out.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(size));
-    if (!out) ha_fuzz::fail("cannot write the input file");
+  std::optional<SafetensorsFile> file;
+  try {
+    file.emplace(SafetensorsFile::view(data, size));
+  } catch (const format_error&) {
+    return 0;
   }
-  load_all<float>(path);
-  load_all<double>(path);
-  load_all<Eigen::bfloat16>(path);
+  // Accepted: an owning copy of the same bytes is accepted too, and lists the same tensors.
+  if (SafetensorsFile::from_memory(std::vector<unsigned char>(data, data + size)).names() != file->names())
+    ha_fuzz::fail("from_memory and view list different tensors");
+  load_all<float>(*file);
+  load_all<double>(*file);
+  load_all<Eigen::bfloat16>(*file);
+  read_tensors(*file);
   return 0;
 }
