@@ -31,7 +31,7 @@ struct Shape {
 const Shape kShapes[] = {{2, 10}, {8, 1024}, {1, 4096}};
 
 void bm_fused(benchmark::State& state, Shape s, int threads, bool reuse, bool packed) {
-  head_attention::MultiHeadAttention<float> mha(kHeads, kEmb, kHead, s.seq_len, kSeed);
+  head_attention::MultiHeadAttention<float> mha(kHeads, kEmb, kHead, s.seq_len, 0.1, kSeed);
   mha.set_num_threads(threads);
   const head_attention::PackedMultiHeadAttention<float> frozen(mha);
   std::srand(7);
@@ -52,7 +52,7 @@ void bm_fused(benchmark::State& state, Shape s, int threads, bool reuse, bool pa
 }
 
 void bm_separate(benchmark::State& state, Shape s, int threads) {
-  head_attention::MultiHeadAttention<float> mha(kHeads, kEmb, kHead, s.seq_len, kSeed);
+  head_attention::MultiHeadAttention<float> mha(kHeads, kEmb, kHead, s.seq_len, 0.1, kSeed);
   std::vector<head_attention::HeadAttention<float>> heads;
   for (Index h = 0; h < kHeads; ++h) {
     heads.push_back(mha.head(h));

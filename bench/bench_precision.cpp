@@ -37,7 +37,7 @@ const char* type_name() {
 template <typename Scalar>
 struct Layer {
   explicit Layer(bool multi, Index max_seq_len)
-      : head(kEmb, kHead, max_seq_len, kSeed), mha(multi ? kHeads : 1, kEmb, kHead, max_seq_len, kSeed) {
+      : head(kEmb, kHead, max_seq_len, kSeed), mha(multi ? kHeads : 1, kEmb, kHead, max_seq_len, 0.1, kSeed) {
     head.set_num_threads(1);
     mha.set_num_threads(1);
   }

@@ -62,10 +62,10 @@ int main(int argc, char** argv) {
                      dir, "head.f32", head_attention::HeadAttention<float>(16, 8, 12, 2), 16, 8)
               << " head 16 8 12\n";
     std::cout << export_case<head_attention::MultiHeadAttention<double>, double>(
-                     dir, "mha.f64", head_attention::MultiHeadAttention<double>(3, 16, 8, 12, 3), 16, 16)
+                     dir, "mha.f64", head_attention::MultiHeadAttention<double>(3, 16, 8, 12, 0.1, 3), 16, 16)
               << " mha 3 16 8 12\n";
     std::cout << export_case<head_attention::MultiHeadAttention<float>, float>(
-                     dir, "mha.f32", head_attention::MultiHeadAttention<float>(3, 16, 8, 12, 4), 16, 16)
+                     dir, "mha.f32", head_attention::MultiHeadAttention<float>(3, 16, 8, 12, 0.1, 4), 16, 16)
               << " mha 3 16 8 12\n";
   } catch (const std::exception& e) {
     std::cerr << "safetensors_export: " << e.what() << '\n';

@@ -318,7 +318,7 @@ TEMPLATE_TEST_CASE("PackedMultiHeadAttention gives the layer's forward bit for b
   constexpr Index heads = 3, emb = 48, head = 16, B = 2, T = 70;
   for (const int threads : {1, 2}) {
     INFO("threads " << threads);
-    head_attention::MultiHeadAttention<Scalar> layer(heads, emb, head, T, 8);
+    head_attention::MultiHeadAttention<Scalar> layer(heads, emb, head, T, 0.1, 8);
     layer.set_num_threads(threads);
     const head_attention::PackedMultiHeadAttention<Scalar> packed(layer);
     CHECK(packed.num_heads() == heads);
@@ -365,7 +365,7 @@ TEMPLATE_TEST_CASE("16-bit packed layers give the layer's forward bit for bit", 
   const Matrix<float> got =
       head_attention::PackedHeadAttention<Scalar>(layer).forward(x).template cast<float>();
   CHECK(identical(got, layer.forward(x).template cast<float>()));
-  const head_attention::MultiHeadAttention<Scalar> multi(2, emb, head, T, 13);
+  const head_attention::MultiHeadAttention<Scalar> multi(2, emb, head, T, 0.1, 13);
   const Matrix<float> got_multi =
       head_attention::PackedMultiHeadAttention<Scalar>(multi).forward(x).template cast<float>();
   CHECK(identical(got_multi, multi.forward(x).template cast<float>()));
@@ -395,7 +395,7 @@ TEMPLATE_TEST_CASE("a packed layer does not see later changes to its layer", "[a
   check_shape_error([&] { head_attention::PackedHeadAttention<Scalar>{layer}; },
                     {"PackedHeadAttention", "key().weight shape", "[4, 12]", "[5, 12]"});
 
-  head_attention::MultiHeadAttention<Scalar> multi(2, emb, head, T, 16);
+  head_attention::MultiHeadAttention<Scalar> multi(2, emb, head, T, 0.1, 16);
   const head_attention::MultiHeadAttention<Scalar> multi_original = multi;
   const head_attention::PackedMultiHeadAttention<Scalar> packed_multi(multi);
   const Matrix<Scalar> multi_before = packed_multi.forward(x);
@@ -422,7 +422,7 @@ TEMPLATE_TEST_CASE("packed layers refuse bad input as the layers do, out untouch
   const head_attention::PackedHeadAttention<Scalar> packed(
       head_attention::HeadAttention<Scalar>(emb, head, T, 17));
   const head_attention::PackedMultiHeadAttention<Scalar> multi(
-      head_attention::MultiHeadAttention<Scalar>(2, emb, head, T, 18));
+      head_attention::MultiHeadAttention<Scalar>(2, emb, head, T, 0.1, 18));
   const Matrix<Scalar> x = random_matrix<Scalar>(2 * T, emb, 19);
   Matrix<Scalar> out = Matrix<Scalar>::Constant(2 * T, head, Scalar(7));
   Matrix<Scalar> multi_out = Matrix<Scalar>::Constant(2 * T, emb, Scalar(7));

@@ -140,7 +140,7 @@ TEMPLATE_TEST_CASE("backward over no rows gives zero parameter gradients and an 
                    "[backward]", float, double) {
   using Scalar = TestType;
   const head_attention::HeadAttention<Scalar> layer(6, 4, 10, 71);
-  const head_attention::MultiHeadAttention<Scalar> mha(2, 6, 3, 10, 72);
+  const head_attention::MultiHeadAttention<Scalar> mha(2, 6, 3, 10, 0.1, 72);
   const Matrix<Scalar> x(0, 6), g(0, 4), g_mha(0, 6);
   const auto single = layer.backward(x, g);
   CHECK(single.input.rows() == 0);
@@ -399,7 +399,7 @@ TEST_CASE("backward: MultiHeadAttention, finite differences for every head, the 
   const std::string rule = GENERATE(as<std::string>(), "causal", "bidirectional", "sliding_window");
   CAPTURE(rule);
   const Index B = 2, T = 5;
-  MultiHeadAttention<double> mha(3, 6, 2, 8, 91, rule_named(rule));
+  MultiHeadAttention<double> mha(3, 6, 2, 8, 0.1, 91, rule_named(rule));
   Matrix<double> x = random_matrix<double>(B * T, 6, 92);
   const Matrix<double> grad_out = random_matrix<double>(B * T, 6, 93);
   const MultiHeadGradients<double> g = mha.backward(x, B, grad_out);
@@ -414,7 +414,7 @@ TEST_CASE("backward: MultiHeadAttention, finite differences for every head, the 
 TEST_CASE("backward: MultiHeadAttention with right padding, finite differences", "[backward][multihead]") {
   const Index B = 3, T = 5;
   const std::vector<Index> lengths = {5, 2, 0};
-  MultiHeadAttention<double> mha(2, 4, 3, 8, 98);
+  MultiHeadAttention<double> mha(2, 4, 3, 8, 0.1, 98);
   Matrix<double> x = random_matrix<double>(B * T, 4, 99);
   const Matrix<double> grad_out = random_matrix<double>(B * T, 4, 100);
   const MultiHeadGradients<double> g = mha.backward(x, B, grad_out, lengths);
@@ -435,7 +435,7 @@ TEST_CASE("backward: MultiHeadAttention through dropout, finite differences with
           "[backward][multihead][dropout]") {
   const Index T = 7;
   const std::uint64_t seed = 94;
-  MultiHeadAttention<double> mha(2, 5, 3, 8, 95);
+  MultiHeadAttention<double> mha(2, 5, 3, 8, 0.1, 95);
   mha.set_dropout(0.4);
   Matrix<double> x = random_matrix<double>(T, 5, 96);
   const Matrix<double> grad_out = random_matrix<double>(T, 5, 97);
@@ -451,7 +451,7 @@ TEST_CASE("backward: MultiHeadAttention through dropout, finite differences with
 
 TEST_CASE("dropout: p = 0 is inference, kept fraction 1 - p, kept entries scaled by 1 / (1 - p)",
           "[multihead][dropout]") {
-  MultiHeadAttention<double> mha(2, 64, 8, 256, 101);
+  MultiHeadAttention<double> mha(2, 64, 8, 256, 0.1, 101);
   CHECK(mha.dropout() == 0.1);  // simple_llm's default
   const Matrix<double> x = random_matrix<double>(200, 64, 102);
   const Matrix<double> eval = mha.forward(x);
@@ -540,7 +540,7 @@ TEST_CASE("backward: MultiHeadAttention bit-identical on 1 and 2 threads", "[bac
   if (!head_attention::detail::has_openmp) HA_SKIP("built without OpenMP: every call runs on one thread");
   // Two heads of one sequence of 3 key blocks: they go to 3 groups whose extra dQ accumulators do not fit in
   // dx's storage ((3 - 1) · 2 heads · 16 > 32 columns), the other storage path of the kernel.
-  MultiHeadAttention<float> mha(2, 32, 16, 300, 111);
+  MultiHeadAttention<float> mha(2, 32, 16, 300, 0.1, 111);
   mha.set_dropout(0.2);
   const Matrix<float> x = random_matrix<float>(300, 32, 112);
   const Matrix<float> grad_out = random_matrix<float>(300, 32, 113);
@@ -725,7 +725,7 @@ TEMPLATE_TEST_CASE("training state: MultiHeadAttention through dropout, every ru
   const std::string rule = GENERATE(as<std::string>(), "causal", "bidirectional", "sliding_window");
   CAPTURE(rule);
   const Index B = 2, T = 130, emb = 12, heads = 3;
-  MultiHeadAttention<Scalar> mha(heads, emb, 4, 200, 49,
+  MultiHeadAttention<Scalar> mha(heads, emb, 4, 200, 0.1, 49,
                                  rule == "sliding_window" ? MaskRule::sliding_window(50) : rule_named(rule));
   mha.set_dropout(0.25);
   const Matrix<Scalar> x = random_matrix<Scalar>(B * T, emb, 50, 2.0);
@@ -776,7 +776,7 @@ TEST_CASE("training state: a state of the wrong shape throws shape_error", "[bac
   check_shape_error([&] { batched.backward(xt, gt, bad); },
                     {"BatchedHeadAttention::backward", "state.lse size", "8", "7"});
 
-  MultiHeadAttention<double> mha(2, 6, 3, 16, 58);
+  MultiHeadAttention<double> mha(2, 6, 3, 16, 0.1, 58);
   TrainingState<double> mstate;
   mha.forward_training(x, 1, mstate);
   REQUIRE(mstate.lse.size() == 16);

@@ -278,7 +278,7 @@ TEMPLATE_TEST_CASE("packed forms decode bit for bit as their layers", "[cache][p
     CHECK(packed_caches[2].size() == 40);
 
     // Multi-head.
-    const head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 2104, rule);
+    const head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 0.1, 2104, rule);
     const head_attention::PackedMultiHeadAttention<Scalar> packed_mha(mha);
     auto mha_cache = mha.make_cache(2);
     auto packed_mha_cache = packed_mha.make_cache(2);
@@ -344,9 +344,9 @@ TEMPLATE_TEST_CASE("packed decode errors leave the caches as they were", "[cache
   CHECK(caches[1].size() == 0);
 
   // Multi-head: a cache of another head count, or another batch.
-  const head_attention::MultiHeadAttention<Scalar> mha(2, emb, head, max, 2204);
+  const head_attention::MultiHeadAttention<Scalar> mha(2, emb, head, max, 0.1, 2204);
   const head_attention::PackedMultiHeadAttention<Scalar> packed_mha(mha);
-  const head_attention::MultiHeadAttention<Scalar> three_heads(3, emb, head, max, 2205);
+  const head_attention::MultiHeadAttention<Scalar> three_heads(3, emb, head, max, 0.1, 2205);
   auto foreign = three_heads.make_cache(1);
   check_shape_error([&] { (void)packed_mha.forward_cached(x.topRows(2), foreign); },
                     {"PackedMultiHeadAttention::forward_cached", "cache heads", "2", "got 3"});

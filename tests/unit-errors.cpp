@@ -311,7 +311,7 @@ TEMPLATE_TEST_CASE("padding lengths: wrong count, negative, past T", "[errors][b
   using Scalar = TestType;
   const Setup<Scalar> s;
   const head_attention::BatchedHeadAttention<Scalar> batched(s.layer);
-  const head_attention::MultiHeadAttention<Scalar> mha(2, kEmb, kHead, kMax, 31);
+  const head_attention::MultiHeadAttention<Scalar> mha(2, kEmb, kHead, kMax, 0.1, 31);
   const Matrix<Scalar> x = random_matrix<Scalar>(18, kEmb, 32);  // 2 sequences of 9
   const Scalar sentinel = Scalar(-7);
   Matrix<Scalar> out = Matrix<Scalar>::Constant(18, kHead, sentinel);
@@ -402,7 +402,7 @@ TEMPLATE_TEST_CASE("refused decode steps leave the cache's contents as they were
 TEMPLATE_TEST_CASE("MultiHeadAttention: refused decode steps and bad cache batches",
                    "[errors][bad-input][cache]", float, double) {
   using Scalar = TestType;
-  const head_attention::MultiHeadAttention<Scalar> mha(3, kEmb, kHead, kMax, 33);
+  const head_attention::MultiHeadAttention<Scalar> mha(3, kEmb, kHead, kMax, 0.1, 33);
   const Matrix<Scalar> x = random_matrix<Scalar>(kMax, kEmb, 34);
   check_shape_error([&] { (void)mha.make_cache(-2); }, {"MultiHeadAttention::make_cache", "batch", "got -2"});
   auto cache = mha.make_cache(), twin = mha.make_cache();
@@ -427,7 +427,7 @@ TEMPLATE_TEST_CASE("forward_into with a Workspace: bad shapes leave the output a
                    "[errors][bad-input][workspace]", float, double) {
   using Scalar = TestType;
   const Setup<Scalar> s;
-  const head_attention::MultiHeadAttention<Scalar> mha(2, kEmb, kHead, kMax, 36);
+  const head_attention::MultiHeadAttention<Scalar> mha(2, kEmb, kHead, kMax, 0.1, 36);
   head_attention::Workspace<Scalar> workspace;
   Matrix<Scalar> out(kMax, kHead), out_mha(kMax, kEmb);
   s.layer.forward_into(s.x, 1, out, workspace);
@@ -456,7 +456,7 @@ TEMPLATE_TEST_CASE("reserve_workspace and workspace_bytes: bad shapes and foreig
                    "[errors][bad-input][workspace]", float, double) {
   using Scalar = TestType;
   const Setup<Scalar> s;
-  const head_attention::MultiHeadAttention<Scalar> mha(2, kEmb, kHead, kMax, 38);
+  const head_attention::MultiHeadAttention<Scalar> mha(2, kEmb, kHead, kMax, 0.1, 38);
   const head_attention::HeadAttention<Scalar> other(kEmb, kHead + 1, kMax, 39);
   head_attention::Workspace<Scalar> workspace;
   s.layer.reserve_workspace(workspace, 2, 9);

@@ -1,6 +1,7 @@
 // MultiHeadAttention against its definition (every head by the reference path, concatenated, projected in
 // double precision), seeded initialisation, the batched, padded, masked and cached forms, and its errors.
 // (PyTorch parity of the multi-head layer: unit-safetensors.cpp, from PyTorch's own weights and outputs.)
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -49,7 +50,7 @@ TEMPLATE_TEST_CASE("MultiHeadAttention equals its definition", "[multihead]", fl
   for (const Case& c : {Case{1, 8, 4, 5}, Case{3, 16, 8, 70}, Case{4, 12, 5, 300}, Case{8, 32, 4, 129}}) {
     for (const MaskRule& rule :
          {MaskRule::causal(), MaskRule::bidirectional(), MaskRule::sliding_window(30)}) {
-      head_attention::MultiHeadAttention<Scalar> mha(c.heads, c.emb, c.head, c.T, 2200, rule);
+      head_attention::MultiHeadAttention<Scalar> mha(c.heads, c.emb, c.head, c.T, 0.1, 2200, rule);
       const Matrix<Scalar> x = random_matrix<Scalar>(c.T, c.emb, 2201);
       const Matrix<Scalar> out = mha.forward(x);
       REQUIRE(out.rows() == c.T);
@@ -72,7 +73,7 @@ TEMPLATE_TEST_CASE("MultiHeadAttention equals its definition", "[multihead]", fl
 TEMPLATE_TEST_CASE("MultiHeadAttention: seeded init draws the heads, then the projection", "[multihead]",
                    float, double) {
   using Scalar = TestType;
-  const head_attention::MultiHeadAttention<Scalar> mha(3, 10, 4, 16, 77);
+  const head_attention::MultiHeadAttention<Scalar> mha(3, 10, 4, 16, 0.1, 77);
   CHECK(mha.num_heads() == 3);
   CHECK(mha.emb_size() == 10);
   CHECK(mha.head_size() == 4);
@@ -90,14 +91,56 @@ TEMPLATE_TEST_CASE("MultiHeadAttention: seeded init draws the heads, then the pr
     CHECK(mha.head(h).key().weight.cwiseAbs().maxCoeff() <= Scalar(1 / std::sqrt(10.0)));
   CHECK(mha.projection().weight.cwiseAbs().maxCoeff() <= Scalar(1 / std::sqrt(12.0)));
   CHECK(mha.projection().weight.cwiseAbs().maxCoeff() > Scalar(0.5 / std::sqrt(12.0)));
-  const head_attention::MultiHeadAttention<Scalar> again(3, 10, 4, 16, 77);
+  const head_attention::MultiHeadAttention<Scalar> again(3, 10, 4, 16, 0.1, 77);
   CHECK(identical(again.projection().weight, mha.projection().weight));
+}
+
+TEMPLATE_TEST_CASE("MultiHeadAttention takes simple_llm's arguments in simple_llm's order", "[multihead]",
+                   float, double) {
+  using Scalar = TestType;
+  // MultiHeadAttention(num_heads, emb_size, head_size, max_seq_len, dropout=0.1): dropout fifth, as
+  // simple_llm.
+  CHECK(head_attention::MultiHeadAttention<Scalar>(2, 8, 4, 16).dropout() == 0.1);
+  CHECK(head_attention::MultiHeadAttention<Scalar>(2, 8, 4, 16, 0.5).dropout() == 0.5);
+  CHECK(head_attention::MultiHeadAttention<Scalar>(2, 8, 4, 16, 0.0f).dropout() == 0.0);
+  // The seed follows it, and only the seed decides the weights.
+  const head_attention::MultiHeadAttention<Scalar> a(2, 8, 4, 16, 0.5, 123), b(2, 8, 4, 16, 0.2, 123),
+      c(2, 8, 4, 16, 0.5, 124);
+  CHECK(identical(a.projection().weight, b.projection().weight));
+  CHECK(identical(a.head(1).key().weight, b.head(1).key().weight));
+  CHECK_FALSE(identical(a.projection().weight, c.projection().weight));
+  CHECK(identical(head_attention::MultiHeadAttention<Scalar>(2, 8, 4, 16).projection().weight,
+                  head_attention::MultiHeadAttention<Scalar>(2, 8, 4, 16, 0.1, 0).projection().weight));
+  // The dropout the constructor took is the one training applies: a mask at p = 0.5 zeroes about half the
+  // outputs and doubles the rest.
+  const Matrix<Scalar> x = random_matrix<Scalar>(12, 8, 2600);
+  const Matrix<Scalar> plain = a.forward(x);
+  const Matrix<Scalar> trained = a.forward_training(x, 5);
+  Index zeros = 0;
+  for (Index i = 0; i < plain.rows(); ++i)
+    for (Index j = 0; j < plain.cols(); ++j) {
+      if (trained(i, j) == Scalar(0)) {
+        ++zeros;
+      } else {
+        CHECK(std::abs(double(trained(i, j)) - 2 * double(plain(i, j))) <=
+              1e-6 * std::abs(double(plain(i, j))));
+      }
+    }
+  CHECK(zeros > 24);  // of 96 entries, at p = 0.5: 48 expected, fewer than 25 has probability < 1e-5
+  CHECK(zeros < 72);
+  // Out of range: refused before anything is built.
+  check_shape_error([] { head_attention::MultiHeadAttention<Scalar>(2, 8, 4, 16, 1.0); },
+                    {"MultiHeadAttention", "dropout", "in [0, 1)", "got 1"});
+  check_shape_error([] { head_attention::MultiHeadAttention<Scalar>(2, 8, 4, 16, -0.1); },
+                    {"MultiHeadAttention", "dropout", "in [0, 1)", "got -0.1"});
+  check_shape_error([] { head_attention::MultiHeadAttention<Scalar>(2, 8, 4, 16, std::nan("")); },
+                    {"MultiHeadAttention", "dropout", "in [0, 1)"});
 }
 
 TEMPLATE_TEST_CASE("MultiHeadAttention: batches, padding and threads", "[multihead]", float, double) {
   using Scalar = TestType;
   constexpr Index B = 3, T = 140, emb = 16, head = 8, heads = 4;
-  head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 2300);
+  head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 0.1, 2300);
   const Tensor3<Scalar> x = random_tensor<Scalar>(B, T, emb, 2301);
   const Tensor3<Scalar> out = mha.forward(x);
   REQUIRE(out.dimension(2) == emb);
@@ -124,7 +167,7 @@ TEMPLATE_TEST_CASE("MultiHeadAttention: decoding with a cache equals the forward
   using Scalar = TestType;
   constexpr Index T = 90, emb = 12, head = 4, heads = 3;
   for (const MaskRule& rule : {MaskRule::causal(), MaskRule::sliding_window(7)}) {
-    head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 2400, rule);
+    head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 0.1, 2400, rule);
     const Matrix<Scalar> x = random_matrix<Scalar>(T, emb, 2401);
     const Matrix<Scalar> full = mha.forward(x);
     auto cache = mha.make_cache();
@@ -160,7 +203,17 @@ TEMPLATE_TEST_CASE("MultiHeadAttention: bad input is refused, the layer unchange
                     {"MultiHeadAttention", "num_heads", "> 0", "got 0"});
   check_shape_error([] { head_attention::MultiHeadAttention<Scalar>(2, 8, -1, 16); },
                     {"HeadAttention", "head_size", "> 0", "got -1"});
-  head_attention::MultiHeadAttention<Scalar> mha(2, 8, 4, 16, 2500);
+  // Sizes are checked before room for the heads is reserved: the bad size is named, whatever num_heads is.
+  const Index many = Index(1) << 58;
+  check_shape_error([&] { head_attention::MultiHeadAttention<Scalar>(many, 1, 1, 1); },
+                    {"MultiHeadAttention", "num_heads * sizeof(HeadAttention)", "at most"});
+  check_shape_error([&] { head_attention::MultiHeadAttention<Scalar>(many, 0, 4, 16); },
+                    {"MultiHeadAttention", "emb_size", "> 0", "got 0"});
+  check_shape_error([&] { head_attention::MultiHeadAttention<Scalar>(many, 8, -1, 16); },
+                    {"MultiHeadAttention", "head_size", "> 0", "got -1"});
+  check_shape_error([&] { head_attention::MultiHeadAttention<Scalar>(Index(1) << 40, 8, 4, 0); },
+                    {"MultiHeadAttention", "max_seq_len", "> 0", "got 0"});
+  head_attention::MultiHeadAttention<Scalar> mha(2, 8, 4, 16, 0.1, 2500);
   const Matrix<Scalar> x = random_matrix<Scalar>(10, 8, 2501);
   const Matrix<Scalar> before = mha.forward(x);
   check_shape_error([&] { (void)mha.head(2); },
@@ -200,7 +253,7 @@ TEMPLATE_TEST_CASE("MultiHeadAttention: bad input is refused, the layer unchange
 TEMPLATE_TEST_CASE("a Workspace gives the same results and stops growing", "[multihead][workspace]", float,
                    double) {
   using Scalar = TestType;
-  head_attention::MultiHeadAttention<Scalar> mha(3, 24, 8, 300, 17);
+  head_attention::MultiHeadAttention<Scalar> mha(3, 24, 8, 300, 0.1, 17);
   head_attention::HeadAttention<Scalar> head(24, 8, 300, 18);
   head_attention::Workspace<Scalar> workspace;
   CHECK(workspace.bytes() == 0);
@@ -233,7 +286,7 @@ TEMPLATE_TEST_CASE("a Workspace gives the same results and stops growing", "[mul
 
 TEST_CASE("a Workspace serves 16-bit layers", "[multihead][workspace]") {
   using Scalar = Eigen::half;
-  head_attention::MultiHeadAttention<Scalar> mha(2, 16, 8, 80, 3);
+  head_attention::MultiHeadAttention<Scalar> mha(2, 16, 8, 80, 0.1, 3);
   head_attention::Workspace<Scalar> workspace;
   for (int call = 0; call < 2; ++call) {
     const Matrix<Scalar> x =

@@ -121,7 +121,7 @@ TEMPLATE_TEST_CASE("forward_into and decode steps allocate nothing after warm-up
   for (const int threads : {1, 2}) {
     INFO("threads " << threads);
     head_attention::HeadAttention<Scalar> layer(emb, head, T, 91);
-    head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 92,
+    head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 0.1, 92,
                                                    head_attention::MaskRule::sliding_window(50));
     layer.set_num_threads(threads);
     mha.set_num_threads(threads);
@@ -194,7 +194,7 @@ TEMPLATE_TEST_CASE("a reserved workspace makes even the first call allocate noth
   for (const int threads : {1, 2}) {
     INFO("threads " << threads);
     head_attention::HeadAttention<Scalar> layer(emb, head, T, 94);
-    head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 95);
+    head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 0.1, 95);
     layer.set_num_threads(threads);
     mha.set_num_threads(threads);
     const Matrix<Scalar> x = random_matrix<float>(B * T, emb, 96).template cast<Scalar>();

@@ -150,7 +150,7 @@ TEMPLATE_TEST_CASE(
     "[nonfinite][multihead]", float, double) {
   using Scalar = TestType;
   constexpr Index B = 2, T = 130, emb = 16, heads = 3, head = 4;
-  head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 97);
+  head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 0.1, 97);
   const Matrix<Scalar> x = random_matrix<Scalar>(B * T, emb, 98);
   const std::vector<Index> lengths = {T, 90};
   struct Outputs {
@@ -224,7 +224,7 @@ TEMPLATE_TEST_CASE("backward: a non-finite input row reaches only the gradients 
   const head_attention::MaskRule rule = head_attention::MaskRule::sliding_window(W);
   for (const Index T : {Index(150), Index(320)}) {  // one key tile; two, with the plants either side
     head_attention::HeadAttention<Scalar> layer(emb, head, T, 31, rule);
-    head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 32, rule);
+    head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 0.1, 32, rule);
     const Matrix<Scalar> x = random_matrix<Scalar>(2 * T, emb, 33);
     const Matrix<Scalar> g = random_matrix<Scalar>(2 * T, head, 34);
     const Matrix<Scalar> g_mha = random_matrix<Scalar>(2 * T, emb, 35);
@@ -268,7 +268,7 @@ TEMPLATE_TEST_CASE("backward: a non-finite output gradient reaches only the posi
   const double bound = std::is_same<Scalar, float>::value ? 1e-5 : 1e-12;
   constexpr Index T = 300, emb = 12, head = 8;
   head_attention::HeadAttention<Scalar> layer(emb, head, T, 41);
-  head_attention::MultiHeadAttention<Scalar> mha(2, emb, head, T, 42);
+  head_attention::MultiHeadAttention<Scalar> mha(2, emb, head, T, 0.1, 42);
   const Matrix<Scalar> x = random_matrix<Scalar>(T, emb, 43);
   const Matrix<Scalar> g = random_matrix<Scalar>(T, head, 44);
   const Matrix<Scalar> g_mha = random_matrix<Scalar>(T, emb, 45);

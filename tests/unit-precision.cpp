@@ -130,7 +130,7 @@ TEMPLATE_TEST_CASE("16-bit MultiHeadAttention matches the double definition", "[
                    Eigen::bfloat16) {
   using Scalar = TestType;
   const Index heads = 4, emb = 64, head = 16, T = 130;
-  head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, 256, 21);
+  head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, 256, 0.1, 21);
   const Matrix<Scalar> x = random16<Scalar>(T, emb, 4);
   Matrix<double> concat(T, heads * head);
   for (Index h = 0; h < heads; ++h)

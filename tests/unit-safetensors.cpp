@@ -271,7 +271,7 @@ TEMPLATE_TEST_CASE("golden: PyTorch's MultiHeadAttention state_dict in F64, F32,
   std::ostringstream measured;
   for (const std::string& dtype : kDtypes) {
     INFO("mha." << dtype);
-    MultiHeadAttention<Scalar> mha(3, 16, 8, 12, 99);
+    MultiHeadAttention<Scalar> mha(3, 16, 8, 12, 0.1, 99);
     head_attention::load_state_dict(mha, golden("mha." + dtype + ".safetensors"));
     const std::string io = golden("mha." + dtype + ".io.safetensors");
     const auto x = head_attention::load_tensor<Scalar>(io, "x");
@@ -301,7 +301,7 @@ TEMPLATE_TEST_CASE("16-bit modules: PyTorch's F16 / BF16 files, and save then lo
       head_attention::load_tensor<float>(io, "out").matrix());
   CHECK(head_error <= bound);
 
-  MultiHeadAttention<Scalar> mha(3, 16, 8, 12, 99);
+  MultiHeadAttention<Scalar> mha(3, 16, 8, 12, 0.1, 99);
   head_attention::load_state_dict(mha, golden("mha." + dtype + ".safetensors"));
   const std::string mha_io = golden("mha." + dtype + ".io.safetensors");
   const double mha_error = relative_error(
@@ -313,7 +313,7 @@ TEMPLATE_TEST_CASE("16-bit modules: PyTorch's F16 / BF16 files, and save then lo
   // Saved as the module's own dtype: the file loads back bit-exactly, and into float exactly too.
   const TempDir dir;
   head_attention::save_state_dict(mha, dir.file("mha.safetensors"));
-  MultiHeadAttention<Scalar> copy(3, 16, 8, 12, 6);
+  MultiHeadAttention<Scalar> copy(3, 16, 8, 12, 0.1, 6);
   head_attention::load_state_dict(copy, dir.file("mha.safetensors"));
   for (Index h = 0; h < 3; ++h)
     CHECK(same(mha.head(h).value(), copy.head(h).value()));
@@ -325,7 +325,7 @@ TEMPLATE_TEST_CASE("16-bit modules: PyTorch's F16 / BF16 files, and save then lo
 TEMPLATE_TEST_CASE("a prefix loads one head of a multi-head file", "[safetensors]", float, double) {
   using Scalar = TestType;
   const std::string path = golden("mha.F64.safetensors");
-  MultiHeadAttention<Scalar> mha(3, 16, 8, 12, 1);
+  MultiHeadAttention<Scalar> mha(3, 16, 8, 12, 0.1, 1);
   head_attention::load_state_dict(mha, path);
   const auto x = head_attention::load_tensor<Scalar>(golden("mha.F64.io.safetensors"), "x");
   for (Index h = 0; h < 3; ++h) {
@@ -384,9 +384,9 @@ TEMPLATE_TEST_CASE("save then load round-trips bit-exactly, with and without a p
   CHECK(same(a.value(), c.value()));
   CHECK_THROWS_AS(head_attention::load_state_dict(c, dir.file("prefixed.safetensors")), shape_error);
 
-  const MultiHeadAttention<Scalar> m(3, 16, 8, 12, 5);
+  const MultiHeadAttention<Scalar> m(3, 16, 8, 12, 0.1, 5);
   head_attention::save_state_dict(m, dir.file("mha.safetensors"));
-  MultiHeadAttention<Scalar> n(3, 16, 8, 12, 6);
+  MultiHeadAttention<Scalar> n(3, 16, 8, 12, 0.1, 6);
   head_attention::load_state_dict(n, dir.file("mha.safetensors"));
   for (Index h = 0; h < 3; ++h) {
     CHECK(same(m.head(h).query(), n.head(h).query()));
@@ -409,7 +409,7 @@ TEMPLATE_TEST_CASE("save writes PyTorch's state_dict: its names, the masks, an a
   using Scalar = TestType;
   const TempDir dir;
   const std::string path = dir.file("mha.safetensors");
-  head_attention::save_state_dict(MultiHeadAttention<Scalar>(2, 6, 4, 5, 1), path);
+  head_attention::save_state_dict(MultiHeadAttention<Scalar>(2, 6, 4, 5, 0.1, 1), path);
   const std::string raw = read_bytes(path);
   REQUIRE(raw.size() >= 8);
   std::uint64_t n = 0;
@@ -458,7 +458,7 @@ TEST_CASE("save refuses a layer with a malformed projection, and a path it canno
       [&] { head_attention::save_state_dict(good, dir.file("no/such/dir/x.safetensors")); });
   CHECK(message.find("cannot open the file for writing") != std::string::npos);
 
-  MultiHeadAttention<float> mha(2, 6, 4, 5, 1);
+  MultiHeadAttention<float> mha(2, 6, 4, 5, 0.1, 1);
   mha.projection().bias.resize(5);
   message = expect_error<shape_error>([&] { head_attention::save_state_dict(mha, dir.file("y")); });
   CHECK(message.find("projection().bias size") != std::string::npos);
@@ -706,10 +706,10 @@ TEMPLATE_TEST_CASE("a failed multi-head load leaves every head and the projectio
   using Scalar = TestType;
   const TempDir dir;
   const std::string valid_path = dir.file("valid.safetensors");
-  head_attention::save_state_dict(MultiHeadAttention<double>(3, kEmb, kHead, kMax, 7), valid_path);
+  head_attention::save_state_dict(MultiHeadAttention<double>(3, kEmb, kHead, kMax, 0.1, 7), valid_path);
   const std::vector<RawTensor> valid = tensors_of(valid_path);
 
-  MultiHeadAttention<Scalar> mha(3, kEmb, kHead, kMax, 8);
+  MultiHeadAttention<Scalar> mha(3, kEmb, kHead, kMax, 0.1, 8);
   const MultiHeadAttention<Scalar> before = mha;
   const auto check_unchanged = [&] {
     for (Index h = 0; h < 3; ++h) {
@@ -766,7 +766,7 @@ TEMPLATE_TEST_CASE("a failed multi-head load leaves every head and the projectio
               layout(without(without(without(valid, "_heads.0._tril_mask"), "_heads.1._tril_mask"),
                              "_heads.2._tril_mask")));
   head_attention::load_state_dict(mha, dir.file("no_masks.safetensors"));
-  MultiHeadAttention<Scalar> two(2, kEmb, kHead, kMax, 1);
+  MultiHeadAttention<Scalar> two(2, kEmb, kHead, kMax, 0.1, 1);
   const std::string message =
       expect_error<shape_error>([&] { head_attention::load_state_dict(two, valid_path); });
   CHECK(message.find("unexpected key(s): _heads.2._k.bias") != std::string::npos);
@@ -1058,7 +1058,7 @@ TEMPLATE_TEST_CASE("load_state_dict from a file object equals load_state_dict fr
     INFO(dtype);
     const std::string path = golden("mha." + dtype + ".safetensors");
     const SafetensorsFile file = SafetensorsFile::open(path);
-    MultiHeadAttention<Scalar> from_path(3, 16, 8, 12, 1), from_file(3, 16, 8, 12, 2);
+    MultiHeadAttention<Scalar> from_path(3, 16, 8, 12, 0.1, 1), from_file(3, 16, 8, 12, 0.1, 2);
     head_attention::load_state_dict(from_path, path);
     head_attention::load_state_dict(from_file, file);
     for (Index h = 0; h < 3; ++h) {

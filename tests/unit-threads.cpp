@@ -197,7 +197,7 @@ struct Shared {
   static constexpr Index kEmb = 24, kHead = 8, kMax = 160;
   head_attention::HeadAttention<Scalar> layer{kEmb, kHead, kMax, 41};
   head_attention::BatchedHeadAttention<Scalar> batched{kEmb, kHead, kMax, 42};
-  head_attention::MultiHeadAttention<Scalar> mha{3, kEmb, kHead, kMax, 43};
+  head_attention::MultiHeadAttention<Scalar> mha{3, kEmb, kHead, kMax, 0.1, 43};
   head_attention::PackedHeadAttention<Scalar> packed{layer};
   head_attention::PackedMultiHeadAttention<Scalar> packed_mha{mha};
 
@@ -281,7 +281,7 @@ TEMPLATE_TEST_CASE("multi-head, padded and cached results are bit-identical on 1
   using Scalar = TestType;
   if (!head_attention::detail::has_openmp) HA_SKIP("built without OpenMP: every call runs on one thread");
   constexpr Index B = 2, T = 400, emb = 32, head = 16;
-  head_attention::MultiHeadAttention<Scalar> mha(4, emb, head, T, 61);
+  head_attention::MultiHeadAttention<Scalar> mha(4, emb, head, T, 0.1, 61);
   head_attention::HeadAttention<Scalar> layer(emb, head, T, 62);
   const Matrix<Scalar> x = random_matrix<Scalar>(B * T, emb, 63);
   const std::vector<Index> lengths = {T, 250};

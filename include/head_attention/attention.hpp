@@ -10,6 +10,7 @@
 
 #include <Eigen/Core>
 
+#include "arguments.hpp"
 #include "detail/flash.hpp"
 #include "detail/flash_backward.hpp"
 #include "detail/parallel.hpp"
@@ -102,10 +103,10 @@ class HeadAttention {
 
   /// Builds the layer with PyTorch's default nn.Linear init, U(-1/sqrt(emb_size), 1/sqrt(emb_size)) for every
   /// weight and bias, drawn in the order q.weight, q.bias, k.weight, k.bias, v.weight, v.bias from a
-  /// generator seeded with `seed` (the same seed gives the same weights, in float and double alike). Throws
-  /// shape_error unless all three sizes are positive. `rule` is which keys each query sees (causal, the
-  /// seed's, by default; see MaskRule).
-  HeadAttention(Index emb_size, Index head_size, Index max_seq_len, std::uint64_t seed = 0,
+  /// generator seeded with `seed` (the same seed gives the same weights, in float and double alike; an
+  /// integer, see Seed). Throws shape_error unless all three sizes are positive. `rule` is which keys each
+  /// query sees (causal, the seed's, by default; see MaskRule).
+  HeadAttention(Index emb_size, Index head_size, Index max_seq_len, Seed seed = 0,
                 const MaskRule& rule = MaskRule::causal())
       : m_emb_size(checked_size(emb_size, "emb_size")),
         m_head_size(checked_size(head_size, "head_size")),
@@ -117,7 +118,7 @@ class HeadAttention {
                          "emb_size * head_size * element size");
     detail::require_fits({max_seq_len, 3, head_size}, sizeof(Compute), "HeadAttention",
                          "max_seq_len * 3 * head_size * element size");
-    detail::UniformSource uniform(seed);
+    detail::UniformSource uniform(seed.value());
     m_query = detail::make_linear<Scalar>(emb_size, head_size, uniform);
     m_key = detail::make_linear<Scalar>(emb_size, head_size, uniform);
     m_value = detail::make_linear<Scalar>(emb_size, head_size, uniform);

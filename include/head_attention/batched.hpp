@@ -77,7 +77,7 @@ class BatchedHeadAttention {
   explicit BatchedHeadAttention(Layer head) : m_head(std::move(head)) {}
 
   /// Builds the layer as HeadAttention(emb_size, head_size, max_seq_len, seed) would.
-  BatchedHeadAttention(Index emb_size, Index head_size, Index max_seq_len, std::uint64_t seed = 0)
+  BatchedHeadAttention(Index emb_size, Index head_size, Index max_seq_len, Seed seed = 0)
       : m_head(emb_size, head_size, max_seq_len, seed) {}
 
   /// The layer itself: its weights, mask rule and thread cap are this module's.

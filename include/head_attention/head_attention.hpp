@@ -7,6 +7,7 @@
 /// The library's API: everything in it but head_attention::detail, whose contents may change in any release
 /// (see the README's "Versioning").
 
+#include "arguments.hpp"
 #include "attention.hpp"
 #include "batched.hpp"
 #include "errors.hpp"

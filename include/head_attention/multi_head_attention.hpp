@@ -54,22 +54,37 @@ class MultiHeadAttention {
   /// [B, T, features] tensors, row-major as in BatchedHeadAttention.
   using Tensor3 = Eigen::Tensor<Scalar, 3, Eigen::RowMajor>;
 
-  /// Builds num_heads heads and the output projection with PyTorch's default nn.Linear init, all drawn from
-  /// one generator seeded with `seed`: heads 0..num_heads-1 (each q.weight, q.bias, k.weight, k.bias,
-  /// v.weight, v.bias, U(±1/sqrt(emb_size))), then the projection's weight and bias, U(±1/sqrt(num_heads ·
-  /// head_size)). `rule` is every head's mask rule (causal by default). Throws shape_error unless all four
-  /// sizes are positive.
+  /// simple_llm's MultiHeadAttention(num_heads, emb_size, head_size, max_seq_len, dropout=0.1), in its
+  /// argument order: `dropout` is the probability the training-mode calls apply (see dropout()), a
+  /// floating-point value (an integer there does not compile; see Probability). Builds num_heads heads and
+  /// the output projection with PyTorch's default nn.Linear init, all drawn from one generator seeded with
+  /// `seed`: heads 0..num_heads-1 (each q.weight, q.bias, k.weight, k.bias, v.weight, v.bias,
+  /// U(±1/sqrt(emb_size))), then the projection's weight and bias, U(±1/sqrt(num_heads · head_size)). `rule`
+  /// is every head's mask rule (causal by default). Throws shape_error unless all four sizes are positive and
+  /// dropout is in [0, 1).
   MultiHeadAttention(Index num_heads, Index emb_size, Index head_size, Index max_seq_len,
-                     std::uint64_t seed = 0, const MaskRule& rule = MaskRule::causal()) {
+                     Probability dropout = 0.1, Seed seed = 0, const MaskRule& rule = MaskRule::causal())
+      : m_dropout(dropout.value()) {
     HEAD_ATTENTION_REQUIRE(num_heads > 0, "MultiHeadAttention", "num_heads", "> 0",
                            std::to_string(num_heads));
+    HEAD_ATTENTION_REQUIRE(m_dropout >= 0 && m_dropout < 1, "MultiHeadAttention", "dropout", "in [0, 1)",
+                           std::to_string(m_dropout));
+    // Every size before anything is reserved: a bad one must be named, not surface as length_error or
+    // bad_alloc from reserving num_heads heads.
+    HEAD_ATTENTION_REQUIRE(emb_size > 0, "MultiHeadAttention", "emb_size", "> 0", std::to_string(emb_size));
+    HEAD_ATTENTION_REQUIRE(head_size > 0, "MultiHeadAttention", "head_size", "> 0",
+                           std::to_string(head_size));
+    HEAD_ATTENTION_REQUIRE(max_seq_len > 0, "MultiHeadAttention", "max_seq_len", "> 0",
+                           std::to_string(max_seq_len));
+    detail::require_fits({num_heads}, sizeof(Head), "MultiHeadAttention",
+                         "num_heads * sizeof(HeadAttention)");
     // All heads' Q|K|V rows of a full-length sequence, and the projection's weight, must be addressable.
     detail::require_fits({num_heads, max_seq_len, 3, head_size}, sizeof(detail::compute_t<Scalar>),
                          "MultiHeadAttention", "num_heads * max_seq_len * 3 * head_size * element size");
     detail::require_fits({num_heads, head_size, emb_size}, sizeof(detail::compute_t<Scalar>),
                          "MultiHeadAttention", "num_heads * head_size * emb_size * element size");
     m_heads.reserve(static_cast<std::size_t>(num_heads));
-    detail::UniformSource uniform(seed);
+    detail::UniformSource uniform(seed.value());
     for (Index h = 0; h < num_heads; ++h) {
       m_heads.emplace_back(emb_size, head_size, max_seq_len, 0, rule);  // checks the sizes
       m_heads.back().query() = detail::make_linear<Scalar>(emb_size, head_size, uniform);
@@ -182,16 +197,16 @@ class MultiHeadAttention {
   /// with probability dropout() and the others scaled by 1 / (1 - dropout()). The mask is drawn from `seed`
   /// (row-major, one draw per entry): backward_training with the same seed re-draws it. Throws as forward.
   template <typename Derived>
-  Matrix forward_training(const Eigen::MatrixBase<Derived>& x, std::uint64_t seed) const {
+  Matrix forward_training(const Eigen::MatrixBase<Derived>& x, Seed seed) const {
     return forward_training(x, 1, seed);
   }
 
   /// The same for `batch` sequences back to back, x [batch · T, emb_size] (as forward_into).
   template <typename Derived>
-  Matrix forward_training(const Eigen::MatrixBase<Derived>& x, Index batch, std::uint64_t seed) const {
+  Matrix forward_training(const Eigen::MatrixBase<Derived>& x, Index batch, Seed seed) const {
     Matrix out(x.rows(), emb_size());  // [B·T, emb]
     forward_into(x, batch, out);
-    detail::dropout_in_place(out, m_dropout, seed);
+    detail::dropout_in_place(out, m_dropout, seed.value());
     return out;
   }
 
@@ -201,7 +216,7 @@ class MultiHeadAttention {
   /// logsumexp. The returned output equals forward_training(x, seed) bit for bit. float and double only.
   /// Throws as forward, leaving state unchanged.
   template <typename Derived>
-  Matrix forward_training(const Eigen::MatrixBase<Derived>& x, std::uint64_t seed,
+  Matrix forward_training(const Eigen::MatrixBase<Derived>& x, Seed seed,
                           TrainingState<Scalar>& state) const {
     return forward_training(x, 1, seed, state);
   }
@@ -209,14 +224,14 @@ class MultiHeadAttention {
   /// The same for `batch` sequences back to back: state.output [batch · T, num_heads · head_size], state.lse
   /// [num_heads · batch · T].
   template <typename Derived>
-  Matrix forward_training(const Eigen::MatrixBase<Derived>& x, Index batch, std::uint64_t seed,
+  Matrix forward_training(const Eigen::MatrixBase<Derived>& x, Index batch, Seed seed,
                           TrainingState<Scalar>& state) const {
     static_assert(std::is_same<detail::compute_t<Scalar>, Scalar>::value,
                   "MultiHeadAttention::forward_training with a state needs float or double");
     Matrix out(x.rows(), emb_size());  // [B·T, emb]
     OutputRef out_ref(out);
     batch_into(x, batch, out_ref, nullptr, nullptr, &state);
-    detail::dropout_in_place(out, m_dropout, seed);
+    detail::dropout_in_place(out, m_dropout, seed.value());
     return out;
   }
 
@@ -252,7 +267,7 @@ class MultiHeadAttention {
   template <typename Derived, typename GradDerived>
   MultiHeadGradients<Scalar> backward_training(const Eigen::MatrixBase<Derived>& x,
                                                const Eigen::MatrixBase<GradDerived>& grad_out,
-                                               std::uint64_t seed) const {
+                                               Seed seed) const {
     return backward_rows(x, 1, grad_out, &seed, nullptr);
   }
 
@@ -260,7 +275,7 @@ class MultiHeadAttention {
   template <typename Derived, typename GradDerived>
   MultiHeadGradients<Scalar> backward_training(const Eigen::MatrixBase<Derived>& x, Index batch,
                                                const Eigen::MatrixBase<GradDerived>& grad_out,
-                                               std::uint64_t seed) const {
+                                               Seed seed) const {
     return backward_rows(x, batch, grad_out, &seed, nullptr);
   }
 
@@ -270,16 +285,16 @@ class MultiHeadAttention {
   /// [T, num_heads · head_size] and state.lse [num_heads · T].
   template <typename Derived, typename GradDerived>
   MultiHeadGradients<Scalar> backward_training(const Eigen::MatrixBase<Derived>& x,
-                                               const Eigen::MatrixBase<GradDerived>& grad_out,
-                                               std::uint64_t seed, const TrainingState<Scalar>& state) const {
+                                               const Eigen::MatrixBase<GradDerived>& grad_out, Seed seed,
+                                               const TrainingState<Scalar>& state) const {
     return backward_rows(x, 1, grad_out, &seed, nullptr, &state);
   }
 
   /// The same from forward_training(x, batch, seed, state).
   template <typename Derived, typename GradDerived>
   MultiHeadGradients<Scalar> backward_training(const Eigen::MatrixBase<Derived>& x, Index batch,
-                                               const Eigen::MatrixBase<GradDerived>& grad_out,
-                                               std::uint64_t seed, const TrainingState<Scalar>& state) const {
+                                               const Eigen::MatrixBase<GradDerived>& grad_out, Seed seed,
+                                               const TrainingState<Scalar>& state) const {
     return backward_rows(x, batch, grad_out, &seed, nullptr, &state);
   }
 
@@ -452,8 +467,8 @@ class MultiHeadAttention {
   /// with right padding when lengths is not null.
   template <typename Derived, typename GradDerived>
   MultiHeadGradients<Scalar> backward_rows(const Eigen::MatrixBase<Derived>& x, Index batch,
-                                           const Eigen::MatrixBase<GradDerived>& grad_out,
-                                           const std::uint64_t* seed, const std::vector<Index>* lengths,
+                                           const Eigen::MatrixBase<GradDerived>& grad_out, const Seed* seed,
+                                           const std::vector<Index>* lengths,
                                            const TrainingState<Scalar>* state = nullptr) const {
     static_assert(std::is_same<detail::compute_t<Scalar>, Scalar>::value,
                   "MultiHeadAttention::backward needs float or double");
@@ -470,7 +485,7 @@ class MultiHeadAttention {
     const Index width = num_heads() * head_size();
     if (state != nullptr) detail::check_state(*state, rows, num_heads(), head_size(), where);
     Matrix dy = grad_out;  // [rows, emb] dL/d (the projection's output)
-    if (seed != nullptr) detail::dropout_in_place(dy, m_dropout, *seed);
+    if (seed != nullptr) detail::dropout_in_place(dy, m_dropout, seed->value());
     Matrix dconcat(rows, width);  // [rows, heads·head] dL/d (the heads' concatenated outputs)
     // [rows, heads·head] the heads' outputs: the state's, else recomputed by the backward
     Matrix recomputed(state != nullptr ? 0 : rows, width);

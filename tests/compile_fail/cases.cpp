@@ -1,5 +1,7 @@
 // Inputs that must not compile, each selected by one HEAD_ATTENTION_COMPILE_FAIL_<case> macro, and, with none
 // defined, the control: the same calls with the right types, which must compile (it is built with the tests).
+#include <cstdint>
+
 #include <Eigen/Core>
 #include <unsupported/Eigen/CXX11/Tensor>
 
@@ -31,7 +33,28 @@ int main() {
 #elif defined(HEAD_ATTENTION_COMPILE_FAIL_MATRIX_SCALAR)
   const Eigen::MatrixXd x = Eigen::MatrixXd::Zero(3, 4);
   (void)layer.forward(x);
+#elif defined(HEAD_ATTENTION_COMPILE_FAIL_MHA_OLD_SEED)
+  // Written for the old order, where the seed was fifth: now the dropout probability stands there.
+  head_attention::MultiHeadAttention<float> mha(4, 64, 16, 50, 42);
+#elif defined(HEAD_ATTENTION_COMPILE_FAIL_MHA_FLOAT_SEED)
+  head_attention::MultiHeadAttention<float> mha(4, 64, 16, 50, 0.1, 0.5);
+#elif defined(HEAD_ATTENTION_COMPILE_FAIL_HEAD_FLOAT_SEED)
+  head_attention::HeadAttention<float> dropout_by_mistake(4, 2, 8, 0.2);
+#elif defined(HEAD_ATTENTION_COMPILE_FAIL_BATCHED_FLOAT_SEED)
+  head_attention::BatchedHeadAttention<float> dropout_by_mistake(4, 2, 8, 0.2f);
+#elif defined(HEAD_ATTENTION_COMPILE_FAIL_TRAINING_FLOAT_SEED)
+  const head_attention::MultiHeadAttention<float> mha(2, 4, 2, 8);
+  (void)mha.forward_training(Eigen::MatrixXf::Zero(3, 4), 0.2);
 #else
+  // simple_llm's order, MultiHeadAttention(num_heads, emb_size, head_size, max_seq_len, dropout), the seed
+  // after it; integer seeds of any type.
+  const head_attention::MultiHeadAttention<float> mha(2, 4, 2, 8);
+  const head_attention::MultiHeadAttention<float> with_dropout(2, 4, 2, 8, 0.2);
+  const head_attention::MultiHeadAttention<float> with_seed(2, 4, 2, 8, 0.2f, 7);
+  const head_attention::MultiHeadAttention<double> with_unsigned_seed(2, 4, 2, 8, 0.0, 7u);
+  const head_attention::HeadAttention<float> seeded(4, 2, 8, std::uint64_t{9});
+  const head_attention::BatchedHeadAttention<float> batched_seeded(4, 2, 8, 9L);
+  (void)mha.forward_training(Eigen::MatrixXf::Zero(3, 4), 3);
   Eigen::Tensor<float, 3, Eigen::RowMajor> x(2, 3, 4);
   x.setZero();
   (void)batched.forward(x);

@@ -143,7 +143,7 @@ void single(ha_fuzz::Input& in) {
 template <typename Scalar>
 void multi(ha_fuzz::Input& in) {
   const Index heads = in.range(1, 4), emb = in.range(1, 10), head = in.range(1, 8), max = in.range(1, 70);
-  MultiHeadAttention<Scalar> mha(heads, emb, head, max, static_cast<std::uint64_t>(in.byte()), rule(in));
+  MultiHeadAttention<Scalar> mha(heads, emb, head, max, 0.1, static_cast<std::uint64_t>(in.byte()), rule(in));
   if (in.flag()) mha.head(in.range(0, heads - 1)).set_mask_rule(rule(in));  // heads that disagree: refused
   const Index batch = in.range(0, 3), seq = in.range(0, max + 1);
   const Matrix<Scalar> x = matrix<Scalar>(in, batch * seq, near(in, emb));

@@ -75,7 +75,7 @@ void load_all(const SafetensorsFile& file) {
   const typename HeadAttention<Scalar>::Matrix x = HeadAttention<Scalar>::Matrix::Ones(kMax, kEmb);
   (void)layer.forward(x);
 
-  MultiHeadAttention<Scalar> mha(kHeads, kEmb, kHead, kMax, 2);
+  MultiHeadAttention<Scalar> mha(kHeads, kEmb, kHead, kMax, 0.1, 2);
   expect_load_or_refuse(mha, [&] { head_attention::load_state_dict(mha, file); });
   (void)mha.forward(x);
 }
