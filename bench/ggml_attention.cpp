@@ -26,7 +26,13 @@
 // one is used (ggml_backend_load_best's rule); ggml's graph code comes from libggml-base.so, linked.
 //
 // Output: JSON on stdout (context, limits, parity, every round's medians); progress on stderr.
-//   ggml_attention --lib-dir DIR [--rounds 5] [--min-time 0.2] [--threads 1,2] [--quick] [--only REGEX]
+//   ggml_attention --lib-dir DIR [--rounds 5] [--first-round K] [--min-time 0.2] [--threads 1,2] [--quick]
+//                  [--only REGEX] [--no-limits]
+// Each round times every case once, in an order rotated by the round's number (reversed on odd rounds); a
+// case's figure is the median of its per-call times (and of the calling thread's CPU time) over --min-time
+// seconds (0.3 s and at least 3 calls for B = 8, T = 1024; at least 20 calls otherwise), after warm-up calls.
+// --only keeps the shapes whose "prefill/h1/B8_T1024" / "decode/h8/n512" prefix matches REGEX. Limits: one
+// core's FMA peak and read bandwidth over 4.5 MiB and 64 MiB buffers, before and after the rounds.
 #include <dlfcn.h>
 #include <glob.h>
 #include <time.h>
@@ -468,7 +474,7 @@ std::string json_str(const std::string& s) {
 
 int main(int argc, char** argv) {
   std::string lib_dir, cpu_lib, only;
-  int rounds = 5;
+  int rounds = 5, first_round = 0;
   double min_time = 0.2;
   bool quick = false, limits = true;
   std::vector<int> thread_counts{1, 2};
@@ -484,6 +490,7 @@ int main(int argc, char** argv) {
     if (a == "--lib-dir") lib_dir = next();
     else if (a == "--cpu-lib") cpu_lib = next();
     else if (a == "--rounds") rounds = std::atoi(next().c_str());
+    else if (a == "--first-round") first_round = std::atoi(next().c_str());
     else if (a == "--min-time") min_time = std::atof(next().c_str());
     else if (a == "--only") only = next();
     else if (a == "--quick") quick = true;
@@ -495,7 +502,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: ggml_attention --lib-dir DIR [--cpu-lib PATH] [--rounds N] [--min-time S] "
-                   "[--threads 1,2] [--only REGEX] [--quick] [--no-limits]\n");
+                   "[--first-round K] [--threads 1,2] [--only REGEX] [--quick] [--no-limits]\n");
       return 2;
     }
   }
@@ -704,11 +711,11 @@ int main(int argc, char** argv) {
   std::ostringstream res;
   bool first = true;
   const size_t nc = cases.size();
-  for (int r = 0; r < rounds; ++r) {
-    std::fprintf(stderr, "round %d of %d: %zu cases\n", r + 1, rounds, nc);
+  for (int r = first_round; r < first_round + rounds; ++r) {
+    std::fprintf(stderr, "round %d: %zu cases\n", r, nc);
     // Rotated by a different amount each round, and reversed on odd rounds.
     for (size_t k = 0; k < nc; ++k) {
-      const size_t idx0 = (k + static_cast<size_t>(r) * (nc / std::max(rounds, 1) + 7)) % nc;
+      const size_t idx0 = (k + static_cast<size_t>(r) * (nc / 5 + 7)) % nc;
       const size_t idx = (r % 2) ? nc - 1 - idx0 : idx0;
       Case& c = cases[idx];
       if (c.set_threads) c.set_threads(c.threads);
