@@ -27,11 +27,11 @@
 //
 // Output: JSON on stdout (context, limits, parity, every round's medians); progress on stderr.
 //   ggml_attention --lib-dir DIR [--rounds 5] [--first-round K] [--min-time 0.2] [--threads 1,2] [--quick]
-//                  [--only REGEX] [--no-limits]
+//                  [--prefill-shapes 8x1024,2x10] [--only REGEX] [--no-limits]
 // Each round times every case once, in an order rotated by the round's number (reversed on odd rounds); a
 // case's figure is the median of its per-call times (and of the calling thread's CPU time) over --min-time
 // seconds (0.3 s and at least 3 calls for B = 8, T = 1024; at least 20 calls otherwise), after warm-up calls.
-// --only keeps the shapes whose "prefill/h1/B8_T1024" / "decode/h8/n512" prefix matches REGEX. Limits: one
+// --prefill-shapes BxT,... replaces the prefill shapes (default 8x1024,2x10). --only keeps the shapes whose "prefill/h1/B8_T1024" / "decode/h8/n512" prefix matches REGEX. Limits: one
 // core's FMA peak and read bandwidth over 4.5 MiB and 64 MiB buffers, before and after the rounds.
 #include <dlfcn.h>
 #include <glob.h>
@@ -478,6 +478,7 @@ int main(int argc, char** argv) {
   double min_time = 0.2;
   bool quick = false, limits = true;
   std::vector<int> thread_counts{1, 2};
+  std::vector<std::pair<Index, Index>> prefill_arg;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -495,14 +496,21 @@ int main(int argc, char** argv) {
     else if (a == "--only") only = next();
     else if (a == "--quick") quick = true;
     else if (a == "--no-limits") limits = false;
-    else if (a == "--threads") {
+    else if (a == "--prefill-shapes") {
+      std::stringstream ss(next());
+      for (std::string bt; std::getline(ss, bt, ',');) {
+        const size_t x = bt.find('x');
+        prefill_arg.emplace_back(std::atol(bt.substr(0, x).c_str()), std::atol(bt.substr(x + 1).c_str()));
+      }
+    } else if (a == "--threads") {
       thread_counts.clear();
       std::stringstream ss(next());
       for (std::string t; std::getline(ss, t, ',');) thread_counts.push_back(std::atoi(t.c_str()));
     } else {
       std::fprintf(stderr,
                    "usage: ggml_attention --lib-dir DIR [--cpu-lib PATH] [--rounds N] [--min-time S] "
-                   "[--first-round K] [--threads 1,2] [--only REGEX] [--quick] [--no-limits]\n");
+                   "[--first-round K] [--threads 1,2] [--prefill-shapes 8x1024,2x10] [--only REGEX] [--quick] "
+                   "[--no-limits]\n");
       return 2;
     }
   }
@@ -515,10 +523,13 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "ggml CPU library: %s (score %d)\n", g_cpu.path.c_str(), g_cpu.score);
 
   const std::vector<std::pair<Index, Index>> prefill_shapes =
-      quick ? std::vector<std::pair<Index, Index>>{{2, 10}} : std::vector<std::pair<Index, Index>>{{8, 1024}, {2, 10}};
+      !prefill_arg.empty() ? prefill_arg
+      : quick              ? std::vector<std::pair<Index, Index>>{{2, 10}}
+                           : std::vector<std::pair<Index, Index>>{{8, 1024}, {2, 10}};
   const std::vector<Index> decode_h1 = quick ? std::vector<Index>{128} : std::vector<Index>{128, 512, 2048, 4096};
   const std::vector<Index> decode_h8 = quick ? std::vector<Index>{128} : std::vector<Index>{128, 512, 2048};
-  const Index max_len = 4096 + 1;
+  Index max_len = 4096 + 1;
+  for (auto [B, T] : prefill_shapes) max_len = std::max(max_len, T);
 
   Model m1(1, max_len), m8(8, max_len);
   std::vector<std::unique_ptr<GgmlGraph>> graphs;
