@@ -802,6 +802,341 @@ double useful_flops(Eigen::Index batch, Eigen::Index rows_per_sequence, Eigen::I
          4.0 * b * t * seen * static_cast<double>(head);
 }
 
+/// The layers a forward call reads, in the compute type (layers: [3 · heads], output: the output projection
+/// or null). Scalar is the compute type.
+template <typename Scalar>
+struct ComputeLayers {
+  const Linear<Scalar>* const* layers = nullptr;
+  const Linear<Scalar>* output = nullptr;
+};
+
+/// forward()'s first stage, the layers in the compute type: the stored layers themselves for float and
+/// double; for a 16-bit layer, copies converted to float in buffers.wide_layers (resized in place, so that a
+/// call of a shape seen before allocates nothing). Neither when the weights come packed.
+template <typename Stored>
+ComputeLayers<compute_t<Stored>> compute_layers(const Linear<Stored>* const* stored_layers,
+                                                Eigen::Index heads, const AttentionPlan<Stored>& plan,
+                                                ForwardBuffers<compute_t<Stored>>& buffers) {
+  using Scalar = compute_t<Stored>;
+  using Index = Eigen::Index;
+  ComputeLayers<Scalar> result;
+  if (plan.packed != nullptr) {
+    // Prepared once by the packed layer: nothing to convert, transpose or scale here.
+  } else if constexpr (!std::is_same<Scalar, Stored>::value) {
+    const Index count = 3 * heads + (plan.output != nullptr ? 1 : 0);
+    buffers.wide_layers.resize(static_cast<std::size_t>(count));
+    buffers.wide_pointers.resize(static_cast<std::size_t>(count));
+    for (Index p = 0; p < count; ++p) {
+      const Linear<Stored>& from = p < 3 * heads ? *stored_layers[p] : *plan.output;
+      Linear<Scalar>& to = buffers.wide_layers[static_cast<std::size_t>(p)];
+      to.weight.resize(from.weight.rows(), from.weight.cols());  // no reallocation for the same shape
+      to.bias.resize(from.bias.size());
+      widen_into(from, to);
+      buffers.wide_pointers[static_cast<std::size_t>(p)] = &to;
+    }
+    result.layers = buffers.wide_pointers.data();
+    if (plan.output != nullptr) result.output = buffers.wide_pointers.back();
+  } else {
+    result.layers = stored_layers;
+    result.output = plan.output;
+  }
+  return result;
+}
+
+/// The sizes and work items of one forward call. Everything but `threads` follows from the shape alone, so
+/// that results never depend on the thread count.
+struct WorkPlan {
+  using Index = Eigen::Index;
+  Index batch = 0, seq_len = 0, rows = 0;  // sequences, rows of each, batch · seq_len
+  Index heads = 0, emb = 0, head = 0;
+  Index ld = 0;         // 3 · head: a qkv row of one head, [q | k | v]
+  Index out_width = 0;  // the multi-head layer's output projection's width (emb, > 0), 0 without one
+  /// The most keys any sequence has after this call (cached: its cache plus the chunk), and the most any
+  /// sequence can have: key blocks are sized by the latter, so that the decode steps of one cache all have
+  /// the same shape and a workspace serves them all without reallocating (no-allocation mode).
+  Index max_keys = 0, key_limit = 0;
+  bool wide_keys = false;        // some cache stores its keys in another precision
+  bool converted_tiles = false;  // ... and its tiles are converted into scratch (not read in place)
+  Index block_q = 0, block_k = 0, query_blocks = 0;
+  Index items = 0;                  // attention items: head × sequence × query block
+  Index chunks = 0, proj_rows = 0;  // row chunks of the projections, all but the last of proj_rows rows
+  Index proj_items = 0;             // projection items: row chunk × head × q/k/v
+  Index kt_panel = 0, kt_size = 0;  // keys per column panel of a sequence's Kᵀ; one sequence's Kᵀ
+  int threads = 1;                  // the team size asked for
+};
+
+/// forward()'s planning stage: block sizes, work items and the thread count of a call of this shape (threads:
+/// the caller's cap). Allocates nothing.
+template <typename Scalar, typename Stored>
+WorkPlan plan_work(Eigen::Index batch, Eigen::Index seq_len, Eigen::Index heads, Eigen::Index emb,
+                   Eigen::Index head, Eigen::Index out_width, const AttentionPlan<Stored>& plan,
+                   int threads) {
+  using Index = Eigen::Index;
+  WorkPlan w;
+  w.batch = batch;
+  w.seq_len = seq_len;
+  w.rows = batch * seq_len;
+  w.heads = heads;
+  w.emb = emb;
+  w.head = head;
+  w.ld = 3 * head;
+  w.out_width = out_width;
+  w.max_keys = seq_len;
+  w.key_limit = seq_len;
+  if (plan.caches != nullptr)
+    for (Index c = 0; c < heads * batch; ++c) {
+      w.max_keys = std::max(w.max_keys, plan.caches[c]->length() + seq_len);
+      w.key_limit = std::max(w.key_limit, plan.caches[c]->limit());
+      const Precision p = plan.caches[c]->precision();
+      w.wide_keys = w.wide_keys || p != precision_of<Scalar>();
+      w.converted_tiles = w.converted_tiles || (p != precision_of<Scalar>() && !fused_16bit<Scalar>(p, head));
+    }
+
+  w.block_q = std::min(Tuning::query_block, seq_len);
+  // A single query row (a decode step) has no tile to reuse K and V across rows: longer key blocks only cut
+  // the per-block overhead.
+  const Index decode_block = w.converted_tiles ? Tuning::decode_wide_key_block : Tuning::decode_key_block;
+  w.block_k = std::min(w.block_q == 1 ? decode_block : Tuning::key_block, w.key_limit);
+  w.query_blocks = (seq_len + w.block_q - 1) / w.block_q;
+  w.items = heads * batch * w.query_blocks;
+  const double flops =
+      static_cast<double>(heads) * useful_flops<Scalar>(batch, seq_len, emb, head, w.max_keys, plan.rule);
+  if ((flops < Tuning::serial_below_flops && !plan.size_only) || in_parallel_region()) threads = 1;
+  // Short inputs are cut into up to projection_split chunks, so that the threads all get projection work; all
+  // chunks but the last of proj_rows rows, about equal. The cut depends on the input alone, never on the
+  // thread count (and gemm_nn rounds a row the same in any chunk, so results do not even depend on the cut).
+  const Index rows = w.rows;
+  const Index chunk_target = std::min(
+      Tuning::projection_rows,
+      std::max<Index>(Tuning::projection_min_rows,
+                      ((rows + Tuning::projection_split - 1) / Tuning::projection_split + tile_rows - 1) /
+                          tile_rows * tile_rows));
+  w.chunks = std::max<Index>(1, (rows + chunk_target - 1) / chunk_target);
+  w.proj_rows = std::max<Index>(1, (rows + w.chunks - 1) / w.chunks);  // chunks of equal size
+  w.proj_items = 3 * heads * w.chunks;
+  w.threads = static_cast<int>(std::min<Index>(threads, std::max(w.items, w.proj_items)));
+  w.kt_panel = key_panel<Scalar>(seq_len);
+  w.kt_size = head * ((seq_len + w.kt_panel - 1) / w.kt_panel * w.kt_panel);
+  return w;
+}
+
+/// Where a forward call's stages read and write: every buffer, cut from the caller's ForwardBuffers (or the
+/// call's own) before the parallel region. Scalar is the compute type.
+template <typename Scalar>
+struct ForwardStorage {
+  ForwardBuffers<Scalar>* buffers = nullptr;  // the per-thread ones: scratch, x_wide, projected_wide
+  Scalar* qkv = nullptr;            // [heads · rows, 3·head] Q | K | V, head h's rows at h · rows
+  Scalar* own_weights_t = nullptr;  // the call's own preparation of the weights (null when they come packed)
+  Scalar* own_biases = nullptr;
+  Scalar* own_output_t = nullptr;
+  const Scalar* weights_t = nullptr;  // [3 · heads] × [emb, head] Wqᵀ·scale, Wkᵀ, Wvᵀ in column panels
+  const Scalar* biases = nullptr;     // [heads, 3·head] bq·scale | bk | bv
+  const Scalar* output_t = nullptr;     // [heads · head, out_width] Woᵀ in column panels (or none)
+  const Scalar* output_bias = nullptr;  // [out_width] bo (or null)
+  char* values_finite = nullptr;        // [heads · chunks] whether a row chunk's V is all finite (no cache)
+  Scalar* keys_t = nullptr;             // [heads · batch] · kt_size each sequence's Kᵀ (no cache)
+  Scalar* concat = nullptr;             // [rows, heads · head] the multi-head layer's head outputs
+};
+
+/// forward()'s allocation stage: every buffer the call needs, grown in `buffers` (nothing is allocated
+/// inside the parallel region, where an exception terminates), and the per-thread scratch fitted to
+/// work.threads.
+template <typename Scalar>
+ForwardStorage<Scalar> allocate_storage(const WorkPlan& work, const PackedWeights<Scalar>* packed,
+                                        const Linear<Scalar>* output, bool cached, bool wide,
+                                        ForwardBuffers<Scalar>& buffers) {
+  using Index = Eigen::Index;
+  using Buffers = ForwardBuffers<Scalar>;
+  const Index heads = work.heads, rows = work.rows, head = work.head, emb = work.emb, ld = work.ld;
+  ForwardStorage<Scalar> s;
+  s.buffers = &buffers;
+  // Q, K and V side by side, each row [q | k | v], head after head (head h's rows at h · rows): one buffer,
+  // one pass of GEMMs over the same rows of x, which stay in cache while every head's projections read them.
+  // Head-major, so that a head's K and V rows are 3·head apart: interleaving the heads in each row (rows of
+  // 3·head·heads) was measured 15% slower for 8 heads, the tiles' rows being that much further apart.
+  s.qkv = Buffers::grow(buffers.qkv, heads * rows * ld);
+  // Each weight transposed ([emb, head] each, in column panels of the tile's width: head 0's Wqᵀ, Wkᵀ, Wvᵀ,
+  // then head 1's, ...), the B operand of the projections' GEMMs, so that a tile's B rows stream from memory
+  // in order (measured 4-6% faster at B = 8, T = 1024 than [emb, 3·head] with Wqᵀ | Wkᵀ | Wvᵀ side by side in
+  // each row: Zen 4, AVX-512, emb 512, head 64; see weight_panel for AVX2), and each sequence's Kᵀ ([head,
+  // T] in column panels, see key_panel), Q·Kᵀ's: transposed once per call, read by every row chunk or query
+  // block without packing. The query's 1/sqrt(head) is folded into Wq and bq there (exact for the usual
+  // powers of two, 64 and 256 say: the scale is then a power of two too). A packed layer's are read where
+  // they are, and this call's buffers for them stay untouched (unallocated without a workspace).
+  s.own_weights_t = packed != nullptr ? nullptr : Buffers::grow(buffers.weights_t, heads * emb * ld);
+  s.own_biases = packed != nullptr ? nullptr : Buffers::grow(buffers.biases, heads * ld);
+  s.weights_t = packed != nullptr ? packed->weights_t.data() : s.own_weights_t;
+  s.biases = packed != nullptr ? packed->biases.data() : s.own_biases;
+  buffers.values_finite.resize(static_cast<std::size_t>(cached ? 0 : heads * work.chunks));
+  s.values_finite = buffers.values_finite.data();
+  s.own_output_t = Buffers::grow(buffers.output_t, output != nullptr ? output->weight.size() : 0);
+  s.output_t = packed != nullptr ? packed->output_t.data() : s.own_output_t;
+  s.output_bias =
+      packed != nullptr ? packed->output_bias.data() : (output != nullptr ? output->bias.data() : nullptr);
+  s.keys_t = Buffers::grow(buffers.keys_t, cached ? 0 : heads * work.batch * work.kt_size);
+  s.concat = Buffers::grow(buffers.concat, (work.out_width > 0 ? rows : 0) * heads * head);
+  // Per thread: attention scratch, and for a 16-bit layer a row chunk of x and of the projected output in the
+  // compute type.
+  buffers.fit(work.threads, std::min(work.proj_rows, rows), head, emb, work.out_width, work.block_q,
+              work.block_k, work.wide_keys, cached, wide);
+  buffers.x_wide_chunk.assign(static_cast<std::size_t>(wide ? work.threads : 0), -1);
+  return s;
+}
+
+/// The stages of forward() that run inside its parallel region, one work item each: a call's input, output,
+/// plan and storage, and a function per stage. Stored is the layer's type, x's storage order XOrder.
+template <int XOrder, typename Stored>
+struct ForwardPass {
+  using Scalar = compute_t<Stored>;
+  using Index = Eigen::Index;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  static constexpr bool wide = !std::is_same<Scalar, Stored>::value;  // a 16-bit layer computing in float
+
+  const Stored* x;  // [rows, emb], storage order XOrder, leading dimension x_stride
+  Index x_stride;
+  Stored* out;  // [rows, heads · head] row-major, leading dimension out_stride (unused with plan.output)
+  Index out_stride;
+  const AttentionPlan<Stored>& plan;
+  const WorkPlan& work;
+  const ForwardStorage<Scalar>& storage;
+
+  /// Phase 1, the projections, one item of work.proj_items (row chunk × head × q/k/v): bias + x · Wᵀ into
+  /// qkv. Right after a row chunk's K or V is projected, while it is still in cache (each step measured 2% of
+  /// a call at B = 8, T = 1024 with AVX2 when done in a pass of its own, reading them back from L3): its K
+  /// rows are transposed into their sequences' Kᵀ panels, and whether its V is all finite is noted for the
+  /// chunk.
+  void project(Index item, std::size_t thread) const {
+    const Index rows = work.rows, emb = work.emb, head = work.head, ld = work.ld, proj_rows = work.proj_rows;
+    const Index r0 = (item / (3 * work.heads)) * proj_rows;
+    const Index p = item % (3 * work.heads);  // head p / 3, projection p % 3
+    const Index n = std::min(proj_rows, rows - r0);
+    const Stored* x_rows = XOrder == Eigen::RowMajor ? x + r0 * x_stride : x + r0;
+    Scalar* qkv_rows = storage.qkv + ((p / 3) * rows + r0) * ld + (p % 3) * head;
+    const Scalar* wt = storage.weights_t + p * emb * head;  // [emb, head] in column panels
+    const Scalar* bias = storage.biases + (p / 3) * ld + (p % 3) * head;
+    // The chunk's first items read x from memory (the others find it in cache); with several threads, the
+    // first few run at once.
+    const bool cold_x = p < work.threads;
+    if constexpr (wide) {
+      Eigen::Map<Matrix> xw(storage.buffers->x_wide[thread].data(), std::min(proj_rows, rows), emb);
+      Index& x_wide_chunk = storage.buffers->x_wide_chunk[thread];
+      if (x_wide_chunk != r0) {  // items of one chunk often follow each other on a thread
+        if constexpr (XOrder == Eigen::RowMajor) {
+          convert_rows(precision_of<Stored>(), x_rows, x_stride, n, emb, xw.data(), emb);
+        } else {
+          using XMatrix = Eigen::Matrix<Stored, Eigen::Dynamic, Eigen::Dynamic, XOrder>;
+          const Eigen::Map<const XMatrix, 0, Eigen::OuterStride<>> xs(x_rows, n, emb,
+                                                                      Eigen::OuterStride<>(x_stride));
+          xw.topRows(n) = xs.template cast<Scalar>();
+        }
+        x_wide_chunk = r0;
+      }
+      gemm_panels(n, head, emb, xw.data(), emb, 1, wt, bias, qkv_rows, ld, false);  // (just converted)
+    } else if constexpr (XOrder == Eigen::RowMajor) {
+      gemm_panels(n, head, emb, x_rows, x_stride, 1, wt, bias, qkv_rows, ld, cold_x);
+    } else {  // column-major x: its columns x_stride apart
+      gemm_panels(n, head, emb, x_rows, 1, x_stride, wt, bias, qkv_rows, ld, cold_x);
+    }
+    if (plan.caches == nullptr && p % 3 == 1) transpose_keys(p / 3, r0, n);
+    if (plan.caches == nullptr && p % 3 == 2)
+      storage.values_finite[(p / 3) * work.chunks + r0 / proj_rows] = all_finite(qkv_rows, ld, n, head);
+  }
+
+  /// Rows [r0, r0 + n) of head h's K transposed into their sequences' Kᵀ panels.
+  void transpose_keys(Index h, Index r0, Index n) const {
+    const Index seq_len = work.seq_len, head = work.head, ld = work.ld;
+    for (Index row = r0; row < r0 + n;) {
+      const Index b = row / seq_len, t0 = row % seq_len;
+      const Index t1 = std::min(seq_len, t0 + (r0 + n - row));
+      transpose_into_key_panels(storage.qkv + (h * work.rows + b * seq_len) * ld + head, ld, t0, t1, head,
+                                storage.keys_t + (h * work.batch + b) * work.kt_size, work.kt_panel);
+      row += t1 - t0;
+    }
+  }
+
+  /// Between phases 1 and 2 of a cached call, item c of heads · batch: the new K and V rows of head c / batch
+  /// and sequence c % batch appended to its cache.
+  void append_to_cache(Index c) const {
+    const Index h = c / work.batch, b = c % work.batch;
+    plan.caches[c]->write(storage.qkv + (h * work.rows + b * work.seq_len) * work.ld + work.head, work.ld,
+                          work.seq_len);
+  }
+
+  /// Whether sequence b of head h has only finite values: the chunks that hold its rows all do.
+  bool sequence_finite(Index h, Index b) const {
+    const Index seq_len = work.seq_len, proj_rows = work.proj_rows;
+    for (Index chunk = b * seq_len / proj_rows; chunk <= ((b + 1) * seq_len - 1) / proj_rows; ++chunk)
+      if (storage.values_finite[h * work.chunks + chunk] == 0) return false;
+    return true;
+  }
+
+  /// Phase 2, the attention, one item of work.items: a query block of one (head, sequence), the costliest
+  /// blocks of each (head, sequence) first (the last ones see the most keys). Consecutive items read the same
+  /// K and V rows (2 MB at T = 4096), which stay in cache; interleaving all heads and sequences at each query
+  /// block made every item's K and V cold (the working set is all of Q|K|V, 25 to 50 MB for 8 heads) and was
+  /// measured 15-20% slower on one thread.
+  void attend(Index item, std::size_t thread) const {
+    const Index seq_len = work.seq_len, head = work.head, ld = work.ld;
+    const Index qb = work.query_blocks - 1 - item % work.query_blocks;
+    const Index c = item / work.query_blocks;  // head h = c / batch, sequence b = c % batch
+    const Index h = c / work.batch, b = c % work.batch;
+    const Index r0 = qb * work.block_q;
+    const Index bq = std::min(work.block_q, seq_len - r0);
+    const Scalar* seq_qkv = storage.qkv + (h * work.rows + b * seq_len) * ld;
+    KeyValues keys{seq_qkv + head, seq_qkv + 2 * head, precision_of<Scalar>(), ld, 0, seq_len, seq_len};
+    Index position = 0;
+    if (plan.caches != nullptr) {
+      position = plan.caches[c]->length();
+      keys = plan.caches[c]->keys(seq_len);
+    } else {
+      keys.kt = storage.keys_t + c * work.kt_size;
+      keys.kt_panel = work.kt_panel;
+      keys.values_finite = sequence_finite(h, b);
+    }
+    if (plan.lengths != nullptr) keys.valid = std::min(keys.valid, plan.lengths[b]);
+    const Index first_row = b * seq_len;
+    Scalar* const lse = plan.lse != nullptr ? plan.lse + h * work.rows + first_row : nullptr;
+    FlashScratch<Scalar>& scratch = storage.buffers->scratch[thread];
+    if (work.out_width > 0) {
+      const Index concat_cols = work.heads * head;
+      attend_query_block(
+          Queries<Scalar>{seq_qkv, ld, position, storage.concat + first_row * concat_cols + h * head,
+                          concat_cols, lse},
+          keys, plan.rule, r0, bq, scratch);
+    } else {
+      attend_query_block(Queries<Scalar, Stored>{seq_qkv, ld, position,
+                                                 out + first_row * out_stride + h * head, out_stride, lse},
+                         keys, plan.rule, r0, bq, scratch);
+    }
+  }
+
+  /// Phase 3, the output projection (multi-head only), one row chunk of work.chunks: that chunk of the
+  /// concatenation [rows, heads·head] · Woᵀ + bo into plan.projected, one GEMM.
+  void project_output(Index chunk, std::size_t thread) const {
+    const Index out_width = work.out_width, concat_cols = work.heads * work.head;
+    const Index r0 = chunk * work.proj_rows;
+    const Index n = std::min(work.proj_rows, work.rows - r0);
+    using StoredMatrix = Eigen::Matrix<Stored, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    Eigen::Map<StoredMatrix, 0, Eigen::OuterStride<>> dst(plan.projected + r0 * plan.projected_stride, n,
+                                                          out_width,
+                                                          Eigen::OuterStride<>(plan.projected_stride));
+    Scalar* result = nullptr;
+    Index result_stride = 0;
+    if constexpr (wide) {
+      result = storage.buffers->projected_wide[thread].data();
+      result_stride = out_width;
+    } else {
+      result = dst.data();
+      result_stride = plan.projected_stride;
+    }
+    gemm_panels(n, out_width, concat_cols, storage.concat + r0 * concat_cols, concat_cols, 1,
+                storage.output_t, storage.output_bias, result, result_stride, true);
+    if constexpr (wide)
+      dst = Eigen::Map<Matrix>(storage.buffers->projected_wide[thread].data(), n, out_width)
+                .template cast<Stored>();
+  }
+};
+
 /// The whole forward pass of `heads` attention heads over `batch` sequences of `seq_len` rows stored back to
 /// back in x ([batch·seq_len, emb], storage order XOrder, leading dimension x_stride): every head's
 /// projections, then every head's attention under `plan`, then (if plan.output) the output projection, all in
@@ -814,283 +1149,72 @@ double useful_flops(Eigen::Index batch, Eigen::Index rows_per_sequence, Eigen::I
 /// Stored is the layer's type; everything is computed in compute_t<Stored>. For the 16-bit types the
 /// weights are converted once per call, each row chunk of x when it is projected, and outputs when written:
 /// no GEMM ever runs on emulated 16-bit arithmetic.
+///
+/// The stages, in order (docs/design.md): compute_layers, plan_work and allocate_storage before the parallel
+/// region; inside it prepare the weights (pack_output_part, pack_projection_part), project, append_to_cache,
+/// attend and project_output, each a worksharing loop over its work items.
 template <int XOrder, typename Stored>
 void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::Index seq_len,
              const Linear<Stored>* const* stored_layers, Eigen::Index heads, Stored* out,
              Eigen::Index out_stride, int threads, const AttentionPlan<Stored>& plan = {}) {
   using Scalar = compute_t<Stored>;
   using Index = Eigen::Index;
-  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  constexpr bool wide = !std::is_same<Scalar, Stored>::value;  // a 16-bit layer computing in float
-  const Index rows = batch * seq_len;
+  constexpr bool wide = !std::is_same<Scalar, Stored>::value;
   last_team_size() = 1;
-  if (rows == 0 || heads == 0) return;
+  if (batch * seq_len == 0 || heads == 0) return;
 
   // Everything is allocated before the parallel region (an exception thrown inside one terminates), in the
   // caller's buffers when it passed some, else in this call's own.
   ForwardBuffers<Scalar> own;
   ForwardBuffers<Scalar>& buffers = plan.buffers != nullptr ? *plan.buffers : own;
-
-  // The weights in the compute type: the layer's own for float and double, converted copies otherwise; none
-  // when they come packed.
   const PackedWeights<Scalar>* const packed = plan.packed;
-  const Linear<Scalar>* const* layers = nullptr;
-  const Linear<Scalar>* output = nullptr;
-  if (packed != nullptr) {
-    // Prepared once by the packed layer: nothing to convert, transpose or scale here.
-  } else if constexpr (wide) {
-    const Index count = 3 * heads + (plan.output != nullptr ? 1 : 0);
-    buffers.wide_layers.resize(static_cast<std::size_t>(count));
-    buffers.wide_pointers.resize(static_cast<std::size_t>(count));
-    for (Index p = 0; p < count; ++p) {
-      const Linear<Stored>& from = p < 3 * heads ? *stored_layers[p] : *plan.output;
-      Linear<Scalar>& to = buffers.wide_layers[static_cast<std::size_t>(p)];
-      to.weight.resize(from.weight.rows(), from.weight.cols());  // no reallocation for the same shape
-      to.bias.resize(from.bias.size());
-      widen_into(from, to);
-      buffers.wide_pointers[static_cast<std::size_t>(p)] = &to;
-    }
-    layers = buffers.wide_pointers.data();
-    if (plan.output != nullptr) output = buffers.wide_pointers.back();
-  } else {
-    layers = stored_layers;
-    output = plan.output;
-  }
-  const Index emb = packed != nullptr ? packed->emb : layers[0]->in_features();
-  const Index head = packed != nullptr ? packed->head : layers[0]->out_features();
-  const Index ld = 3 * head;  // qkv row of one head: [q | k | v]
-  // The multi-head layer's output projection: its width (emb, > 0) and bias, or 0 and null without one.
+  const ComputeLayers<Scalar> layers = compute_layers(stored_layers, heads, plan, buffers);
+  const Index emb = packed != nullptr ? packed->emb : layers.layers[0]->in_features();
+  const Index head = packed != nullptr ? packed->head : layers.layers[0]->out_features();
   const Index out_width =
-      packed != nullptr ? packed->out_width : (output != nullptr ? output->out_features() : 0);
-  const Scalar* const output_bias =
-      packed != nullptr ? packed->output_bias.data() : (output != nullptr ? output->bias.data() : nullptr);
-  const bool projected = out_width > 0;
-
-  // The most keys any sequence has after this call (cached: its cache plus the chunk), and the most any
-  // sequence can have: key blocks are sized by the latter, so that the decode steps of one cache all have the
-  // same shape and a workspace serves them all without reallocating (no-allocation mode).
-  Index max_keys = seq_len;
-  Index key_limit = seq_len;
-  bool wide_keys = false;        // some cache stores its keys in another precision
-  bool converted_tiles = false;  // ... and its tiles are converted into scratch (not read in place)
-  if (plan.caches != nullptr)
-    for (Index c = 0; c < heads * batch; ++c) {
-      max_keys = std::max(max_keys, plan.caches[c]->length() + seq_len);
-      key_limit = std::max(key_limit, plan.caches[c]->limit());
-      const Precision p = plan.caches[c]->precision();
-      wide_keys = wide_keys || p != precision_of<Scalar>();
-      converted_tiles = converted_tiles || (p != precision_of<Scalar>() && !fused_16bit<Scalar>(p, head));
-    }
-
-  const Index block_q = std::min(Tuning::query_block, seq_len);
-  // A single query row (a decode step) has no tile to reuse K and V across rows: longer key blocks only cut
-  // the per-block overhead.
-  const Index decode_block = converted_tiles ? Tuning::decode_wide_key_block : Tuning::decode_key_block;
-  const Index block_k = std::min(block_q == 1 ? decode_block : Tuning::key_block, key_limit);
-  const Index query_blocks = (seq_len + block_q - 1) / block_q;
-  const Index items = heads * batch * query_blocks;
-  const double flops =
-      static_cast<double>(heads) * useful_flops<Scalar>(batch, seq_len, emb, head, max_keys, plan.rule);
-  if ((flops < Tuning::serial_below_flops && !plan.size_only) || in_parallel_region()) threads = 1;
-  // Short inputs are cut into up to projection_split chunks, so that the threads all get projection work; all
-  // chunks but the last of proj_rows rows, about equal. The cut depends on the input alone, never on the
-  // thread count (and gemm_nn rounds a row the same in any chunk, so results do not even depend on the cut).
-  const Index chunk_target = std::min(
-      Tuning::projection_rows,
-      std::max<Index>(Tuning::projection_min_rows,
-                      ((rows + Tuning::projection_split - 1) / Tuning::projection_split + tile_rows - 1) /
-                          tile_rows * tile_rows));
-  const Index chunks = std::max<Index>(1, (rows + chunk_target - 1) / chunk_target);
-  const Index proj_rows = std::max<Index>(1, (rows + chunks - 1) / chunks);  // chunks of equal size
-  const Index proj_items = 3 * heads * chunks;  // (row chunk, head, projection) triples
-  threads = static_cast<int>(std::min<Index>(threads, std::max(items, proj_items)));
-
-  // Q, K and V side by side, each row [q | k | v], head after head (head h's rows at h · rows): one buffer,
-  // one pass of GEMMs over the same rows of x, which stay in cache while every head's projections read them.
-  // Head-major, so that a head's K and V rows are 3·head apart: interleaving the heads in each row (rows of
-  // 3·head·heads) was measured 15% slower for 8 heads, the tiles' rows being that much further apart.
-  Eigen::Map<Matrix> qkv(ForwardBuffers<Scalar>::grow(buffers.qkv, heads * rows * ld), heads * rows,
-                         ld);  // [heads · rows, 3·head]
-  // Each weight transposed ([emb, head] each, in column panels of the tile's width: head 0's Wqᵀ, Wkᵀ, Wvᵀ,
-  // then head 1's, ...), the B operand of the projections' GEMMs, so that a tile's B rows stream from memory
-  // in order (measured 4-6% faster at B = 8, T = 1024 than [emb, 3·head] with Wqᵀ | Wkᵀ | Wvᵀ side by side in
-  // each row: Zen 4, AVX-512, emb 512, head 64; see weight_panel for AVX2), and each sequence's Kᵀ ([head,
-  // T] in column panels, see key_panel), Q·Kᵀ's: transposed once per call, read by every row chunk or query
-  // block without packing. The query's 1/sqrt(head) is folded into Wq and bq there (exact for the usual
-  // powers of two, 64 and 256 say: the scale is then a power of two too). A packed layer's are read where
-  // they are, and this call's buffers for them stay untouched (unallocated without a workspace).
-  Scalar* const own_weights_t =
-      packed != nullptr ? nullptr : ForwardBuffers<Scalar>::grow(buffers.weights_t, heads * emb * ld);
-  Scalar* const own_biases =
-      packed != nullptr
-          ? nullptr
-          : ForwardBuffers<Scalar>::grow(buffers.biases, heads * ld);  // [heads, 3·head] bq·s | bk | bv
-  const Scalar* const weights_t = packed != nullptr ? packed->weights_t.data() : own_weights_t;
-  const Scalar* const biases = packed != nullptr ? packed->biases.data() : own_biases;
-  std::vector<char>& values_finite = buffers.values_finite;
-  values_finite.resize(static_cast<std::size_t>(plan.caches == nullptr ? heads * chunks : 0));
-  Scalar* const own_output_t =
-      ForwardBuffers<Scalar>::grow(buffers.output_t, output != nullptr ? output->weight.size() : 0);
-  const Scalar* const output_t = packed != nullptr ? packed->output_t.data() : own_output_t;
-  const Index kt_panel = key_panel<Scalar>(seq_len);
-  const Index kt_size = head * ((seq_len + kt_panel - 1) / kt_panel * kt_panel);  // one sequence's Kᵀ
-  Scalar* keys_t =
-      ForwardBuffers<Scalar>::grow(buffers.keys_t, plan.caches == nullptr ? heads * batch * kt_size : 0);
-  // The multi-head layer's concatenation of head outputs, in the compute type.
-  const Index concat_rows = projected ? rows : 0;
-  Eigen::Map<Matrix> concat(ForwardBuffers<Scalar>::grow(buffers.concat, concat_rows * heads * head),
-                            concat_rows,
-                            heads * head);  // [rows, heads · head]
-  // Per thread: attention scratch, and for a 16-bit layer a row chunk of x and of the projected output in the
-  // compute type.
-  buffers.fit(threads, std::min(proj_rows, rows), head, emb, out_width, block_q, block_k, wide_keys,
-              plan.caches != nullptr, wide);
-  std::vector<FlashScratch<Scalar>>& scratch = buffers.scratch;
-  std::vector<Index>& x_wide_chunk = buffers.x_wide_chunk;
-  x_wide_chunk.assign(static_cast<std::size_t>(wide ? threads : 0), -1);
+      packed != nullptr ? packed->out_width : (layers.output != nullptr ? layers.output->out_features() : 0);
+  const WorkPlan work = plan_work<Scalar>(batch, seq_len, heads, emb, head, out_width, plan, threads);
+  const ForwardStorage<Scalar> storage =
+      allocate_storage(work, packed, layers.output, plan.caches != nullptr, wide, buffers);
   if (plan.size_only) return;
   const Scalar scale = query_scale<Scalar>(head);
+  const ForwardPass<XOrder, Stored> pass{x, x_stride, out, out_stride, plan, work, storage};
 
-  // Right after a row chunk's K or V is projected, while it is still in cache (each step measured 2% of a
-  // call at B = 8, T = 1024 with AVX2 when done in a pass of its own, reading them back from L3): its K rows
-  // are transposed into their sequences' Kᵀ panels, and whether its V is all finite is noted for the chunk.
-  const auto prepare_keys = [&](Index h, Index r0, Index n) {
-    for (Index row = r0; row < r0 + n;) {
-      const Index b = row / seq_len, t0 = row % seq_len;
-      const Index t1 = std::min(seq_len, t0 + (r0 + n - row));
-      transpose_into_key_panels(qkv.data() + (h * rows + b * seq_len) * ld + head, ld, t0, t1, head,
-                                keys_t + (h * batch + b) * kt_size, kt_panel);
-      row += t1 - t0;
-    }
-  };
-  // Whether sequence b of head h has only finite values: the chunks that hold its rows all do.
-  const auto sequence_finite = [&](Index h, Index b) {
-    for (Index chunk = b * seq_len / proj_rows; chunk <= ((b + 1) * seq_len - 1) / proj_rows; ++chunk)
-      if (values_finite[static_cast<std::size_t>(h * chunks + chunk)] == 0) return false;
-    return true;
-  };
-
-  HEAD_ATTENTION_OMP(parallel num_threads(threads) if (threads > 1)) {
+  HEAD_ATTENTION_OMP(parallel num_threads(work.threads) if (work.threads > 1)) {
     const std::size_t thread = static_cast<std::size_t>(thread_index());
     if (thread == 0) last_team_size() = team_size();  // the caller's own thread is the team's first
-    // The weights are transposed here, on every call, unless they come packed: a copy kept by the layer
-    // between calls could not be kept in sync with weights that callers change through query()/key()/value()
-    // references (a packed layer is the explicit, immutable copy).
+    // Prepare the weights, here on every call unless they come packed: a copy kept by the layer between calls
+    // could not be kept in sync with weights that callers change through query()/key()/value() references
+    // (a packed layer is the explicit, immutable copy).
     if (packed == nullptr) {
       // (nowait: the output projection's weights are read only after the next loop's barrier.)
-      if (output != nullptr) {
+      if (layers.output != nullptr) {
         HEAD_ATTENTION_OMP(for schedule(static) nowait)
         for (Index part = 0; part < 4; ++part)
-          pack_output_part(*output, part, own_output_t);
+          pack_output_part(*layers.output, part, storage.own_output_t);
       }
       HEAD_ATTENTION_OMP(for schedule(static))
       for (Index part = 0; part < 6 * heads; ++part)
-        pack_projection_part(layers, emb, head, scale, part, own_weights_t, own_biases);
+        pack_projection_part(layers.layers, emb, head, scale, part, storage.own_weights_t,
+                             storage.own_biases);
     }
     HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
-    for (Index item = 0; item < proj_items; ++item) {
-      const Index r0 = (item / (3 * heads)) * proj_rows;
-      const Index p = item % (3 * heads);  // head p / 3, projection p % 3
-      const Index n = std::min(proj_rows, rows - r0);
-      const Stored* x_rows = XOrder == Eigen::RowMajor ? x + r0 * x_stride : x + r0;
-      Scalar* qkv_rows = qkv.data() + ((p / 3) * rows + r0) * ld + (p % 3) * head;
-      const Scalar* wt = weights_t + p * emb * head;  // [emb, head] in column panels
-      const Scalar* bias = biases + (p / 3) * ld + (p % 3) * head;
-      // The chunk's first items read x from memory (the others find it in cache); with several threads, the
-      // first few run at once.
-      const bool cold_x = p < threads;
-      if constexpr (wide) {
-        Eigen::Map<Matrix> xw(buffers.x_wide[thread].data(), std::min(proj_rows, rows), emb);
-        if (x_wide_chunk[thread] != r0) {  // items of one chunk often follow each other on a thread
-          if constexpr (XOrder == Eigen::RowMajor) {
-            convert_rows(precision_of<Stored>(), x_rows, x_stride, n, emb, xw.data(), emb);
-          } else {
-            using XMatrix = Eigen::Matrix<Stored, Eigen::Dynamic, Eigen::Dynamic, XOrder>;
-            const Eigen::Map<const XMatrix, 0, Eigen::OuterStride<>> xs(x_rows, n, emb,
-                                                                        Eigen::OuterStride<>(x_stride));
-            xw.topRows(n) = xs.template cast<Scalar>();
-          }
-          x_wide_chunk[thread] = r0;
-        }
-        gemm_panels(n, head, emb, xw.data(), emb, 1, wt, bias, qkv_rows, ld, false);  // (just converted)
-      } else if constexpr (XOrder == Eigen::RowMajor) {
-        gemm_panels(n, head, emb, x_rows, x_stride, 1, wt, bias, qkv_rows, ld, cold_x);
-      } else {  // column-major x: its columns x_stride apart
-        gemm_panels(n, head, emb, x_rows, 1, x_stride, wt, bias, qkv_rows, ld, cold_x);
-      }
-      if (plan.caches == nullptr && p % 3 == 1) prepare_keys(p / 3, r0, n);
-      if (plan.caches == nullptr && p % 3 == 2)
-        values_finite[static_cast<std::size_t>((p / 3) * chunks + r0 / proj_rows)] =
-            all_finite(qkv_rows, ld, n, head);
-    }
+    for (Index item = 0; item < work.proj_items; ++item)
+      pass.project(item, thread);
     // (The implicit barrier above: every projection is done before anything reads it.)
     if (plan.caches != nullptr) {
       HEAD_ATTENTION_OMP(for schedule(static))
-      for (Index c = 0; c < heads * batch; ++c) {
-        const Index h = c / batch, b = c % batch;
-        plan.caches[c]->write(qkv.data() + (h * rows + b * seq_len) * ld + head, ld, seq_len);
-      }
+      for (Index c = 0; c < heads * batch; ++c)
+        pass.append_to_cache(c);
     }
-    // One (head, sequence) after another, its costliest query blocks first (the last ones see the most keys),
-    // handed out one at a time. Consecutive items read the same K and V rows (2 MB at T = 4096), which stay
-    // in cache; interleaving all heads and sequences at each query block made every item's K and V cold (the
-    // working set is all of Q|K|V, 25 to 50 MB for 8 heads) and was measured 15-20% slower on one thread.
+    // Handed out one at a time, in the order ForwardPass::attend describes.
     HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
-    for (Index item = 0; item < items; ++item) {
-      const Index qb = query_blocks - 1 - item % query_blocks;
-      const Index c = item / query_blocks;  // head h = c / batch, sequence b = c % batch
-      const Index h = c / batch, b = c % batch;
-      const Index r0 = qb * block_q;
-      const Index bq = std::min(block_q, seq_len - r0);
-      const Scalar* seq_qkv = qkv.data() + (h * rows + b * seq_len) * ld;
-      KeyValues keys{seq_qkv + head, seq_qkv + 2 * head, precision_of<Scalar>(), ld, 0, seq_len, seq_len};
-      Index position = 0;
-      if (plan.caches != nullptr) {
-        position = plan.caches[c]->length();
-        keys = plan.caches[c]->keys(seq_len);
-      } else {
-        keys.kt = keys_t + c * kt_size;
-        keys.kt_panel = kt_panel;
-        keys.values_finite = sequence_finite(h, b);
-      }
-      if (plan.lengths != nullptr) keys.valid = std::min(keys.valid, plan.lengths[b]);
-      const Index first_row = b * seq_len;
-      Scalar* const lse = plan.lse != nullptr ? plan.lse + h * rows + first_row : nullptr;
-      if (projected)
-        attend_query_block(
-            Queries<Scalar>{seq_qkv, ld, position, concat.data() + first_row * concat.cols() + h * head,
-                            concat.cols(), lse},
-            keys, plan.rule, r0, bq, scratch[thread]);
-      else
-        attend_query_block(Queries<Scalar, Stored>{seq_qkv, ld, position,
-                                                   out + first_row * out_stride + h * head, out_stride, lse},
-                           keys, plan.rule, r0, bq, scratch[thread]);
-    }
-    if (projected) {
-      // The output projection, one GEMM per row chunk of the concatenation: [rows, heads·head] · Woᵀ + bo.
+    for (Index item = 0; item < work.items; ++item)
+      pass.attend(item, thread);
+    if (out_width > 0) {
       HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
-      for (Index chunk = 0; chunk < chunks; ++chunk) {
-        const Index r0 = chunk * proj_rows;
-        const Index n = std::min(proj_rows, rows - r0);
-        using StoredMatrix = Eigen::Matrix<Stored, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-        Eigen::Map<StoredMatrix, 0, Eigen::OuterStride<>> dst(plan.projected + r0 * plan.projected_stride, n,
-                                                              out_width,
-                                                              Eigen::OuterStride<>(plan.projected_stride));
-        Scalar* result = nullptr;
-        Index result_stride = 0;
-        if constexpr (wide) {
-          result = buffers.projected_wide[thread].data();
-          result_stride = out_width;
-        } else {
-          result = dst.data();
-          result_stride = plan.projected_stride;
-        }
-        gemm_panels(n, out_width, heads * head, concat.data() + r0 * concat.cols(), concat.cols(), 1,
-                    output_t, output_bias, result, result_stride, true);
-        if constexpr (wide)
-          dst =
-              Eigen::Map<Matrix>(buffers.projected_wide[thread].data(), n, out_width).template cast<Stored>();
-      }
+      for (Index chunk = 0; chunk < work.chunks; ++chunk)
+        pass.project_output(chunk, thread);
     }
   }
 }
