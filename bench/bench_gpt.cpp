@@ -1,5 +1,5 @@
-// Text generation with simple_llm's GPT on the library (examples/gpt/gpt.hpp): the cost of one generated token
-// when the text is n tokens long, the number gpt_compare.py sets against simple_llm's PyTorch generate.
+// Text generation with simple_llm's GPT on the library (examples/gpt/gpt.hpp): the cost of one generated
+// token when the text is n tokens long, the number gpt_compare.py sets against simple_llm's PyTorch generate.
 //
 //   gpt/step/n:<n>/threads:<t>      one token at position n < max_seq_len: a cached decode step through every
 //                                   Decoder, the last Linear to the vocabulary and the argmax (what generate
@@ -11,7 +11,7 @@
 //                                   a whole greedy generate call, p prompt tokens and k new ones
 //
 //   bench_gpt --model=FILE.safetensors [Google Benchmark flags]
-// The model is a file export_gpt.py wrote; without --model, examples/gpt/data/tiny_gpt.f32.safetensors.
+// The model is a file export_gpt.py wrote; without --model, examples/gpt/data/tiny_gpt.F32.safetensors.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -45,11 +45,8 @@ const GPT& model() {
   return gpt;
 }
 
-void step(benchmark::State& state) {
-  const GPT& gpt = model();
-  const Index n = state.range(0);
-  const int threads = static_cast<int>(state.range(1));
-  GPT local = gpt;
+void step(benchmark::State& state, Index n, int threads) {
+  GPT local = model();
   local.set_num_threads(threads);
   GPT::Cache cache = local.make_cache();
   (void)local.forward_cached(tokens(local, n), cache);  // the text so far, untimed
@@ -62,13 +59,13 @@ void step(benchmark::State& state) {
     benchmark::DoNotOptimize(best);
   }
   state.counters["ms_per_token"] =
-      benchmark::Counter(static_cast<double>(state.iterations()) * 1e-3, benchmark::Counter::kIsRate |
-                                                                             benchmark::Counter::kInvert);
+      benchmark::Counter(static_cast<double>(state.iterations()) * 1e-3,
+                         benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
 }
 
-void window(benchmark::State& state) {
+void window(benchmark::State& state, int threads) {
   GPT local = model();
-  local.set_num_threads(static_cast<int>(state.range(0)));
+  local.set_num_threads(threads);
   const simple_llm::Tokens text = tokens(local, local.config().max_seq_len);
   for (auto _ : state) {
     // generate's work for a token past the window: the window from scratch, the last row's logits.
@@ -76,22 +73,21 @@ void window(benchmark::State& state) {
     benchmark::DoNotOptimize(out.back());
   }
   state.counters["ms_per_token"] =
-      benchmark::Counter(static_cast<double>(state.iterations()) * 1e-3, benchmark::Counter::kIsRate |
-                                                                             benchmark::Counter::kInvert);
+      benchmark::Counter(static_cast<double>(state.iterations()) * 1e-3,
+                         benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
 }
 
-void generate(benchmark::State& state) {
+void generate(benchmark::State& state, Index prompt, Index fresh, int threads) {
   GPT local = model();
-  const Index prompt = state.range(0), fresh = state.range(1);
-  local.set_num_threads(static_cast<int>(state.range(2)));
+  local.set_num_threads(threads);
   const simple_llm::Tokens text = tokens(local, prompt);
   for (auto _ : state) {
     const simple_llm::Tokens out = local.generate(text, fresh, false);
     benchmark::DoNotOptimize(out.back());
   }
-  state.counters["ms_per_token"] = benchmark::Counter(
-      static_cast<double>(state.iterations() * fresh) * 1e-3,
-      benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+  state.counters["ms_per_token"] =
+      benchmark::Counter(static_cast<double>(state.iterations() * fresh) * 1e-3,
+                         benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
 }
 
 void register_all() {
@@ -100,20 +96,19 @@ void register_all() {
     for (const Index n : {Index(16), Index(128), Index(256), max - 1})
       if (n < max)
         benchmark::RegisterBenchmark(
-            ("gpt/step/n:" + std::to_string(n) + "/threads:" + std::to_string(threads)).c_str(), step)
-            ->Args({n, threads})
+            ("gpt/step/n:" + std::to_string(n) + "/threads:" + std::to_string(threads)).c_str(),
+            [=](benchmark::State& state) { step(state, n, threads); })
             ->Unit(benchmark::kMicrosecond)
             ->UseRealTime();
-    benchmark::RegisterBenchmark(("gpt/window/threads:" + std::to_string(threads)).c_str(), window)
-        ->Args({threads})
+    benchmark::RegisterBenchmark(("gpt/window/threads:" + std::to_string(threads)).c_str(),
+                                 [=](benchmark::State& state) { window(state, threads); })
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
     const Index prompt = std::min<Index>(16, max), fresh = max;  // to the window's end, then as far past it
-    benchmark::RegisterBenchmark(("gpt/generate/prompt:" + std::to_string(prompt) + "/new:" +
-                                  std::to_string(fresh) + "/threads:" + std::to_string(threads))
+    benchmark::RegisterBenchmark(("gpt/generate/prompt:" + std::to_string(prompt) +
+                                  "/new:" + std::to_string(fresh) + "/threads:" + std::to_string(threads))
                                      .c_str(),
-                                 generate)
-        ->Args({prompt, fresh, threads})
+                                 [=](benchmark::State& state) { generate(state, prompt, fresh, threads); })
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime()
         ->Iterations(1);

@@ -26,7 +26,11 @@ libonnxruntime.so has the CPU contrib ops; there is no pip here). Steps:
     (attention/<--path>/float/B:<B>/T:<T>/threads:<1|2>, --benchmark_repetitions 3) and one node process timing
     every ORT model of that shape on 1 and 2 threads (bench/ort_runner.js time), in an order rotated each round.
     A cell is the median over rounds of each round's median.
- 5. Writes results/ort_comparison.md and results/ort_comparison.json.
+ 5. With --ggml-dir DIR (bench/ggml_setup.sh's folder): llama.cpp's CPU backend (ggml) joins the rotation, one
+    bench/ggml_attention process per shape and round (--only that prefill shape, one head), timing
+    ggml_flash_attn_ext and mul_mat + soft_max_ext with F32 and F16 K/V (columns ggml_fa_f32 ... ggml_mm_f16), its
+    parity against ours checked inside it; see bench/README.md ("ggml_compare.py") for what its graphs compute.
+ 6. Writes results/ort_comparison.md and results/ort_comparison.json.
 
 Usage (always /usr/bin/python3: torch 1.13 and python3-onnx live there):
   /usr/bin/python3 bench/ort_compare.py --bench /tmp/ort-build/bench/bench_attention
@@ -267,6 +271,25 @@ def run_torch(args, b, t):
         " ".join(map(shlex.quote, cmd))
 
 
+GGML_OPS = ["ggml_fa_f32", "ggml_fa_f16", "ggml_mm_f32", "ggml_mm_f16"]
+
+
+def run_ggml(args, b, t, rnd):
+    """bench/ggml_attention for one single-head prefill shape: {(op, threads): {"ms": ...}}, the process's JSON."""
+    binary = os.path.join(args.ggml_dir, "ggml_attention")
+    lib = os.path.join(args.ggml_dir, "node_modules", "@node-llama-cpp", "linux-x64", "bins", "linux-x64")
+    cmd = [binary, "--lib-dir", lib, "--rounds", "1", "--first-round", str(rnd), "--no-limits",
+           "--prefill-shapes", f"{b}x{t}", "--only", f"^prefill/h1/B{b}_T{t}$",
+           "--threads", ",".join(map(str, args.threads)), "--min-time", str(args.ggml_min_time)]
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout
+    data = json.loads(out)
+    rows = {}
+    for r in data["results"]:
+        op = "ggml_ours_harness" if r["impl"] == "ours" else f"{r['impl']}_{r['kv']}"
+        rows[(op, r["threads"])] = {"ms": r["median_us"] / 1000.0, "min_ms": r["min_us"] / 1000.0}
+    return rows, data, " ".join(map(shlex.quote, cmd))
+
+
 def run_rounds(args, paths, ops):
     rounds = []
     context, versions, commands = {}, {}, {}
@@ -278,7 +301,7 @@ def run_rounds(args, paths, ops):
             rec = {"round": rnd, "busy_before": busy_before, "started": datetime.datetime.now().isoformat(timespec="seconds"),
                    "ours": [], "ort": []}
             for si, (b, t) in enumerate(args.shapes):
-                units = ["ours", "ort"] + (["torch"] if args.openblas_dir else [])
+                units = ["ours", "ort"] + (["torch"] if args.openblas_dir else []) + (["ggml"] if args.ggml_dir else [])
                 k = (rnd + si) % len(units)
                 units = units[k:] + units[:k]
                 kinds = ops + OVERHEAD
@@ -296,6 +319,14 @@ def run_rounds(args, paths, ops):
                         for n, r in rows.items():
                             rec["ort"].append({"op": "torch", "B": b, "T": t, "threads": n, **r})
                             log(f"round {rnd + 1} PyTorch+OpenBLAS B={b} T={t} threads={n}: {r['ms']:.3f} ms")
+                    elif unit == "ggml":
+                        rows, data, commands["ggml"] = run_ggml(args, b, t, rnd)
+                        versions["ggml_cpu_library"] = data["ggml_cpu_library"]
+                        versions["ggml_parity"] = versions.get("ggml_parity", []) + [
+                            p for p in data["parity"] if rnd == 0]
+                        for (op, n), r in rows.items():
+                            rec["ort"].append({"op": op, "B": b, "T": t, "threads": n, **r})
+                            log(f"round {rnd + 1} {op} B={b} T={t} threads={n}: {r['ms']:.3f} ms")
                     else:
                         rows, data, commands["ort"] = run_ort(args, b, t, paths, kinds, tmp)
                         versions.update(data["ort_version"])
@@ -375,8 +406,27 @@ def write_md(args, saved, path):
         lines.append(f"- PyTorch + OpenBLAS: torch {ort['versions']['torch']}, simple_llm's module, "
                      f"`torch.no_grad()`, `torch.set_num_threads(threads)`, timed by torch_compare.py's worker "
                      f"(median of up to 7 calls after a warm-up; BLAS loaded: {libs}); no overhead subtracted.")
+    has_ggml = any(k[0] in GGML_OPS for k in s)
+    if has_ggml:
+        gv = saved["settings"].get("ggml_versions", {})
+        par = ort.get("versions", {}).get("ggml_parity", [])
+        worst32 = max((p["max_abs_diff"] / p["max_abs_ours"] for p in par if p["case"].endswith("f32")), default=None)
+        worst16 = max((p["max_abs_diff"] / p["max_abs_ours"] for p in par if p["case"].endswith("f16")), default=None)
+        lines.append(f"- llama.cpp's CPU backend (ggml), `bench/ggml_attention` from `--ggml-dir` (npm "
+                     f"`node-llama-cpp@{gv.get('node_llama_cpp', '?')}` + `@node-llama-cpp/linux-x64@"
+                     f"{gv.get('node_llama_cpp_linux_x64', '?')}`, CPU library "
+                     f"`{os.path.basename(ort.get('versions', {}).get('ggml_cpu_library', '?'))}`): the same "
+                     "projections (one F32 [512, 192] mul_mat + add) then `ggml_flash_attn_ext` (fa) or mul_mat + "
+                     "`ggml_soft_max_ext` + mul_mat (mm), K/V in F32 or converted to F16 inside the graph; "
+                     "`ggml_graph_compute` with a ggml_threadpool of `threads` threads; median per-call wall time, "
+                     "no binding overhead to subtract (C++). Its weights are a HeadAttention(512, 64, seed 42) of "
+                     "this library (not the torch module's); parity against ours inside the harness, max relative "
+                     f"difference F32 {worst32 if worst32 is None else f'{worst32:.1e}'}, F16 "
+                     f"{worst16 if worst16 is None else f'{worst16:.1e}'}. `ours (ggml harness)` in the raw table "
+                     "is our PackedHeadAttention::forward_into with a Workspace timed inside that process.")
     lines.append(f"- {saved['settings']['rounds']} interleaved rounds (per shape: ours, the ORT process and, if asked, "
-                 "PyTorch, in an order rotated every round); a cell is the median over rounds of each round's median.")
+                 "PyTorch and ggml, in an order rotated every round); a cell is the median over rounds of each "
+                 "round's median.")
     ratios = sorted(r["cpu_ms"] / r["ms"] for rec in saved["rounds"] for r in rec["ours"]
                     if r["threads"] == 1 and r.get("cpu_ms") and r.get("ms"))
     if ratios:
@@ -427,6 +477,8 @@ def write_md(args, saved, path):
     has_torch = any(k[0] == "torch" for k in s)
     head = ["shape (B, T)", "threads", "ours", "ORT plain", "ORT Attention", "ORT GQA", "ORT best",
             "ORT best / ours", "binding overhead"] + (["PyTorch + OpenBLAS", "PyTorch / ours"] if has_torch else [])
+    if has_ggml:
+        head += ["ggml fa F32", "ggml fa F16", "ggml mm F32", "ggml mm F16", "ggml best / ours"]
     if best_sgemm > 0:
         head += ["ours GFLOP/s (of best SGEMM, of peak)"]
     lines.append("| " + " | ".join(head) + " |")
@@ -443,6 +495,10 @@ def write_md(args, saved, path):
                     fx(have[best], ours) if best else "—", fmt_ms(ms("slice", b, t, n))]
             if has_torch:
                 row += [fmt_ms(ms("torch", b, t, n)), fx(ms("torch", b, t, n), ours)]
+            if has_ggml:
+                g = {k: ms(k, b, t, n) for k in GGML_OPS}
+                gh = [v for v in g.values() if v is not None]
+                row += [fmt_ms(g[k]) for k in GGML_OPS] + [fx(min(gh), ours) if gh else "—"]
             if best_sgemm > 0:
                 flops = b * (2.0 * t * 512 * 3 * 64 + 2.0 * 64 * t * (t + 1))
                 rate = flops / (ours * 1e-3) * 1e-9 if ours else 0.0
@@ -456,6 +512,8 @@ def write_md(args, saved, path):
     lines.append("## Raw ORT medians (ms, overhead not subtracted) and the overhead models\n")
     head = ["shape (B, T)", "threads", "plain", "Attention", "GQA", "Slice [B,T,64] (subtracted)",
             "Identity [B,T,512]", "ours: min – max over rounds", "ORT best raw: min – max"]
+    if has_ggml:
+        head += ["ours (ggml harness: packed, Workspace)"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|---|---:|" + "|".join(["---:"] * (len(head) - 2)) + "|")
     for b, t in saved["shapes"]:
@@ -469,10 +527,18 @@ def write_md(args, saved, path):
             row += [fmt_ms(ms("slice", b, t, n)), fmt_ms(ms("identity", b, t, n))]
             row += [f"{fmt_ms(o['min'])} – {fmt_ms(o['max'])}" if o else "—",
                     f"{fmt_ms(bs['min'])} – {fmt_ms(bs['max'])}" if bs else "—"]
+            if has_ggml:
+                row += [fmt_ms(ms("ggml_ours_harness", b, t, n))]
             lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def ggml_versions(ggml_dir):
+    from ggml_compare import versions  # noqa: E402  (bench/ggml_compare.py, same folder)
+
+    return versions(ggml_dir)
 
 
 def cpu_model():
@@ -510,6 +576,9 @@ def main():
                    help="before each round wait up to this long for the machine to be under 10%% busy")
     p.add_argument("--openblas-dir", help="also time simple_llm's PyTorch module (torch_compare.py's worker) with "
                    "this directory (OpenBLAS's libblas.so.3) first on LD_LIBRARY_PATH, in the same rounds")
+    p.add_argument("--ggml-dir", help="also time llama.cpp's CPU backend: bench/ggml_setup.sh's folder (with the "
+                   "built ggml_attention), in the same rounds")
+    p.add_argument("--ggml-min-time", type=float, default=0.3, help="ggml_attention --min-time per case and round")
     p.add_argument("--parity-only", action="store_true", help="install, build the graphs, check parity, stop")
     p.add_argument("--from-json", help="rewrite ort_comparison.md from this saved JSON")
     args = p.parse_args()
@@ -527,6 +596,8 @@ def main():
         return
 
     log(f"CPU: {lscpu_summary()}")
+    if args.ggml_dir and not os.path.exists(os.path.join(args.ggml_dir, "ggml_attention")):
+        subprocess.run(["sh", os.path.join(HERE, "ggml_setup.sh"), args.ggml_dir], check=True, stdout=sys.stderr)
     ort = ensure_ort(args)
     log(f"onnxruntime-node {ort['package_version']} in {ort['dir']} ({ort['library']})")
     module = make_module()
@@ -547,12 +618,15 @@ def main():
     run_info = {"date": date, "cpu": lscpu_summary(), "cpu_model": cpu_model(), "library_commit": args.bench_source or git_head(),
                 "ort": ort, "bench_context": context,
                 "commands": [" ".join(map(shlex.quote, [sys.executable] + sys.argv)), commands.get("ours", ""),
-                             commands.get("ort", "")] + ([commands["torch"]] if "torch" in commands else []),
+                             commands.get("ort", "")] + ([commands["torch"]] if "torch" in commands else [])
+                            + ([commands["ggml"]] if "ggml" in commands else []),
                 "loadavg": " ".join(f"{v:.2f}" for v in os.getloadavg()), "cpu_pressure": cpu_pressure()}
     summary = summarise(args, rounds)
     saved = {"run_info": run_info, "shapes": args.shapes, "threads": args.threads,
-             "settings": {k: getattr(args, k) for k in ("rounds", "reps", "min_time", "ort_min_time", "ort_min_calls",
-                                                         "ort_warmup", "path")},
+             "settings": dict({k: getattr(args, k) for k in ("rounds", "reps", "min_time", "ort_min_time",
+                                                              "ort_min_calls", "ort_warmup", "path")},
+                              **({"ggml_dir": args.ggml_dir, "ggml_versions": ggml_versions(args.ggml_dir)}
+                                 if args.ggml_dir else {})),
              "parity": parity,
              "summary": [{"key": list(k), **v} for k, v in sorted(summary.items(), key=lambda kv: str(kv[0]))],
              "rounds": rounds}

@@ -227,7 +227,8 @@ TEST_CASE("GPT::generate: no new tokens returns the prompt", "[gpt]") {
 TEST_CASE("GPT::generate sampling: the same seed gives the same tokens, other seeds others", "[gpt]") {
   const GPT<float>& gpt = tiny_model<float>();
   const Tokens prompt = {1, 2, 3};
-  const Tokens a = gpt.generate(prompt, 20, true, 1.0, std::nullopt, std::nullopt, Seed{1});
+  const Tokens a =
+      gpt.generate(prompt, 20, true, 1.0, std::nullopt, std::nullopt, 1);  // any integer is a Seed
   CHECK(a.size() == 23);
   CHECK(gpt.generate(prompt, 20, true, 1.0, std::nullopt, std::nullopt, Seed{1}) == a);
   CHECK(gpt.generate(prompt, 20, true, 1.0, std::nullopt, std::nullopt, Seed{2}) != a);
@@ -307,6 +308,29 @@ TEST_CASE("GPT::generate sampling draws by probability", "[gpt]") {
     INFO("token " << token << ": probability " << p << ", frequency " << frequency);
     CHECK(std::abs(frequency - p) < 5 * std::sqrt(p * (1 - p) / draws));
   }
+}
+
+TEST_CASE("GPT::Cache::truncate rolls decoding back", "[gpt]") {
+  const GPT<float>& gpt = tiny_model<float>();
+  const Tokens text = {9, 8, 7, 6, 5, 4, 3, 2, 1, 0};
+  auto cache = gpt.make_cache();
+  const Matrix<float> first = gpt.forward_cached(text, cache);  // [10, 50]
+  cache.truncate(4);
+  CHECK(cache.size() == 4);
+  const Matrix<float> again = gpt.forward_cached(Tokens(text.begin() + 4, text.end()), cache);
+  CHECK(identical(again, Matrix<float>(first.bottomRows(6))));
+  check_shape_error([&] { cache.truncate(11); }, {"truncate", "size", "[0, size() = 10]", "11"});
+  CHECK(cache.size() == 10);
+}
+
+TEST_CASE("GPT::set_num_threads does not change the results", "[gpt]") {
+  const GPT<float>& gpt = tiny_model<float>();
+  GPT<float> two = gpt;
+  two.set_num_threads(2);
+  const Tokens prompt = {5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
+  CHECK(identical(two.forward(prompt), gpt.forward(prompt)));
+  CHECK(two.generate({5, 6}, 20, true, 1.0, 10, 0.9, 4) == gpt.generate({5, 6}, 20, true, 1.0, 10, 0.9, 4));
+  check_shape_error([&] { two.set_num_threads(-1); }, {"simple_llm::GPT::set_num_threads", ">= 0", "-1"});
 }
 
 TEST_CASE("GPT refuses bad tokens and sampling arguments", "[gpt]") {

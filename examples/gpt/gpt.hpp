@@ -23,6 +23,7 @@
 
 #include <Eigen/Core>
 
+#include <head_attention/arguments.hpp>
 #include <head_attention/errors.hpp>
 #include <head_attention/linear.hpp>
 #include <head_attention/multi_head_attention.hpp>
@@ -48,11 +49,9 @@ struct GPTConfig {
   Index num_layers = 0;   ///< Decoder blocks
 };
 
-/// The seed of generate's sampling. A type of its own so that no other number turns into a seed silently:
-/// `Seed{42}` compiles, `Seed{0.5}` and a negative int variable do not (narrowing in braces).
-struct Seed {
-  std::uint64_t value = 0;  ///< std::mt19937_64's seed
-};
+/// The seed of generate's sampling: the library's, which takes any integer and refuses a floating-point
+/// value at compile time (a temperature or top_p one place off).
+using Seed = head_attention::Seed;
 
 namespace detail {
 
@@ -132,6 +131,14 @@ class GPT {
       for (auto& layer : m_layers)
         layer.clear();
     }
+    /// Forgets the positions at or after `size`, so that decoding resumes at position `size` (to roll back
+    /// rejected tokens, or to time one step again). Throws head_attention::shape_error, the cache unchanged,
+    /// unless 0 <= size <= this->size().
+    void truncate(Index size) {
+      if (!m_layers.empty()) m_layers.front().truncate(size);  // throws, if it does, before any change
+      for (auto& layer : m_layers)
+        layer.truncate(size);
+    }
 
    private:
     friend class GPT;
@@ -159,6 +166,19 @@ class GPT {
 
   /// The sizes read from the file.
   const GPTConfig& config() const { return m_config; }
+
+  /// The thread cap of every Decoder's attention, as PackedMultiHeadAttention::set_num_threads (0, the
+  /// default: OpenMP's default count). The Linear layers' products follow Eigen's own setting
+  /// (Eigen::setNbThreads). Throws head_attention::shape_error if n < 0.
+  void set_num_threads(int n) {
+    HEAD_ATTENTION_REQUIRE(n >= 0, "simple_llm::GPT::set_num_threads", "the thread count", ">= 0",
+                           std::to_string(n));
+    for (Layer& layer : m_layers)
+      layer.attention.set_num_threads(n);
+  }
+  /// The thread count the attention of a large call made now, from this thread, would run on (1 inside a
+  /// parallel region or without OpenMP).
+  int num_threads() const { return m_layers.front().attention.num_threads(); }  // num_layers >= 1
 
   /// simple_llm's forward for one sequence: token ids x (1 <= T <= max_seq_len, each in [0, vocab_size)) to
   /// the logits [T, vocab_size] of every position. Throws head_attention::shape_error otherwise.
@@ -209,7 +229,7 @@ class GPT {
   template <typename Bool>
   Tokens generate(const Tokens& x, Index max_new_tokens, Bool do_sample, double temperature = 1.0,
                   std::optional<Index> top_k = std::nullopt, std::optional<double> top_p = std::nullopt,
-                  Seed seed = Seed{}) const {
+                  Seed seed = 0) const {
     // A template only to refuse what would convert silently: generate(x, n, 0.8) meant a temperature.
     static_assert(std::is_same<Bool, bool>::value,
                   "simple_llm::GPT::generate: do_sample (the third argument) must be a bool");
@@ -231,7 +251,7 @@ class GPT {
     Tokens out = x;
     out.reserve(x.size() + static_cast<std::size_t>(max_new_tokens));
     Cache cache = make_cache();
-    std::mt19937_64 engine(seed.value);
+    std::mt19937_64 engine(seed.value());
     const Index window = m_config.max_seq_len;
     for (Index step = 0; step < max_new_tokens; ++step) {
       const Index length = static_cast<Index>(out.size());

@@ -5,7 +5,7 @@
 
 /// \namespace head_attention
 /// The library's API: everything in it but head_attention::detail, whose contents may change in any release
-/// (see the README's "Versioning").
+/// (see docs/guarantees.md, "Versioning").
 
 #include "arguments.hpp"
 #include "attention.hpp"

@@ -25,12 +25,10 @@
 
 namespace head_attention::detail {
 
-/// Block sizes and thresholds, chosen by measurement with bench/ (see README, "Performance").
+/// Block sizes and thresholds, chosen by measurement with bench/ (the runs: bench/results/block_sizes.md).
 struct Tuning {
-  /// Rows of Q per work item: a multiple of the GEMM's 6-row tile, so that no tile runs short of rows (with
-  /// 64, every 64 rows ended in a 4-row tile). Measured on Zen 4 against 64 × 256, one thread, best of 30
-  /// runs: AVX2 build 1.07x faster at B = 1, T = 4096 and 1.05x at B = 8, T = 1024 (48 × 240, 60 × 240, 72 ×
-  /// 288, 96 × 192/288 and 120 × 240 in between); AVX-512 build within 1%.
+  /// Rows of Q per work item: a multiple of the GEMM's 6-row tile, so that no tile runs short of rows (64
+  /// left a 4-row tile in every block, 5-7% slower in AVX2 builds).
   static constexpr Eigen::Index query_block = 96;
   /// Rows of K and V per inner step: a multiple of query_block and of the Kᵀ panel (key_panel).
   static constexpr Eigen::Index key_block = 384;
@@ -42,16 +40,14 @@ struct Tuning {
   /// Inputs shorter than projection_split · projection_rows rows are cut into about this many projection
   /// chunks (of at least projection_min_rows), whatever the thread count.
   static constexpr Eigen::Index projection_split = 8;
-  /// Rows of x per projection work item, at least (unless x has fewer). Nothing is packed per item (the
-  /// weights are transposed once per call), so short chunks cost only a re-read of the weights from cache;
-  /// 12 splits the seed's B = 2, T = 10 into two chunks of 10 rows, six equal items for two threads. (Chunks
-  /// of equal size, not of whole 6-row tiles: 12 + 8 rows were 1.03x slower on two threads with AVX-512 and
-  /// 1.11x with AVX2, once 4-row tiles ran as fast as 6-row ones.)
+  /// Rows of x per projection work item, at least (unless x has fewer). Nothing is packed per item, so short
+  /// chunks are cheap; 12 cuts the seed's B = 2, T = 10 into equal chunks of 10 rows (chunks of whole 6-row
+  /// tiles, 12 + 8, were slower on two threads).
   static constexpr Eigen::Index projection_min_rows = 12;
   /// Rows of x per projection work item, at most.
   static constexpr Eigen::Index projection_rows = 256;
-  /// Below this many useful flops a forward call stays on one thread. Forking is cheap next to the
-  /// projection GEMMs (two threads already win at B = 1, T = 1, emb 512), so only toy sizes stay serial.
+  /// Below this many useful flops a forward call stays on one thread (forking is cheap next to the
+  /// projection GEMMs: only toy sizes stay serial).
   static constexpr double serial_below_flops = 1e5;
 };
 // With key blocks a multiple of query blocks, every key block a query block visits starts at or before its
