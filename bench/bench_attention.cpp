@@ -256,10 +256,10 @@ void bm_variant(benchmark::State& state, Shape s, int threads, bool packed, bool
   const auto t0 = Clock::now();
   for (auto _ : state) {
     if (workspace && packed) {
-      packed_layer.forward_into(rows, s.batch, out, ws);
+      packed_layer.forward_into(rows, out, ws, head_attention::Batch(s.batch));
       benchmark::DoNotOptimize(out.data());
     } else if (workspace) {
-      layer.forward_into(rows, s.batch, out, ws);
+      layer.forward_into(rows, out, ws, head_attention::Batch(s.batch));
       benchmark::DoNotOptimize(out.data());
     } else {
       auto result = packed_layer.forward(x);

@@ -39,27 +39,30 @@ void bm_pass(benchmark::State& state, Shape s, int threads, Pass pass) {
   const Matrix grad_out = Matrix::Random(s.batch * s.seq_len, kHead);  // [B·T, head]
   Matrix out(s.batch * s.seq_len, kHead);
   // backward_state's state, made once outside the timed loop.
-  const head_attention::TrainingState<float> saved = pass == Pass::backward_state
-                                                         ? layer.forward_training(x, s.batch)
-                                                         : head_attention::TrainingState<float>{};
+  const head_attention::TrainingState<float> saved =
+      pass == Pass::backward_state ? layer.forward_training(x, head_attention::Batch(s.batch))
+                                   : head_attention::TrainingState<float>{};
   for (auto _ : state) {
     switch (pass) {
       case Pass::forward:
-        layer.forward_into(x, s.batch, out);
+        layer.forward_into(x, out, head_attention::Batch(s.batch));
         benchmark::DoNotOptimize(out.data());
         break;
       case Pass::backward: {
-        const head_attention::Gradients<float> g = layer.backward(x, s.batch, grad_out);
+        const head_attention::Gradients<float> g =
+            layer.backward(x, grad_out, head_attention::Batch(s.batch));
         benchmark::DoNotOptimize(g.input.data());
         break;
       }
       case Pass::forward_state: {
-        const head_attention::TrainingState<float> t = layer.forward_training(x, s.batch);
+        const head_attention::TrainingState<float> t =
+            layer.forward_training(x, head_attention::Batch(s.batch));
         benchmark::DoNotOptimize(t.lse.data());
         break;
       }
       case Pass::backward_state: {
-        const head_attention::Gradients<float> g = layer.backward(x, s.batch, grad_out, saved);
+        const head_attention::Gradients<float> g =
+            layer.backward(x, grad_out, saved, head_attention::Batch(s.batch));
         benchmark::DoNotOptimize(g.input.data());
         break;
       }

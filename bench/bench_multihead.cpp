@@ -40,13 +40,13 @@ void bm_fused(benchmark::State& state, Shape s, int threads, bool reuse, bool pa
   head_attention::Workspace<float> workspace;
   for (auto _ : state) {
     if (packed && reuse)
-      frozen.forward_into(x, s.batch, out, workspace);
+      frozen.forward_into(x, out, workspace, head_attention::Batch(s.batch));
     else if (packed)
-      frozen.forward_into(x, s.batch, out);
+      frozen.forward_into(x, out, head_attention::Batch(s.batch));
     else if (reuse)
-      mha.forward_into(x, s.batch, out, workspace);
+      mha.forward_into(x, out, workspace, head_attention::Batch(s.batch));
     else
-      mha.forward_into(x, s.batch, out);
+      mha.forward_into(x, out, head_attention::Batch(s.batch));
     benchmark::DoNotOptimize(out.data());
   }
 }
@@ -65,7 +65,8 @@ void bm_separate(benchmark::State& state, Shape s, int threads) {
   Eigen::setNbThreads(threads);
   for (auto _ : state) {
     for (Index h = 0; h < kHeads; ++h)
-      heads[static_cast<std::size_t>(h)].forward_into(x, s.batch, concat.middleCols(h * kHead, kHead));
+      heads[static_cast<std::size_t>(h)].forward_into(x, concat.middleCols(h * kHead, kHead),
+                                                      head_attention::Batch(s.batch));
     out.noalias() = concat * mha.projection().weight.transpose();
     out.rowwise() += mha.projection().bias.transpose();
     benchmark::DoNotOptimize(out.data());

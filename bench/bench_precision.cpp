@@ -59,9 +59,9 @@ double seconds_per_call(bool multi, const Shape& s) {
     const auto t0 = Clock::now();
     for (int c = 0; c < calls; ++c) {
       if (multi)
-        layer.mha.forward_into(x, s.batch, out);
+        layer.mha.forward_into(x, out, head_attention::Batch(s.batch));
       else
-        layer.head.forward_into(x, s.batch, out);
+        layer.head.forward_into(x, out, head_attention::Batch(s.batch));
       benchmark::DoNotOptimize(out.data());
     }
     best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count() / calls);
@@ -84,9 +84,9 @@ void bm_forward(benchmark::State& state, bool multi, Shape s) {
   const auto t0 = Clock::now();
   for (auto _ : state) {
     if (multi)
-      layer.mha.forward_into(x, s.batch, out);
+      layer.mha.forward_into(x, out, head_attention::Batch(s.batch));
     else
-      layer.head.forward_into(x, s.batch, out);
+      layer.head.forward_into(x, out, head_attention::Batch(s.batch));
     benchmark::DoNotOptimize(out.data());
   }
   const double per_call = std::chrono::duration<double>(Clock::now() - t0).count() /

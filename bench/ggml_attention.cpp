@@ -561,8 +561,8 @@ int main(int argc, char** argv) {
     ha::Workspace<float> ws;
     Index B;
     void call() {
-      if (p1) p1->forward_into(x, B, out, ws);
-      else p8->forward_into(x, B, out, ws);
+      if (p1) p1->forward_into(x, out, ws, ha::Batch(B));
+      else p8->forward_into(x, out, ws, ha::Batch(B));
     }
   };
   std::vector<std::unique_ptr<PrefillOurs>> prefill_ours;
@@ -659,13 +659,13 @@ int main(int argc, char** argv) {
           o->c1 = std::make_unique<ha::KVCache<float>>(o->p1->make_cache(storage));
           o->c1->reserve();
           (void)o->p1->forward_cached(prompt.topRows(n), *o->c1);
-          o->p1->reserve_workspace(o->ws, *o->c1);
+          o->p1->reserve_cached_workspace(o->ws, *o->c1);
         } else {
           o->p8 = std::make_unique<ha::PackedMultiHeadAttention<float>>(*m->multi);
           o->c8 = std::make_unique<ha::MultiHeadAttention<float>::Cache>(o->p8->make_cache(1, storage));
           o->c8->reserve();
           (void)o->p8->forward_cached(prompt.topRows(n), *o->c8);
-          o->p8->reserve_workspace(o->ws, *o->c8);
+          o->p8->reserve_cached_workspace(o->ws, *o->c8);
         }
         DecodeOurs* op = o.get();
         op->call();

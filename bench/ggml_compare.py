@@ -183,6 +183,8 @@ def write_md(saved, path):
     lines.append(f"Measured {ri['date']} by `bench/ggml_compare.py` ({len(saved['rounds'])} rounds, each a separate "
                  "process timing every case once, order rotated per round; a cell is the median over rounds of each "
                  "round's median per-call wall time).\n")
+    if ri.get("note"):
+        lines.append(f"**Note:** {ri['note']}\n")
     c = ri["cpu"]
     lines.append(f"- Machine: {c['summary']}; lscpu family {c['family']} model {c['model_number']}; "
                  f"AVX2 {'yes' if c['avx2'] else 'no'}, AVX-512F {'yes' if c['avx512f'] else 'no'} "
@@ -212,8 +214,9 @@ def write_md(saved, path):
     ratios = sorted(v2["cpu_us"] / v2["us"] for k, v2 in s.items() if k[7] == 1 and v2["us"] > 0)
     if busy:
         lines.append(f"- Noise: machine {min(busy):.0%}–{max(busy):.0%} busy just before each round (all cores, "
-                     f"other processes included); one-thread CPU/wall medians {ratios[0]:.2f}–{ratios[-1]:.2f} "
-                     f"(1.00: the core was ours); load averages after rounds: "
+                     "other processes included); "
+                     + (f"one-thread CPU/wall medians {ratios[0]:.2f}–{ratios[-1]:.2f} (1.00: the core was ours); "
+                        if ratios else "") + "load averages after rounds: "
                      + "; ".join(r["loadavg"] for r in saved["rounds"]) + ".")
     lines.append("")
     lines.append("What both sides compute (emb 512, head 64, float input and weights; see bench/ggml_attention.cpp):")
@@ -235,34 +238,56 @@ def write_md(saved, path):
                  "polling, as llama.cpp), created before the case's timing and freed after; ours with "
                  "`set_num_threads(n)` (OpenMP).")
     lines.append("")
-    for t in threads:
-        lines.append(f"## {t} thread{'s' if t > 1 else ''}\n")
-        lines.append("Ratio = ggml time / ours (> 1: ours faster). Decode: ggml F32 against ours with a float32 "
-                     "cache, ggml F16 against ours with a float16 cache.\n")
+    def table(metric, t, title, note):
+        lines.append(f"## {title}\n")
+        lines.append(note + " Ratio = ggml / ours (> 1: ours faster); decode: ggml F32 against ours with a float32 "
+                     "cache, ggml F16 against ours with a float16 cache."
+                     + (" `—`: over 10x the case's one-thread best round, i.e. disturbed in the rounds that count "
+                        "(not a measurement of the code)." if t > 1 else "") + "\n")
         lines.append("| step | ours (f32 cache) | ours (f16 cache) | ggml fa F32 | ggml fa F16 | ggml mm F32 | "
                      "ggml mm F16 | best ggml / ours |")
         lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        def get(key):
+            """The cell, or None when it is over 10x the one-thread figure (a lost round: see below)."""
+            v = s.get(key, {}).get(metric)
+            one = s.get(key[:-1] + (1,), {}).get("lo")
+            return None if v is not None and one and t > 1 and v > 10 * one else v
+
         for sh in rows_of(s):
             step = sh[0]
-            ours32 = s.get(sh + ("ours", "f32", t), {}).get("us")
-            ours16 = s.get(sh + ("ours", "f16", t), {}).get("us") if step == "decode" else ours32
+            ours32 = get(sh + ("ours", "f32", t))
+            ours16 = get(sh + ("ours", "f16", t)) if step == "decode" else ours32
             cells = [fmt_t(ours32, step), fmt_t(ours16, step) if step == "decode" else "(same)"]
             best = None
             for impl, kv in GGML_COLS:
-                g = s.get(sh + (impl, kv, t), {}).get("us")
+                g = get(sh + (impl, kv, t))
                 ref = ours32 if kv == "f32" else ours16
-                cells.append(f"{fmt_t(g, step)} ({g / ref:.2f}x)" if g and ref else "—")
+                cells.append(f"{fmt_t(g, step)} ({g / ref:.2f}x)" if g and ref else fmt_t(g, step))
                 if g and ref:
                     best = min(best, g / ref) if best is not None else g / ref
             cells.append(f"**{best:.2f}x**" if best is not None else "—")
             lines.append(f"| {shape_label(sh)} | " + " | ".join(cells) + " |")
         lines.append("")
-    if lim:
-        bw = statistics.median(l["read_gbps_4_5MiB"] for l in lim)
+
+    for t in threads:
+        table("us", t, f"{t} thread{'s' if t > 1 else ''}: median wall time per call",
+              "Median over rounds of each round's median per-call wall time.")
+    if 1 in threads:
+        table("cpu_us", 1, "1 thread: median CPU time of the calling thread per call",
+              "The same calls' thread CPU time (`CLOCK_THREAD_CPUTIME_ID`): what other processes on the machine "
+              "take away from the wall time does not count here. The least disturbed one-thread view.")
+    for t in threads:
+        table("lo", t, f"{t} thread{'s' if t > 1 else ''}: best round",
+              "The lowest of the rounds' medians: on a busy machine, the round in which the case was least "
+              "disturbed. With two threads a whole round can be lost: when another process holds the second core, "
+              "every call waits for a scheduler time slice and takes milliseconds instead of microseconds; a case "
+              "still in milliseconds here was disturbed in every round.")
+    if lim and any(k[7] == 1 for k in s):
+        bw = max(l["read_gbps_4_5MiB"] for l in lim)
         lines.append("## Decode against the memory floor\n")
         lines.append(f"Floor = bytes a step must read (weights F32 + the K/V cache in its storage) / {bw:.0f} GB/s "
-                     "(the 4.5 MiB read bandwidth above: everything a step reads stays in L2/L3 between steps). "
-                     "One thread.\n")
+                     "(the best 4.5 MiB read bandwidth above: everything a step reads stays in L2/L3 between steps). "
+                     "One thread, each side's best round (the medians carry the machine's load).\n")
         lines.append("| step | weights | K/V f32 | floor f32 | ours f32 / floor | best ggml F32 / floor | "
                      "K/V f16 | floor f16 | ours f16 / floor | best ggml F16 / floor |")
         lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -273,8 +298,8 @@ def write_md(saved, path):
             for kvb, kv in ((4, "f32"), (2, "f16")):
                 w, kvbytes = floor_bytes(sh[1], sh[4], kvb)
                 floor = (w + kvbytes) / (bw * 1e9) * 1e6
-                ours = s.get(sh + ("ours", kv, 1), {}).get("us")
-                gg = [s.get(sh + (impl, kv, 1), {}).get("us") for impl in ("ggml_fa", "ggml_mm")]
+                ours = s.get(sh + ("ours", kv, 1), {}).get("lo")
+                gg = [s.get(sh + (impl, kv, 1), {}).get("lo") for impl in ("ggml_fa", "ggml_mm")]
                 gg = min(x for x in gg if x) if any(gg) else None
                 if kv == "f32":
                     cells.append(f"{w / 2**20:.2f} MiB")
@@ -324,6 +349,7 @@ def main():
                    help="before each round wait up to this long for the machine to be under 10%% busy")
     p.add_argument("--out-dir")
     p.add_argument("--from-json", help="rewrite the .md from this saved JSON")
+    p.add_argument("--note", help="a remark printed at the top of the .md (kept in the JSON's run_info)")
     args = p.parse_args()
     if args.quick and "--rounds" not in sys.argv:
         args.rounds = 1
@@ -333,10 +359,16 @@ def main():
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)
+        if args.note is not None:
+            saved["run_info"]["note"] = args.note
+            with open(js if os.path.abspath(args.from_json) == os.path.abspath(js) else args.from_json, "w") as f:
+                json.dump(saved, f, indent=1)
         write_md(saved, md)
         print(open(md).read())
         return
     saved = run(args)
+    if args.note:
+        saved["run_info"]["note"] = args.note
     with open(js, "w") as f:
         json.dump(saved, f, indent=1)
     write_md(saved, md)

@@ -89,7 +89,7 @@ int main(int argc, char** argv) {
         x(b * kT + t, kVocab + t) = 1;
         if (t + 1 < kT) target(b * kT + t + 1, tok) = 1;
       }
-    head.forward_into(x, kBatch, out);
+    head.forward_into(x, out, head_attention::Batch(kBatch));
     grad_out = (out - target) * (2 / count);  // d/d out of mean ||out - target||²
     for (Index b = 0; b < kBatch; ++b)
       grad_out.row(b * kT).setZero();  // position 0 has no target
@@ -100,7 +100,7 @@ int main(int argc, char** argv) {
     if (step == 0) first = loss;
     if (step % 50 == 0 || step == steps - 1) std::printf("step %4d  loss %.5f\n", step, loss);
 
-    const head_attention::Gradients<float> g = head.backward(x, kBatch, grad_out);
+    const head_attention::Gradients<float> g = head.backward(x, grad_out, head_attention::Batch(kBatch));
     adam[0].update(head.query(), g.query);
     adam[1].update(head.key(), g.key);
     adam[2].update(head.value(), g.value);

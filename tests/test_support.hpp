@@ -32,6 +32,8 @@
 namespace ha_test {
 
 using Index = Eigen::Index;
+using head_attention::Batch;
+using head_attention::Padding;
 
 template <typename Scalar>
 using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;

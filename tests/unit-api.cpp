@@ -21,6 +21,192 @@ bool same_weights(const head_attention::HeadAttention<Scalar>& a,
          identical(a.value().weight, b.value().weight) && identical(a.value().bias, b.value().bias);
 }
 
+// Issue 24: every form has every inference entry point, from one definition (AttentionBase,
+// TensorAttentionBase), and each gives the layer's result bit for bit.
+template <typename Scalar>
+Matrix<Scalar> tensor_rows(const Tensor3<Scalar>& t) {
+  return Eigen::Map<const Matrix<Scalar>>(t.data(), t.dimension(0) * t.dimension(1), t.dimension(2));
+}
+
+// Positions a form's cache of B sequences holds (a single head's make_cache(B) is one KVCache per sequence).
+template <typename Cache>
+Index positions(const Cache& cache) {
+  return cache.size();
+}
+template <typename Scalar>
+Index positions(const std::vector<head_attention::KVCache<Scalar>>& caches) {
+  return caches.front().size();
+}
+
+template <typename Form, typename Scalar>
+void check_inference_form(const Form& form, const Matrix<Scalar>& x, const Tensor3<Scalar>& tx,
+                          const std::vector<Index>& lengths, const Matrix<Scalar>& want_one,
+                          const Matrix<Scalar>& want_batch, const Matrix<Scalar>& want_padded) {
+  const Index B = tx.dimension(0), T = tx.dimension(1), width = want_one.cols();
+  head_attention::Workspace<Scalar> workspace;
+  CHECK(identical(form.forward(x.topRows(T)), want_one));
+  Matrix<Scalar> out(T, width);
+  form.forward_into(x.topRows(T), out);
+  CHECK(identical(out, want_one));
+  out.setZero();
+  form.forward_into(x.topRows(T), out, workspace);  // one sequence with a workspace: new in 0.x
+  CHECK(identical(out, want_one));
+  Matrix<Scalar> rows(B * T, width);
+  form.forward_into(x, rows, Batch(B));
+  CHECK(identical(rows, want_batch));
+  rows.setZero();
+  form.forward_into(x, rows, workspace, Batch(B, lengths));
+  CHECK(identical(rows, want_padded));
+  CHECK(identical(tensor_rows<Scalar>(form.forward(tx)), want_batch));
+  CHECK(identical(tensor_rows<Scalar>(form.forward(tx, lengths)), want_padded));
+  // Decoding: matrix and tensor, into and not, with and without a workspace, all equal to the forward.
+  auto cache = form.make_cache(B);
+  form.reserve_cached_workspace(workspace, cache, 1);
+  Matrix<Scalar> steps(B * T, width);
+  for (Index t = 0; t < T; ++t) {
+    Matrix<Scalar> step_x(B, x.cols());  // [B·1, emb] each sequence's row t
+    for (Index b = 0; b < B; ++b)
+      step_x.row(b) = x.row(b * T + t);
+    Matrix<Scalar> step(B, width);
+    switch (t % 4) {
+      case 0:
+        step = form.forward_cached(step_x, cache);
+        break;
+      case 1:
+        form.forward_cached_into(step_x, cache, step);
+        break;
+      case 2:
+        form.forward_cached_into(step_x, cache, step, workspace);
+        break;
+      default: {
+        Tensor3<Scalar> step_t(B, 1, x.cols());
+        Eigen::Map<Matrix<Scalar>>(step_t.data(), B, x.cols()) = step_x;
+        step = tensor_rows<Scalar>(form.forward_cached(step_t, cache));
+      }
+    }
+    for (Index b = 0; b < B; ++b)
+      steps.row(b * T + t) = step.row(b);
+  }
+  CHECK(positions(cache) == T);
+  CHECK(relative_error(steps, want_batch) < rounding_tolerance<Scalar>());  // steps sum in another order
+  // One sequence's cache, by precision alone, as every form's make_cache(storage).
+  auto one = form.make_cache(head_attention::precision_of<Scalar>());
+  CHECK(identical(form.forward_cached(x.topRows(T), one), want_one));
+  form.reserve_workspace(workspace, B, T);
+  CHECK(form.workspace_bytes(B, T) > 0);
+}
+
+TEMPLATE_TEST_CASE("every form has every inference entry point, bit for bit the layer's", "[api][forms]",
+                   float, double) {
+  using Scalar = TestType;
+  constexpr Index B = 2, T = 6, emb = 8, head = 4, heads = 2, max = 12;
+  const Tensor3<Scalar> tx = random_tensor<Scalar>(B, T, emb, 241);
+  const Matrix<Scalar> x = tensor_rows<Scalar>(tx);
+  const std::vector<Index> lengths{4, 6};
+  {
+    const head_attention::HeadAttention<Scalar> layer(emb, head, max, 242);
+    Matrix<Scalar> batch(B * T, head), padded(B * T, head);
+    layer.forward_into(x, batch, Batch(B));
+    layer.forward_into(x, padded, Batch(B, lengths));
+    const Matrix<Scalar> one = layer.forward(x.topRows(T));
+    SECTION("BatchedHeadAttention") {
+      check_inference_form(head_attention::BatchedHeadAttention<Scalar>(layer), x, tx, lengths, one, batch,
+                           padded);
+    }
+    SECTION("PackedHeadAttention") {
+      check_inference_form(head_attention::PackedHeadAttention<Scalar>(layer), x, tx, lengths, one, batch,
+                           padded);
+    }
+    SECTION("HeadAttention: the matrix entry points, and the caches of B sequences") {
+      CHECK(identical(layer.forward(x.topRows(T)), one));
+      Matrix<Scalar> out(T, head);
+      head_attention::Workspace<Scalar> workspace;
+      layer.forward_into(x.topRows(T), out, workspace);
+      CHECK(identical(out, one));
+      std::vector<head_attention::KVCache<Scalar>> caches = layer.make_cache(B);
+      CHECK(caches.size() == static_cast<std::size_t>(B));
+      Matrix<Scalar> first(B, head);
+      Matrix<Scalar> step_x(B, emb);
+      step_x << x.row(0), x.row(T);
+      first = layer.forward_cached(step_x, caches);
+      CHECK(identical(first.row(0), batch.row(0)));
+      CHECK(identical(first.row(1), batch.row(T)));
+    }
+  }
+  {
+    const head_attention::MultiHeadAttention<Scalar> layer(heads, emb, head, max, 0.0, 243);
+    Matrix<Scalar> batch(B * T, emb), padded(B * T, emb);
+    layer.forward_into(x, batch, Batch(B));
+    layer.forward_into(x, padded, Batch(B, lengths));
+    const Matrix<Scalar> one = layer.forward(x.topRows(T));
+    SECTION("MultiHeadAttention") {
+      check_inference_form(layer, x, tx, lengths, one, batch, padded);
+    }
+    SECTION("PackedMultiHeadAttention") {
+      check_inference_form(head_attention::PackedMultiHeadAttention<Scalar>(layer), x, tx, lengths, one,
+                           batch, padded);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("the training entry points in matrix and tensor form agree", "[api][forms][backward]",
+                   float, double) {
+  using Scalar = TestType;
+  constexpr Index B = 2, T = 5, emb = 6, head = 3, heads = 2, max = 8;
+  const Tensor3<Scalar> tx = random_tensor<Scalar>(B, T, emb, 251);
+  const Matrix<Scalar> x = tensor_rows<Scalar>(tx);
+  const std::vector<Index> lengths{3, 5};
+  SECTION("HeadAttention and BatchedHeadAttention") {
+    const head_attention::HeadAttention<Scalar> layer(emb, head, max, 252);
+    const head_attention::BatchedHeadAttention<Scalar> batched(layer);
+    const Tensor3<Scalar> tg = random_tensor<Scalar>(B, T, head, 253);
+    const Matrix<Scalar> g = tensor_rows<Scalar>(tg);
+    const auto state = layer.forward_training(x, Batch(B, lengths));
+    const auto tstate = batched.forward_training(tx, lengths);
+    CHECK(identical(state.output, tstate.output));
+    CHECK(identical(state.lse, tstate.lse));
+    const typename head_attention::HeadAttention<Scalar>::GradientsType m =
+        layer.backward(x, g, state, Batch(B, lengths));
+    const typename head_attention::BatchedHeadAttention<Scalar>::TensorGradientsType t =
+        batched.backward(tx, tg, tstate, lengths);
+    CHECK(identical(m.input, tensor_rows<Scalar>(t.input)));
+    CHECK(identical(m.query.weight, t.query.weight));
+    // The batched form's matrix entry points are its layer's.
+    CHECK(identical(batched.backward(x, g, Batch(B)).input, layer.backward(x, g, Batch(B)).input));
+  }
+  SECTION("MultiHeadAttention: tensor forward_training, backward, backward_training") {
+    const head_attention::MultiHeadAttention<Scalar> layer(heads, emb, head, max, 0.25, 254);
+    const Tensor3<Scalar> tg = random_tensor<Scalar>(B, T, emb, 255);
+    const Matrix<Scalar> g = tensor_rows<Scalar>(tg);
+    head_attention::TrainingState<Scalar> state, tstate;
+    const Matrix<Scalar> y = layer.forward_training(x, 7, state, Batch(B, lengths));
+    CHECK(identical(tensor_rows<Scalar>(layer.forward_training(tx, 7, tstate, lengths)), y));
+    CHECK(identical(tensor_rows<Scalar>(layer.forward_training(tx, 7, lengths)), y));
+    CHECK(identical(state.output, tstate.output));
+    const auto m = layer.backward_training(x, g, 7, state, Batch(B, lengths));
+    const auto t = layer.backward_training(tx, tg, 7, tstate, lengths);
+    CHECK(identical(m.input, tensor_rows<Scalar>(t.input)));
+    CHECK(identical(m.projection.weight, t.projection.weight));
+    CHECK(identical(layer.backward_training(x, g, 7, Batch(B)).input,
+                    tensor_rows<Scalar>(layer.backward_training(tx, tg, 7).input)));
+    CHECK(identical(layer.backward(x, g, Batch(B, lengths)).input,
+                    tensor_rows<Scalar>(layer.backward(tx, tg, lengths).input)));
+  }
+}
+
+TEST_CASE("Batch and Padding: the batch layout of a matrix call", "[api][forms]") {
+  const std::vector<Index> lengths{3, 4};
+  CHECK(Batch().sequences() == 1);
+  CHECK(Batch().lengths() == nullptr);
+  CHECK(Batch(3).sequences() == 3);
+  CHECK(Batch(2, lengths).lengths() == &lengths);
+  CHECK(Padding().lengths() == nullptr);
+  // An integer is never a Batch by itself (it would be a seed, a count or a size elsewhere).
+  static_assert(!std::is_convertible<Index, Batch>::value, "");
+  static_assert(!std::is_convertible<int, Batch>::value, "");
+  static_assert(std::is_convertible<const std::vector<Index>&, Padding>::value, "");
+}
+
 }  // namespace
 
 TEST_CASE("version macros follow the CMake project version", "[api]") {
@@ -30,7 +216,7 @@ TEST_CASE("version macros follow the CMake project version", "[api]") {
 }
 
 TEST_CASE("shape_error is an std::invalid_argument", "[api]") {
-  STATIC_REQUIRE(std::is_base_of<std::invalid_argument, head_attention::shape_error>::value);
+  static_assert(std::is_base_of<std::invalid_argument, head_attention::shape_error>::value, "");
 }
 
 TEMPLATE_TEST_CASE("sizes and accessors", "[api]", float, double) {
@@ -146,14 +332,14 @@ TEMPLATE_TEST_CASE("forward_into writes forward's result into caller storage", "
   Matrix<Scalar> both(2 * T, emb);
   both << x, x2;
   Matrix<Scalar> out2(2 * T, head);
-  layer.forward_into(both, 2, out2);
+  layer.forward_into(both, out2, Batch(2));
   CHECK(relative_error(out2.topRows(T), expected) <= rounding_tolerance<Scalar>());
   CHECK(relative_error(out2.bottomRows(T), layer.forward(x2)) <= rounding_tolerance<Scalar>());
 
   // Empty.
   Matrix<Scalar> none(0, head);
-  layer.forward_into(Matrix<Scalar>(0, emb), 0, none);
-  layer.forward_into(Matrix<Scalar>(0, emb), 4, none);
+  layer.forward_into(Matrix<Scalar>(0, emb), none, Batch(0));
+  layer.forward_into(Matrix<Scalar>(0, emb), none, Batch(4));
   CHECK(none.rows() == 0);
 }
 
@@ -282,19 +468,19 @@ TEMPLATE_TEST_CASE("PackedHeadAttention gives the layer's forward bit for bit", 
 
         // A batch: into caller storage, with a workspace (twice: the second call reuses it), with padding.
         Matrix<Scalar> expected(c.B * c.T, c.head), out(c.B * c.T, c.head);
-        layer.forward_into(x, c.B, expected);
-        packed.forward_into(x, c.B, out);
+        layer.forward_into(x, expected, Batch(c.B));
+        packed.forward_into(x, out, Batch(c.B));
         CHECK(identical(out, expected));
         head_attention::Workspace<Scalar> workspace;
         for (int call = 0; call < 2; ++call) {
           out.setZero();
-          packed.forward_into(x, c.B, out, workspace);
+          packed.forward_into(x, out, workspace, Batch(c.B));
           CHECK(identical(out, expected));
         }
         std::vector<Index> lengths(static_cast<std::size_t>(c.B), c.T);
         lengths.back() = c.T / 2;
-        layer.forward_into(x, c.B, expected, lengths);
-        packed.forward_into(x, c.B, out, lengths);
+        layer.forward_into(x, expected, Batch(c.B, lengths));
+        packed.forward_into(x, out, Batch(c.B, lengths));
         CHECK(identical(out, expected));
 
         // The seed's [B, T, emb] tensors, as BatchedHeadAttention takes them.
@@ -332,18 +518,18 @@ TEMPLATE_TEST_CASE("PackedMultiHeadAttention gives the layer's forward bit for b
     CHECK(identical(packed.forward(ColMatrix<Scalar>(one)), layer.forward(ColMatrix<Scalar>(one))));
 
     Matrix<Scalar> expected(B * T, emb), out(B * T, emb);
-    layer.forward_into(x, B, expected);
-    packed.forward_into(x, B, out);
+    layer.forward_into(x, expected, Batch(B));
+    packed.forward_into(x, out, Batch(B));
     CHECK(identical(out, expected));
     head_attention::Workspace<Scalar> workspace;
     for (int call = 0; call < 2; ++call) {
       out.setZero();
-      packed.forward_into(x, B, out, workspace);
+      packed.forward_into(x, out, workspace, Batch(B));
       CHECK(identical(out, expected));
     }
     const std::vector<Index> lengths = {T, 5};
-    layer.forward_into(x, B, expected, &lengths);
-    packed.forward_into(x, B, out, workspace, &lengths);
+    layer.forward_into(x, expected, Batch(B, lengths));
+    packed.forward_into(x, out, workspace, Batch(B, lengths));
     CHECK(identical(out, expected));
 
     const Tensor3<Scalar> xt = random_tensor<Scalar>(B, T, emb, 10);
@@ -437,33 +623,33 @@ TEMPLATE_TEST_CASE("packed layers refuse bad input as the layers do, out untouch
                     {"PackedHeadAttention::forward", "x.rows() (T)", "<= max_seq_len = 6", "7"});
   check_shape_error([&] { packed.forward(random_tensor<Scalar>(1, T + 1, emb, 20)); },
                     {"PackedHeadAttention::forward", "x.dimension(1) (T)", "<= max_seq_len = 6", "7"});
-  check_shape_error([&] { packed.forward_into(x, 5, out); },
+  check_shape_error([&] { packed.forward_into(x, out, Batch(5)); },
                     {"PackedHeadAttention::forward_into", "x.rows()", "a multiple of batch = 5", "12"});
-  check_shape_error([&] { packed.forward_into(x, -1, out); }, {"PackedHeadAttention::forward_into", "batch"});
-  check_shape_error(
-      [&] { packed.forward_into(x, 1, out); },
-      {"PackedHeadAttention::forward_into", "x.rows() / batch (T)", "<= max_seq_len = 6", "12"});
-  check_shape_error([&] { packed.forward_into(x, 2, out.topRows(T)); },
+  check_shape_error([&] { packed.forward_into(x, out, Batch(-1)); },
+                    {"PackedHeadAttention::forward_into", "batch"});
+  check_shape_error([&] { packed.forward_into(x, out); },
+                    {"PackedHeadAttention::forward_into", "x.rows() (T)", "<= max_seq_len = 6", "12"});
+  check_shape_error([&] { packed.forward_into(x, out.topRows(T), Batch(2)); },
                     {"PackedHeadAttention::forward_into", "out shape", "[12, 3]", "[6, 3]"});
   check_shape_error(
       [&] {
-        packed.forward_into(x, 2, out, std::vector<Index>{T, T + 1});
+        packed.forward_into(x, out, Batch(2, std::vector<Index>{T, T + 1}));
       },
       {"PackedHeadAttention::forward_into", "lengths[1]", "in [0, T = 6]", "7"});
-  check_shape_error([&] { packed.forward_into(x, 2, out, std::vector<Index>{T}); },
+  check_shape_error([&] { packed.forward_into(x, out, Batch(2, std::vector<Index>{T})); },
                     {"PackedHeadAttention::forward_into", "lengths.size()", "batch = 2", "1"});
   head_attention::Workspace<Scalar> workspace;
-  check_shape_error([&] { packed.forward_into(x.leftCols(emb - 1), 2, out, workspace); },
+  check_shape_error([&] { packed.forward_into(x.leftCols(emb - 1), out, workspace, Batch(2)); },
                     {"PackedHeadAttention::forward_into", "x.cols() (input width)"});
 
   check_shape_error([&] { multi.forward(Matrix<Scalar>(T, emb - 1)); },
                     {"PackedMultiHeadAttention::forward", "x.cols() (input width)", "emb_size = 10", "9"});
-  check_shape_error([&] { multi.forward_into(x, 1, multi_out); },
-                    {"PackedMultiHeadAttention::forward_into", "x.rows() / batch (T)", "<= max_seq_len = 6"});
-  check_shape_error([&] { multi.forward_into(x, 2, multi_out.leftCols(head)); },
+  check_shape_error([&] { multi.forward_into(x, multi_out); },
+                    {"PackedMultiHeadAttention::forward_into", "x.rows() (T)", "<= max_seq_len = 6"});
+  check_shape_error([&] { multi.forward_into(x, multi_out.leftCols(head), Batch(2)); },
                     {"PackedMultiHeadAttention::forward_into", "out shape", "[12, 10]", "[12, 3]"});
   const std::vector<Index> bad_lengths = {T, -1};
-  check_shape_error([&] { multi.forward_into(x, 2, multi_out, workspace, &bad_lengths); },
+  check_shape_error([&] { multi.forward_into(x, multi_out, workspace, Batch(2, bad_lengths)); },
                     {"PackedMultiHeadAttention::forward_into", "lengths[1]"});
   check_shape_error([&] { multi.forward(random_tensor<Scalar>(2, T, emb + 2, 21)); },
                     {"PackedMultiHeadAttention::forward", "x.dimension(2) (input width)", "12"});

@@ -125,11 +125,11 @@ TEST_CASE("backward: finite differences with right padding over a batch", "[back
   HeadAttention<double> layer(5, 3, 8, 21, rule_named(rule));
   Matrix<double> x = random_matrix<double>(B * T, 5, 22);
   const Matrix<double> grad_out = random_matrix<double>(B * T, 3, 23);
-  const Gradients<double> g = layer.backward(x, B, grad_out, lengths);
+  const Gradients<double> g = layer.backward(x, grad_out, Batch(B, lengths));
   check_finite_differences(layer, x, grad_out, g,
                            [&](const HeadAttention<double>& l, const Matrix<double>& in) {
                              Matrix<double> out(B * T, 3);
-                             l.forward_into(in, B, out, lengths);
+                             l.forward_into(in, out, Batch(B, lengths));
                              return out;
                            });
 }
@@ -148,7 +148,7 @@ TEMPLATE_TEST_CASE("backward over no rows gives zero parameter gradients and an 
   CHECK(single.query.weight.isZero());
   CHECK(single.value.bias.size() == 4);
   CHECK(single.value.bias.isZero());
-  const auto batched = layer.backward(x, 3, g);
+  const auto batched = layer.backward(x, g, Batch(3));
   CHECK(batched.key.bias.isZero());
   const head_attention::MultiHeadGradients<Scalar> multi = mha.backward(x, g_mha);
   CHECK(multi.input.rows() == 0);
@@ -173,8 +173,9 @@ TEMPLATE_TEST_CASE("backward: the fused pass matches the materialising reference
   const Matrix<Scalar> x = random_matrix<Scalar>(T, 13, 32, 2.0);
   const Matrix<Scalar> grad_out = random_matrix<Scalar>(T, 7, 33);
   const Index valid_keys = valid < 0 ? T : std::min(valid, T);
-  const Gradients<Scalar> g = valid < 0 ? layer.backward(x, grad_out)
-                                        : layer.backward(x, 1, grad_out, std::vector<Index>{valid_keys});
+  const Gradients<Scalar> g = valid < 0
+                                  ? layer.backward(x, grad_out)
+                                  : layer.backward(x, grad_out, Batch(1, std::vector<Index>{valid_keys}));
   const Gradients<double> ref = head_attention::reference::backward(
       x.template cast<double>().eval(), to_double(layer.query()), to_double(layer.key()),
       to_double(layer.value()), grad_out.template cast<double>().eval(), layer.mask_rule(), valid_keys);
@@ -196,12 +197,12 @@ TEMPLATE_TEST_CASE("backward: bit-identical results on 1, 2 and 3 threads", "[ba
   const Matrix<Scalar> grad_out = random_matrix<Scalar>(B * T, 16, 43);
   const std::vector<Index> lengths = {150, 77, 1};
   layer.set_num_threads(1);
-  const Gradients<Scalar> one = layer.backward(x, B, grad_out, lengths);
+  const Gradients<Scalar> one = layer.backward(x, grad_out, Batch(B, lengths));
   REQUIRE(head_attention::detail::last_team_size() == 1);
   for (int threads : {2, 3}) {
     CAPTURE(threads);
     layer.set_num_threads(threads);
-    const Gradients<Scalar> many = layer.backward(x, B, grad_out, lengths);
+    const Gradients<Scalar> many = layer.backward(x, grad_out, Batch(B, lengths));
     REQUIRE(head_attention::detail::last_team_size() == threads);  // the call really ran on that many
     CHECK(identical(many.input, one.input));
     CHECK(identical(many.query.weight, one.query.weight));
@@ -219,7 +220,7 @@ TEST_CASE("backward: a batch gives each sequence's input gradient and the summed
   HeadAttention<double> layer(9, 5, 80, 51);
   const Matrix<double> x = random_matrix<double>(B * T, 9, 52);
   const Matrix<double> grad_out = random_matrix<double>(B * T, 5, 53);
-  const Gradients<double> all = layer.backward(x, B, grad_out);
+  const Gradients<double> all = layer.backward(x, grad_out, Batch(B));
   Gradients<double> sum;
   for (Index b = 0; b < B; ++b) {
     const Gradients<double> one = layer.backward(x.middleRows(b * T, T), grad_out.middleRows(b * T, T));
@@ -272,12 +273,13 @@ TEST_CASE("backward: bad shapes throw shape_error naming the quantity", "[backwa
                     {"x.cols() (input width)", "emb_size = 6", "5"});
   check_shape_error([&] { layer.backward(Matrix<double>(17, 6), Matrix<double>(17, 4)); },
                     {"max_seq_len = 16", "17"});
-  check_shape_error([&] { layer.backward(x, 3, grad_out); }, {"x.rows()", "a multiple of batch = 3", "8"});
-  check_shape_error([&] { layer.backward(x, 2, grad_out, std::vector<Index>{4}); },
+  check_shape_error([&] { layer.backward(x, grad_out, Batch(3)); },
+                    {"x.rows()", "a multiple of batch = 3", "8"});
+  check_shape_error([&] { layer.backward(x, grad_out, Batch(2, std::vector<Index>{4})); },
                     {"lengths.size()", "batch = 2", "1"});
   check_shape_error(
       [&] {
-        layer.backward(x, 2, grad_out, std::vector<Index>{4, 5});
+        layer.backward(x, grad_out, Batch(2, std::vector<Index>{4, 5}));
       },
       {"lengths[1]", "in [0, T = 4]", "5"});
   HeadAttention<double> broken = layer;
@@ -310,8 +312,8 @@ TEMPLATE_TEST_CASE("backward: PyTorch autograd's gradients (tests/fixtures/gradi
       HeadAttention<Scalar> layer = f.layer();
       if (mask == "bidirectional") layer.set_mask_rule(MaskRule::bidirectional());
       if (mask == "window") layer.set_mask_rule(MaskRule::sliding_window(window));
-      const Gradients<Scalar> g = mask == "padded" ? layer.backward(rows, f.B, grad_out, lengths)
-                                                   : layer.backward(rows, f.B, grad_out);
+      const Gradients<Scalar> g = mask == "padded" ? layer.backward(rows, grad_out, Batch(f.B, lengths))
+                                                   : layer.backward(rows, grad_out, Batch(f.B));
       Gradients<double> torch;
       torch.input = Eigen::Map<const Matrix<Scalar>>(
                         f.tensor(mask + ".x.grad", {f.B, f.T, f.emb}).values.data(), f.B * f.T, f.emb)
@@ -345,8 +347,8 @@ TEST_CASE("backward: BatchedHeadAttention takes and returns [B, T, ·] tensors",
     CAPTURE(padded);
     const Gradients<double, Tensor3<double>> g =
         padded ? batched.backward(x, grad_out, lengths) : batched.backward(x, grad_out);
-    const Gradients<double> flat = padded ? batched.head().backward(rows, B, grad_rows, lengths)
-                                          : batched.head().backward(rows, B, grad_rows);
+    const Gradients<double> flat = padded ? batched.head().backward(rows, grad_rows, Batch(B, lengths))
+                                          : batched.head().backward(rows, grad_rows, Batch(B));
     REQUIRE(g.input.dimension(0) == B);
     REQUIRE(g.input.dimension(1) == T);
     REQUIRE(g.input.dimension(2) == emb);
@@ -402,11 +404,11 @@ TEST_CASE("backward: MultiHeadAttention, finite differences for every head, the 
   MultiHeadAttention<double> mha(3, 6, 2, 8, 0.1, 91, rule_named(rule));
   Matrix<double> x = random_matrix<double>(B * T, 6, 92);
   const Matrix<double> grad_out = random_matrix<double>(B * T, 6, 93);
-  const MultiHeadGradients<double> g = mha.backward(x, B, grad_out);
+  const MultiHeadGradients<double> g = mha.backward(x, grad_out, Batch(B));
   check_multihead_finite_differences(mha, x, grad_out, g,
                                      [&](const MultiHeadAttention<double>& m, const Matrix<double>& in) {
                                        Matrix<double> out(B * T, 6);
-                                       m.forward_into(in, B, out);
+                                       m.forward_into(in, out, Batch(B));
                                        return out;
                                      });
 }
@@ -417,16 +419,16 @@ TEST_CASE("backward: MultiHeadAttention with right padding, finite differences",
   MultiHeadAttention<double> mha(2, 4, 3, 8, 0.1, 98);
   Matrix<double> x = random_matrix<double>(B * T, 4, 99);
   const Matrix<double> grad_out = random_matrix<double>(B * T, 4, 100);
-  const MultiHeadGradients<double> g = mha.backward(x, B, grad_out, lengths);
+  const MultiHeadGradients<double> g = mha.backward(x, grad_out, Batch(B, lengths));
   check_multihead_finite_differences(mha, x, grad_out, g,
                                      [&](const MultiHeadAttention<double>& m, const Matrix<double>& in) {
                                        Matrix<double> out(B * T, 4);
-                                       m.forward_into(in, B, out, &lengths);
+                                       m.forward_into(in, out, Batch(B, lengths));
                                        return out;
                                      });
   check_shape_error(
       [&] {
-        mha.backward(x, B, grad_out, std::vector<Index>{1, 2});
+        mha.backward(x, grad_out, Batch(B, std::vector<Index>{1, 2}));
       },
       {"MultiHeadAttention::backward", "lengths.size()", "batch = 3", "2"});
 }
@@ -519,7 +521,7 @@ TEMPLATE_TEST_CASE("backward: MultiHeadAttention against PyTorch autograd (eval 
         Eigen::Map<const Matrix<Scalar>>(f.tensor("x", {f.B, f.T, f.emb}).values.data(), rows, f.emb);
     const Matrix<Scalar> grad_out =
         Eigen::Map<const Matrix<Scalar>>(f.tensor("grad_out", {f.B, f.T, f.emb}).values.data(), rows, f.emb);
-    const MultiHeadGradients<Scalar> g = mha.backward(x, f.B, grad_out);
+    const MultiHeadGradients<Scalar> g = mha.backward(x, grad_out, Batch(f.B));
     const Matrix<Scalar> torch_input =
         Eigen::Map<const Matrix<Scalar>>(f.tensor("x.grad", {f.B, f.T, f.emb}).values.data(), rows, f.emb);
     double worst = relative_error(g.input, torch_input);
@@ -651,17 +653,17 @@ TEMPLATE_TEST_CASE("training state: backward from forward_training's state equal
     lengths.push_back(std::min<Index>(T, 40 / (b + 1) - 1));  // 39, 19, 12: and at T = 10 none for b = 0
   Matrix<Scalar> out(B * T, 7);
   if (padded)
-    layer.forward_into(x, B, out, lengths);
+    layer.forward_into(x, out, Batch(B, lengths));
   else
-    layer.forward_into(x, B, out);
+    layer.forward_into(x, out, Batch(B));
   const TrainingState<Scalar> state =
-      padded ? layer.forward_training(x, B, lengths) : layer.forward_training(x, B);
+      padded ? layer.forward_training(x, Batch(B, lengths)) : layer.forward_training(x, Batch(B));
   CHECK(identical(state.output, out));  // the forward output, bit for bit
   REQUIRE(state.lse.size() == B * T);
-  const Gradients<Scalar> with =
-      padded ? layer.backward(x, B, grad_out, lengths, state) : layer.backward(x, B, grad_out, state);
+  const Gradients<Scalar> with = padded ? layer.backward(x, grad_out, state, Batch(B, lengths))
+                                        : layer.backward(x, grad_out, state, Batch(B));
   const Gradients<Scalar> without =
-      padded ? layer.backward(x, B, grad_out, lengths) : layer.backward(x, B, grad_out);
+      padded ? layer.backward(x, grad_out, Batch(B, lengths)) : layer.backward(x, grad_out, Batch(B));
   const double error = gradient_difference(with, without);
   INFO("worst relative error " << error);
   CHECK(error < state_tolerance<Scalar>());
@@ -681,7 +683,7 @@ TEST_CASE("training state: lse is each row's logsumexp of Q Kᵀ / sqrt(head) ov
   HeadAttention<double> layer(9, 4, 32, 44, MaskRule::sliding_window(6));
   const Matrix<double> x = random_matrix<double>(2 * T, 9, 45, 2.0);
   const std::vector<Index> lengths = {T, 0};  // the second sequence sees no key at all
-  const TrainingState<double> state = layer.forward_training(x, 2, lengths);
+  const TrainingState<double> state = layer.forward_training(x, Batch(2, lengths));
   const Matrix<double> xs = x.topRows(T);
   const Matrix<double> q = (xs * layer.query().weight.transpose()).rowwise() + layer.query().bias.transpose();
   const Matrix<double> k = (xs * layer.key().weight.transpose()).rowwise() + layer.key().bias.transpose();
@@ -710,7 +712,7 @@ TEST_CASE("training state: BatchedHeadAttention, with and without padding", "[ba
         padded ? batched.forward_training(x, lengths) : batched.forward_training(x);
     CHECK(identical(state.output, Eigen::Map<const Matrix<float>>(out.data(), B * T, head)));
     const Gradients<float, Tensor3<float>> with =
-        padded ? batched.backward(x, grad_out, lengths, state) : batched.backward(x, grad_out, state);
+        padded ? batched.backward(x, grad_out, state, lengths) : batched.backward(x, grad_out, state);
     const Gradients<float, Tensor3<float>> without =
         padded ? batched.backward(x, grad_out, lengths) : batched.backward(x, grad_out);
     const double error = gradient_difference(with, without);
@@ -731,19 +733,19 @@ TEMPLATE_TEST_CASE("training state: MultiHeadAttention through dropout, every ru
   const Matrix<Scalar> x = random_matrix<Scalar>(B * T, emb, 50, 2.0);
   const Matrix<Scalar> grad_out = random_matrix<Scalar>(B * T, emb, 51);
   TrainingState<Scalar> state;
-  const Matrix<Scalar> out = mha.forward_training(x, B, 7, state);
-  CHECK(identical(out, mha.forward_training(x, B, 7)));  // bit for bit the stateless training forward
+  const Matrix<Scalar> out = mha.forward_training(x, 7, state, Batch(B));
+  CHECK(identical(out, mha.forward_training(x, 7, Batch(B))));  // bit for bit the stateless training forward
   REQUIRE(state.output.rows() == B * T);
   REQUIRE(state.output.cols() == heads * 4);
   REQUIRE(state.lse.size() == heads * B * T);
   // The concatenation is what each head's forward gives.
   for (Index h = 0; h < heads; ++h) {
     Matrix<Scalar> head_out(B * T, 4);
-    mha.head(h).forward_into(x, B, head_out);
+    mha.head(h).forward_into(x, head_out, Batch(B));
     CHECK(relative_error(state.output.middleCols(h * 4, 4), head_out) < rounding_tolerance<Scalar>());
   }
-  const MultiHeadGradients<Scalar> with = mha.backward_training(x, B, grad_out, 7, state);
-  const MultiHeadGradients<Scalar> without = mha.backward_training(x, B, grad_out, 7);
+  const MultiHeadGradients<Scalar> with = mha.backward_training(x, grad_out, 7, state, Batch(B));
+  const MultiHeadGradients<Scalar> without = mha.backward_training(x, grad_out, 7, Batch(B));
   const double error = gradient_difference(with, without);
   INFO("worst relative error " << error);
   CHECK(error < state_tolerance<Scalar>());
@@ -767,7 +769,7 @@ TEST_CASE("training state: a state of the wrong shape throws shape_error", "[bac
   bad = state;
   bad.lse.resize(7);
   check_shape_error([&] { layer.backward(x, grad_out, bad); }, {"state.lse size", "8", "7"});
-  check_shape_error([&] { layer.backward(x.topRows(4), 1, grad_out.topRows(4), state); },
+  check_shape_error([&] { layer.backward(x.topRows(4), grad_out.topRows(4), state); },
                     {"state.output shape", "[4, 4]", "[8, 4]"});
 
   head_attention::BatchedHeadAttention<double> batched(6, 4, 16, 55);
@@ -788,7 +790,7 @@ TEST_CASE("training state: a state of the wrong shape throws shape_error", "[bac
                     {"state.lse size", "16", "8"});
   // A failed forward_training leaves the state as it was.
   const TrainingState<double> before = mstate;
-  check_shape_error([&] { mha.forward_training(Matrix<double>(8, 5), 1, 1, mstate); }, {"emb_size = 6"});
+  check_shape_error([&] { mha.forward_training(Matrix<double>(8, 5), 1, mstate); }, {"emb_size = 6"});
   CHECK(identical(mstate.output, before.output));
   CHECK(identical(mstate.lse, before.lse));
 }

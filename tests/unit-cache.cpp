@@ -366,13 +366,13 @@ TEMPLATE_TEST_CASE("packed decode errors leave the caches as they were", "[cache
                     {"PackedHeadAttention::reserve_workspace", "seq_len", "max_seq_len = 20", "got 21"});
   check_shape_error([&] { (void)packed.workspace_bytes(Index(1) << 60, 4); },
                     {"PackedHeadAttention::reserve_workspace", "batch · seq_len · emb_size"});
-  check_shape_error([&] { packed.reserve_workspace(reserved, cache, 0); },
-                    {"PackedHeadAttention::reserve_workspace", "t", ">= 1", "got 0"});
+  check_shape_error([&] { packed.reserve_cached_workspace(reserved, cache, 0); },
+                    {"PackedHeadAttention::reserve_cached_workspace", "t", ">= 1", "got 0"});
   check_shape_error(
-      [&] { packed.reserve_workspace(reserved, caches); },
-      {"PackedHeadAttention::reserve_workspace", "caches[1] sizes", "(7, 3, 20)", "got (7, 4, 20)"});
-  check_shape_error([&] { packed_mha.reserve_workspace(reserved, foreign); },
-                    {"PackedMultiHeadAttention::reserve_workspace", "cache heads", "2", "got 3"});
+      [&] { packed.reserve_cached_workspace(reserved, caches); },
+      {"PackedHeadAttention::reserve_cached_workspace", "caches[1] sizes", "(7, 3, 20)", "got (7, 4, 20)"});
+  check_shape_error([&] { packed_mha.reserve_cached_workspace(reserved, foreign); },
+                    {"PackedMultiHeadAttention::reserve_cached_workspace", "cache heads", "2", "got 3"});
   check_shape_error([&] { packed_mha.reserve_workspace(reserved, 0, max + 2); },
                     {"PackedMultiHeadAttention::reserve_workspace", "seq_len", "got 22"});
   CHECK(reserved.bytes() == 0);

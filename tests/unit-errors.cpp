@@ -239,23 +239,23 @@ TEMPLATE_TEST_CASE("forward_into: bad output shapes and batch counts", "[errors]
   }
 
   Matrix<Scalar> out = Matrix<Scalar>::Constant(kMax, kHead, sentinel);
-  check_shape_error([&] { s.layer.forward_into(s.x, -1, out); },
+  check_shape_error([&] { s.layer.forward_into(s.x, out, Batch(-1)); },
                     {"HeadAttention::forward_into", "batch", ">= 0", "got -1"});
-  check_shape_error([&] { s.layer.forward_into(s.x, 3, out); },
+  check_shape_error([&] { s.layer.forward_into(s.x, out, Batch(3)); },
                     {"HeadAttention::forward_into", "x.rows()", "a multiple of batch = 3", "got 20"});
-  check_shape_error([&] { s.layer.forward_into(s.x, 0, out); },
+  check_shape_error([&] { s.layer.forward_into(s.x, out, Batch(0)); },
                     {"HeadAttention::forward_into", "x.rows()", "batch = 0", "got 20"});
   // T is x.rows() / batch: 40 rows as one sequence are too long, as two they are fine.
   const Matrix<Scalar> two = random_matrix<Scalar>(2 * kMax, kEmb, 14);
   Matrix<Scalar> out_two = Matrix<Scalar>::Constant(2 * kMax, kHead, sentinel);
-  check_shape_error([&] { s.layer.forward_into(two, 1, out_two); },
+  check_shape_error([&] { s.layer.forward_into(two, out_two); },
                     {"HeadAttention::forward_into", "T", "max_seq_len = 20", "got 40"});
   const Matrix<Scalar> narrow = random_matrix<Scalar>(kMax, kEmb - 1, 15);
   check_shape_error([&] { s.layer.forward_into(narrow, out); },
                     {"HeadAttention::forward_into", "input width", "emb_size = 13", "got 12"});
   CHECK((out.array() == sentinel).all());
   CHECK((out_two.array() == sentinel).all());
-  s.layer.forward_into(two, 2, out_two);  // the same storage, used rightly
+  s.layer.forward_into(two, out_two, Batch(2));  // the same storage, used rightly
   CHECK(out_two.allFinite());
   s.check_unchanged(s.layer);
 }
@@ -334,9 +334,9 @@ TEMPLATE_TEST_CASE("padding lengths: wrong count, negative, past T", "[errors][b
         CHECK(message.find(part) != std::string::npos);
       }
     };
-    expect("HeadAttention::forward_into", [&] { s.layer.forward_into(x, 2, out, bad.lengths); });
+    expect("HeadAttention::forward_into", [&] { s.layer.forward_into(x, out, Batch(2, bad.lengths)); });
     expect("BatchedHeadAttention::forward", [&] { (void)batched.forward(s.xb, bad.lengths); });
-    expect("MultiHeadAttention::forward_into", [&] { mha.forward_into(x, 2, out_mha, &bad.lengths); });
+    expect("MultiHeadAttention::forward_into", [&] { mha.forward_into(x, out_mha, Batch(2, bad.lengths)); });
     CHECK_THROWS_AS(mha.forward(s.xb, bad.lengths), std::invalid_argument);
   }
   CHECK((out.array() == sentinel).all());
@@ -430,24 +430,25 @@ TEMPLATE_TEST_CASE("forward_into with a Workspace: bad shapes leave the output a
   const head_attention::MultiHeadAttention<Scalar> mha(2, kEmb, kHead, kMax, 0.1, 36);
   head_attention::Workspace<Scalar> workspace;
   Matrix<Scalar> out(kMax, kHead), out_mha(kMax, kEmb);
-  s.layer.forward_into(s.x, 1, out, workspace);
-  mha.forward_into(s.x, 1, out_mha, workspace);
+  s.layer.forward_into(s.x, out, workspace);
+  mha.forward_into(s.x, out_mha, workspace);
   const std::size_t bytes = workspace.bytes();
   const Matrix<Scalar> good = out, good_mha = out_mha;
   Matrix<Scalar> wrong = Matrix<Scalar>::Constant(kMax, kHead - 1, Scalar(9));
-  check_shape_error([&] { s.layer.forward_into(s.x, 1, wrong, workspace); },
+  check_shape_error([&] { s.layer.forward_into(s.x, wrong, workspace); },
                     {"HeadAttention::forward_into", "out shape", "[20, 7]", "got [20, 6]"});
-  check_shape_error([&] { s.layer.forward_into(s.x, 3, out, workspace); }, {"a multiple of batch = 3"});
-  check_shape_error([&] { mha.forward_into(s.x, 1, wrong, workspace); },
+  check_shape_error([&] { s.layer.forward_into(s.x, out, workspace, Batch(3)); },
+                    {"a multiple of batch = 3"});
+  check_shape_error([&] { mha.forward_into(s.x, wrong, workspace); },
                     {"MultiHeadAttention::forward_into", "out shape", "[20, 13]", "got [20, 6]"});
   const Matrix<Scalar> too_long = random_matrix<Scalar>(kMax + 1, kEmb, 37);
   Matrix<Scalar> out_long(kMax + 1, kEmb);
-  check_shape_error([&] { mha.forward_into(too_long, 1, out_long, workspace); }, {"T", "max_seq_len = 20"});
+  check_shape_error([&] { mha.forward_into(too_long, out_long, workspace); }, {"T", "max_seq_len = 20"});
   CHECK((wrong.array() == Scalar(9)).all());
   CHECK(workspace.bytes() == bytes);
   CHECK(identical(out, good));
-  s.layer.forward_into(s.x, 1, out, workspace);
-  mha.forward_into(s.x, 1, out_mha, workspace);
+  s.layer.forward_into(s.x, out, workspace);
+  mha.forward_into(s.x, out_mha, workspace);
   CHECK(identical(out, good));
   CHECK(identical(out_mha, good_mha));
 }
@@ -471,12 +472,14 @@ TEMPLATE_TEST_CASE("reserve_workspace and workspace_bytes: bad shapes and foreig
   std::vector<head_attention::KVCache<Scalar>> caches;
   caches.push_back(s.layer.make_cache());
   caches.push_back(other.make_cache());
-  check_shape_error([&] { s.layer.reserve_workspace(workspace, caches); },
-                    {"HeadAttention::reserve_workspace", "caches[1] sizes", "(13, 7, 20)", "(13, 8, 20)"});
-  check_shape_error([&] { s.layer.reserve_workspace(workspace, caches[0], 0); }, {"t", ">= 1", "got 0"});
+  check_shape_error(
+      [&] { s.layer.reserve_cached_workspace(workspace, caches); },
+      {"HeadAttention::reserve_cached_workspace", "caches[1] sizes", "(13, 7, 20)", "(13, 8, 20)"});
+  check_shape_error([&] { s.layer.reserve_cached_workspace(workspace, caches[0], 0); },
+                    {"t", ">= 1", "got 0"});
   auto mcache = mha.make_cache(2);
-  check_shape_error([&] { mha.reserve_workspace(workspace, mcache, kMax + 1); },
-                    {"MultiHeadAttention::reserve_workspace", "seq_len", "got 21"});
+  check_shape_error([&] { mha.reserve_cached_workspace(workspace, mcache, kMax + 1); },
+                    {"MultiHeadAttention::reserve_cached_workspace", "seq_len", "got 21"});
   check_shape_error([&] { mha.reserve_workspace(workspace, -2, 3); },
                     {"MultiHeadAttention::reserve_workspace", "batch", "got -2"});
   CHECK(workspace.bytes() == bytes);

@@ -235,7 +235,7 @@ TEMPLATE_TEST_CASE("MultiHeadAttention: bad input is refused, the layer unchange
     check_shape_error([&] { (void)copy.forward(x); }, {"head 1's mask rule", "causal", "got bidirectional"});
   }
   Matrix<Scalar> out = Matrix<Scalar>::Constant(10, 7, Scalar(3));
-  check_shape_error([&] { mha.forward_into(x, 1, out); }, {"MultiHeadAttention::forward_into", "out shape"});
+  check_shape_error([&] { mha.forward_into(x, out); }, {"MultiHeadAttention::forward_into", "out shape"});
   CHECK((out.array() == Scalar(3)).all());
   auto cache = mha.make_cache();
   (void)mha.forward_cached(x, cache);
@@ -263,16 +263,16 @@ TEMPLATE_TEST_CASE("a Workspace gives the same results and stops growing", "[mul
     const Index B = 2;
     const Matrix<Scalar> x = random_matrix<Scalar>(B * T, 24, 100 + static_cast<std::uint64_t>(T));
     Matrix<Scalar> with(B * T, 24), without(B * T, 24);
-    mha.forward_into(x, B, with, workspace);
-    mha.forward_into(x, B, without);
+    mha.forward_into(x, with, workspace, Batch(B));
+    mha.forward_into(x, without, Batch(B));
     CHECK(identical(with, without));
     const std::vector<Index> lengths = {T, T / 2};
-    mha.forward_into(x, B, with, workspace, &lengths);
-    mha.forward_into(x, B, without, &lengths);
+    mha.forward_into(x, with, workspace, Batch(B, lengths));
+    mha.forward_into(x, without, Batch(B, lengths));
     CHECK(identical(with, without));
     Matrix<Scalar> one(B * T, 8), two(B * T, 8);
-    head.forward_into(x, B, one, workspace);  // another layer, the same workspace
-    head.forward_into(x, B, two);
+    head.forward_into(x, one, workspace, Batch(B));  // another layer, the same workspace
+    head.forward_into(x, two, Batch(B));
     CHECK(identical(one, two));
     if (T == 300) {
       if (grown == 0) grown = workspace.bytes();
@@ -292,8 +292,8 @@ TEST_CASE("a Workspace serves 16-bit layers", "[multihead][workspace]") {
     const Matrix<Scalar> x =
         random_matrix<float>(80, 16, 5 + static_cast<std::uint64_t>(call)).cast<Scalar>();
     Matrix<Scalar> with(80, 16), without(80, 16);
-    mha.forward_into(x, 1, with, workspace);
-    mha.forward_into(x, 1, without);
+    mha.forward_into(x, with, workspace);
+    mha.forward_into(x, without);
     CHECK(identical(with, without));
   }
 }

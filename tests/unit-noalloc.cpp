@@ -130,26 +130,26 @@ TEMPLATE_TEST_CASE("forward_into and decode steps allocate nothing after warm-up
 
     // A forward over a batch, and a multi-head one: the second call of each shape allocates nothing.
     Matrix<Scalar> out(B * T, head), out_mha(B * T, emb);
-    layer.forward_into(x, B, out, workspace);
+    layer.forward_into(x, out, workspace, Batch(B));
     const Matrix<Scalar> expected = out;
-    CHECK(allocations([&] { layer.forward_into(x, B, out, workspace); }) == 0);
+    CHECK(allocations([&] { layer.forward_into(x, out, workspace, Batch(B)); }) == 0);
     CHECK(identical(out, expected));
-    mha.forward_into(x, B, out_mha, workspace);
-    CHECK(allocations([&] { mha.forward_into(x, B, out_mha, workspace); }) == 0);
+    mha.forward_into(x, out_mha, workspace, Batch(B));
+    CHECK(allocations([&] { mha.forward_into(x, out_mha, workspace, Batch(B)); }) == 0);
 
     // The packed forms, which have no weights to prepare; and short sequences (one query block each, whose
     // keys the attention items prepare themselves).
     const head_attention::PackedHeadAttention<Scalar> packed(layer);
     const head_attention::PackedMultiHeadAttention<Scalar> packed_mha(mha);
-    packed.forward_into(x, B, out, workspace);
-    CHECK(allocations([&] { packed.forward_into(x, B, out, workspace); }) == 0);
+    packed.forward_into(x, out, workspace, Batch(B));
+    CHECK(allocations([&] { packed.forward_into(x, out, workspace, Batch(B)); }) == 0);
     CHECK(identical(out, expected));
-    packed_mha.forward_into(x, B, out_mha, workspace);
-    CHECK(allocations([&] { packed_mha.forward_into(x, B, out_mha, workspace); }) == 0);
+    packed_mha.forward_into(x, out_mha, workspace, Batch(B));
+    CHECK(allocations([&] { packed_mha.forward_into(x, out_mha, workspace, Batch(B)); }) == 0);
     const Matrix<Scalar> short_x = x.topRows(B * 10);  // [B · 10, emb]
     Matrix<Scalar> short_out(B * 10, head);
-    packed.forward_into(short_x, B, short_out, workspace);
-    CHECK(allocations([&] { packed.forward_into(short_x, B, short_out, workspace); }) == 0);
+    packed.forward_into(short_x, short_out, workspace, Batch(B));
+    CHECK(allocations([&] { packed.forward_into(short_x, short_out, workspace, Batch(B)); }) == 0);
 
     // Decoding: a prefill, then single rows; every step after the first allocates nothing, across the
     // whole sequence (the cache reserved up front, the key blocks sized by max_seq_len).
@@ -206,9 +206,9 @@ TEMPLATE_TEST_CASE("a reserved workspace makes even the first call allocate noth
     CHECK(reserved > 0);
     CHECK(reserved == layer.workspace_bytes(B, T));
     Matrix<Scalar> out(B * T, head);
-    CHECK(allocations([&] { layer.forward_into(x, B, out, workspace); }) == 0);
+    CHECK(allocations([&] { layer.forward_into(x, out, workspace, Batch(B)); }) == 0);
     Matrix<Scalar> own(B * T, head);  // the same call with buffers of its own
-    layer.forward_into(x, B, own);
+    layer.forward_into(x, own, Batch(B));
     CHECK(identical(out, own));
     CHECK(workspace.bytes() == reserved);  // the call needed nothing more
 
@@ -216,9 +216,9 @@ TEMPLATE_TEST_CASE("a reserved workspace makes even the first call allocate noth
     mha.reserve_workspace(mha_workspace, B, T);
     CHECK(mha_workspace.bytes() == mha.workspace_bytes(B, T));
     Matrix<Scalar> out_mha(B * T, emb);
-    CHECK(allocations([&] { mha.forward_into(x, B, out_mha, mha_workspace); }) == 0);
+    CHECK(allocations([&] { mha.forward_into(x, out_mha, mha_workspace, Batch(B)); }) == 0);
     Matrix<Scalar> own_mha(B * T, emb);
-    mha.forward_into(x, B, own_mha);
+    mha.forward_into(x, own_mha, Batch(B));
     CHECK(identical(out_mha, own_mha));
 
     // Decode steps of several sequences at once (one cache each), from the first step on: the caches
@@ -229,7 +229,7 @@ TEMPLATE_TEST_CASE("a reserved workspace makes even the first call allocate noth
       caches.back().reserve();
     }
     head_attention::Workspace<Scalar> decode;
-    layer.reserve_workspace(decode, caches);
+    layer.reserve_cached_workspace(decode, caches);
     Matrix<Scalar> rows(B, emb), step(B, head), decoded(B * T, head);
     long step_allocations = 0;
     for (Index r = 0; r < T; ++r) {
@@ -250,7 +250,7 @@ TEMPLATE_TEST_CASE("a reserved workspace makes even the first call allocate noth
     CHECK(packed_workspace.bytes() == packed.workspace_bytes(B, T));
     CHECK(packed_workspace.bytes() < reserved);  // no room for the weights
     Matrix<Scalar> packed_out(B * T, head);
-    CHECK(allocations([&] { packed.forward_into(x, B, packed_out, packed_workspace); }) == 0);
+    CHECK(allocations([&] { packed.forward_into(x, packed_out, packed_workspace, Batch(B)); }) == 0);
     CHECK(identical(packed_out, own));
     std::vector<head_attention::KVCache<Scalar>> packed_caches;
     for (Index b = 0; b < B; ++b) {
@@ -258,7 +258,7 @@ TEMPLATE_TEST_CASE("a reserved workspace makes even the first call allocate noth
       packed_caches.back().reserve();
     }
     head_attention::Workspace<Scalar> packed_decode;
-    packed.reserve_workspace(packed_decode, packed_caches);
+    packed.reserve_cached_workspace(packed_decode, packed_caches);
     long packed_allocations = 0;
     bool packed_identical = true;
     for (Index r = 0; r < T; ++r) {
@@ -276,7 +276,7 @@ TEMPLATE_TEST_CASE("a reserved workspace makes even the first call allocate noth
     auto mcache = mha.make_cache(B);
     mcache.reserve();
     head_attention::Workspace<Scalar> mha_decode;
-    mha.reserve_workspace(mha_decode, mcache);
+    mha.reserve_cached_workspace(mha_decode, mcache);
     Matrix<Scalar> mrows(B, emb), mstep(B, emb);
     long multi_allocations = 0;
     for (Index r = 0; r < 50; ++r) {
@@ -290,12 +290,12 @@ TEMPLATE_TEST_CASE("a reserved workspace makes even the first call allocate noth
     head_attention::Workspace<Scalar> packed_mha_workspace;
     packed_mha.reserve_workspace(packed_mha_workspace, B, T);
     CHECK(packed_mha_workspace.bytes() == packed_mha.workspace_bytes(B, T));
-    CHECK(allocations([&] { packed_mha.forward_into(x, B, out_mha, packed_mha_workspace); }) == 0);
+    CHECK(allocations([&] { packed_mha.forward_into(x, out_mha, packed_mha_workspace, Batch(B)); }) == 0);
     CHECK(identical(out_mha, own_mha));
     auto packed_mcache = packed_mha.make_cache(B);
     packed_mcache.reserve();
     head_attention::Workspace<Scalar> packed_mha_decode;
-    packed_mha.reserve_workspace(packed_mha_decode, packed_mcache);
+    packed_mha.reserve_cached_workspace(packed_mha_decode, packed_mcache);
     long packed_multi_allocations = 0;
     for (Index r = 0; r < 50; ++r) {
       for (Index b = 0; b < B; ++b)

@@ -160,7 +160,7 @@ TEMPLATE_TEST_CASE(
     Outputs o;
     o.single = mha.forward(in.topRows(T));
     o.padded.resize(B * T, emb);
-    mha.forward_into(in, B, o.padded, &lengths);
+    mha.forward_into(in, o.padded, Batch(B, lengths));
     auto cache = mha.make_cache();
     o.decoded.resize(T, emb);
     o.decoded.topRows(64) = mha.forward_cached(in.topRows(64), cache);
@@ -235,7 +235,7 @@ TEMPLATE_TEST_CASE("backward: a non-finite input row reaches only the gradients 
       Inputs o;
       o.single = layer.backward(in.topRows(T), g.topRows(T)).input;
       o.state = layer.backward(in.topRows(T), g.topRows(T), layer.forward_training(in.topRows(T))).input;
-      o.batch = layer.backward(in, 2, g).input;
+      o.batch = layer.backward(in, g, Batch(2)).input;
       o.multi = mha.backward(in.topRows(T), g_mha.topRows(T)).input;
       return o;
     };

@@ -91,7 +91,7 @@ TEMPLATE_TEST_CASE("16-bit padded batch, Batched and attention weights", "[preci
   SECTION("forward_into with lengths") {
     const std::vector<Index> lengths = {70, 33, 0};
     Matrix<Scalar> out(B * T, head);
-    layer.forward_into(x, B, out, lengths);
+    layer.forward_into(x, out, Batch(B, lengths));
     for (Index b = 0; b < B; ++b) {
       const Matrix<Scalar> xb = x.middleRows(b * T, T);
       const Matrix<Scalar> ob = out.middleRows(b * T, T);

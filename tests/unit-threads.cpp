@@ -208,12 +208,12 @@ struct Shared {
     Calls<Scalar> c;
     c.single = layer.forward(x);
     c.padded.resize(T, kHead);
-    layer.forward_into(x, 2, c.padded, std::vector<Index>{T / 2 - 3, T / 2});
+    layer.forward_into(x, c.padded, Batch(2, std::vector<Index>{T / 2 - 3, T / 2}));
     c.batched = batched.forward(random_tensor<Scalar>(2, T, kEmb, 800 + i), std::vector<Index>{T, T - 5});
     c.multi = mha.forward(x);
     c.packed_single = packed.forward(x);
     c.packed_multi.resize(T, kEmb);
-    packed_mha.forward_into(x, 1, c.packed_multi);
+    packed_mha.forward_into(x, c.packed_multi);
     auto cache = layer.make_cache();
     c.decoded.resize(T, kHead);
     c.decoded.topRows(T - 4) = layer.forward_cached(x.topRows(T - 4), cache);
@@ -238,7 +238,7 @@ struct Shared {
     c.grad = flatten(grads, grads.input);
     const auto from_state = layer.backward(x, g, layer.forward_training(x));
     c.grad_state = flatten(from_state, from_state.input);
-    const auto padded = layer.backward(x, 2, g, std::vector<Index>{T / 2 - 3, T / 2});
+    const auto padded = layer.backward(x, g, Batch(2, std::vector<Index>{T / 2 - 3, T / 2}));
     c.grad_padded = flatten(padded, padded.input);
     const head_attention::MultiHeadGradients<Scalar> multi =
         mha.backward(x, random_matrix<Scalar>(T, kEmb, 950 + i));
@@ -296,10 +296,10 @@ TEMPLATE_TEST_CASE("multi-head, padded and cached results are bit-identical on 1
     r.multi = mha.forward(x.topRows(T));
     r.teams.push_back(observed_team());
     r.multi_padded.resize(B * T, emb);
-    mha.forward_into(x, B, r.multi_padded, &lengths);
+    mha.forward_into(x, r.multi_padded, Batch(B, lengths));
     r.teams.push_back(observed_team());
     r.padded.resize(B * T, head);
-    layer.forward_into(x, B, r.padded, lengths);
+    layer.forward_into(x, r.padded, Batch(B, lengths));
     r.teams.push_back(observed_team());
     auto cache = layer.make_cache();
     r.decoded.resize(T, head);

@@ -2,8 +2,8 @@
 // docs/guarantees.md "No allocation").
 //
 // Everything a step needs is allocated before the loop: the cache's storage for max_seq_len positions
-// (reserve), the working memory (a Workspace sized by reserve_workspace), the output row. One thread, so
-// that no OpenMP team is forked (the OpenMP runtime's own bookkeeping is outside the library's promise).
+// (reserve), the working memory (a Workspace sized by reserve_cached_workspace), the output row. One thread,
+// so that no OpenMP team is forked (the OpenMP runtime's own bookkeeping is outside the library's promise).
 //
 // The check below counts both ways memory is allocated here: operator new (std::vector, std::string) and
 // malloc, which is what Eigen allocates with. Counting operator new alone would miss every Eigen matrix;
@@ -46,7 +46,7 @@ int main() {
   auto cache = model.make_cache();
   cache.reserve();  // storage for max_seq_len positions, now
   head_attention::Workspace<float> workspace;
-  model.reserve_workspace(workspace, cache);  // sized for one-row steps
+  model.reserve_cached_workspace(workspace, cache);  // sized for one-row steps
   Layer::Matrix token = Layer::Matrix::Random(1, 256), out(1, 256);
 
   // The real-time part: 500 steps, nothing allocated.

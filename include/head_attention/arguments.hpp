@@ -1,5 +1,6 @@
 /// \file
-/// head-attention: Seed and Probability, the argument types that keep simple_llm's positional order safe.
+/// head-attention: Seed and Probability, the argument types that keep simple_llm's positional order safe;
+/// Padding and Batch, the description of how a call's rows are laid out in sequences.
 ///
 /// simple_llm's `MultiHeadAttention(num_heads, emb_size, head_size, max_seq_len, dropout=0.1)` takes a
 /// probability fifth; code ported from it passes `0.2` there. With plain `std::uint64_t` and `double`
@@ -10,6 +11,9 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <vector>
+
+#include <Eigen/Core>
 
 namespace head_attention {
 
@@ -70,6 +74,49 @@ class Probability {
 
  private:
   double m_value;
+};
+
+/// Right padding of a batch, or none: the number of valid positions of each sequence (sequence b's keys at
+/// positions >= lengths[b] are masked for every query; its padded rows still get outputs). Converts
+/// implicitly from the `const std::vector<Index>&` every padded call takes, and refers to that vector (as
+/// Eigen::Ref refers to a matrix): the vector must outlive the call. Default: no padding.
+class Padding {
+ public:
+  /// No padding: every position of every sequence is valid.
+  constexpr Padding() noexcept = default;
+  /// lengths[b] valid positions in sequence b (checked by the call: one entry per sequence, each in [0, T]).
+  Padding(const std::vector<Eigen::Index>& lengths) noexcept  // NOLINT(google-explicit-constructor)
+      : m_lengths(&lengths) {}
+  /// The lengths, or null for no padding.
+  const std::vector<Eigen::Index>* lengths() const noexcept { return m_lengths; }
+
+ private:
+  const std::vector<Eigen::Index>* m_lengths = nullptr;
+};
+
+/// How the rows of a matrix call are laid out in sequences: `Batch()` (the default) is one sequence of all
+/// rows; `Batch(B)` is B sequences of equal length T stored back to back (x [B · T, emb_size]); `Batch(B,
+/// lengths)` adds right padding (see Padding). The sequence count is explicit, so that an integer never
+/// becomes a batch by accident.
+class Batch {
+ public:
+  /// One sequence: all rows.
+  constexpr Batch() noexcept = default;
+  /// `sequences` sequences of equal length back to back (checked by the call: sequences >= 0 and the row
+  /// count a multiple of it, 0 rows when 0).
+  constexpr explicit Batch(Eigen::Index sequences) noexcept : m_sequences(sequences) {}
+  /// The same with right padding: lengths[b] valid positions in sequence b (the vector must outlive the
+  /// call).
+  constexpr Batch(Eigen::Index sequences, Padding lengths) noexcept
+      : m_sequences(sequences), m_padding(lengths) {}
+  /// The number of sequences.
+  constexpr Eigen::Index sequences() const noexcept { return m_sequences; }
+  /// The padding lengths, or null for none.
+  const std::vector<Eigen::Index>* lengths() const noexcept { return m_padding.lengths(); }
+
+ private:
+  Eigen::Index m_sequences = 1;
+  Padding m_padding;
 };
 
 }  // namespace head_attention

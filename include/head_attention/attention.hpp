@@ -16,6 +16,7 @@
 #include "detail/parallel.hpp"
 #include "detail/rng.hpp"
 #include "errors.hpp"
+#include "forms.hpp"
 #include "fwd.hpp"
 #include "gradients.hpp"
 #include "kv_cache.hpp"
@@ -78,7 +79,8 @@ void check_state(const TrainingState<Scalar>& state, Eigen::Index rows, Eigen::I
 /// online softmax that never builds the [T, T] score matrix, on all cores when compiled with OpenMP. It is
 /// const and may be called from many threads at once.
 template <typename Scalar>
-class HeadAttention {
+class HeadAttention : public AttentionBase<HeadAttention<Scalar>, Scalar>,
+                      public HeadTrainingBase<HeadAttention<Scalar>, Scalar> {
   static_assert(detail::is_layer_scalar<Scalar>,
                 "HeadAttention<Scalar> needs float, double, Eigen::half or Eigen::bfloat16");
 
@@ -183,19 +185,6 @@ class HeadAttention {
     return requested_threads();
   }
 
-  /// One sequence: x [T, emb_size] to [T, head_size]. x may be any dense Eigen matrix expression of Scalar:
-  /// row- or column-major, a Map over caller memory, a block; plain storage is read in place. T = 0 gives [0,
-  /// head_size]. Throws shape_error if x.cols() != emb_size, T > max_seq_len, or a projection has the wrong
-  /// shape.
-  template <typename Derived>
-  Matrix forward(const Eigen::MatrixBase<Derived>& x) const {
-    check_input<Derived>();
-    check_call(x.cols(), x.rows(), "HeadAttention::forward", "x.cols() (input width)", "x.rows() (T)");
-    Matrix out(x.rows(), m_head_size);  // [T, head]
-    run(x, 1, x.rows(), out.data(), out.outerStride());
-    return out;
-  }
-
   /// simple_llm's get_attention_weights for one sequence: the softmax weights [T, T] under the layer's rule,
   /// without the product with V (masked entries are exactly 0; a row that sees no key is all 0). This one
   /// builds the [T, T] matrix, as it must; forward() never does. Throws as forward() does.
@@ -214,120 +203,6 @@ class HeadAttention {
     }
   }
 
-  /// forward(x) written into caller-provided storage: out must be [T, head_size] (a Matrix, a Map, or a block
-  /// of columns of a wider row-major matrix, such as one head's slice of a concatenation). x is read
-  /// completely before out is written. Throws shape_error, before touching out, on any bad shape.
-  template <typename Derived>
-  void forward_into(const Eigen::MatrixBase<Derived>& x, OutputRef out) const {
-    forward_into(x, 1, std::move(out));
-  }
-
-  /// `batch` independent sequences of equal length stored back to back: x [batch · T, emb_size] to out
-  /// [batch · T, head_size]. This is what BatchedHeadAttention runs: all batch · ceil(T / 64) query blocks
-  /// share the cores. Throws shape_error, before touching out, unless batch >= 0 and x.rows() is a multiple
-  /// of it (0 rows when batch = 0), and on any bad shape.
-  template <typename Derived>
-  void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out) const {
-    batch_into(x, batch, out, nullptr, nullptr);
-  }
-
-  /// The same, with its working memory taken from (and left in) `workspace`: repeated calls of one shape
-  /// allocate no large buffer (see Workspace).
-  template <typename Derived>
-  void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
-                    Workspace<Scalar>& workspace) const {
-    batch_into(x, batch, out, nullptr, &workspace);
-  }
-
-  /// The same with right padding: sequence b's keys at positions >= lengths[b] are masked for every query
-  /// (its padded rows still get outputs, from the valid keys they may see). Throws shape_error unless
-  /// lengths has `batch` entries, each in [0, T].
-  template <typename Derived>
-  void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
-                    const std::vector<Index>& lengths) const {
-    batch_into(x, batch, out, &lengths, nullptr);
-  }
-
-  /// Training: the gradients of a loss L given grad_out = dL/d forward(x) for one sequence, x [T, emb_size]
-  /// and grad_out [T, head_size] (any dense expressions of Scalar). Returns dL/dx [T, emb_size] and dL/d each
-  /// weight and bias, under the layer's mask rule. Memory-efficient like FlashAttention-2's backward: Q, K, V
-  /// and the softmax are recomputed tile by tile, extra memory O(T · head_size); the result does not depend
-  /// on the thread count. float and double only. Throws shape_error as forward() does, and unless grad_out
-  /// is [T, head_size].
-  template <typename Derived, typename GradDerived>
-  Gradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x,
-                             const Eigen::MatrixBase<GradDerived>& grad_out) const {
-    return backward(x, 1, grad_out);
-  }
-
-  /// backward for `batch` sequences of equal length back to back (as forward_into): x [batch · T, emb_size],
-  /// grad_out [batch · T, head_size]; input [batch · T, emb_size] and the parameter gradients summed over the
-  /// batch, as autograd sums them. Throws shape_error as forward_into does, and unless grad_out is [batch ·
-  /// T, head_size].
-  template <typename Derived, typename GradDerived>
-  Gradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x, Index batch,
-                             const Eigen::MatrixBase<GradDerived>& grad_out) const {
-    return backward_rows(x, batch, grad_out, nullptr);
-  }
-
-  /// The same with right padding, as the forward_into with `lengths`: sequence b's keys at positions >=
-  /// lengths[b] are masked. Throws shape_error unless lengths has `batch` entries, each in [0, T].
-  template <typename Derived, typename GradDerived>
-  Gradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x, Index batch,
-                             const Eigen::MatrixBase<GradDerived>& grad_out,
-                             const std::vector<Index>& lengths) const {
-    return backward_rows(x, batch, grad_out, &lengths);
-  }
-
-  /// The training forward: forward(x) (bit for bit, in state.output [T, head_size]) and each row's softmax
-  /// logsumexp (state.lse [T]), which backward(x, grad_out, state) reuses instead of recomputing them with
-  /// a forward-like pass. float and double only. Throws as forward().
-  template <typename Derived>
-  TrainingState<Scalar> forward_training(const Eigen::MatrixBase<Derived>& x) const {
-    return training_rows(x, 1, nullptr);
-  }
-
-  /// The same for `batch` sequences back to back (as forward_into): state.output [batch · T, head_size],
-  /// state.lse [batch · T].
-  template <typename Derived>
-  TrainingState<Scalar> forward_training(const Eigen::MatrixBase<Derived>& x, Index batch) const {
-    return training_rows(x, batch, nullptr);
-  }
-
-  /// The same with right padding, as forward_into with `lengths`.
-  template <typename Derived>
-  TrainingState<Scalar> forward_training(const Eigen::MatrixBase<Derived>& x, Index batch,
-                                         const std::vector<Index>& lengths) const {
-    return training_rows(x, batch, &lengths);
-  }
-
-  /// backward(x, grad_out) from the state forward_training(x) kept: the same gradients (to rounding) without
-  /// recomputing the softmax statistics. The state must come from forward_training of the same x (and
-  /// batch, lengths) with the same weights and rule; only its shapes are checked. Throws shape_error as
-  /// backward does, and unless state.output is [T, head_size] and state.lse [T].
-  template <typename Derived, typename GradDerived>
-  Gradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x,
-                             const Eigen::MatrixBase<GradDerived>& grad_out,
-                             const TrainingState<Scalar>& state) const {
-    return backward_rows(x, 1, grad_out, nullptr, &state);
-  }
-
-  /// The same for `batch` sequences back to back, from forward_training(x, batch).
-  template <typename Derived, typename GradDerived>
-  Gradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x, Index batch,
-                             const Eigen::MatrixBase<GradDerived>& grad_out,
-                             const TrainingState<Scalar>& state) const {
-    return backward_rows(x, batch, grad_out, nullptr, &state);
-  }
-
-  /// The same with right padding, from forward_training(x, batch, lengths).
-  template <typename Derived, typename GradDerived>
-  Gradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x, Index batch,
-                             const Eigen::MatrixBase<GradDerived>& grad_out,
-                             const std::vector<Index>& lengths, const TrainingState<Scalar>& state) const {
-    return backward_rows(x, batch, grad_out, &lengths, &state);
-  }
-
   /// An empty KV cache for incremental decoding with this layer (its sizes and mask rule), storing keys and
   /// values in `storage` (by default the layer's Scalar). A float layer's cache in bfloat16 or float16 holds
   /// half the bytes, so a decode step streams half as much; keys and values are rounded to nearest even
@@ -336,84 +211,67 @@ class HeadAttention {
     return detail::CacheAccess::make<Scalar>(m_emb_size, m_head_size, m_max_seq_len, m_rule, storage);
   }
 
-  /// Incremental decoding: projects the t new rows of x [t, emb_size] (any dense expression, like forward),
-  /// appends their keys and values to the cache, and returns their outputs [t, head_size]. Earlier keys and
-  /// values are read from the cache, never recomputed. Alignment is bottom-right: new row i has position
-  /// cache.size() + i and sees the cached positions and the new ones the layer's rule lets it see (under the
-  /// causal rule: all cached ones and new ones up to itself), so prefill plus chunks equals one forward over
-  /// the whole sequence. Throws shape_error, with the cache unchanged, if x is not [t, emb_size], if the
-  /// cache was made by a layer of other sizes or another rule, or if cache.size() + t > max_seq_len.
-  template <typename Derived>
-  Matrix forward_cached(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache) const {
-    Matrix out(x.rows(), m_head_size);  // [t, head]
-    cached(x, one_cache(cache), 1, out, "HeadAttention::forward_cached", nullptr);
-    return out;
-  }
-
-  /// forward_cached written into out [t, head_size], its working memory taken from (and left in)
-  /// `workspace`: the no-allocation decode step. Once the cache is reserve()d and the workspace has served a
-  /// call of this shape, the call allocates nothing (see Workspace). Throws as forward_cached does, and
-  /// shape_error, before touching out or the cache, unless out is [t, head_size].
-  template <typename Derived>
-  void forward_cached_into(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache, OutputRef out,
-                           Workspace<Scalar>& workspace) const {
-    cached(x, one_cache(cache), 1, out, "HeadAttention::forward_cached_into", &workspace);
-  }
-
-  /// forward_cached for several sequences that advance together: x holds caches.size() chunks of equal length
-  /// t back to back ([B · t, emb_size]), chunk b extends caches[b], and out [B · t, head_size] receives their
-  /// outputs. Checks everything (every cache included) before changing anything.
-  template <typename Derived>
-  void forward_cached_into(const Eigen::MatrixBase<Derived>& x, std::vector<KVCache<Scalar>>& caches,
-                           OutputRef out) const {
-    cached(x, caches.data(), static_cast<Index>(caches.size()), out, "HeadAttention::forward_cached_into",
-           nullptr);
-  }
-
-  /// The same, its working memory taken from (and left in) `workspace`: the no-allocation decode step of
-  /// several sequences (every cache reserve()d, the workspace sized by reserve_workspace or by one call).
-  template <typename Derived>
-  void forward_cached_into(const Eigen::MatrixBase<Derived>& x, std::vector<KVCache<Scalar>>& caches,
-                           OutputRef out, Workspace<Scalar>& workspace) const {
-    cached(x, caches.data(), static_cast<Index>(caches.size()), out, "HeadAttention::forward_cached_into",
-           &workspace);
-  }
-
-  /// Sizes `workspace` for forward_into calls of `batch` sequences of `seq_len` rows (padded or not), so
-  /// that even the first such call allocates nothing: the no-allocation mode without a warm-up call. Sized
-  /// for the most threads such a call can use. Throws shape_error, the workspace unchanged, unless batch >= 0
-  /// and 0 <= seq_len <= max_seq_len.
-  void reserve_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len) const {
-    const char* where = "HeadAttention::reserve_workspace";
-    check_reservation(batch, seq_len, where);
-    size_workspace(workspace, batch, seq_len, nullptr);
-  }
-
-  /// Sizes `workspace` for decode steps of t rows per sequence extending `caches` (forward_cached_into):
-  /// with the caches reserve()d too, the first step allocates nothing either. Throws shape_error, nothing
-  /// changed, unless every cache was made by this layer's sizes and rule and 1 <= t <= max_seq_len.
-  void reserve_workspace(Workspace<Scalar>& workspace, const std::vector<KVCache<Scalar>>& caches,
-                         Index t = 1) const {
-    reserve_for_caches(workspace, caches.data(), static_cast<Index>(caches.size()), t);
-  }
-
-  /// reserve_workspace for the decode steps of a single cache.
-  void reserve_workspace(Workspace<Scalar>& workspace, const KVCache<Scalar>& cache, Index t = 1) const {
-    reserve_for_caches(workspace, &cache, 1, t);
-  }
-
-  /// The bytes of working memory a forward_into call of `batch` sequences of `seq_len` rows uses (what a
-  /// Workspace holds after serving it; found by sizing a temporary workspace, which is freed). Throws as
-  /// reserve_workspace does.
-  std::size_t workspace_bytes(Index batch, Index seq_len) const {
-    Workspace<Scalar> workspace;
-    reserve_workspace(workspace, batch, seq_len);
-    return workspace.bytes();
+  /// The caches of `batch` sequences decoded together, one KVCache each (forward_cached and
+  /// forward_cached_into take the vector), as every form's make_cache(batch, storage). Throws shape_error if
+  /// batch < 0.
+  std::vector<KVCache<Scalar>> make_cache(Index batch, Precision storage = precision_of<Scalar>()) const {
+    HEAD_ATTENTION_REQUIRE(batch >= 0, "HeadAttention::make_cache", "batch", ">= 0", std::to_string(batch));
+    return std::vector<KVCache<Scalar>>(static_cast<std::size_t>(batch), make_cache(storage));
   }
 
  private:
-  friend class BatchedHeadAttention<Scalar>;  // its backward writes dL/dx straight into its tensor
+  friend class AttentionBase<HeadAttention, Scalar>;  // the entry points call the hooks below
+  friend class HeadTrainingBase<HeadAttention, Scalar>;
+  template <typename, typename>
+  friend class HeadTrainingBase;  // BatchedHeadAttention's training calls run on its layer
+  template <typename, typename>
+  friend class HeadTrainingTensorBase;
+  friend class BatchedHeadAttention<Scalar>;  // forwards its hooks to its layer's
   friend class PackedHeadAttention<Scalar>;   // copies the thread setting
+
+  // The hooks of AttentionBase and HeadTrainingBase.
+  static constexpr detail::FormNames names() {
+    return {"HeadAttention::forward",           "HeadAttention::forward_into",
+            "HeadAttention::forward_cached",    "HeadAttention::forward_cached_into",
+            "HeadAttention::reserve_workspace", "HeadAttention::reserve_cached_workspace"};
+  }
+  Index out_features() const { return m_head_size; }
+  const HeadAttention& head_layer() const { return *this; }
+  template <typename Cache>
+  static constexpr bool takes_cache =
+      std::is_same<Cache, KVCache<Scalar>>::value || std::is_same<Cache, std::vector<KVCache<Scalar>>>::value;
+  static Index cache_sequences(const KVCache<Scalar>&) { return 1; }
+  static Index cache_sequences(const std::vector<KVCache<Scalar>>& caches) {
+    return static_cast<Index>(caches.size());
+  }
+
+  template <typename Derived>
+  void rows_into(const Eigen::MatrixBase<Derived>& x, OutputRef& out, const Batch& batch,
+                 Workspace<Scalar>* workspace, const char* where) const {
+    batch_into(x, batch.sequences(), out, batch.lengths(), workspace, nullptr, where);
+  }
+  template <typename Derived>
+  void decode_into(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache, OutputRef& out,
+                   Workspace<Scalar>* workspace, const char* where) const {
+    cached(x, &cache, 1, out, where, workspace);
+  }
+  template <typename Derived>
+  void decode_into(const Eigen::MatrixBase<Derived>& x, std::vector<KVCache<Scalar>>& caches, OutputRef& out,
+                   Workspace<Scalar>* workspace, const char* where) const {
+    cached(x, caches.data(), static_cast<Index>(caches.size()), out, where, workspace);
+  }
+  void reserve_rows(Workspace<Scalar>& workspace, Index batch, Index seq_len, const char* where) const {
+    check_reservation(batch, seq_len, where);
+    size_workspace(workspace, batch, seq_len, nullptr);
+  }
+  void reserve_decode(Workspace<Scalar>& workspace, const KVCache<Scalar>& cache, Index t,
+                      const char* where) const {
+    reserve_for_caches(workspace, &cache, 1, t, where);
+  }
+  void reserve_decode(Workspace<Scalar>& workspace, const std::vector<KVCache<Scalar>>& caches, Index t,
+                      const char* where) const {
+    reserve_for_caches(workspace, caches.data(), static_cast<Index>(caches.size()), t, where);
+  }
 
   template <typename Derived>
   static constexpr void check_input() {
@@ -445,7 +303,8 @@ class HeadAttention {
                   const char* where = "HeadAttention::forward_into") const {
     check_input<Derived>();
     const Index seq_len = detail::sequence_length(x.rows(), batch, where);
-    check_call(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
+    check_call(x.cols(), seq_len, where, "x.cols() (input width)",
+               batch == 1 ? "x.rows() (T)" : "x.rows() / batch (T)");
     check_out(out, x.rows(), where);
     detail::AttentionPlan<Scalar> plan;
     plan.rule = m_rule;
@@ -458,33 +317,22 @@ class HeadAttention {
     run(x, batch, seq_len, out.data(), out.outerStride(), plan);
   }
 
-  /// forward_training over `batch` sequences back to back, with right padding when lengths is not null.
+  /// forward_training over the rows laid out as `batch` says.
   template <typename Derived>
-  TrainingState<Scalar> training_rows(const Eigen::MatrixBase<Derived>& x, Index batch,
-                                      const std::vector<Index>* lengths) const {
+  TrainingState<Scalar> training_rows(const Eigen::MatrixBase<Derived>& x, const Batch& batch,
+                                      const char* where = "HeadAttention::forward_training") const {
     static_assert(std::is_same<Compute, Scalar>::value,
                   "HeadAttention::forward_training needs float or double");
     TrainingState<Scalar> state;
     state.output.resize(x.rows(), m_head_size);  // [rows, head]
     state.lse.resize(x.rows());                  // [rows]
-    batch_into(x, batch, state.output, lengths, nullptr, state.lse.data(), "HeadAttention::forward_training");
+    batch_into(x, batch.sequences(), state.output, batch.lengths(), nullptr, state.lse.data(), where);
     return state;
   }
 
   /// The backward of `batch` sequences back to back, with right padding when lengths is not null, from a
-  /// training forward's state when it is not null.
-  template <typename Derived, typename GradDerived>
-  Gradients<Scalar> backward_rows(const Eigen::MatrixBase<Derived>& x, Index batch,
-                                  const Eigen::MatrixBase<GradDerived>& grad_out,
-                                  const std::vector<Index>* lengths,
-                                  const TrainingState<Scalar>* state = nullptr) const {
-    Gradients<Scalar> g;
-    g.input.resize(x.rows(), m_emb_size);
-    backward_into(x, batch, grad_out, lengths, g, g.input.data(), "HeadAttention::backward", state);
-    return g;
-  }
-
-  /// The same into `grads` and dx ([x.rows(), emb_size], contiguous rows), which the caller allocated.
+  /// training forward's state when it is not null, into `grads` and dx ([x.rows(), emb_size], contiguous
+  /// rows), which the caller allocated.
   template <typename Derived, typename GradDerived>
   void backward_into(const Eigen::MatrixBase<Derived>& x, Index batch,
                      const Eigen::MatrixBase<GradDerived>& grad_out, const std::vector<Index>* lengths,
@@ -494,7 +342,8 @@ class HeadAttention {
     check_input<Derived>();
     check_input<GradDerived>();
     const Index seq_len = detail::sequence_length(x.rows(), batch, where);
-    check_call(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
+    check_call(x.cols(), seq_len, where, "x.cols() (input width)",
+               batch == 1 ? "x.rows() (T)" : "x.rows() / batch (T)");
     HEAD_ATTENTION_REQUIRE(grad_out.rows() == x.rows() && grad_out.cols() == m_head_size, where,
                            "grad_out shape", detail::shape_string(x.rows(), m_head_size),
                            detail::shape_string(grad_out.rows(), grad_out.cols()));
@@ -547,8 +396,6 @@ class HeadAttention {
                               });
   }
 
-  static KVCache<Scalar>* one_cache(KVCache<Scalar>& cache) { return &cache; }
-
   void check_reservation(Index batch, Index seq_len, const char* where) const {
     detail::check_projections(*this, where);
     HEAD_ATTENTION_REQUIRE(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
@@ -558,9 +405,8 @@ class HeadAttention {
     detail::require_fits({batch, seq_len, m_emb_size}, sizeof(Scalar), where, "batch · seq_len · emb_size");
   }
 
-  void reserve_for_caches(Workspace<Scalar>& workspace, const KVCache<Scalar>* caches, Index count,
-                          Index t) const {
-    const char* where = "HeadAttention::reserve_workspace";
+  void reserve_for_caches(Workspace<Scalar>& workspace, const KVCache<Scalar>* caches, Index count, Index t,
+                          const char* where) const {
     HEAD_ATTENTION_REQUIRE(t >= 1, where, "t", ">= 1", std::to_string(t));
     check_reservation(count, t, where);
     for (Index b = 0; b < count; ++b)

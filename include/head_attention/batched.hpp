@@ -12,56 +12,18 @@
 
 #include "attention.hpp"
 #include "gradients.hpp"
+#include "tensor_forms.hpp"
 
 namespace head_attention {
 
-namespace detail {
-
-/// True for the tensors whose data() is the whole [B, T, emb] row-major array: Eigen::Tensor and
-/// Eigen::TensorMap over one. Other tensor expressions are evaluated once first.
-template <typename T>
-struct is_dense_tensor : std::false_type {};
-template <typename S, int Rank, int Options, typename IndexType>
-struct is_dense_tensor<Eigen::Tensor<S, Rank, Options, IndexType>> : std::true_type {};
-template <typename Plain, int Options, template <class> class MakePointer>
-struct is_dense_tensor<Eigen::TensorMap<Plain, Options, MakePointer>> : std::true_type {};
-
-/// Checks at compile time that x is a row-major rank-3 tensor of Scalar, then returns f(data, B, T, width)
-/// over its storage: an Eigen::Tensor or TensorMap is read in place, any other expression evaluated once.
-template <typename Scalar, typename Derived, typename F>
-auto with_tensor_data(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x, F&& f)
-    -> decltype(f(static_cast<const Scalar*>(nullptr), Eigen::Index(), Eigen::Index(), Eigen::Index())) {
-  using Result =
-      decltype(f(static_cast<const Scalar*>(nullptr), Eigen::Index(), Eigen::Index(), Eigen::Index()));
-  using Traits = Eigen::internal::traits<Derived>;
-  constexpr bool rank_3 = Traits::NumDimensions == 3;
-  constexpr bool row_major = static_cast<int>(Traits::Layout) == static_cast<int>(Eigen::RowMajor);
-  constexpr bool same_scalar = std::is_same<std::remove_const_t<typename Traits::Scalar>, Scalar>::value;
-  static_assert(rank_3, "head_attention: forward needs a rank-3 tensor [B, T, emb_size]");
-  static_assert(
-      row_major,
-      "head_attention: forward needs a row-major tensor (Eigen::RowMajor), laid out as PyTorch lays "
-      "out [B, T, emb_size]");
-  static_assert(same_scalar, "head_attention: forward needs a tensor of the layer's Scalar");
-  if constexpr (!(rank_3 && row_major && same_scalar)) {
-    return Result();  // not compiled: the static_asserts above have failed; this keeps their message alone
-  } else if constexpr (is_dense_tensor<Derived>::value) {
-    const Derived& t = static_cast<const Derived&>(x);
-    return f(t.data(), Eigen::Index(t.dimension(0)), Eigen::Index(t.dimension(1)),
-             Eigen::Index(t.dimension(2)));
-  } else {
-    const Eigen::Tensor<Scalar, 3, Eigen::RowMajor> t = x;  // an expression: evaluate it once
-    return f(t.data(), Eigen::Index(t.dimension(0)), Eigen::Index(t.dimension(1)),
-             Eigen::Index(t.dimension(2)));
-  }
-}
-
-}  // namespace detail
-
 /// The seed module's own calling convention: x [B, T, emb_size] to [B, T, head_size], each of the B sequences
 /// attended to independently by one HeadAttention. All B · ceil(T / 64) query blocks share the cores.
+///
+/// It has every entry point of the other forms (defined once in TensorAttentionBase and
+/// HeadTrainingTensorBase): the matrix ones run on its layer.
 template <typename Scalar>
-class BatchedHeadAttention {
+class BatchedHeadAttention : public TensorAttentionBase<BatchedHeadAttention<Scalar>, Scalar>,
+                             public HeadTrainingTensorBase<BatchedHeadAttention<Scalar>, Scalar> {
  public:
   /// Eigen's signed index type, for every size and position.
   using Index = Eigen::Index;
@@ -72,6 +34,8 @@ class BatchedHeadAttention {
   /// [B, T, features] tensors in and out: row-major, so that each sequence is a contiguous [T, features]
   /// block the layer reads in place.
   using Tensor3 = Eigen::Tensor<Scalar, 3, Eigen::RowMajor>;
+  /// Where the *_into calls write, as the layer's: row-major [rows, head_size] storage with contiguous rows.
+  using OutputRef = typename Layer::OutputRef;
 
   /// Takes a copy of an existing layer (its weights, sizes and thread setting); head() is that copy.
   explicit BatchedHeadAttention(Layer head) : m_head(std::move(head)) {}
@@ -86,39 +50,14 @@ class BatchedHeadAttention {
   const Layer& head() const { return m_head; }
   ///@}
 
-  /// x [B, T, emb_size] to [B, T, head_size]. x is a row-major rank-3 tensor of Scalar: an Eigen::Tensor, an
-  /// Eigen::TensorMap over the caller's memory (both read in place, no copy), or any tensor expression of
-  /// that shape (evaluated once). Another rank, layout or scalar type does not compile. Throws shape_error if
-  /// x.dimension(2) != emb_size, if x.dimension(1) > max_seq_len, or if a projection has the wrong shape.
-  /// B = 0 or T = 0 give an empty result.
-  template <typename Derived>
-  Tensor3 forward(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x) const {
-    return detail::with_tensor_data<Scalar>(x,
-                                            [&](const Scalar* data, Index batch, Index seq_len, Index width) {
-                                              return forward_data(data, batch, seq_len, width, nullptr);
-                                            });
-  }
-
-  /// The same with right padding: sequence b has lengths[b] valid positions (0 <= lengths[b] <= T), and its
-  /// keys at positions >= lengths[b] are masked for every query (its padded rows still get outputs, from the
-  /// valid keys they may see; a sequence of length 0 gives zero rows). Throws shape_error unless lengths has
-  /// B entries in [0, T], and as forward(x).
-  template <typename Derived>
-  Tensor3 forward(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x,
-                  const std::vector<Index>& lengths) const {
-    return detail::with_tensor_data<Scalar>(x,
-                                            [&](const Scalar* data, Index batch, Index seq_len, Index width) {
-                                              return forward_data(data, batch, seq_len, width, &lengths);
-                                            });
-  }
-
   /// simple_llm's get_attention_weights: x [B, T, emb_size] to the softmax weights [B, T, T] under the
   /// layer's mask rule (masked entries exactly 0). Builds [B, T, T], as it must. Throws as forward(x) does.
   template <typename Derived>
   Tensor3 attention_weights(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x) const {
     return detail::with_tensor_data<Scalar>(
         x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
-          check(batch, seq_len, width, "BatchedHeadAttention::attention_weights");
+          check_call(width, seq_len, "BatchedHeadAttention::attention_weights",
+                     "x.dimension(2) (input width)", "x.dimension(1) (T)");
           Tensor3 out(batch, seq_len, seq_len);  // [B, T, T]
           for (Index b = 0; b < batch; ++b) {
             const Eigen::Map<const Matrix> seq(data + b * seq_len * width, seq_len, width);  // [T, emb]
@@ -127,62 +66,6 @@ class BatchedHeadAttention {
           }
           return out;
         });
-  }
-
-  /// Training: x [B, T, emb_size] and grad_out = dL/d forward(x) [B, T, head_size] (row-major tensors of
-  /// Scalar, as forward takes them) to dL/dx [B, T, emb_size] and the parameter gradients summed over the
-  /// batch, as autograd gives them (see HeadAttention::backward). Throws shape_error as forward(x) does, and
-  /// unless grad_out is [B, T, head_size].
-  template <typename Derived, typename GradDerived>
-  Gradients<Scalar, Tensor3> backward(
-      const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x,
-      const Eigen::TensorBase<GradDerived, Eigen::ReadOnlyAccessors>& grad_out) const {
-    return backward_data(x, grad_out, nullptr);
-  }
-
-  /// The same with right padding, as forward(x, lengths).
-  template <typename Derived, typename GradDerived>
-  Gradients<Scalar, Tensor3> backward(
-      const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x,
-      const Eigen::TensorBase<GradDerived, Eigen::ReadOnlyAccessors>& grad_out,
-      const std::vector<Index>& lengths) const {
-    return backward_data(x, grad_out, &lengths);
-  }
-
-  /// The training forward: x [B, T, emb_size] to the state backward(x, grad_out, state) reuses, state.output
-  /// [B · T, head_size] holding forward(x) bit for bit (flat: sequence b's rows at b · T) and state.lse [B ·
-  /// T] each row's softmax logsumexp (see HeadAttention::forward_training). Throws as forward(x).
-  template <typename Derived>
-  TrainingState<Scalar> forward_training(
-      const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x) const {
-    return training_data(x, nullptr);
-  }
-
-  /// The same with right padding, as forward(x, lengths).
-  template <typename Derived>
-  TrainingState<Scalar> forward_training(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x,
-                                         const std::vector<Index>& lengths) const {
-    return training_data(x, &lengths);
-  }
-
-  /// backward(x, grad_out) from forward_training(x)'s state, which it must come from (same x, weights and
-  /// rule): the softmax statistics are not recomputed. Throws as backward, and unless state.output is [B · T,
-  /// head_size] and state.lse [B · T].
-  template <typename Derived, typename GradDerived>
-  Gradients<Scalar, Tensor3> backward(
-      const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x,
-      const Eigen::TensorBase<GradDerived, Eigen::ReadOnlyAccessors>& grad_out,
-      const TrainingState<Scalar>& state) const {
-    return backward_data(x, grad_out, nullptr, &state);
-  }
-
-  /// The same with right padding, from forward_training(x, lengths).
-  template <typename Derived, typename GradDerived>
-  Gradients<Scalar, Tensor3> backward(
-      const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x,
-      const Eigen::TensorBase<GradDerived, Eigen::ReadOnlyAccessors>& grad_out,
-      const std::vector<Index>& lengths, const TrainingState<Scalar>& state) const {
-    return backward_data(x, grad_out, &lengths, &state);
   }
 
   /// The KV cache of B sequences that advance together: one HeadAttention cache per sequence.
@@ -198,6 +81,11 @@ class BatchedHeadAttention {
     void clear() {
       for (KVCache<Scalar>& cache : m_caches)
         cache.clear();
+    }
+    /// Allocates every sequence's storage for max_seq_len positions now (see KVCache::reserve).
+    void reserve() {
+      for (KVCache<Scalar>& cache : m_caches)
+        cache.reserve();
     }
     /// Sequence b's cache. Throws shape_error unless 0 <= b < batch().
     const KVCache<Scalar>& sequence(Index b) const {
@@ -221,91 +109,59 @@ class BatchedHeadAttention {
     return cache;
   }
 
-  /// Incremental decoding of B sequences at once: x [B, t, emb_size] holds each sequence's next t rows, and
-  /// the result [B, t, head_size] their outputs, as HeadAttention::forward_cached gives for each. Throws
-  /// shape_error, with the cache unchanged, if B differs from the cache's, and as forward_cached does.
-  template <typename Derived>
-  Tensor3 forward_cached(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x, Cache& cache) const {
-    return detail::with_tensor_data<Scalar>(x, [&](const Scalar* data, Index batch, Index t, Index width) {
-      const char* where = "BatchedHeadAttention::forward_cached";
-      HEAD_ATTENTION_REQUIRE(batch == cache.batch(), where, "x.dimension(0) (B)",
-                             "the cache's batch = " + std::to_string(cache.batch()), std::to_string(batch));
-      HEAD_ATTENTION_REQUIRE(width == m_head.emb_size(), where, "x.dimension(2) (input width)",
-                             "emb_size = " + std::to_string(m_head.emb_size()), std::to_string(width));
-      Tensor3 out(batch, t, m_head.head_size());                               // [B, t, head]
-      const Eigen::Map<const Matrix> rows(data, batch * t, width);             // [B·t, emb]
-      Eigen::Map<Matrix> out_rows(out.data(), batch * t, m_head.head_size());  // [B·t, head]
-      m_head.forward_cached_into(rows, cache.m_caches, out_rows);
-      return out;
-    });
-  }
+  /// An empty cache for one sequence, as make_cache(1, storage).
+  Cache make_cache(Precision storage = precision_of<Scalar>()) const { return make_cache(1, storage); }
 
  private:
-  /// The checks of every call, here first so that the messages name this call and the tensor's dimensions.
-  void check(Index batch, Index seq_len, Index width, const char* where) const {
-    (void)batch;
-    detail::check_projections(m_head, where);
-    HEAD_ATTENTION_REQUIRE(width == m_head.emb_size(), where, "x.dimension(2) (input width)",
-                           "emb_size = " + std::to_string(m_head.emb_size()), std::to_string(width));
-    HEAD_ATTENTION_REQUIRE(seq_len <= m_head.max_seq_len(), where, "x.dimension(1) (T)",
-                           "<= max_seq_len = " + std::to_string(m_head.max_seq_len()),
-                           std::to_string(seq_len));
-  }
+  friend class AttentionBase<BatchedHeadAttention, Scalar>;  // the entry points call the hooks below
+  friend class TensorAttentionBase<BatchedHeadAttention, Scalar>;
+  friend class HeadTrainingBase<BatchedHeadAttention, Scalar>;
+  friend class HeadTrainingTensorBase<BatchedHeadAttention, Scalar>;
 
-  Tensor3 forward_data(const Scalar* data, Index batch, Index seq_len, Index width,
-                       const std::vector<Index>* lengths) const {
-    check(batch, seq_len, width, "BatchedHeadAttention::forward");
-    if (lengths != nullptr) detail::check_lengths(*lengths, batch, seq_len, "BatchedHeadAttention::forward");
-    Tensor3 out(batch, seq_len, m_head.head_size());                    // [B, T, head]
-    const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);  // [B·T, emb], back to back
-    Eigen::Map<Matrix> out_rows(out.data(), batch * seq_len, m_head.head_size());  // [B·T, head]
-    if (lengths == nullptr)
-      m_head.forward_into(rows, batch, out_rows);
-    else
-      m_head.forward_into(rows, batch, out_rows, *lengths);
-    return out;
+  // The hooks of the bases: the layer's, with this form's names in the messages.
+  static constexpr detail::FormNames names() {
+    return {"BatchedHeadAttention::forward",           "BatchedHeadAttention::forward_into",
+            "BatchedHeadAttention::forward_cached",    "BatchedHeadAttention::forward_cached_into",
+            "BatchedHeadAttention::reserve_workspace", "BatchedHeadAttention::reserve_cached_workspace"};
   }
-
+  Index emb_size() const { return m_head.emb_size(); }
+  Index out_features() const { return m_head.head_size(); }
+  const Layer& head_layer() const { return m_head; }
+  template <typename C>
+  static constexpr bool takes_cache = std::is_same<C, Cache>::value || Layer::template takes_cache<C>;
+  static Index cache_sequences(const Cache& cache) { return cache.batch(); }
+  template <typename C>
+  static Index cache_sequences(const C& cache) {
+    return Layer::cache_sequences(cache);
+  }
+  void check_call(Index width, Index length, const char* where, const char* width_name,
+                  const char* length_name) const {
+    m_head.check_call(width, length, where, width_name, length_name);
+  }
   template <typename Derived>
-  TrainingState<Scalar> training_data(const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x,
-                                      const std::vector<Index>* lengths) const {
-    return detail::with_tensor_data<Scalar>(
-        x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
-          const char* where = "BatchedHeadAttention::forward_training";
-          check(batch, seq_len, width, where);
-          TrainingState<Scalar> state;
-          state.output.resize(batch * seq_len, m_head.head_size());           // [B·T, head]
-          state.lse.resize(batch * seq_len);                                  // [B·T]
-          const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);  // [B·T, emb], back to back
-          m_head.batch_into(rows, batch, state.output, lengths, nullptr, state.lse.data(), where);
-          return state;
-        });
+  void rows_into(const Eigen::MatrixBase<Derived>& x, OutputRef& out, const Batch& batch,
+                 Workspace<Scalar>* workspace, const char* where) const {
+    m_head.rows_into(x, out, batch, workspace, where);
   }
-
-  template <typename Derived, typename GradDerived>
-  Gradients<Scalar, Tensor3> backward_data(
-      const Eigen::TensorBase<Derived, Eigen::ReadOnlyAccessors>& x,
-      const Eigen::TensorBase<GradDerived, Eigen::ReadOnlyAccessors>& grad_out,
-      const std::vector<Index>* lengths, const TrainingState<Scalar>* state = nullptr) const {
-    return detail::with_tensor_data<Scalar>(x, [&](const Scalar* data, Index batch, Index seq_len,
-                                                   Index width) {
-      return detail::with_tensor_data<Scalar>(grad_out, [&](const Scalar* grad, Index gb, Index gt,
-                                                            Index gw) {
-        const char* where = "BatchedHeadAttention::backward";
-        check(batch, seq_len, width, where);
-        HEAD_ATTENTION_REQUIRE(
-            gb == batch && gt == seq_len && gw == m_head.head_size(), where, "grad_out shape",
-            "[" + std::to_string(batch) + ", " + std::to_string(seq_len) + ", " +
-                std::to_string(m_head.head_size()) + "]",
-            "[" + std::to_string(gb) + ", " + std::to_string(gt) + ", " + std::to_string(gw) + "]");
-        const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);                    // [B·T, emb]
-        const Eigen::Map<const Matrix> grad_rows(grad, batch * seq_len, m_head.head_size());  // [B·T, head]
-        Gradients<Scalar, Tensor3> g;
-        g.input.resize(batch, seq_len, width);  // [B, T, emb]
-        m_head.backward_into(rows, batch, grad_rows, lengths, g, g.input.data(), where, state);
-        return g;
-      });
-    });
+  template <typename Derived>
+  void decode_into(const Eigen::MatrixBase<Derived>& x, Cache& cache, OutputRef& out,
+                   Workspace<Scalar>* workspace, const char* where) const {
+    m_head.decode_into(x, cache.m_caches, out, workspace, where);
+  }
+  template <typename Derived, typename C>
+  void decode_into(const Eigen::MatrixBase<Derived>& x, C& cache, OutputRef& out,
+                   Workspace<Scalar>* workspace, const char* where) const {
+    m_head.decode_into(x, cache, out, workspace, where);
+  }
+  void reserve_rows(Workspace<Scalar>& workspace, Index batch, Index seq_len, const char* where) const {
+    m_head.reserve_rows(workspace, batch, seq_len, where);
+  }
+  void reserve_decode(Workspace<Scalar>& workspace, const Cache& cache, Index t, const char* where) const {
+    m_head.reserve_decode(workspace, cache.m_caches, t, where);
+  }
+  template <typename C>
+  void reserve_decode(Workspace<Scalar>& workspace, const C& cache, Index t, const char* where) const {
+    m_head.reserve_decode(workspace, cache, t, where);
   }
 
   Layer m_head;

@@ -21,6 +21,7 @@
 #include "kv_cache.hpp"
 #include "linear.hpp"
 #include "mask.hpp"
+#include "tensor_forms.hpp"
 
 namespace head_attention {
 
@@ -34,7 +35,7 @@ namespace head_attention {
 /// parallel region (all cores busy even for one sequence), then the output projection, one GEMM per row
 /// chunk. Extra memory is O(T · num_heads · head_size). const, and safe to call from many threads at once.
 template <typename Scalar>
-class MultiHeadAttention {
+class MultiHeadAttention : public TensorAttentionBase<MultiHeadAttention<Scalar>, Scalar> {
   static_assert(detail::is_layer_scalar<Scalar>,
                 "MultiHeadAttention<Scalar> needs float, double, Eigen::half or Eigen::bfloat16");
 
@@ -138,49 +139,6 @@ class MultiHeadAttention {
     return m_threads > 0 ? m_threads : detail::default_thread_count();
   }
 
-  /// One sequence: x [T, emb_size] (any dense Eigen expression of Scalar, read in place when it can be) to
-  /// [T, emb_size]. Throws shape_error if x.cols() != emb_size, T > max_seq_len, or a weight has the wrong
-  /// shape.
-  template <typename Derived>
-  Matrix forward(const Eigen::MatrixBase<Derived>& x) const {
-    check_input<Derived>();
-    check(x.cols(), x.rows(), "MultiHeadAttention::forward", "x.cols() (input width)", "x.rows() (T)");
-    Matrix out(x.rows(), emb_size());  // [T, emb]
-    run(x, 1, x.rows(), out.data(), out.outerStride(), detail::AttentionPlan<Scalar>{});
-    return out;
-  }
-
-  /// `batch` sequences of equal length back to back, x [batch · T, emb_size], into out [batch · T, emb_size];
-  /// with `lengths` (one per sequence, each in [0, T]), keys at or after lengths[b] are masked (right
-  /// padding). Throws shape_error, before touching out, on any bad shape.
-  template <typename Derived>
-  void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
-                    const std::vector<Index>* lengths = nullptr) const {
-    batch_into(x, batch, out, lengths, nullptr);
-  }
-
-  /// The same, with its working memory taken from (and left in) `workspace`: repeated calls of one shape
-  /// allocate no large buffer (see Workspace; the one Q|K|V buffer of all heads is 50 MB at B = 8, T = 1024).
-  template <typename Derived>
-  void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
-                    Workspace<Scalar>& workspace, const std::vector<Index>* lengths = nullptr) const {
-    batch_into(x, batch, out, lengths, &workspace);
-  }
-
-  /// The seed's calling convention: x [B, T, emb_size] (an Eigen::Tensor or TensorMap, row-major, read in
-  /// place; or any tensor expression) to [B, T, emb_size]; with `lengths`, right padding as in forward_into.
-  ///@{
-  template <typename TensorDerived>
-  Tensor3 forward(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x) const {
-    return forward_tensor(x, nullptr);
-  }
-  template <typename TensorDerived>
-  Tensor3 forward(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
-                  const std::vector<Index>& lengths) const {
-    return forward_tensor(x, &lengths);
-  }
-  ///@}
-
   /// simple_llm's dropout probability on the projected output (its `_dropout`, 0.1 by default): forward() is
   /// inference and ignores it; forward_training() and backward_training() apply it. Throws shape_error unless
   /// 0 <= p < 1.
@@ -193,110 +151,103 @@ class MultiHeadAttention {
   }
   ///@}
 
-  /// The training-mode forward of one sequence: forward(x), then inverted dropout, each output entry zeroed
-  /// with probability dropout() and the others scaled by 1 / (1 - dropout()). The mask is drawn from `seed`
-  /// (row-major, one draw per entry): backward_training with the same seed re-draws it. Throws as forward.
-  template <typename Derived>
-  Matrix forward_training(const Eigen::MatrixBase<Derived>& x, Seed seed) const {
-    return forward_training(x, 1, seed);
-  }
+  /// What backward and backward_training return for a matrix x: dL/dx [rows, emb_size], every head's
+  /// parameter gradients and the output projection's.
+  using GradientsType = MultiHeadGradients<Scalar>;
+  /// The same for a tensor x: dL/dx [B, T, emb_size].
+  using TensorGradientsType = MultiHeadGradients<Scalar, Tensor3>;
 
-  /// The same for `batch` sequences back to back, x [batch · T, emb_size] (as forward_into).
-  template <typename Derived>
-  Matrix forward_training(const Eigen::MatrixBase<Derived>& x, Index batch, Seed seed) const {
-    Matrix out(x.rows(), emb_size());  // [B·T, emb]
-    forward_into(x, batch, out);
-    detail::dropout_in_place(out, m_dropout, seed.value());
-    return out;
-  }
-
-  /// forward_training(x, seed) that also keeps, in `state`, what backward_training(x, grad_out, seed, state)
-  /// reuses instead of recomputing: state.output [T, num_heads · head_size] the heads' concatenated outputs
-  /// (before the output projection and dropout) and state.lse [num_heads · T] each head's per-row softmax
-  /// logsumexp. The returned output equals forward_training(x, seed) bit for bit. float and double only.
-  /// Throws as forward, leaving state unchanged.
+  /// The training-mode forward: forward_into's output (the rows laid out as `batch` says), then inverted
+  /// dropout, each output entry zeroed with probability dropout() and the others scaled by 1 / (1 -
+  /// dropout()). The mask is drawn from `seed` (row-major, one draw per entry): backward_training with the
+  /// same seed re-draws it. Throws as forward_into.
   template <typename Derived>
   Matrix forward_training(const Eigen::MatrixBase<Derived>& x, Seed seed,
-                          TrainingState<Scalar>& state) const {
-    return forward_training(x, 1, seed, state);
+                          const Batch& batch = Batch()) const {
+    return training_matrix(x, seed, nullptr, batch);
   }
 
-  /// The same for `batch` sequences back to back: state.output [batch · T, num_heads · head_size], state.lse
-  /// [num_heads · batch · T].
+  /// forward_training that also keeps, in `state`, what backward_training(x, grad_out, seed, state, batch)
+  /// reuses instead of recomputing: state.output [rows, num_heads · head_size] the heads' concatenated
+  /// outputs (before the output projection and dropout) and state.lse [num_heads · rows] each head's per-row
+  /// softmax logsumexp. The returned output equals forward_training(x, seed, batch) bit for bit. float and
+  /// double only. Throws as forward_into, leaving state unchanged.
   template <typename Derived>
-  Matrix forward_training(const Eigen::MatrixBase<Derived>& x, Index batch, Seed seed,
-                          TrainingState<Scalar>& state) const {
+  Matrix forward_training(const Eigen::MatrixBase<Derived>& x, Seed seed, TrainingState<Scalar>& state,
+                          const Batch& batch = Batch()) const {
     static_assert(std::is_same<detail::compute_t<Scalar>, Scalar>::value,
                   "MultiHeadAttention::forward_training with a state needs float or double");
-    Matrix out(x.rows(), emb_size());  // [B·T, emb]
-    OutputRef out_ref(out);
-    batch_into(x, batch, out_ref, nullptr, nullptr, &state);
-    detail::dropout_in_place(out, m_dropout, seed.value());
-    return out;
+    return training_matrix(x, seed, &state, batch);
   }
 
-  /// Training at inference semantics (dropout as the identity, as forward() runs): x [T, emb_size] and
-  /// grad_out = dL/d forward(x) [T, emb_size] to dL/dx, every head's parameter gradients and the output
-  /// projection's. The heads' backward is HeadAttention::backward's (memory-efficient, thread-count
-  /// independent). Throws shape_error as forward does, and unless grad_out is [T, emb_size].
+  /// Training at inference semantics (dropout as the identity, as forward runs): x [rows, emb_size] (laid
+  /// out as `batch` says) and grad_out = dL/d forward(x) [rows, emb_size] to dL/dx, every head's parameter
+  /// gradients and the output projection's, summed over the sequences. The heads' backward is HeadAttention's
+  /// (memory-efficient, thread-count independent). float and double only. Throws shape_error as forward_into
+  /// does, and unless grad_out is [rows, emb_size].
   template <typename Derived, typename GradDerived>
-  MultiHeadGradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x,
-                                      const Eigen::MatrixBase<GradDerived>& grad_out) const {
-    return backward_rows(x, 1, grad_out, nullptr, nullptr);
+  GradientsType backward(const Eigen::MatrixBase<Derived>& x, const Eigen::MatrixBase<GradDerived>& grad_out,
+                         const Batch& batch = Batch()) const {
+    return backward_matrix(x, grad_out, nullptr, nullptr, batch);
   }
 
-  /// The same for `batch` sequences back to back (x and grad_out [batch · T, emb_size]); the parameter
-  /// gradients are summed over the batch.
+  /// The backward of forward_training(x, seed, batch): grad_out = dL/d forward_training(x, seed, batch), the
+  /// same dropout mask re-drawn from `seed`.
   template <typename Derived, typename GradDerived>
-  MultiHeadGradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x, Index batch,
-                                      const Eigen::MatrixBase<GradDerived>& grad_out) const {
-    return backward_rows(x, batch, grad_out, nullptr, nullptr);
+  GradientsType backward_training(const Eigen::MatrixBase<Derived>& x,
+                                  const Eigen::MatrixBase<GradDerived>& grad_out, Seed seed,
+                                  const Batch& batch = Batch()) const {
+    return backward_matrix(x, grad_out, &seed, nullptr, batch);
   }
 
-  /// The same with right padding, as forward_into with `lengths`: sequence b's keys at positions >=
-  /// lengths[b] are masked. Throws shape_error unless lengths has `batch` entries, each in [0, T].
+  /// backward_training from the state forward_training(x, seed, state, batch) kept: the heads' softmax
+  /// statistics and outputs are not recomputed. The state must come from that call (same x, batch, weights
+  /// and rule); only its shapes are checked. Throws as backward_training, and unless state.output is [rows,
+  /// num_heads · head_size] and state.lse [num_heads · rows].
   template <typename Derived, typename GradDerived>
-  MultiHeadGradients<Scalar> backward(const Eigen::MatrixBase<Derived>& x, Index batch,
-                                      const Eigen::MatrixBase<GradDerived>& grad_out,
-                                      const std::vector<Index>& lengths) const {
-    return backward_rows(x, batch, grad_out, nullptr, &lengths);
+  GradientsType backward_training(const Eigen::MatrixBase<Derived>& x,
+                                  const Eigen::MatrixBase<GradDerived>& grad_out, Seed seed,
+                                  const TrainingState<Scalar>& state, const Batch& batch = Batch()) const {
+    return backward_matrix(x, grad_out, &seed, &state, batch);
   }
 
-  /// The backward of forward_training(x, seed): grad_out = dL/d forward_training(x, seed), the same dropout
-  /// mask re-drawn from `seed`.
-  template <typename Derived, typename GradDerived>
-  MultiHeadGradients<Scalar> backward_training(const Eigen::MatrixBase<Derived>& x,
-                                               const Eigen::MatrixBase<GradDerived>& grad_out,
-                                               Seed seed) const {
-    return backward_rows(x, 1, grad_out, &seed, nullptr);
+  /// The tensor forms of the training calls: x [B, T, emb_size] and grad_out [B, T, emb_size] (row-major
+  /// tensors of Scalar, as forward takes them), with `lengths` right padding; results [B, T, emb_size],
+  /// state.output and state.lse flat as for the matrix form of the same rows. Throw as the matrix forms.
+  ///@{
+  template <typename TensorDerived>
+  Tensor3 forward_training(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x, Seed seed,
+                           Padding lengths = Padding()) const {
+    return training_tensor(x, seed, nullptr, lengths);
   }
-
-  /// The backward of forward_training(x, batch, seed).
-  template <typename Derived, typename GradDerived>
-  MultiHeadGradients<Scalar> backward_training(const Eigen::MatrixBase<Derived>& x, Index batch,
-                                               const Eigen::MatrixBase<GradDerived>& grad_out,
-                                               Seed seed) const {
-    return backward_rows(x, batch, grad_out, &seed, nullptr);
+  template <typename TensorDerived>
+  Tensor3 forward_training(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x, Seed seed,
+                           TrainingState<Scalar>& state, Padding lengths = Padding()) const {
+    static_assert(std::is_same<detail::compute_t<Scalar>, Scalar>::value,
+                  "MultiHeadAttention::forward_training with a state needs float or double");
+    return training_tensor(x, seed, &state, lengths);
   }
-
-  /// backward_training(x, grad_out, seed) from the state forward_training(x, seed, state) kept: the heads'
-  /// softmax statistics and outputs are not recomputed. The state must come from that call (same x, batch,
-  /// weights and rule); only its shapes are checked. Throws as backward_training, and unless state.output is
-  /// [T, num_heads · head_size] and state.lse [num_heads · T].
-  template <typename Derived, typename GradDerived>
-  MultiHeadGradients<Scalar> backward_training(const Eigen::MatrixBase<Derived>& x,
-                                               const Eigen::MatrixBase<GradDerived>& grad_out, Seed seed,
-                                               const TrainingState<Scalar>& state) const {
-    return backward_rows(x, 1, grad_out, &seed, nullptr, &state);
+  template <typename TensorDerived, typename GradDerived>
+  TensorGradientsType backward(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
+                               const Eigen::TensorBase<GradDerived, Eigen::ReadOnlyAccessors>& grad_out,
+                               Padding lengths = Padding()) const {
+    return backward_tensor(x, grad_out, nullptr, nullptr, lengths);
   }
-
-  /// The same from forward_training(x, batch, seed, state).
-  template <typename Derived, typename GradDerived>
-  MultiHeadGradients<Scalar> backward_training(const Eigen::MatrixBase<Derived>& x, Index batch,
-                                               const Eigen::MatrixBase<GradDerived>& grad_out, Seed seed,
-                                               const TrainingState<Scalar>& state) const {
-    return backward_rows(x, batch, grad_out, &seed, nullptr, &state);
+  template <typename TensorDerived, typename GradDerived>
+  TensorGradientsType backward_training(
+      const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
+      const Eigen::TensorBase<GradDerived, Eigen::ReadOnlyAccessors>& grad_out, Seed seed,
+      Padding lengths = Padding()) const {
+    return backward_tensor(x, grad_out, &seed, nullptr, lengths);
   }
+  template <typename TensorDerived, typename GradDerived>
+  TensorGradientsType backward_training(
+      const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
+      const Eigen::TensorBase<GradDerived, Eigen::ReadOnlyAccessors>& grad_out, Seed seed,
+      const TrainingState<Scalar>& state, Padding lengths = Padding()) const {
+    return backward_tensor(x, grad_out, &seed, &state, lengths);
+  }
+  ///@}
 
   /// The KV caches of `batch` sequences (every head's keys and values), for incremental decoding.
   class Cache {
@@ -331,9 +282,9 @@ class MultiHeadAttention {
     std::vector<KVCache<Scalar>> m_caches;  // [num_heads · batch], head h of sequence b at h · batch + b
   };
 
-  /// An empty cache for `batch` sequences (1 by default) decoded together, keys and values stored in
-  /// `storage` (see HeadAttention::make_cache). Throws shape_error if batch < 0.
-  Cache make_cache(Index batch = 1, Precision storage = precision_of<Scalar>()) const {
+  /// An empty cache for `batch` sequences decoded together, keys and values stored in `storage` (see
+  /// HeadAttention::make_cache). Throws shape_error if batch < 0.
+  Cache make_cache(Index batch, Precision storage = precision_of<Scalar>()) const {
     HEAD_ATTENTION_REQUIRE(batch >= 0, "MultiHeadAttention::make_cache", "batch", ">= 0",
                            std::to_string(batch));
     Cache cache;
@@ -345,44 +296,44 @@ class MultiHeadAttention {
     return cache;
   }
 
-  /// Incremental decoding of one sequence (a cache made with batch 1): the t new rows x [t, emb_size] to
-  /// their outputs [t, emb_size], as HeadAttention::forward_cached does for each head. Throws shape_error,
-  /// with the cache unchanged, on a bad shape, a cache of other sizes or rule, or cache.size() + t >
-  /// max_seq_len.
-  template <typename Derived>
-  Matrix forward_cached(const Eigen::MatrixBase<Derived>& x, Cache& cache) const {
-    Matrix out(x.rows(), emb_size());  // [t, emb]
-    cached(x, cache, out, "MultiHeadAttention::forward_cached", nullptr);
-    return out;
-  }
+  /// An empty cache for one sequence, as make_cache(1, storage).
+  Cache make_cache(Precision storage = precision_of<Scalar>()) const { return make_cache(1, storage); }
 
-  /// forward_cached of the cache's B sequences, x [B · t, emb_size] (each sequence's t rows back to back),
-  /// written into out [B · t, emb_size], its working memory taken from (and left in) `workspace`: the
-  /// no-allocation decode step. Once the cache is reserve()d and the workspace has served a call of this
-  /// shape, the call allocates nothing (see Workspace). Throws as forward_cached does, and shape_error,
-  /// before touching out or the cache, unless out is [B · t, emb_size].
-  template <typename Derived>
-  void forward_cached_into(const Eigen::MatrixBase<Derived>& x, Cache& cache, OutputRef out,
-                           Workspace<Scalar>& workspace) const {
-    cached(x, cache, out, "MultiHeadAttention::forward_cached_into", &workspace);
-  }
+ private:
+  friend class AttentionBase<MultiHeadAttention, Scalar>;  // the entry points call the hooks below
+  friend class TensorAttentionBase<MultiHeadAttention, Scalar>;
 
-  /// Sizes `workspace` for forward_into calls of `batch` sequences of `seq_len` rows (padded or not), so
-  /// that even the first such call allocates nothing: the no-allocation mode without a warm-up call. Sized
-  /// for the most threads such a call can use. Throws shape_error, the workspace unchanged, unless batch >= 0
-  /// and 0 <= seq_len <= max_seq_len.
-  void reserve_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len) const {
-    check_reservation(batch, seq_len);
+  // The hooks of the bases.
+  static constexpr detail::FormNames names() {
+    return {"MultiHeadAttention::forward",           "MultiHeadAttention::forward_into",
+            "MultiHeadAttention::forward_cached",    "MultiHeadAttention::forward_cached_into",
+            "MultiHeadAttention::reserve_workspace", "MultiHeadAttention::reserve_cached_workspace"};
+  }
+  Index out_features() const { return emb_size(); }
+  template <typename C>
+  static constexpr bool takes_cache = std::is_same<C, Cache>::value;
+  static Index cache_sequences(const Cache& cache) { return cache.batch(); }
+  void check_call(Index width, Index length, const char* where, const char* width_name,
+                  const char* length_name) const {
+    check(width, length, where, width_name, length_name);
+  }
+  template <typename Derived>
+  void rows_into(const Eigen::MatrixBase<Derived>& x, OutputRef& out, const Batch& batch,
+                 Workspace<Scalar>* workspace, const char* where) const {
+    batch_into(x, batch.sequences(), out, batch.lengths(), workspace, nullptr, where);
+  }
+  template <typename Derived>
+  void decode_into(const Eigen::MatrixBase<Derived>& x, Cache& cache, OutputRef& out,
+                   Workspace<Scalar>* workspace, const char* where) const {
+    cached(x, cache, out, where, workspace);
+  }
+  void reserve_rows(Workspace<Scalar>& workspace, Index batch, Index seq_len, const char* where) const {
+    check_reservation(batch, seq_len, where);
     size_workspace(workspace, batch, seq_len, nullptr);
   }
-
-  /// Sizes `workspace` for decode steps of t rows per sequence extending `cache` (forward_cached_into): with
-  /// the cache reserve()d too, the first step allocates nothing either. Throws shape_error, nothing changed,
-  /// unless the cache was made by this layer and 1 <= t <= max_seq_len.
-  void reserve_workspace(Workspace<Scalar>& workspace, const Cache& cache, Index t = 1) const {
-    const char* where = "MultiHeadAttention::reserve_workspace";
+  void reserve_decode(Workspace<Scalar>& workspace, const Cache& cache, Index t, const char* where) const {
     HEAD_ATTENTION_REQUIRE(t >= 1, where, "t", ">= 1", std::to_string(t));
-    check_reservation(cache.batch(), t);
+    check_reservation(cache.batch(), t, where);
     HEAD_ATTENTION_REQUIRE(static_cast<Index>(cache.m_caches.size()) == num_heads() * cache.batch(), where,
                            "cache heads", std::to_string(num_heads()),
                            std::to_string(cache.batch() > 0 ? cache.m_caches.size() / cache.batch() : 0));
@@ -396,44 +347,92 @@ class MultiHeadAttention {
     size_workspace(workspace, cache.batch(), t, workspace.m_stores.data());
   }
 
-  /// The bytes of working memory a forward_into call of `batch` sequences of `seq_len` rows uses (what a
-  /// Workspace holds after serving it; found by sizing a temporary workspace, which is freed). Throws as
-  /// reserve_workspace does.
-  std::size_t workspace_bytes(Index batch, Index seq_len) const {
-    Workspace<Scalar> workspace;
-    reserve_workspace(workspace, batch, seq_len);
-    return workspace.bytes();
+  /// forward_training into out [rows, emb_size] (leading dimension out_stride), then its dropout.
+  template <typename Derived>
+  void training_rows(const Eigen::MatrixBase<Derived>& x, Seed seed, TrainingState<Scalar>* state,
+                     const Batch& batch, Scalar* out, Index out_stride) const {
+    Eigen::Map<Matrix, 0, Eigen::OuterStride<>> out_rows(out, x.rows(), emb_size(),
+                                                         Eigen::OuterStride<>(out_stride));  // [rows, emb]
+    OutputRef out_ref(out_rows);
+    batch_into(x, batch.sequences(), out_ref, batch.lengths(), nullptr, state,
+               "MultiHeadAttention::forward_into");
+    detail::dropout_in_place(out_rows, m_dropout, seed.value());
   }
 
-  /// Incremental decoding of B sequences together: x [B, t, emb_size] to [B, t, emb_size].
-  template <typename TensorDerived>
-  Tensor3 forward_cached(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
-                         Cache& cache) const {
-    return detail::with_tensor_data<Scalar>(x, [&](const Scalar* data, Index batch, Index t, Index width) {
-      const char* where = "MultiHeadAttention::forward_cached";
-      HEAD_ATTENTION_REQUIRE(batch == cache.batch(), where, "x.dimension(0) (B)",
-                             "the cache's batch = " + std::to_string(cache.batch()), std::to_string(batch));
-      HEAD_ATTENTION_REQUIRE(width == emb_size(), where, "x.dimension(2) (input width)",
-                             "emb_size = " + std::to_string(emb_size()), std::to_string(width));
-      Tensor3 out(batch, t, emb_size());                               // [B, t, emb]
-      const Eigen::Map<const Matrix> rows(data, batch * t, width);     // [B·t, emb]
-      Eigen::Map<Matrix> out_rows(out.data(), batch * t, emb_size());  // [B·t, emb]
-      cached(rows, cache, out_rows, where, nullptr);
+  template <typename Derived>
+  Matrix training_matrix(const Eigen::MatrixBase<Derived>& x, Seed seed, TrainingState<Scalar>* state,
+                         const Batch& batch) const {
+    if constexpr (detail::input_ok<Scalar, Derived>()) {
+      Matrix out(x.rows(), emb_size());  // [rows, emb]
+      training_rows(x, seed, state, batch, out.data(), emb_size());
       return out;
-    });
+    } else {
+      return Matrix();
+    }
   }
 
- private:
+  template <typename TensorDerived>
+  Tensor3 training_tensor(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x, Seed seed,
+                          TrainingState<Scalar>* state, Padding lengths) const {
+    return detail::with_tensor_data<Scalar>(
+        x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
+          const char* where = "MultiHeadAttention::forward_training";
+          check(width, seq_len, where, "x.dimension(2) (input width)", "x.dimension(1) (T)");
+          Tensor3 out(batch, seq_len, emb_size());                            // [B, T, emb]
+          const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);  // [B·T, emb]
+          training_rows(rows, seed, state, Batch(batch, lengths), out.data(), emb_size());
+          return out;
+        });
+  }
+
+  template <typename Derived, typename GradDerived>
+  GradientsType backward_matrix(const Eigen::MatrixBase<Derived>& x,
+                                const Eigen::MatrixBase<GradDerived>& grad_out, const Seed* seed,
+                                const TrainingState<Scalar>* state, const Batch& batch) const {
+    if constexpr (detail::input_ok<Scalar, Derived>() && detail::input_ok<Scalar, GradDerived>()) {
+      GradientsType g;
+      g.input.resize(x.rows(), emb_size());  // [rows, emb]
+      backward_rows(x, batch.sequences(), grad_out, seed, batch.lengths(), state, g, g.input.data());
+      return g;
+    } else {
+      return {};
+    }
+  }
+
+  template <typename TensorDerived, typename GradDerived>
+  TensorGradientsType backward_tensor(
+      const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
+      const Eigen::TensorBase<GradDerived, Eigen::ReadOnlyAccessors>& grad_out, const Seed* seed,
+      const TrainingState<Scalar>* state, Padding lengths) const {
+    return detail::with_tensor_data<Scalar>(
+        x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
+          return detail::with_tensor_data<Scalar>(
+              grad_out, [&](const Scalar* grad, Index gb, Index gt, Index gw) {
+                const char* where = "MultiHeadAttention::backward";
+                check(width, seq_len, where, "x.dimension(2) (input width)", "x.dimension(1) (T)");
+                HEAD_ATTENTION_REQUIRE(gb == batch && gt == seq_len && gw == emb_size(), where,
+                                       "grad_out shape", detail::shape_string(batch, seq_len, emb_size()),
+                                       detail::shape_string(gb, gt, gw));
+                const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);            // [B·T, emb]
+                const Eigen::Map<const Matrix> grad_rows(grad, batch * seq_len, emb_size());  // [B·T, emb]
+                TensorGradientsType g;
+                g.input.resize(batch, seq_len, width);  // [B, T, emb]
+                backward_rows(rows, batch, grad_rows, seed, lengths.lengths(), state, g, g.input.data());
+                return g;
+              });
+        });
+  }
+
   /// forward_into; with `state`, also the heads' concatenated outputs and logsumexps into it (after every
   /// check).
   template <typename Derived>
   void batch_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef& out,
                   const std::vector<Index>* lengths, Workspace<Scalar>* workspace,
-                  TrainingState<Scalar>* state = nullptr) const {
+                  TrainingState<Scalar>* state, const char* where) const {
     check_input<Derived>();
-    const char* where = "MultiHeadAttention::forward_into";
     const Index seq_len = detail::sequence_length(x.rows(), batch, where);
-    check(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
+    check(x.cols(), seq_len, where, "x.cols() (input width)",
+          batch == 1 ? "x.rows() (T)" : "x.rows() / batch (T)");
     HEAD_ATTENTION_REQUIRE(out.rows() == x.rows() && out.cols() == emb_size(), where, "out shape",
                            detail::shape_string(x.rows(), emb_size()),
                            detail::shape_string(out.rows(), out.cols()));
@@ -464,19 +463,22 @@ class MultiHeadAttention {
   }
 
   /// The backward of `batch` sequences back to back, through the dropout mask of `seed` when it is not null,
-  /// with right padding when lengths is not null.
-  template <typename Derived, typename GradDerived>
-  MultiHeadGradients<Scalar> backward_rows(const Eigen::MatrixBase<Derived>& x, Index batch,
-                                           const Eigen::MatrixBase<GradDerived>& grad_out, const Seed* seed,
-                                           const std::vector<Index>* lengths,
-                                           const TrainingState<Scalar>* state = nullptr) const {
+  /// with right padding when lengths is not null, from a training forward's state when it is not null: the
+  /// parameter gradients into g, dL/dx into dx ([x.rows(), emb_size], contiguous rows), which the caller
+  /// allocated.
+  template <typename Derived, typename GradDerived, typename Grads>
+  void backward_rows(const Eigen::MatrixBase<Derived>& x, Index batch,
+                     const Eigen::MatrixBase<GradDerived>& grad_out, const Seed* seed,
+                     const std::vector<Index>* lengths, const TrainingState<Scalar>* state, Grads& g,
+                     Scalar* dx) const {
     static_assert(std::is_same<detail::compute_t<Scalar>, Scalar>::value,
                   "MultiHeadAttention::backward needs float or double");
     check_input<Derived>();
     check_input<GradDerived>();
     const char* where = "MultiHeadAttention::backward";
     const Index seq_len = detail::sequence_length(x.rows(), batch, where);
-    check(x.cols(), seq_len, where, "x.cols() (input width)", "x.rows() / batch (T)");
+    check(x.cols(), seq_len, where, "x.cols() (input width)",
+          batch == 1 ? "x.rows() (T)" : "x.rows() / batch (T)");
     HEAD_ATTENTION_REQUIRE(grad_out.rows() == x.rows() && grad_out.cols() == emb_size(), where,
                            "grad_out shape", detail::shape_string(x.rows(), emb_size()),
                            detail::shape_string(grad_out.rows(), grad_out.cols()));
@@ -490,8 +492,6 @@ class MultiHeadAttention {
     // [rows, heads·head] the heads' outputs: the state's, else recomputed by the backward
     Matrix recomputed(state != nullptr ? 0 : rows, width);
     const Matrix& concat = state != nullptr ? state->output : recomputed;
-    MultiHeadGradients<Scalar> g;
-    g.input.resize(rows, emb_size());
     g.heads.resize(static_cast<std::size_t>(num_heads()));
     {
       const detail::SerialEigenProducts serial;  // rounding independent of the thread count
@@ -513,7 +513,7 @@ class MultiHeadAttention {
     call.rule = mask_rule();
     call.lengths = lengths != nullptr ? lengths->data() : nullptr;
     call.grads = g.heads.data();
-    call.dx = g.input.data();
+    call.dx = dx;
     if (state != nullptr) {
       call.saved_out = state->output.data();
       call.saved_stride = state->output.outerStride();
@@ -531,7 +531,6 @@ class MultiHeadAttention {
       g.projection.bias = dy.colwise().sum().transpose();
     else
       g.projection.bias.setZero(emb_size());
-    return g;
   }
 
   template <typename Derived>
@@ -571,25 +570,6 @@ class MultiHeadAttention {
                            "<= max_seq_len = " + std::to_string(max_seq_len()), std::to_string(length));
   }
 
-  template <typename TensorDerived>
-  Tensor3 forward_tensor(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
-                         const std::vector<Index>* lengths) const {
-    return detail::with_tensor_data<Scalar>(
-        x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
-          const char* where = "MultiHeadAttention::forward";
-          check(width, seq_len, where, "x.dimension(2) (input width)", "x.dimension(1) (T)");
-          detail::AttentionPlan<Scalar> plan;
-          if (lengths != nullptr) {
-            detail::check_lengths(*lengths, batch, seq_len, where);
-            plan.lengths = lengths->data();
-          }
-          Tensor3 out(batch, seq_len, emb_size());                            // [B, T, emb]
-          const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);  // [B·T, emb]
-          run(rows, batch, seq_len, out.data(), emb_size(), plan);
-          return out;
-        });
-  }
-
   template <typename Derived>
   void cached(const Eigen::MatrixBase<Derived>& x, Cache& cache, OutputRef out, const char* where,
               Workspace<Scalar>* workspace) const {
@@ -621,8 +601,7 @@ class MultiHeadAttention {
                               });
   }
 
-  void check_reservation(Index batch, Index seq_len) const {
-    const char* where = "MultiHeadAttention::reserve_workspace";
+  void check_reservation(Index batch, Index seq_len, const char* where) const {
     HEAD_ATTENTION_REQUIRE(batch >= 0, where, "batch", ">= 0", std::to_string(batch));
     HEAD_ATTENTION_REQUIRE(seq_len >= 0, where, "seq_len", ">= 0", std::to_string(seq_len));
     check(emb_size(), seq_len, where, "emb_size", "seq_len");

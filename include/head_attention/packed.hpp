@@ -21,6 +21,7 @@
 #include "mask.hpp"
 #include "multi_head_attention.hpp"
 #include "precision.hpp"
+#include "tensor_forms.hpp"
 #include "workspace.hpp"
 
 namespace head_attention {
@@ -47,7 +48,7 @@ Eigen::Index packed_batch_plan(const Eigen::MatrixBase<Derived>& x, Eigen::Index
                                const char* where) {
   const Eigen::Index seq_len = sequence_length(x.rows(), batch, where);
   check_packed_call(x.cols(), seq_len, emb_size, max_seq_len, where, "x.cols() (input width)",
-                    "x.rows() / batch (T)");
+                    batch == 1 ? "x.rows() (T)" : "x.rows() / batch (T)");
   HEAD_ATTENTION_REQUIRE(out.rows() == x.rows() && out.cols() == out_width, where, "out shape",
                          shape_string(x.rows(), out_width), shape_string(out.rows(), out.cols()));
   if (lengths != nullptr) {
@@ -147,6 +148,12 @@ class PackedForm {
         m_threads(threads),
         m_weights(std::move(weights)) {}
 
+  /// The check of an input of this width and length (the hook of AttentionBase).
+  void check_call(Index width, Index length, const char* where, const char* width_name,
+                  const char* length_name) const {
+    check_packed_call(width, length, m_emb_size, m_max_seq_len, where, width_name, length_name);
+  }
+
   /// Output features: the multi-head form's projection writes emb_size, a single head head_size.
   Index out_width() const { return projected() ? m_emb_size : m_head_size; }
   bool projected() const { return m_weights.out_width > 0; }
@@ -173,17 +180,6 @@ class PackedForm {
     return plan;
   }
 
-  /// One sequence x [T, emb_size] to [T, out_width].
-  template <typename Derived>
-  Matrix forward_rows(const Eigen::MatrixBase<Derived>& x, const char* where) const {
-    check_input<Derived>();
-    check_packed_call(x.cols(), x.rows(), m_emb_size, m_max_seq_len, where, "x.cols() (input width)",
-                      "x.rows() (T)");
-    Matrix out(x.rows(), out_width());  // [T, out_width]
-    run(x, 1, x.rows(), out.data(), out.outerStride(), plan());
-    return out;
-  }
-
   /// `batch` sequences back to back, x [batch · T, emb_size] into out [batch · T, out_width].
   template <typename Derived>
   void batch_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef& out,
@@ -194,20 +190,6 @@ class PackedForm {
         packed_batch_plan(x, batch, out, m_emb_size, m_max_seq_len, out_width(), lengths, p, where);
     if (workspace != nullptr) p.buffers = &workspace->m_buffers;
     run(x, batch, seq_len, out.data(), out.outerStride(), p);
-  }
-
-  /// x [B, T, emb_size] to [B, T, out_width].
-  template <typename TensorDerived>
-  Tensor3 forward_tensor(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
-                         const std::vector<Index>* lengths, const char* where) const {
-    return with_tensor_data<Scalar>(x, [&](const Scalar* data, Index batch, Index seq_len, Index width) {
-      AttentionPlan<Scalar> p = plan();
-      packed_tensor_plan(batch, seq_len, width, m_emb_size, m_max_seq_len, lengths, p, where);
-      Tensor3 out(batch, seq_len, out_width());                           // [B, T, out_width]
-      const Eigen::Map<const Matrix> rows(data, batch * seq_len, width);  // [B·T, emb]
-      run(rows, batch, seq_len, out.data(), out_width(), p);
-      return out;
-    });
   }
 
   /// An empty KV cache of one head and sequence.
@@ -315,7 +297,8 @@ class PackedForm {
 /// (same kernels, same weights layout) at any thread count. const, and safe to call from many threads at
 /// once.
 template <typename Scalar>
-class PackedHeadAttention : private detail::PackedForm<Scalar> {
+class PackedHeadAttention : public TensorAttentionBase<PackedHeadAttention<Scalar>, Scalar>,
+                            private detail::PackedForm<Scalar> {
   static_assert(detail::is_layer_scalar<Scalar>,
                 "PackedHeadAttention<Scalar> needs float, double, Eigen::half or Eigen::bfloat16");
   using Base = detail::PackedForm<Scalar>;
@@ -357,134 +340,66 @@ class PackedHeadAttention : private detail::PackedForm<Scalar> {
   /// without OpenMP).
   int num_threads() const { return this->threads(); }
 
-  /// One sequence: x [T, emb_size] (any dense Eigen expression of Scalar, read in place when it can be) to
-  /// [T, head_size], as HeadAttention::forward. Throws shape_error if x.cols() != emb_size or T >
-  /// max_seq_len.
-  template <typename Derived>
-  Matrix forward(const Eigen::MatrixBase<Derived>& x) const {
-    return this->forward_rows(x, "PackedHeadAttention::forward");
-  }
-
-  /// The seed's calling convention, as BatchedHeadAttention::forward: x [B, T, emb_size] (a row-major
-  /// Eigen::Tensor or TensorMap, read in place, or any tensor expression) to [B, T, head_size]. Throws
-  /// shape_error if x.dimension(2) != emb_size or x.dimension(1) > max_seq_len.
-  template <typename TensorDerived>
-  Tensor3 forward(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x) const {
-    return this->forward_tensor(x, nullptr, "PackedHeadAttention::forward");
-  }
-
-  /// The same with right padding: sequence b's keys at positions >= lengths[b] are masked. Throws shape_error
-  /// unless lengths has B entries, each in [0, T], and as forward(x).
-  template <typename TensorDerived>
-  Tensor3 forward(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
-                  const std::vector<Index>& lengths) const {
-    return this->forward_tensor(x, &lengths, "PackedHeadAttention::forward");
-  }
-
-  /// forward(x) written into out [T, head_size] (see HeadAttention::forward_into). Throws shape_error, before
-  /// touching out, on any bad shape.
-  template <typename Derived>
-  void forward_into(const Eigen::MatrixBase<Derived>& x, OutputRef out) const {
-    forward_into(x, 1, std::move(out));
-  }
-
-  /// `batch` sequences of equal length back to back: x [batch · T, emb_size] to out [batch · T, head_size].
-  /// Throws shape_error, before touching out, unless batch >= 0 and x.rows() is a multiple of it (0 rows when
-  /// batch = 0), and on any bad shape.
-  template <typename Derived>
-  void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out) const {
-    this->batch_into(x, batch, out, nullptr, nullptr, "PackedHeadAttention::forward_into");
-  }
-
-  /// The same, with its working memory taken from (and left in) `workspace` (one shared with unpacked layers
-  /// of the same Scalar is fine): once it has served a call of this shape, calls of that shape allocate
-  /// nothing (see Workspace).
-  template <typename Derived>
-  void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
-                    Workspace<Scalar>& workspace) const {
-    this->batch_into(x, batch, out, nullptr, &workspace, "PackedHeadAttention::forward_into");
-  }
-
-  /// The same with right padding: sequence b's keys at positions >= lengths[b] are masked. Throws shape_error
-  /// unless lengths has `batch` entries, each in [0, T].
-  template <typename Derived>
-  void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
-                    const std::vector<Index>& lengths) const {
-    this->batch_into(x, batch, out, &lengths, nullptr, "PackedHeadAttention::forward_into");
-  }
-
   /// An empty KV cache for decoding with this packed layer, as HeadAttention::make_cache. A cache fits the
   /// layer and its packed forms alike (same sizes and rule), so decoding may switch between them.
   KVCache<Scalar> make_cache(Precision storage = precision_of<Scalar>()) const {
     return this->make_store(storage);
   }
 
-  /// Incremental decoding, as HeadAttention::forward_cached and bit-identical to it: the t new rows of x
-  /// [t, emb_size] extend the cache, and their outputs [t, head_size] are returned. Throws shape_error, the
-  /// cache unchanged, on a bad shape, a cache of other sizes or rule, or cache.size() + t > max_seq_len.
-  template <typename Derived>
-  Matrix forward_cached(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache) const {
-    Matrix out(x.rows(), this->m_head_size);  // [t, head]
-    OutputRef ref(out);
-    this->decode(x, &cache, 1, 1, ref, nullptr, "PackedHeadAttention::forward_cached");
-    return out;
-  }
-
-  /// forward_cached into out [t, head_size], its working memory taken from (and left in) `workspace`: the
-  /// no-allocation decode step (see HeadAttention::forward_cached_into).
-  template <typename Derived>
-  void forward_cached_into(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache, OutputRef out,
-                           Workspace<Scalar>& workspace) const {
-    this->decode(x, &cache, 1, 1, out, &workspace, "PackedHeadAttention::forward_cached_into");
-  }
-
-  /// forward_cached of several sequences that advance together: x [B · t, emb_size] holds caches.size()
-  /// chunks of t rows back to back, chunk b extends caches[b], out [B · t, head_size] receives their outputs.
-  /// Checks everything before changing anything.
-  template <typename Derived>
-  void forward_cached_into(const Eigen::MatrixBase<Derived>& x, std::vector<KVCache<Scalar>>& caches,
-                           OutputRef out) const {
-    const Index count = static_cast<Index>(caches.size());
-    this->decode(x, caches.data(), count, count, out, nullptr, "PackedHeadAttention::forward_cached_into");
-  }
-
-  /// The same, its working memory taken from (and left in) `workspace`.
-  template <typename Derived>
-  void forward_cached_into(const Eigen::MatrixBase<Derived>& x, std::vector<KVCache<Scalar>>& caches,
-                           OutputRef out, Workspace<Scalar>& workspace) const {
-    const Index count = static_cast<Index>(caches.size());
-    this->decode(x, caches.data(), count, count, out, &workspace, "PackedHeadAttention::forward_cached_into");
-  }
-
-  /// Sizes `workspace` for forward_into calls of `batch` sequences of `seq_len` rows, as
-  /// HeadAttention::reserve_workspace does for the layer (for what this form needs: no room for weights), so
-  /// that even the first such call allocates nothing. Throws shape_error, the workspace unchanged, unless
-  /// batch >= 0 and 0 <= seq_len <= max_seq_len.
-  void reserve_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len) const {
-    this->reserve_rows(workspace, batch, seq_len, "PackedHeadAttention::reserve_workspace");
-  }
-
-  /// Sizes `workspace` for decode steps of t rows per sequence extending `caches` (forward_cached_into), so
-  /// that with the caches reserve()d the first step allocates nothing either. Throws shape_error, nothing
-  /// changed, unless every cache fits this form and 1 <= t <= max_seq_len.
-  void reserve_workspace(Workspace<Scalar>& workspace, const std::vector<KVCache<Scalar>>& caches,
-                         Index t = 1) const {
-    const Index count = static_cast<Index>(caches.size());
-    this->reserve_decode(workspace, caches.data(), count, count, t, "PackedHeadAttention::reserve_workspace");
-  }
-
-  /// reserve_workspace for the decode steps of a single cache.
-  void reserve_workspace(Workspace<Scalar>& workspace, const KVCache<Scalar>& cache, Index t = 1) const {
-    this->reserve_decode(workspace, &cache, 1, 1, t, "PackedHeadAttention::reserve_workspace");
-  }
-
-  /// The bytes of working memory a forward_into call of `batch` sequences of `seq_len` rows uses. Throws as
-  /// reserve_workspace does.
-  std::size_t workspace_bytes(Index batch, Index seq_len) const {
-    return this->bytes_for(batch, seq_len, "PackedHeadAttention::reserve_workspace");
+  /// The caches of `batch` sequences decoded together, one KVCache each, as HeadAttention::make_cache(batch,
+  /// storage). Throws shape_error if batch < 0.
+  std::vector<KVCache<Scalar>> make_cache(Index batch, Precision storage = precision_of<Scalar>()) const {
+    HEAD_ATTENTION_REQUIRE(batch >= 0, "PackedHeadAttention::make_cache", "batch", ">= 0",
+                           std::to_string(batch));
+    return std::vector<KVCache<Scalar>>(static_cast<std::size_t>(batch), make_cache(storage));
   }
 
  private:
+  friend class AttentionBase<PackedHeadAttention, Scalar>;  // the entry points call the hooks below
+  friend class TensorAttentionBase<PackedHeadAttention, Scalar>;
+  using OutputRefType = typename Layer::OutputRef;
+
+  // The hooks of the bases.
+  static constexpr detail::FormNames names() {
+    return {"PackedHeadAttention::forward",           "PackedHeadAttention::forward_into",
+            "PackedHeadAttention::forward_cached",    "PackedHeadAttention::forward_cached_into",
+            "PackedHeadAttention::reserve_workspace", "PackedHeadAttention::reserve_cached_workspace"};
+  }
+  Index out_features() const { return this->m_head_size; }
+  using Base::check_call;
+  using Base::reserve_rows;
+  template <typename C>
+  static constexpr bool takes_cache = Layer::template takes_cache<C>;
+  template <typename C>
+  static Index cache_sequences(const C& cache) {
+    return Layer::cache_sequences(cache);
+  }
+  template <typename Derived>
+  void rows_into(const Eigen::MatrixBase<Derived>& x, OutputRefType& out, const Batch& batch,
+                 Workspace<Scalar>* workspace, const char* where) const {
+    this->batch_into(x, batch.sequences(), out, batch.lengths(), workspace, where);
+  }
+  template <typename Derived>
+  void decode_into(const Eigen::MatrixBase<Derived>& x, KVCache<Scalar>& cache, OutputRefType& out,
+                   Workspace<Scalar>* workspace, const char* where) const {
+    this->decode(x, &cache, 1, 1, out, workspace, where);
+  }
+  template <typename Derived>
+  void decode_into(const Eigen::MatrixBase<Derived>& x, std::vector<KVCache<Scalar>>& caches,
+                   OutputRefType& out, Workspace<Scalar>* workspace, const char* where) const {
+    const Index count = static_cast<Index>(caches.size());
+    this->decode(x, caches.data(), count, count, out, workspace, where);
+  }
+  void reserve_decode(Workspace<Scalar>& workspace, const KVCache<Scalar>& cache, Index t,
+                      const char* where) const {
+    Base::reserve_decode(workspace, &cache, 1, 1, t, where);
+  }
+  void reserve_decode(Workspace<Scalar>& workspace, const std::vector<KVCache<Scalar>>& caches, Index t,
+                      const char* where) const {
+    const Index count = static_cast<Index>(caches.size());
+    Base::reserve_decode(workspace, caches.data(), count, count, t, where);
+  }
+
   static detail::PackedWeights<Compute> pack(const Layer& layer) {
     detail::check_projections(layer, "PackedHeadAttention");
     const Linear<Scalar>* const layers[3] = {&layer.query(), &layer.key(), &layer.value()};
@@ -498,7 +413,8 @@ class PackedHeadAttention : private detail::PackedForm<Scalar> {
 /// to the layer it was made from do not reach it. Results are bit-identical to the layer's forward at any
 /// thread count. const, and safe to call from many threads at once.
 template <typename Scalar>
-class PackedMultiHeadAttention : private detail::PackedForm<Scalar> {
+class PackedMultiHeadAttention : public TensorAttentionBase<PackedMultiHeadAttention<Scalar>, Scalar>,
+                                 private detail::PackedForm<Scalar> {
   static_assert(detail::is_layer_scalar<Scalar>,
                 "PackedMultiHeadAttention<Scalar> needs float, double, Eigen::half or Eigen::bfloat16");
   using Base = detail::PackedForm<Scalar>;
@@ -541,47 +457,9 @@ class PackedMultiHeadAttention : private detail::PackedForm<Scalar> {
   /// without OpenMP).
   int num_threads() const { return this->threads(); }
 
-  /// One sequence: x [T, emb_size] to [T, emb_size], as MultiHeadAttention::forward. Throws shape_error if
-  /// x.cols() != emb_size or T > max_seq_len.
-  template <typename Derived>
-  Matrix forward(const Eigen::MatrixBase<Derived>& x) const {
-    return this->forward_rows(x, "PackedMultiHeadAttention::forward");
-  }
-
-  /// `batch` sequences of equal length back to back, x [batch · T, emb_size], into out [batch · T, emb_size];
-  /// with `lengths` (one per sequence, each in [0, T]), keys at or after lengths[b] are masked. Throws
-  /// shape_error, before touching out, on any bad shape.
-  template <typename Derived>
-  void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
-                    const std::vector<Index>* lengths = nullptr) const {
-    this->batch_into(x, batch, out, lengths, nullptr, "PackedMultiHeadAttention::forward_into");
-  }
-
-  /// The same, with its working memory taken from (and left in) `workspace`: once it has served a call of
-  /// this shape, calls of that shape allocate nothing (see Workspace).
-  template <typename Derived>
-  void forward_into(const Eigen::MatrixBase<Derived>& x, Index batch, OutputRef out,
-                    Workspace<Scalar>& workspace, const std::vector<Index>* lengths = nullptr) const {
-    this->batch_into(x, batch, out, lengths, &workspace, "PackedMultiHeadAttention::forward_into");
-  }
-
-  /// The seed's calling convention: x [B, T, emb_size] (row-major tensor) to [B, T, emb_size]; with
-  /// `lengths`, right padding as in forward_into. Throws as forward_into.
-  ///@{
-  template <typename TensorDerived>
-  Tensor3 forward(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x) const {
-    return this->forward_tensor(x, nullptr, "PackedMultiHeadAttention::forward");
-  }
-  template <typename TensorDerived>
-  Tensor3 forward(const Eigen::TensorBase<TensorDerived, Eigen::ReadOnlyAccessors>& x,
-                  const std::vector<Index>& lengths) const {
-    return this->forward_tensor(x, &lengths, "PackedMultiHeadAttention::forward");
-  }
-  ///@}
-
   /// An empty cache for `batch` sequences decoded together, as MultiHeadAttention::make_cache (it fits the
   /// layer and its packed forms alike). Throws shape_error if batch < 0.
-  Cache make_cache(Index batch = 1, Precision storage = precision_of<Scalar>()) const {
+  Cache make_cache(Index batch, Precision storage = precision_of<Scalar>()) const {
     HEAD_ATTENTION_REQUIRE(batch >= 0, "PackedMultiHeadAttention::make_cache", "batch", ">= 0",
                            std::to_string(batch));
     Cache cache;
@@ -592,49 +470,44 @@ class PackedMultiHeadAttention : private detail::PackedForm<Scalar> {
     return cache;
   }
 
-  /// Incremental decoding of the cache's B sequences, as MultiHeadAttention::forward_cached and
-  /// bit-identical to it: x [B · t, emb_size] (each sequence's t rows back to back) to [B · t, emb_size].
-  /// Throws shape_error, the cache unchanged, on a bad shape, a cache of other sizes, rule or head count, or
-  /// cache.size() + t > max_seq_len.
-  template <typename Derived>
-  Matrix forward_cached(const Eigen::MatrixBase<Derived>& x, Cache& cache) const {
-    Matrix out(x.rows(), this->m_emb_size);  // [B · t, emb]
-    cached(x, cache, out, "PackedMultiHeadAttention::forward_cached", nullptr);
-    return out;
-  }
-
-  /// forward_cached into out [B · t, emb_size], its working memory taken from (and left in) `workspace`: the
-  /// no-allocation decode step (see MultiHeadAttention::forward_cached_into).
-  template <typename Derived>
-  void forward_cached_into(const Eigen::MatrixBase<Derived>& x, Cache& cache, OutputRef out,
-                           Workspace<Scalar>& workspace) const {
-    cached(x, cache, out, "PackedMultiHeadAttention::forward_cached_into", &workspace);
-  }
-
-  /// Sizes `workspace` for forward_into calls of `batch` sequences of `seq_len` rows, as
-  /// MultiHeadAttention::reserve_workspace does for the layer (for what this form needs). Throws shape_error,
-  /// the workspace unchanged, unless batch >= 0 and 0 <= seq_len <= max_seq_len.
-  void reserve_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len) const {
-    this->reserve_rows(workspace, batch, seq_len, "PackedMultiHeadAttention::reserve_workspace");
-  }
-
-  /// Sizes `workspace` for decode steps of t rows per sequence extending `cache` (forward_cached_into): with
-  /// the cache reserve()d, the first step allocates nothing either. Throws shape_error, nothing changed,
-  /// unless the cache fits this form and 1 <= t <= max_seq_len.
-  void reserve_workspace(Workspace<Scalar>& workspace, const Cache& cache, Index t = 1) const {
-    const char* where = "PackedMultiHeadAttention::reserve_workspace";
-    const Index count = static_cast<Index>(cache.m_caches.size());
-    this->check_heads(count, cache.batch(), where);
-    this->reserve_decode(workspace, cache.m_caches.data(), count, cache.batch(), t, where);
-  }
-
-  /// The bytes of working memory a forward_into call of `batch` sequences of `seq_len` rows uses. Throws as
-  /// reserve_workspace does.
-  std::size_t workspace_bytes(Index batch, Index seq_len) const {
-    return this->bytes_for(batch, seq_len, "PackedMultiHeadAttention::reserve_workspace");
-  }
+  /// An empty cache for one sequence, as make_cache(1, storage).
+  Cache make_cache(Precision storage = precision_of<Scalar>()) const { return make_cache(1, storage); }
 
  private:
+  friend class AttentionBase<PackedMultiHeadAttention, Scalar>;  // the entry points call the hooks below
+  friend class TensorAttentionBase<PackedMultiHeadAttention, Scalar>;
+
+  // The hooks of the bases.
+  static constexpr detail::FormNames names() {
+    return {
+        "PackedMultiHeadAttention::forward",           "PackedMultiHeadAttention::forward_into",
+        "PackedMultiHeadAttention::forward_cached",    "PackedMultiHeadAttention::forward_cached_into",
+        "PackedMultiHeadAttention::reserve_workspace", "PackedMultiHeadAttention::reserve_cached_workspace"};
+  }
+  Index out_features() const { return this->m_emb_size; }
+  using Base::check_call;
+  using Base::reserve_rows;
+  template <typename C>
+  static constexpr bool takes_cache = std::is_same<C, Cache>::value;
+  static Index cache_sequences(const Cache& cache) { return cache.batch(); }
+  template <typename Derived>
+  void rows_into(const Eigen::MatrixBase<Derived>& x, OutputRef& out, const Batch& batch,
+                 Workspace<Scalar>* workspace, const char* where) const {
+    this->batch_into(x, batch.sequences(), out, batch.lengths(), workspace, where);
+  }
+  template <typename Derived>
+  void decode_into(const Eigen::MatrixBase<Derived>& x, Cache& cache, OutputRef& out,
+                   Workspace<Scalar>* workspace, const char* where) const {
+    const Index count = static_cast<Index>(cache.m_caches.size());
+    this->check_heads(count, cache.batch(), where);
+    this->decode(x, cache.m_caches.data(), count, cache.batch(), out, workspace, where);
+  }
+  void reserve_decode(Workspace<Scalar>& workspace, const Cache& cache, Index t, const char* where) const {
+    const Index count = static_cast<Index>(cache.m_caches.size());
+    this->check_heads(count, cache.batch(), where);
+    Base::reserve_decode(workspace, cache.m_caches.data(), count, cache.batch(), t, where);
+  }
+
   static detail::PackedWeights<detail::compute_t<Scalar>> pack(const Layer& layer) {
     layer.check(layer.emb_size(), 0, "PackedMultiHeadAttention", "emb_size", "T");
     std::vector<const Linear<Scalar>*> layers;  // [3 · heads] head h's Q, K, V at 3h, 3h + 1, 3h + 2
@@ -643,14 +516,6 @@ class PackedMultiHeadAttention : private detail::PackedForm<Scalar> {
       for (const Linear<Scalar>* l : {&layer.head(h).query(), &layer.head(h).key(), &layer.head(h).value()})
         layers.push_back(l);
     return detail::pack_weights(layers.data(), layer.num_heads(), &layer.projection());
-  }
-
-  template <typename Derived>
-  void cached(const Eigen::MatrixBase<Derived>& x, Cache& cache, OutputRef out, const char* where,
-              Workspace<Scalar>* workspace) const {
-    const Index count = static_cast<Index>(cache.m_caches.size());
-    this->check_heads(count, cache.batch(), where);
-    this->decode(x, cache.m_caches.data(), count, cache.batch(), out, workspace, where);
   }
 };
 

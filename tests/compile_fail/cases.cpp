@@ -33,6 +33,31 @@ int main() {
 #elif defined(HEAD_ATTENTION_COMPILE_FAIL_MATRIX_SCALAR)
   const Eigen::MatrixXd x = Eigen::MatrixXd::Zero(3, 4);
   (void)layer.forward(x);
+#elif defined(HEAD_ATTENTION_COMPILE_FAIL_MATRIX_SCALAR_INTO)
+  const head_attention::MultiHeadAttention<float> mha(2, 4, 2, 8);
+  const Eigen::MatrixXd x = Eigen::MatrixXd::Zero(3, 4);
+  head_attention::MultiHeadAttention<float>::Matrix out(3, 4);
+  mha.forward_into(x, out);
+#elif defined(HEAD_ATTENTION_COMPILE_FAIL_MATRIX_SCALAR_BACKWARD)
+  const Eigen::MatrixXd x = Eigen::MatrixXd::Zero(3, 4);
+  (void)layer.backward(x, Eigen::MatrixXf::Zero(3, 2));
+#elif defined(HEAD_ATTENTION_COMPILE_FAIL_COLUMN_MAJOR_OUT)
+  Eigen::MatrixXf out(3, 2);  // Eigen's default layout: column-major
+  layer.forward_into(Eigen::MatrixXf::Zero(3, 4), out);
+#elif defined(HEAD_ATTENTION_COMPILE_FAIL_CONST_OUT)
+  const head_attention::HeadAttention<float>::Matrix out(3, 2);
+  layer.forward_into(Eigen::MatrixXf::Zero(3, 4), out);
+#elif defined(HEAD_ATTENTION_COMPILE_FAIL_WRONG_CACHE)
+  const head_attention::MultiHeadAttention<float> mha(2, 4, 2, 8);
+  head_attention::KVCache<float> cache = layer.make_cache();  // a single head's, not the multi-head form's
+  (void)mha.forward_cached(Eigen::MatrixXf::Zero(1, 4), cache);
+#elif defined(HEAD_ATTENTION_COMPILE_FAIL_OLD_POSITIONAL_BATCH)
+  // Up to 0.2 the batch count came second; now it is a trailing Batch(2), and the old call does not compile.
+  head_attention::HeadAttention<float>::Matrix out(4, 2);
+  layer.forward_into(Eigen::MatrixXf::Zero(4, 4), 2, out);
+#elif defined(HEAD_ATTENTION_COMPILE_FAIL_INTEGER_BATCH)
+  // An integer is never a Batch: write Batch(2).
+  (void)layer.forward_training(Eigen::MatrixXf::Zero(4, 4), 2);
 #elif defined(HEAD_ATTENTION_COMPILE_FAIL_MHA_OLD_SEED)
   // Written for the old order, where the seed was fifth: now the dropout probability stands there.
   head_attention::MultiHeadAttention<float> mha(4, 64, 16, 50, 42);
@@ -62,6 +87,13 @@ int main() {
   (void)batched.forward(map);
   (void)batched.forward(x * 2.0f);
   (void)layer.forward(Eigen::MatrixXf::Zero(3, 4));
+  head_attention::HeadAttention<float>::Matrix out(4, 2);
+  layer.forward_into(Eigen::MatrixXf::Zero(4, 4), out, head_attention::Batch(2));
+  layer.forward_into(Eigen::MatrixXf::Zero(4, 4), out.leftCols(2));
+  (void)layer.forward_training(Eigen::MatrixXf::Zero(4, 4), head_attention::Batch(2));
+  (void)layer.backward(Eigen::MatrixXf::Zero(3, 4), Eigen::MatrixXf::Zero(3, 2));
+  head_attention::KVCache<float> cache = layer.make_cache();
+  (void)layer.forward_cached(Eigen::MatrixXf::Zero(1, 4), cache);
 #endif
   return 0;
 }

@@ -102,14 +102,15 @@ void single(ha_fuzz::Input& in) {
     l = in.range(-1, seq + 1);
   Matrix<Scalar> outb = Matrix<Scalar>::Constant(xb.rows(), head, Scalar(3));
   const Matrix<Scalar> outb_before = outb;
-  if (!attempt([&] { layer.forward_into(xb, batch, outb, lengths); }) && !same_bits(outb, outb_before))
+  if (!attempt([&] { layer.forward_into(xb, outb, head_attention::Batch(batch, lengths)); }) &&
+      !same_bits(outb, outb_before))
     ha_fuzz::fail("a refused padded forward_into wrote its output");
   head_attention::Workspace<Scalar> workspace;
   Matrix<Scalar> plain = outb;
-  const bool plain_ok = attempt([&] { layer.forward_into(xb, batch, plain); });
+  const bool plain_ok = attempt([&] { layer.forward_into(xb, plain, head_attention::Batch(batch)); });
   // A workspace sized ahead (reserve_workspace, the shape sometimes off) serves the call bit for bit.
   if (attempt([&] { layer.reserve_workspace(workspace, near(in, batch), near(in, seq)); }) &&
-      attempt([&] { layer.forward_into(xb, batch, outb, workspace); }) &&
+      attempt([&] { layer.forward_into(xb, outb, workspace, head_attention::Batch(batch)); }) &&
       (!plain_ok || !same_bits(outb, plain)))
     ha_fuzz::fail("forward_into with a reserved workspace differs from forward_into");
 
@@ -122,7 +123,7 @@ void single(ha_fuzz::Input& in) {
         !ok)
       ha_fuzz::fail("backward accepted an input forward refused");
     const Matrix<Scalar> gb = matrix<Scalar>(in, xb.rows(), head);
-    (void)attempt([&] { (void)layer.backward(xb, batch, gb, lengths); });
+    (void)attempt([&] { (void)layer.backward(xb, gb, head_attention::Batch(batch, lengths)); });
   }
 
   // Decoding in chunks; a refused chunk leaves the cache's size as it was.
@@ -151,9 +152,15 @@ void multi(ha_fuzz::Input& in) {
   for (Index& l : lengths)
     l = in.range(0, seq);
   Matrix<Scalar> out(x.rows(), emb);
-  (void)attempt([&] { mha.forward_into(x, batch, out, in.flag() ? &lengths : nullptr); });
+  (void)attempt([&] {
+    mha.forward_into(x, out,
+                     head_attention::Batch(
+                         batch, in.flag() ? head_attention::Padding(lengths) : head_attention::Padding()));
+  });
   (void)attempt([&] { (void)mha.forward(x); });
-  (void)attempt([&] { (void)mha.backward(x, batch, matrix<Scalar>(in, x.rows(), near(in, emb))); });
+  (void)attempt([&] {
+    (void)mha.backward(x, matrix<Scalar>(in, x.rows(), near(in, emb)), head_attention::Batch(batch));
+  });
   auto cache = mha.make_cache(in.range(0, 2));
   for (int step = 0, steps = static_cast<int>(in.range(0, 4)); step < steps; ++step) {
     const Matrix<Scalar> chunk = matrix<Scalar>(in, in.range(0, 12), near(in, emb));
