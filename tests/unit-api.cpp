@@ -13,6 +13,18 @@ namespace {
 
 using namespace ha_test;
 
+/// A cached prefill or a decode step against the forward of the same rows: the same bits from the library's
+/// own kernels. With HEAD_ATTENTION_GEMM_FALLBACK, Eigen's public products choose their kernels by shape, so
+/// a 2-row step and a 12-row forward agree to rounding only.
+template <typename A, typename B>
+bool same_as_forward(const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b) {
+#if defined(HEAD_ATTENTION_GEMM_FALLBACK)
+  return relative_error(a, b) < rounding_tolerance<typename A::Scalar>();
+#else
+  return identical(a, b);
+#endif
+}
+
 template <typename Scalar>
 bool same_weights(const head_attention::HeadAttention<Scalar>& a,
                   const head_attention::HeadAttention<Scalar>& b) {
@@ -91,7 +103,7 @@ void check_inference_form(const Form& form, const Matrix<Scalar>& x, const Tenso
   CHECK(relative_error(steps, want_batch) < rounding_tolerance<Scalar>());  // steps sum in another order
   // One sequence's cache, by precision alone, as every form's make_cache(storage).
   auto one = form.make_cache(head_attention::precision_of<Scalar>());
-  CHECK(identical(form.forward_cached(x.topRows(T), one), want_one));
+  CHECK(same_as_forward(form.forward_cached(x.topRows(T), one), want_one));
   form.reserve_workspace(workspace, B, T);
   CHECK(form.workspace_bytes(B, T) > 0);
 }
@@ -129,8 +141,8 @@ TEMPLATE_TEST_CASE("every form has every inference entry point, bit for bit the 
       Matrix<Scalar> step_x(B, emb);
       step_x << x.row(0), x.row(T);
       first = layer.forward_cached(step_x, caches);
-      CHECK(identical(first.row(0), batch.row(0)));
-      CHECK(identical(first.row(1), batch.row(T)));
+      CHECK(same_as_forward(first.row(0), batch.row(0)));
+      CHECK(same_as_forward(first.row(1), batch.row(T)));
     }
   }
   {
