@@ -1105,9 +1105,9 @@ void load_state_dict(MultiHeadAttention<Scalar>& mha, const std::string& path,
 
 /// Writes the layer's state_dict as PyTorch's HeadAttention has it, so that torch's
 /// load_state_dict(strict=True) takes it: `<prefix>_q.weight`, `<prefix>_q.bias`, ... and
-/// `<prefix>_tril_mask` (BOOL [max_seq_len, max_seq_len]), in the layer's own precision: F32 for float, F64 for
-/// double, F16 for Eigen::half, BF16 for Eigen::bfloat16. Throws shape_error if a projection does not have the
-/// layer's shape, format_error if the file cannot be written.
+/// `<prefix>_tril_mask` (BOOL [max_seq_len, max_seq_len]), in the layer's own precision: F32 for float, F64
+/// for double, F16 for Eigen::half, BF16 for Eigen::bfloat16. Throws shape_error if a projection does not
+/// have the layer's shape, format_error if the file cannot be written.
 template <typename Scalar>
 void save_state_dict(const HeadAttention<Scalar>& layer, const std::string& path,
                      const std::string& prefix = "") {
