@@ -8,12 +8,12 @@
 //   prefill, h8:  the same for 8 heads of 64 (one [512, 1536] projection), the heads concatenated, then the
 //                 output projection [512, 512] with bias -> [B, T, 512]   (simple_llm's MultiHeadAttention)
 //   decode, hH:   one new row x [1, 512] of a sequence whose n earlier positions are cached: its Q|K|V
-//                 projections, its K and V appended to the cache (position n), attention over the n + 1 cached
-//                 keys, (h8: output projection) -> [1, 64] or [1, 512]; the step is timed again and again with
-//                 position n overwritten each time (ours: KVCache::truncate(n) after each step).
+//                 projections, its K and V appended to the cache (position n), attention over the n + 1
+//                 cached keys, (h8: output projection) -> [1, 64] or [1, 512]; the step is timed again and
+//                 again with position n overwritten each time (ours: KVCache::truncate(n) after each step).
 // ours:  PackedHeadAttention / PackedMultiHeadAttention (weights prepared once) with a Workspace and a
-//        preallocated output: forward_into for prefill, forward_cached_into over a reserve()d cache for decode
-//        (float32 or float16 cache storage, ours-f32 / ours-f16).
+//        preallocated output: forward_into for prefill, forward_cached_into over a reserve()d cache for
+//        decode (float32 or float16 cache storage, ours-f32 / ours-f16).
 // ggml:  one graph per case, built once, ggml_graph_compute with a persistent ggml_threadpool of n threads
 //        (llama.cpp's default polling), fresh for each timing. Weights F32 [512, 3·H·64] (one mul_mat + add),
 //        K/V F32 or F16 (prefill: K and V converted by ggml_cpy into F16 tensors, as llama.cpp writes its
@@ -31,8 +31,9 @@
 // Each round times every case once, in an order rotated by the round's number (reversed on odd rounds); a
 // case's figure is the median of its per-call times (and of the calling thread's CPU time) over --min-time
 // seconds (0.3 s and at least 3 calls for B = 8, T = 1024; at least 20 calls otherwise), after warm-up calls.
-// --prefill-shapes BxT,... replaces the prefill shapes (default 8x1024,2x10). --only keeps the shapes whose "prefill/h1/B8_T1024" / "decode/h8/n512" prefix matches REGEX. Limits: one
-// core's FMA peak and read bandwidth over 4.5 MiB and 64 MiB buffers, before and after the rounds.
+// --prefill-shapes BxT,... replaces the prefill shapes (default 8x1024,2x10). --only keeps the shapes whose
+// "prefill/h1/B8_T1024" / "decode/h8/n512" prefix matches REGEX. Limits: one core's FMA peak and read
+// bandwidth over 4.5 MiB and 64 MiB buffers, before and after the rounds.
 #include <dlfcn.h>
 #include <glob.h>
 #include <time.h>
@@ -102,7 +103,8 @@ CpuLib load_cpu(const std::string& dir, const std::string& forced) {
   } else {
     glob_t g;
     if (glob((dir + "/libggml-cpu-*.so").c_str(), 0, nullptr, &g) == 0)
-      for (size_t i = 0; i < g.gl_pathc; ++i) candidates.emplace_back(g.gl_pathv[i]);
+      for (size_t i = 0; i < g.gl_pathc; ++i)
+        candidates.emplace_back(g.gl_pathv[i]);
     globfree(&g);
   }
   for (const std::string& path : candidates) {
@@ -142,11 +144,11 @@ CpuLib g_cpu;
 /// Our layers and the weights both sides use.
 struct Model {
   int heads;
-  std::unique_ptr<ha::HeadAttention<float>> head;         // heads == 1
-  std::unique_ptr<ha::MultiHeadAttention<float>> multi;   // heads == 8
-  Matrix w_qkv;   // [3·H·64, 512]: Wq of heads 0..H-1, then Wk, then Wv (PyTorch's [out, in] rows)
+  std::unique_ptr<ha::HeadAttention<float>> head;        // heads == 1
+  std::unique_ptr<ha::MultiHeadAttention<float>> multi;  // heads == 8
+  Matrix w_qkv;  // [3·H·64, 512]: Wq of heads 0..H-1, then Wk, then Wv (PyTorch's [out, in] rows)
   Eigen::VectorXf b_qkv;
-  Matrix w_o;     // [512, H·64]
+  Matrix w_o;  // [512, H·64]
   Eigen::VectorXf b_o;
 
   Model(int h, Index max_len) : heads(h) {
@@ -192,13 +194,16 @@ struct GgmlGraph {
   }
 };
 
-void set_f32(ggml_tensor* t, const float* src) { std::memcpy(t->data, src, ggml_nbytes(t)); }
+void set_f32(ggml_tensor* t, const float* src) {
+  std::memcpy(t->data, src, ggml_nbytes(t));
+}
 
 void set_rows(ggml_tensor* t, const float* src, size_t count, size_t offset_elems) {
   if (t->type == GGML_TYPE_F32) {
     std::memcpy(static_cast<float*>(t->data) + offset_elems, src, count * sizeof(float));
   } else {
-    ggml_fp32_to_fp16_row(src, static_cast<ggml_fp16_t*>(t->data) + offset_elems, static_cast<int64_t>(count));
+    ggml_fp32_to_fp16_row(src, static_cast<ggml_fp16_t*>(t->data) + offset_elems,
+                          static_cast<int64_t>(count));
   }
 }
 
@@ -206,7 +211,8 @@ void fill_causal_mask(ggml_tensor* mask, Index n_kv, Index n_q, Index offset) {
   auto* m = static_cast<ggml_fp16_t*>(mask->data);
   const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), minus_inf = ggml_fp32_to_fp16(-INFINITY);
   for (Index i = 0; i < mask->ne[1]; ++i)
-    for (Index j = 0; j < n_kv; ++j) m[i * mask->ne[0] + j] = (i < n_q && j <= i + offset) ? zero : minus_inf;
+    for (Index j = 0; j < n_kv; ++j)
+      m[i * mask->ne[0] + j] = (i < n_q && j <= i + offset) ? zero : minus_inf;
 }
 
 /// Builds with `build(ctx)` twice: once in a no_alloc context to size the memory, once for real.
@@ -251,7 +257,8 @@ Weights weights(ggml_context* ctx, const Model& m, bool fill) {
 }
 
 /// Prefill: x [512, T, B] -> [H·64, T·B] (h8: after the output projection, [512, T·B]).
-void build_prefill(GgmlGraph& g, const Model& m, Index B, Index T, bool flash, ggml_type kv, const Matrix& x) {
+void build_prefill(GgmlGraph& g, const Model& m, Index B, Index T, bool flash, ggml_type kv,
+                   const Matrix& x) {
   make_graph(g, [&](ggml_context* ctx, GgmlGraph& gg, bool fill) {
     const Index H = m.heads, D = kHead, hd = H * D;
     const Weights w = weights(ctx, m, fill);
@@ -277,9 +284,9 @@ void build_prefill(GgmlGraph& g, const Model& m, Index B, Index T, bool flash, g
     } else {
       if (kv == GGML_TYPE_F16) k = ggml_cpy(ctx, k, ggml_new_tensor_4d(ctx, kv, D, T, H, B));
       ggml_tensor* vt = ggml_cpy(ctx, ggml_transpose(ctx, v), ggml_new_tensor_4d(ctx, kv, T, D, H, B));
-      ggml_tensor* kq = ggml_mul_mat(ctx, k, q);                   // [Tk, Tq, H, B]
+      ggml_tensor* kq = ggml_mul_mat(ctx, k, q);  // [Tk, Tq, H, B]
       kq = ggml_soft_max_ext(ctx, kq, mask, kScale, 0.0f);
-      ggml_tensor* kqv = ggml_mul_mat(ctx, vt, kq);                // [D, Tq, H, B]
+      ggml_tensor* kqv = ggml_mul_mat(ctx, vt, kq);                          // [D, Tq, H, B]
       o = H > 1 ? ggml_cont(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3)) : kqv;  // [D, H, T, B]
       o = ggml_reshape_2d(ctx, o, hd, T * B);
     }
@@ -303,12 +310,14 @@ void build_decode(GgmlGraph& g, const Model& m, Index n, bool flash, ggml_type k
     ggml_tensor* q = ggml_view_3d(ctx, qkv, D, 1, H, 3 * hd * es, D * es, 0);
     ggml_tensor* kn = ggml_view_3d(ctx, qkv, D, 1, H, 3 * hd * es, D * es, hd * es);
     ggml_tensor* kc = ggml_new_tensor_3d(ctx, kv, D, n_kv, H);
-    ggml_tensor* cpy_k = ggml_cpy(ctx, kn, ggml_view_3d(ctx, kc, D, 1, H, kc->nb[1], kc->nb[2], n * kc->nb[1]));
+    ggml_tensor* cpy_k =
+        ggml_cpy(ctx, kn, ggml_view_3d(ctx, kc, D, 1, H, kc->nb[1], kc->nb[2], n * kc->nb[1]));
     ggml_tensor* mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_kv, 1);
     if (fill) {
       fill_causal_mask(mask, n_kv, 1, n);
       for (Index h = 0; h < H; ++h)
-        for (Index p = 0; p < n; ++p) set_rows(kc, prompt_kv_k.row(p).data() + h * D, D, (h * n_kv + p) * D);
+        for (Index p = 0; p < n; ++p)
+          set_rows(kc, prompt_kv_k.row(p).data() + h * D, D, (h * n_kv + p) * D);
     }
     ggml_tensor *cpy_v, *o;
     if (flash) {
@@ -317,17 +326,20 @@ void build_decode(GgmlGraph& g, const Model& m, Index n, bool flash, ggml_type k
       cpy_v = ggml_cpy(ctx, vn, ggml_view_3d(ctx, vc, D, 1, H, vc->nb[1], vc->nb[2], n * vc->nb[1]));
       if (fill)
         for (Index h = 0; h < H; ++h)
-          for (Index p = 0; p < n; ++p) set_rows(vc, prompt_kv_v.row(p).data() + h * D, D, (h * n_kv + p) * D);
+          for (Index p = 0; p < n; ++p)
+            set_rows(vc, prompt_kv_v.row(p).data() + h * D, D, (h * n_kv + p) * D);
       o = ggml_flash_attn_ext(ctx, q, kc, vc, mask, kScale, 0.0f, 0.0f);  // [D, H, 1]
     } else {
       ggml_tensor* vct = ggml_new_tensor_3d(ctx, kv, n_kv, D, H);  // Vᵀ per head
       ggml_tensor* vn = ggml_view_3d(ctx, qkv, 1, D, H, es, D * es, 2 * hd * es);
-      cpy_v = ggml_cpy(ctx, vn, ggml_view_3d(ctx, vct, 1, D, H, vct->nb[1], vct->nb[2], n * ggml_element_size(vct)));
+      cpy_v = ggml_cpy(ctx, vn,
+                       ggml_view_3d(ctx, vct, 1, D, H, vct->nb[1], vct->nb[2], n * ggml_element_size(vct)));
       if (fill) {
         std::vector<float> col(static_cast<size_t>(n));
         for (Index h = 0; h < H; ++h)
           for (Index d = 0; d < D; ++d) {
-            for (Index p = 0; p < n; ++p) col[static_cast<size_t>(p)] = prompt_kv_v(p, h * D + d);
+            for (Index p = 0; p < n; ++p)
+              col[static_cast<size_t>(p)] = prompt_kv_v(p, h * D + d);
             set_rows(vct, col.data(), static_cast<size_t>(n), (h * D + d) * n_kv);
           }
       }
@@ -396,7 +408,8 @@ double median(std::vector<double> v) {
 /// Per-call times of fn until min_time seconds and min_calls calls (after warm-up calls for ~10% of that).
 Timing time_calls(const std::function<void()>& fn, double min_time, long min_calls, long max_calls) {
   const auto w0 = Clock::now();
-  for (int i = 0; i < 3 || std::chrono::duration<double>(Clock::now() - w0).count() < 0.1 * min_time; ++i) fn();
+  for (int i = 0; i < 3 || std::chrono::duration<double>(Clock::now() - w0).count() < 0.1 * min_time; ++i)
+    fn();
   std::vector<double> wall, cpu;
   const auto t0 = Clock::now();
   while (static_cast<long>(wall.size()) < max_calls) {
@@ -417,11 +430,14 @@ Timing time_calls(const std::function<void()>& fn, double min_time, long min_cal
 template <typename Packet, int Chains>
 EIGEN_DONT_INLINE Packet fma_chains(long steps, const Packet& x, const Packet& y) {
   Packet acc[Chains];
-  for (int c = 0; c < Chains; ++c) acc[c] = Eigen::internal::padd(x, Eigen::internal::pset1<Packet>(float(c)));
+  for (int c = 0; c < Chains; ++c)
+    acc[c] = Eigen::internal::padd(x, Eigen::internal::pset1<Packet>(float(c)));
   for (long i = 0; i < steps; ++i)
-    for (int c = 0; c < Chains; ++c) acc[c] = Eigen::internal::pmadd(acc[c], x, y);
+    for (int c = 0; c < Chains; ++c)
+      acc[c] = Eigen::internal::pmadd(acc[c], x, y);
   Packet sum = acc[0];
-  for (int c = 1; c < Chains; ++c) sum = Eigen::internal::padd(sum, acc[c]);
+  for (int c = 1; c < Chains; ++c)
+    sum = Eigen::internal::padd(sum, acc[c]);
   return sum;
 }
 
@@ -432,7 +448,8 @@ double peak_fma_gflops() {
   constexpr int W = Eigen::internal::unpacket_traits<Packet>::size;
   constexpr long steps = 1 << 22;
   volatile float factor = 0.999999f, term = 1e-7f;
-  const Packet x = Eigen::internal::pset1<Packet>(float(factor)), y = Eigen::internal::pset1<Packet>(float(term));
+  const Packet x = Eigen::internal::pset1<Packet>(float(factor)),
+               y = Eigen::internal::pset1<Packet>(float(term));
   double best = 1e30;
   float sink = 0;
   for (int rep = 0; rep < 7; ++rep) {
@@ -455,7 +472,8 @@ double read_bandwidth_gbps(double bytes) {
   double best = 1e30;
   for (int rep = 0; rep < 7; ++rep) {
     const auto t0 = Clock::now();
-    for (Index r = 0; r < repeats; ++r) sink = sink + buffer.sum();
+    for (Index r = 0; r < repeats; ++r)
+      sink = sink + buffer.sum();
     best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
   }
   return static_cast<double>(repeats) * static_cast<double>(n) * sizeof(float) / best * 1e-9;
@@ -488,14 +506,22 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (a == "--lib-dir") lib_dir = next();
-    else if (a == "--cpu-lib") cpu_lib = next();
-    else if (a == "--rounds") rounds = std::atoi(next().c_str());
-    else if (a == "--first-round") first_round = std::atoi(next().c_str());
-    else if (a == "--min-time") min_time = std::atof(next().c_str());
-    else if (a == "--only") only = next();
-    else if (a == "--quick") quick = true;
-    else if (a == "--no-limits") limits = false;
+    if (a == "--lib-dir")
+      lib_dir = next();
+    else if (a == "--cpu-lib")
+      cpu_lib = next();
+    else if (a == "--rounds")
+      rounds = std::atoi(next().c_str());
+    else if (a == "--first-round")
+      first_round = std::atoi(next().c_str());
+    else if (a == "--min-time")
+      min_time = std::atof(next().c_str());
+    else if (a == "--only")
+      only = next();
+    else if (a == "--quick")
+      quick = true;
+    else if (a == "--no-limits")
+      limits = false;
     else if (a == "--prefill-shapes") {
       std::stringstream ss(next());
       for (std::string bt; std::getline(ss, bt, ',');) {
@@ -505,12 +531,14 @@ int main(int argc, char** argv) {
     } else if (a == "--threads") {
       thread_counts.clear();
       std::stringstream ss(next());
-      for (std::string t; std::getline(ss, t, ',');) thread_counts.push_back(std::atoi(t.c_str()));
+      for (std::string t; std::getline(ss, t, ',');)
+        thread_counts.push_back(std::atoi(t.c_str()));
     } else {
-      std::fprintf(stderr,
-                   "usage: ggml_attention --lib-dir DIR [--cpu-lib PATH] [--rounds N] [--min-time S] "
-                   "[--first-round K] [--threads 1,2] [--prefill-shapes 8x1024,2x10] [--only REGEX] [--quick] "
-                   "[--no-limits]\n");
+      std::fprintf(
+          stderr,
+          "usage: ggml_attention --lib-dir DIR [--cpu-lib PATH] [--rounds N] [--min-time S] "
+          "[--first-round K] [--threads 1,2] [--prefill-shapes 8x1024,2x10] [--only REGEX] [--quick] "
+          "[--no-limits]\n");
       return 2;
     }
   }
@@ -526,10 +554,12 @@ int main(int argc, char** argv) {
       !prefill_arg.empty() ? prefill_arg
       : quick              ? std::vector<std::pair<Index, Index>>{{2, 10}}
                            : std::vector<std::pair<Index, Index>>{{8, 1024}, {2, 10}};
-  const std::vector<Index> decode_h1 = quick ? std::vector<Index>{128} : std::vector<Index>{128, 512, 2048, 4096};
+  const std::vector<Index> decode_h1 =
+      quick ? std::vector<Index>{128} : std::vector<Index>{128, 512, 2048, 4096};
   const std::vector<Index> decode_h8 = quick ? std::vector<Index>{128} : std::vector<Index>{128, 512, 2048};
   Index max_len = 4096 + 1;
-  for (auto [B, T] : prefill_shapes) max_len = std::max(max_len, T);
+  for (auto [B, T] : prefill_shapes)
+    max_len = std::max(max_len, T);
 
   Model m1(1, max_len), m8(8, max_len);
   std::vector<std::unique_ptr<GgmlGraph>> graphs;
@@ -543,11 +573,12 @@ int main(int argc, char** argv) {
       max_ref = std::max(max_ref, double(std::fabs(ours.data()[i])));
     }
     const bool ok = max_abs <= tol * max_ref;
-    std::fprintf(stderr, "parity %-36s max|ggml - ours| = %.3g (max|ours| %.3g, %s, tolerance %.0e relative)\n",
+    std::fprintf(stderr,
+                 "parity %-36s max|ggml - ours| = %.3g (max|ours| %.3g, %s, tolerance %.0e relative)\n",
                  name.c_str(), max_abs, max_ref, ok ? "ok" : "FAIL", tol);
-    parity << (first_parity ? "" : ",\n  ") << "{\"case\": " << json_str(name) << ", \"max_abs_diff\": " << max_abs
-           << ", \"max_abs_ours\": " << max_ref << ", \"tolerance_rel\": " << tol
-           << ", \"ok\": " << (ok ? "true" : "false") << "}";
+    parity << (first_parity ? "" : ",\n  ") << "{\"case\": " << json_str(name)
+           << ", \"max_abs_diff\": " << max_abs << ", \"max_abs_ours\": " << max_ref
+           << ", \"tolerance_rel\": " << tol << ", \"ok\": " << (ok ? "true" : "false") << "}";
     first_parity = false;
   };
   const std::regex only_re(only.empty() ? ".*" : only);
@@ -561,23 +592,27 @@ int main(int argc, char** argv) {
     ha::Workspace<float> ws;
     Index B;
     void call() {
-      if (p1) p1->forward_into(x, out, ws, ha::Batch(B));
-      else p8->forward_into(x, out, ws, ha::Batch(B));
+      if (p1)
+        p1->forward_into(x, out, ws, ha::Batch(B));
+      else
+        p8->forward_into(x, out, ws, ha::Batch(B));
     }
   };
   std::vector<std::unique_ptr<PrefillOurs>> prefill_ours;
   for (Model* m : {&m1, &m8})
     for (auto [B, T] : prefill_shapes) {
-      const std::string base = "prefill/h" + std::to_string(m->heads) + "/B" + std::to_string(B) + "_T" +
-                               std::to_string(T);
+      const std::string base =
+          "prefill/h" + std::to_string(m->heads) + "/B" + std::to_string(B) + "_T" + std::to_string(T);
       if (!wanted(base)) continue;
       auto o = std::make_unique<PrefillOurs>();
       o->B = B;
       o->x = random_rows(B * T, kSeed + 1000 + static_cast<std::uint64_t>(T));
       const Index out_cols = m->heads == 1 ? kHead : kEmb;
       o->out.resize(B * T, out_cols);
-      if (m->heads == 1) o->p1 = std::make_unique<ha::PackedHeadAttention<float>>(*m->head);
-      else o->p8 = std::make_unique<ha::PackedMultiHeadAttention<float>>(*m->multi);
+      if (m->heads == 1)
+        o->p1 = std::make_unique<ha::PackedHeadAttention<float>>(*m->head);
+      else
+        o->p8 = std::make_unique<ha::PackedMultiHeadAttention<float>>(*m->multi);
       PrefillOurs* op = o.get();
       op->call();
       const Matrix ours = op->out;
@@ -585,8 +620,10 @@ int main(int argc, char** argv) {
         Case c{base + "/ours/t" + std::to_string(t), "prefill", "ours", "f32", m->heads, t, B, T, 0};
         c.call = [op] { op->call(); };
         c.set_threads = [op](int n) {
-          if (op->p1) op->p1->set_num_threads(n);
-          else op->p8->set_num_threads(n);
+          if (op->p1)
+            op->p1->set_num_threads(n);
+          else
+            op->p8->set_num_threads(n);
         };
         cases.push_back(c);
       }
@@ -603,8 +640,15 @@ int main(int argc, char** argv) {
           add_parity(base + "/" + impl + "/" + kvs, static_cast<const float*>(g->out->data), ours,
                      kv == GGML_TYPE_F32 ? 1e-4 : 1e-2);
           for (int t : thread_counts) {
-            Case c{base + "/" + impl + "_" + kvs + "/t" + std::to_string(t), "prefill", impl, kvs, m->heads, t,
-                   B, T, 0};
+            Case c{base + "/" + impl + "_" + kvs + "/t" + std::to_string(t),
+                   "prefill",
+                   impl,
+                   kvs,
+                   m->heads,
+                   t,
+                   B,
+                   T,
+                   0};
             auto runner = std::make_shared<std::unique_ptr<Runner>>();
             c.prepare = [runner, g, t] { *runner = std::make_unique<Runner>(g, t); };
             c.call = [runner] { (*runner)->run(); };
@@ -672,11 +716,14 @@ int main(int argc, char** argv) {
         ours_out[s] = op->out;
         const std::string kvs = s == 0 ? "f32" : "f16";
         for (int t : thread_counts) {
-          Case c{base + "/ours_" + kvs + "/t" + std::to_string(t), "decode", "ours", kvs, m->heads, t, 0, 0, n};
+          Case c{
+              base + "/ours_" + kvs + "/t" + std::to_string(t), "decode", "ours", kvs, m->heads, t, 0, 0, n};
           c.call = [op] { op->call(); };
           c.set_threads = [op](int k) {
-            if (op->p1) op->p1->set_num_threads(k);
-            else op->p8->set_num_threads(k);
+            if (op->p1)
+              op->p1->set_num_threads(k);
+            else
+              op->p8->set_num_threads(k);
           };
           cases.push_back(c);
         }
@@ -695,8 +742,15 @@ int main(int argc, char** argv) {
           add_parity(base + "/" + impl + "/" + kvs, static_cast<const float*>(g->out->data),
                      ours_out[kv == GGML_TYPE_F32 ? 0 : 1], kv == GGML_TYPE_F32 ? 1e-4 : 1e-2);
           for (int t : thread_counts) {
-            Case c{base + "/" + impl + "_" + kvs + "/t" + std::to_string(t), "decode", impl, kvs, m->heads, t, 0,
-                   0, n};
+            Case c{base + "/" + impl + "_" + kvs + "/t" + std::to_string(t),
+                   "decode",
+                   impl,
+                   kvs,
+                   m->heads,
+                   t,
+                   0,
+                   0,
+                   n};
             auto runner = std::make_shared<std::unique_ptr<Runner>>();
             c.prepare = [runner, g, t] { *runner = std::make_unique<Runner>(g, t); };
             c.call = [runner] { (*runner)->run(); };
@@ -710,11 +764,15 @@ int main(int argc, char** argv) {
   std::ostringstream lim;
   auto measure_limits = [&](const char* when) {
     const double fma = peak_fma_gflops();
-    const double bw_small = read_bandwidth_gbps(4.5 * 1024 * 1024), bw_big = read_bandwidth_gbps(64.0 * 1024 * 1024);
-    std::fprintf(stderr, "limits (%s): FMA peak %.1f GFLOP/s/core; read bandwidth %.1f GB/s (4.5 MiB), %.1f GB/s (64 MiB)\n",
-                 when, fma, bw_small, bw_big);
-    lim << (lim.tellp() > 0 ? ", " : "") << "{\"when\": " << json_str(when) << ", \"peak_fma_gflops_1core\": " << fma
-        << ", \"read_gbps_4_5MiB\": " << bw_small << ", \"read_gbps_64MiB\": " << bw_big << "}";
+    const double bw_small = read_bandwidth_gbps(4.5 * 1024 * 1024),
+                 bw_big = read_bandwidth_gbps(64.0 * 1024 * 1024);
+    std::fprintf(
+        stderr,
+        "limits (%s): FMA peak %.1f GFLOP/s/core; read bandwidth %.1f GB/s (4.5 MiB), %.1f GB/s (64 MiB)\n",
+        when, fma, bw_small, bw_big);
+    lim << (lim.tellp() > 0 ? ", " : "") << "{\"when\": " << json_str(when)
+        << ", \"peak_fma_gflops_1core\": " << fma << ", \"read_gbps_4_5MiB\": " << bw_small
+        << ", \"read_gbps_64MiB\": " << bw_big << "}";
   };
   if (limits) measure_limits("before");
 
@@ -738,22 +796,23 @@ int main(int argc, char** argv) {
       res << (first ? "" : ",\n  ") << "{\"round\": " << r << ", \"case\": " << json_str(c.name)
           << ", \"step\": " << json_str(c.step) << ", \"heads\": " << c.heads << ", \"B\": " << c.B
           << ", \"T\": " << c.T << ", \"n\": " << c.n << ", \"impl\": " << json_str(c.impl)
-          << ", \"kv\": " << json_str(c.kv) << ", \"threads\": " << c.threads << ", \"median_us\": " << t.median_us
-          << ", \"min_us\": " << t.min_us << ", \"cpu_median_us\": " << t.cpu_median_us
-          << ", \"calls\": " << t.calls << "}";
+          << ", \"kv\": " << json_str(c.kv) << ", \"threads\": " << c.threads
+          << ", \"median_us\": " << t.median_us << ", \"min_us\": " << t.min_us
+          << ", \"cpu_median_us\": " << t.cpu_median_us << ", \"calls\": " << t.calls << "}";
       first = false;
     }
   }
   if (limits) measure_limits("after");
 
-  std::printf("{\"ggml_cpu_library\": %s, \"ggml_cpu_score\": %d, \"ggml_cpu_scores\": {", json_str(g_cpu.path).c_str(),
-              g_cpu.score);
+  std::printf("{\"ggml_cpu_library\": %s, \"ggml_cpu_score\": %d, \"ggml_cpu_scores\": {",
+              json_str(g_cpu.path).c_str(), g_cpu.score);
   for (size_t i = 0; i < g_cpu.scores.size(); ++i)
     std::printf("%s%s: %d", i ? ", " : "", json_str(g_cpu.scores[i].first).c_str(), g_cpu.scores[i].second);
-  std::printf("},\n \"eigen_version\": \"%d.%d.%d\", \"simd_float_width\": %d, \"rounds\": %d, \"min_time\": %g,\n",
-              EIGEN_WORLD_VERSION, EIGEN_MAJOR_VERSION, EIGEN_MINOR_VERSION,
-              int(Eigen::internal::unpacket_traits<Eigen::internal::packet_traits<float>::type>::size), rounds,
-              min_time);
+  std::printf(
+      "},\n \"eigen_version\": \"%d.%d.%d\", \"simd_float_width\": %d, \"rounds\": %d, \"min_time\": %g,\n",
+      EIGEN_WORLD_VERSION, EIGEN_MAJOR_VERSION, EIGEN_MINOR_VERSION,
+      int(Eigen::internal::unpacket_traits<Eigen::internal::packet_traits<float>::type>::size), rounds,
+      min_time);
   std::printf(" \"limits\": [%s],\n \"parity\": [\n  %s],\n \"results\": [\n  %s]}\n", lim.str().c_str(),
               parity.str().c_str(), res.str().c_str());
   return 0;
