@@ -40,6 +40,8 @@
 
 #include <head_attention/head_attention.hpp>
 
+#include "machine_limits.hpp"
+
 namespace {
 
 using Index = Eigen::Index;
@@ -78,48 +80,6 @@ double useful_flops(const Shape& s) {
 // filled in by main().
 std::map<std::string, double> g_gemm_gflops;
 std::map<std::string, double> g_peak_gflops;
-
-/// `steps` rounds of acc = acc · x + y on Chains independent accumulators, summed at the end. Not inlined: in
-/// main() GCC kept the accumulators in memory, which measured the stores instead of the FMAs.
-template <typename Packet, int Chains>
-EIGEN_DONT_INLINE Packet fma_chains(long steps, const Packet& x, const Packet& y) {
-  Packet acc[Chains];
-  for (int c = 0; c < Chains; ++c)
-    acc[c] = Eigen::internal::padd(x, Eigen::internal::pset1<Packet>(static_cast<float>(c)));
-  for (long i = 0; i < steps; ++i)
-    for (int c = 0; c < Chains; ++c)
-      acc[c] = Eigen::internal::pmadd(acc[c], x, y);
-  Packet sum = acc[0];
-  for (int c = 1; c < Chains; ++c)
-    sum = Eigen::internal::padd(sum, acc[c]);
-  return sum;
-}
-
-/// The core's peak rate of fused multiply-adds on Scalar, GFLOP/s: 12 independent accumulator chains (enough
-/// to cover the FMA latency on every x86 core we know) of the widest packet this build compiles for, best
-/// of 7.
-template <typename Scalar>
-double measure_peak_gflops() {
-  using Packet = head_attention::detail::SimdPacket<Scalar>;
-  constexpr int W = head_attention::detail::simd_width<Scalar>;
-  constexpr int chains = 12;
-  constexpr long steps = 1 << 22;
-  // From volatile storage, so that the compiler cannot know them; without fast-math it keeps every FMA of the
-  // chains, whose results are used below.
-  volatile Scalar factor = Scalar(0.999999), term = Scalar(1e-7);
-  const Packet x = Eigen::internal::pset1<Packet>(Scalar(factor)),
-               y = Eigen::internal::pset1<Packet>(Scalar(term));
-  double best = 1e30;
-  Scalar sink(0);
-  for (int rep = 0; rep < 7; ++rep) {
-    const auto t0 = Clock::now();
-    const Packet sum = fma_chains<Packet, chains>(steps, x, y);
-    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
-    sink += Eigen::internal::predux(sum);
-  }
-  benchmark::DoNotOptimize(sink);
-  return 2.0 * W * chains * static_cast<double>(steps) / best * 1e-9;
-}
 
 /// OpenBLAS's single-thread 1024³ GEMM rate in GFLOP/s, from the library at `path` (0 if it cannot be
 /// loaded). Through dlopen: the benchmark is built without any BLAS.
@@ -398,8 +358,8 @@ int main(int argc, char** argv) {
   }
   g_gemm_gflops["float"] = std::max(eigen_sgemm, openblas_sgemm);
   g_gemm_gflops["double"] = std::max(eigen_dgemm, openblas_dgemm);
-  g_peak_gflops["float"] = measure_peak_gflops<float>();
-  g_peak_gflops["double"] = measure_peak_gflops<double>();
+  g_peak_gflops["float"] = bench_limits::peak_gflops<float>();
+  g_peak_gflops["double"] = bench_limits::peak_gflops<double>();
   std::fprintf(
       stderr,
       "1024^3 GEMM, one thread, best of 7: Eigen SGEMM %.1f GFLOP/s, DGEMM %.1f; OpenBLAS SGEMM %.1f, "

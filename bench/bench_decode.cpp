@@ -32,6 +32,8 @@
 
 #include <head_attention/head_attention.hpp>
 
+#include "machine_limits.hpp"
+
 namespace {
 
 using Index = Eigen::Index;
@@ -48,25 +50,6 @@ const Index kWindowLengths[] = {1024, 2048, 4096, 8192, 16384};
 Matrix random_rows(Index rows, std::uint64_t seed) {
   std::srand(static_cast<unsigned>(seed));
   return Matrix::Random(rows, kEmb);
-}
-
-/// Read bandwidth in bytes/s over a buffer of `bytes` (summed with vector loads, repeatedly), best of 7.
-double read_bandwidth(std::size_t bytes) {
-  const Index n = static_cast<Index>(std::max<std::size_t>(bytes / sizeof(float), 1024));
-  const Eigen::VectorXf buffer = Eigen::VectorXf::Random(n);
-  const Index repeats = std::max<Index>(1, (Index(1) << 27) / n);  // about 512 MiB read per timing
-  float sink = 0;
-  double best = 1e30;
-  for (int rep = 0; rep < 7; ++rep) {
-    const auto t0 = Clock::now();
-    for (Index r = 0; r < repeats; ++r) {
-      sink += buffer.sum();
-      benchmark::ClobberMemory();
-    }
-    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
-  }
-  benchmark::DoNotOptimize(sink);
-  return static_cast<double>(repeats) * static_cast<double>(n) * sizeof(float) / best;
 }
 
 void bm_decode(benchmark::State& state, Index n, head_attention::Precision storage, bool packed) {
@@ -90,7 +73,7 @@ void bm_decode(benchmark::State& state, Index n, head_attention::Precision stora
   const double kv_bytes =
       2.0 * static_cast<double>(n) * kHead * static_cast<double>(head_attention::precision_bytes(storage));
   const double weight_bytes = 3.0 * kEmb * kHead * sizeof(float);
-  const double bandwidth = read_bandwidth(static_cast<std::size_t>(kv_bytes));
+  const double bandwidth = bench_limits::read_bandwidth_gbps(kv_bytes) * 1e9;
 
   const auto t0 = Clock::now();
   for (auto _ : state) {

@@ -59,6 +59,7 @@
 
 #include "ggml-cpu.h"
 #include "ggml.h"
+#include "machine_limits.hpp"
 
 namespace {
 
@@ -427,56 +428,13 @@ Timing time_calls(const std::function<void()>& fn, double min_time, long min_cal
 }
 
 // ------------------------------------------------------------------------------------------ machine limits
-template <typename Packet, int Chains>
-EIGEN_DONT_INLINE Packet fma_chains(long steps, const Packet& x, const Packet& y) {
-  Packet acc[Chains];
-  for (int c = 0; c < Chains; ++c)
-    acc[c] = Eigen::internal::padd(x, Eigen::internal::pset1<Packet>(float(c)));
-  for (long i = 0; i < steps; ++i)
-    for (int c = 0; c < Chains; ++c)
-      acc[c] = Eigen::internal::pmadd(acc[c], x, y);
-  Packet sum = acc[0];
-  for (int c = 1; c < Chains; ++c)
-    sum = Eigen::internal::padd(sum, acc[c]);
-  return sum;
-}
-
-/// One core's float FMA rate (GFLOP/s), the widest packet of this build, 12 chains, best of 7 (as
-/// bench_attention's measure_peak_gflops).
+/// One core's float FMA rate (GFLOP/s) and read bandwidth (GB/s) over a buffer of `bytes`:
+/// machine_limits.hpp.
 double peak_fma_gflops() {
-  using Packet = Eigen::internal::packet_traits<float>::type;
-  constexpr int W = Eigen::internal::unpacket_traits<Packet>::size;
-  constexpr long steps = 1 << 22;
-  volatile float factor = 0.999999f, term = 1e-7f;
-  const Packet x = Eigen::internal::pset1<Packet>(float(factor)),
-               y = Eigen::internal::pset1<Packet>(float(term));
-  double best = 1e30;
-  float sink = 0;
-  for (int rep = 0; rep < 7; ++rep) {
-    const auto t0 = Clock::now();
-    const Packet s = fma_chains<Packet, 12>(steps, x, y);
-    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
-    sink += Eigen::internal::predux(s);
-  }
-  if (sink == 12345.f) std::fprintf(stderr, " ");
-  return 2.0 * W * 12 * static_cast<double>(steps) / best * 1e-9;
+  return bench_limits::peak_gflops<float>();
 }
-
-/// One core's read bandwidth (GB/s) over a buffer of `bytes`: Eigen's vectorised sum, repeated, best of 7 (as
-/// bench_decode's read_bandwidth).
 double read_bandwidth_gbps(double bytes) {
-  const Index n = std::max<Index>(static_cast<Index>(bytes / sizeof(float)), 1024);
-  const Eigen::VectorXf buffer = Eigen::VectorXf::Random(n);
-  const Index repeats = std::max<Index>(1, (Index(1) << 27) / n);
-  volatile float sink = 0;
-  double best = 1e30;
-  for (int rep = 0; rep < 7; ++rep) {
-    const auto t0 = Clock::now();
-    for (Index r = 0; r < repeats; ++r)
-      sink = sink + buffer.sum();
-    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
-  }
-  return static_cast<double>(repeats) * static_cast<double>(n) * sizeof(float) / best * 1e-9;
+  return bench_limits::read_bandwidth_gbps(bytes);
 }
 
 std::string json_str(const std::string& s) {
