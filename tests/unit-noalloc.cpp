@@ -527,6 +527,19 @@ TEMPLATE_TEST_CASE("prefill, steps, prefill: one workspace, nothing allocated af
       CHECK(reserved_counts[0] == 0);
       CHECK(reserved_counts[1] == 0);
       CHECK(reserved.bytes() == reserved_bytes);
+      // Chunks of fewer rows than the reservation's t, then a step: nothing allocates either.
+      {
+        auto cache = layer.make_cache();
+        cache.reserve();
+        const Index chunk = prefill / 2 + 1;
+        Matrix<Scalar> out(chunk, head), out3(3, head), step(1, head);
+        CHECK(allocations([&] {
+                layer.forward_cached_into(x.topRows(chunk), cache, out, reserved);
+                layer.forward_cached_into(x.middleRows(chunk, 3), cache, out3, reserved);
+                layer.forward_cached_into(x.row(chunk + 3), cache, step, reserved);
+              }) == 0);
+        CHECK(cache.size() == chunk + 4);
+      }
       // The memory the served workspace ended with: the largest needs of these shapes, no more (a reservation
       // sizes the scratch of every thread a call of the shape may use, where these small calls run on one).
       if (threads == 1)
