@@ -1,5 +1,6 @@
 // Every bad input is refused with head_attention::shape_error (an std::invalid_argument) whose message names
 // the quantity, the expected and the actual value, and a failed call leaves the object as it was.
+#include <algorithm>
 #include <array>
 #include <initializer_list>
 #include <string>
@@ -486,6 +487,77 @@ TEMPLATE_TEST_CASE("reserve_workspace and workspace_bytes: bad shapes and foreig
   CHECK(caches[0].size() == 0);
   CHECK(mcache.size() == 0);
   s.check_unchanged(s.layer);
+}
+
+// Sizes the layer's checks accept (batch · seq_len · emb_size fits) but whose working memory cannot be
+// addressed: every size product of a call is checked before anything is allocated or written (it used to
+// overflow and leave a workspace without its Q|K|V buffer, or try to zero 16 GiB of chunk flags). Huge
+// inputs are Maps over a few elements, never read: the call must throw before touching them.
+TEMPLATE_TEST_CASE("working memory that overflows Index: refused, the workspace and output unchanged",
+                   "[errors][bad-input][workspace]", float, double, Eigen::half) {
+  using Scalar = TestType;
+  using Map = Eigen::Map<Matrix<Scalar>>;
+  using ConstMap = Eigen::Map<const Matrix<Scalar>>;
+  const Index head = Index(1) << 18, heads = 2, huge = Index(1) << 42;
+  const head_attention::HeadAttention<Scalar> layer(1, head, 2, 41);
+  const head_attention::MultiHeadAttention<Scalar> mha(heads, 1, head, 2, 0.1, 42);
+  const head_attention::PackedHeadAttention<Scalar> packed(layer);
+  const head_attention::PackedMultiHeadAttention<Scalar> packed_mha(mha);
+  const Matrix<Scalar> x = random_matrix<float>(2, 1, 43).template cast<Scalar>();  // 2 sequences of 1 row
+
+  // A workspace that served real calls of each form.
+  head_attention::Workspace<Scalar> workspace;
+  Matrix<Scalar> out(2, head), out_mha(2, 1);
+  layer.forward_into(x, out, workspace, Batch(2));
+  mha.forward_into(x, out_mha, workspace, Batch(2));
+  const Matrix<Scalar> expected = out, expected_mha = out_mha;
+  const std::size_t bytes = workspace.bytes();
+
+  // Reservations: 2^42 sequences of one row, whose Q|K|V needs 2^42 · 3 · 2^18 elements (heads of them).
+  check_shape_error([&] { layer.reserve_workspace(workspace, huge, 1); },
+                    {"HeadAttention::reserve_workspace", "Q|K|V", "at most 9223372036854775807 bytes",
+                     "got 1 * 4398046511104 * 1 * 3 * 262144 * "});
+  check_shape_error([&] { layer.reserve_workspace(workspace, huge / 2, 2); },
+                    {"HeadAttention::reserve_workspace", "Q|K|V", "2199023255552 * 2 * 3 * 262144"});
+  check_shape_error([&] { (void)layer.workspace_bytes(huge, 1); },
+                    {"HeadAttention::reserve_workspace", "Q|K|V"});
+  check_shape_error([&] { mha.reserve_workspace(workspace, huge, 1); },
+                    {"MultiHeadAttention::reserve_workspace", "Q|K|V", "got 2 * 4398046511104"});
+  check_shape_error([&] { packed.reserve_workspace(workspace, huge, 1); },
+                    {"PackedHeadAttention::reserve_workspace", "Q|K|V"});
+  check_shape_error([&] { packed_mha.reserve_workspace(workspace, huge, 1); },
+                    {"PackedMultiHeadAttention::reserve_workspace", "Q|K|V"});
+  // Q|K|V fits (2^40 · 3 · 2^18 elements of 4 or 8 bytes < 2^63 for one head) but each sequence's Kᵀ, in
+  // whole panels (of 8 floats or 4 doubles at least), does not.
+  check_shape_error([&] { layer.reserve_workspace(workspace, Index(1) << 40, 1); },
+                    {"HeadAttention::reserve_workspace", "Kᵀ panels", "got 1 * 1099511627776 * "});
+  CHECK(workspace.bytes() == bytes);
+
+  // Forward calls over Maps of 2^42 rows (2^42 sequences of one row): refused before x is read or out
+  // written, with and without a workspace.
+  const std::vector<Scalar> x_data(4, Scalar(1));
+  std::vector<Scalar> out_data(4, Scalar(-3));
+  const ConstMap x_huge(x_data.data(), huge, 1);
+  Map out_huge(out_data.data(), huge, head), out_huge_mha(out_data.data(), huge, 1);
+  check_shape_error([&] { layer.forward_into(x_huge, out_huge, workspace, Batch(huge)); },
+                    {"HeadAttention::forward_into", "Q|K|V", "got 1 * 4398046511104 * 1 * 3 * 262144"});
+  check_shape_error([&] { layer.forward_into(x_huge, out_huge, Batch(huge)); },
+                    {"HeadAttention::forward_into", "Q|K|V"});
+  check_shape_error([&] { mha.forward_into(x_huge, out_huge_mha, workspace, Batch(huge)); },
+                    {"MultiHeadAttention::forward_into", "Q|K|V"});
+  check_shape_error([&] { packed.forward_into(x_huge, out_huge, workspace, Batch(huge)); },
+                    {"PackedHeadAttention::forward_into", "Q|K|V"});
+  check_shape_error([&] { packed_mha.forward_into(x_huge, out_huge_mha, workspace, Batch(huge)); },
+                    {"PackedMultiHeadAttention::forward_into", "Q|K|V"});
+  CHECK(std::all_of(out_data.begin(), out_data.end(), [](Scalar v) { return v == Scalar(-3); }));
+
+  // The workspace is as it was: the same size, and the same calls give the same outputs.
+  CHECK(workspace.bytes() == bytes);
+  layer.forward_into(x, out, workspace, Batch(2));
+  mha.forward_into(x, out_mha, workspace, Batch(2));
+  CHECK(identical(out, expected));
+  CHECK(identical(out_mha, expected_mha));
+  CHECK(workspace.bytes() == bytes);
 }
 
 TEMPLATE_TEST_CASE("BatchedHeadAttention::Cache::sequence: b out of range", "[errors][bad-input][cache]",

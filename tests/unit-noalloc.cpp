@@ -306,3 +306,246 @@ TEMPLATE_TEST_CASE("a reserved workspace makes even the first call allocate noth
     CHECK(packed_multi_allocations == 0);
   }
 }
+
+// A workspace keeps every buffer at the largest size any call needed, and each call cuts what it needs from
+// them: every shape it served, and every smaller one, runs without allocating, in any order (issue 25: it
+// used to keep only the last shape's GEMM buffers and scratch, so alternating shapes reallocated them).
+TEMPLATE_TEST_CASE("a workspace serves every shape it served, and smaller ones, in any order", "[noalloc]",
+                   float, double, Eigen::half, Eigen::bfloat16) {
+  using Scalar = TestType;
+  if (head_attention::detail::gemm_uses_eigen_internals == false)
+    HA_SKIP("HEAD_ATTENTION_GEMM_FALLBACK: Eigen's public products allocate their own packing buffers");
+  constexpr Index emb = 32, head = 16, T = 300, heads = 2;
+  for (const int threads : {1, 2}) {
+    INFO("threads " << threads);
+    head_attention::HeadAttention<Scalar> layer(emb, head, T, 97);
+    head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 0.1, 98);
+    layer.set_num_threads(threads);
+    mha.set_num_threads(threads);
+    const head_attention::PackedHeadAttention<Scalar> packed(layer);
+    const head_attention::PackedMultiHeadAttention<Scalar> packed_mha(mha);
+    const Matrix<Scalar> x = random_matrix<float>(3 * T, emb, 99).template cast<Scalar>();
+
+    // Alternating batch shapes, each of every form: after one round, no call allocates, and each output is
+    // the one the same call gives with buffers of its own, bit for bit (the arrays cut differently from the
+    // same memory).
+    struct Shape {
+      Index batch, seq_len;
+    };
+    const Shape shapes[] = {{2, T}, {3, 40}, {1, 256}, {1, 7}};
+    head_attention::Workspace<Scalar> workspace;
+    long later = 0;
+    bool same = true;
+    for (int round = 0; round < 3; ++round)
+      for (const Shape& s : shapes) {
+        const Index rows = s.batch * s.seq_len;
+        const Matrix<Scalar> xs = x.topRows(rows);
+        Matrix<Scalar> out(rows, head), out_mha(rows, emb), out_packed(rows, head), out_packed_mha(rows, emb);
+        const long n = allocations([&] {
+          layer.forward_into(xs, out, workspace, Batch(s.batch));
+          mha.forward_into(xs, out_mha, workspace, Batch(s.batch));
+          packed.forward_into(xs, out_packed, workspace, Batch(s.batch));
+          packed_mha.forward_into(xs, out_packed_mha, workspace, Batch(s.batch));
+        });
+        if (round > 0) later += n;
+        if (round == 2) {
+          Matrix<Scalar> own(rows, head), own_mha(rows, emb);
+          layer.forward_into(xs, own, Batch(s.batch));
+          mha.forward_into(xs, own_mha, Batch(s.batch));
+          same = same && identical(out, own) && identical(out_mha, own_mha) && identical(out_packed, own) &&
+                 identical(out_packed_mha, own_mha);
+        }
+      }
+    CHECK(later == 0);
+    CHECK(same);
+
+    // Smaller shapes than any served: fewer sequences, shorter ones, and 250 rows after 256 (cut into
+    // longer projection chunks than 256 rows are, which a 16-bit layer converts into per-thread buffers).
+    const std::size_t bytes = workspace.bytes();
+    const Shape smaller[] = {{1, T}, {2, 100}, {1, 250}, {3, 9}, {1, 1}, {2, 1}};
+    long small = 0;
+    for (const Shape& s : smaller) {
+      INFO("batch " << s.batch << ", seq_len " << s.seq_len);
+      const Index rows = s.batch * s.seq_len;
+      const Matrix<Scalar> xs = x.topRows(rows);
+      Matrix<Scalar> out(rows, head), out_mha(rows, emb);
+      const long n = allocations([&] {
+        layer.forward_into(xs, out, workspace, Batch(s.batch));
+        mha.forward_into(xs, out_mha, workspace, Batch(s.batch));
+      });
+      CHECK(n == 0);
+      small += n;
+    }
+    CHECK(small == 0);
+    CHECK(workspace.bytes() == bytes);  // nothing grew
+
+    // Reserved for several shapes (in either order): the first call of each allocates nothing, and the
+    // calls leave the reservation's size as it was.
+    head_attention::Workspace<Scalar> reserved;
+    for (const Shape& s : {shapes[2], shapes[1], shapes[0]}) {  // ({1, 7} is smaller than {2, T})
+      layer.reserve_workspace(reserved, s.batch, s.seq_len);
+      mha.reserve_workspace(reserved, s.batch, s.seq_len);
+    }
+    const std::size_t reserved_bytes = reserved.bytes();
+    // Bounded by the largest needs: at most what the shapes' own reservations hold together, and for these
+    // shapes, where {2, T} needs the most of every buffer but the scratch, hardly more than its own.
+    CHECK(reserved_bytes <=
+          mha.workspace_bytes(2, T) + mha.workspace_bytes(3, 40) + mha.workspace_bytes(1, 256));
+    CHECK(reserved_bytes >= mha.workspace_bytes(2, T));
+    long first_calls = 0;
+    for (const Shape& s : shapes) {
+      const Index rows = s.batch * s.seq_len;
+      const Matrix<Scalar> xs = x.topRows(rows);
+      Matrix<Scalar> out(rows, head), out_mha(rows, emb);
+      first_calls += allocations([&] {
+        layer.forward_into(xs, out, reserved, Batch(s.batch));
+        mha.forward_into(xs, out_mha, reserved, Batch(s.batch));
+      });
+    }
+    CHECK(first_calls == 0);
+    CHECK(reserved.bytes() == reserved_bytes);
+  }
+}
+
+// Decoding: a prefill, steps, another prefill (a new prompt in the same cache, cleared), steps again. The
+// workspace that served the first prefill serves the steps after it (it keeps room for them), and nothing
+// after the first prefill allocates. reserve_cached_workspace(workspace, cache, T) sizes it for all of it at
+// once: the prefill of T rows and the one-row steps after it.
+TEMPLATE_TEST_CASE("prefill, steps, prefill: one workspace, nothing allocated after the first prefill",
+                   "[noalloc]", float, double, Eigen::half, Eigen::bfloat16) {
+  using Scalar = TestType;
+  if (head_attention::detail::gemm_uses_eigen_internals == false)
+    HA_SKIP("HEAD_ATTENTION_GEMM_FALLBACK: Eigen's public products allocate their own packing buffers");
+  constexpr Index emb = 32, head = 16, L = 400, heads = 2, B = 2;
+  for (const int threads : {1, 2}) {
+    for (const Index prefill : {Index(16), Index(100)}) {
+      INFO("threads " << threads << ", prefill of " << prefill << " rows");
+      head_attention::HeadAttention<Scalar> layer(emb, head, L, 101);
+      head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, L, 0.1, 102);
+      layer.set_num_threads(threads);
+      mha.set_num_threads(threads);
+      const head_attention::PackedHeadAttention<Scalar> packed(layer);
+      const head_attention::PackedMultiHeadAttention<Scalar> packed_mha(mha);
+      const Matrix<Scalar> x = random_matrix<float>(B * L, emb, 103).template cast<Scalar>();
+      const Index steps = 40;
+
+      // Runs `rounds` rounds of prefill + steps of each form over its cache (cleared first), all in
+      // `workspace`: the allocations of each round, and whether every output equals the same call's with
+      // buffers of its own.
+      const auto rounds = [&](head_attention::Workspace<Scalar>& workspace, int count) {
+        auto cache = layer.make_cache(), own_cache = layer.make_cache();
+        auto packed_cache = packed.make_cache();
+        auto mcache = mha.make_cache(B), own_mcache = mha.make_cache(B);
+        auto packed_mcache = packed_mha.make_cache(B);
+        for (auto* c : {&cache, &own_cache, &packed_cache})
+          c->reserve();
+        for (auto* c : {&mcache, &own_mcache, &packed_mcache})
+          c->reserve();
+        std::vector<long> counts;
+        bool same = true;
+        Matrix<Scalar> out(prefill, head), own(prefill, head), step(1, head), own_step(1, head);
+        Matrix<Scalar> mout(B * prefill, emb), mown(B * prefill, emb), mstep(B, emb), mown_step(B, emb);
+        Matrix<Scalar> mx(B * prefill, emb), mrow(B, emb);
+        for (Index b = 0; b < B; ++b)
+          mx.middleRows(b * prefill, prefill) = x.middleRows(b * L, prefill);
+        for (int round = 0; round < count; ++round) {
+          for (auto* c : {&cache, &own_cache, &packed_cache})
+            c->clear();
+          for (auto* c : {&mcache, &own_mcache, &packed_mcache})
+            c->clear();
+          long n = allocations([&] {
+            layer.forward_cached_into(x.topRows(prefill), cache, out, workspace);
+            mha.forward_cached_into(mx, mcache, mout, workspace);
+          });
+          layer.forward_cached_into(x.topRows(prefill), own_cache, own);
+          mha.forward_cached_into(mx, own_mcache, mown);
+          same = same && identical(out, own) && identical(mout, mown);
+          n += allocations([&] {
+            packed.forward_cached_into(x.topRows(prefill), packed_cache, out, workspace);
+            packed_mha.forward_cached_into(mx, packed_mcache, mout, workspace);
+          });
+          same = same && identical(out, own) && identical(mout, mown);
+          for (Index r = prefill; r < prefill + steps; ++r) {
+            for (Index b = 0; b < B; ++b)
+              mrow.row(b) = x.row(b * L + r);
+            n += allocations([&] {
+              layer.forward_cached_into(x.row(r), cache, step, workspace);
+              mha.forward_cached_into(mrow, mcache, mstep, workspace);
+            });
+            layer.forward_cached_into(x.row(r), own_cache, own_step);
+            mha.forward_cached_into(mrow, own_mcache, mown_step);
+            same = same && identical(step, own_step) && identical(mstep, mown_step);
+            n += allocations([&] {
+              packed.forward_cached_into(x.row(r), packed_cache, step, workspace);
+              packed_mha.forward_cached_into(mrow, packed_mcache, mstep, workspace);
+            });
+            same = same && identical(step, own_step) && identical(mstep, mown_step);
+          }
+          counts.push_back(n);
+        }
+        CHECK(same);
+        return counts;
+      };
+
+      // Served: the first prefill is the warm-up (it allocates), every step after it and every later round
+      // allocates nothing.
+      head_attention::Workspace<Scalar> served;
+      const std::vector<long> counts = rounds(served, 3);
+      CHECK(counts[0] > 0);  // (the counters see the warm-up)
+      CHECK(counts[1] == 0);
+      CHECK(counts[2] == 0);
+
+      // The first round alone, each call in a fresh workspace: a prefill's workspace serves the steps after
+      // it from the first step on.
+      {
+        head_attention::Workspace<Scalar> workspace;
+        auto cache = layer.make_cache();
+        cache.reserve();
+        Matrix<Scalar> out(prefill, head), step(1, head);
+        layer.forward_cached_into(x.topRows(prefill), cache, out, workspace);
+        const std::size_t bytes = workspace.bytes();
+        long n = 0;
+        for (Index r = prefill; r < prefill + steps; ++r)
+          n += allocations([&] { layer.forward_cached_into(x.row(r), cache, step, workspace); });
+        CHECK(n == 0);
+        CHECK(workspace.bytes() == bytes);
+      }
+
+      // Reserved by one call per form, for the prefill and the steps after it: nothing allocates from the
+      // first call on, and the calls need nothing more than the reservation.
+      head_attention::Workspace<Scalar> reserved;
+      {
+        const auto cache = layer.make_cache();
+        const auto mcache = mha.make_cache(B);
+        layer.reserve_cached_workspace(reserved, cache, prefill);
+        mha.reserve_cached_workspace(reserved, mcache, prefill);
+        packed.reserve_cached_workspace(reserved, packed.make_cache(), prefill);
+        packed_mha.reserve_cached_workspace(reserved, packed_mha.make_cache(B), prefill);
+      }
+      const std::size_t reserved_bytes = reserved.bytes();
+      const std::vector<long> reserved_counts = rounds(reserved, 2);
+      CHECK(reserved_counts[0] == 0);
+      CHECK(reserved_counts[1] == 0);
+      CHECK(reserved.bytes() == reserved_bytes);
+      // Chunks of fewer rows than the reservation's t, then a step: nothing allocates either.
+      {
+        auto cache = layer.make_cache();
+        cache.reserve();
+        const Index chunk = prefill / 2 + 1;
+        Matrix<Scalar> out(chunk, head), out3(3, head), step(1, head);
+        CHECK(allocations([&] {
+                layer.forward_cached_into(x.topRows(chunk), cache, out, reserved);
+                layer.forward_cached_into(x.middleRows(chunk, 3), cache, out3, reserved);
+                layer.forward_cached_into(x.row(chunk + 3), cache, step, reserved);
+              }) == 0);
+        CHECK(cache.size() == chunk + 4);
+      }
+      // The memory the served workspace ended with: the largest needs of these shapes, no more (a reservation
+      // sizes the scratch of every thread a call of the shape may use, where these small calls run on one).
+      if (threads == 1)
+        CHECK(reserved_bytes == served.bytes());
+      else
+        CHECK(reserved_bytes >= served.bytes());
+    }
+  }
+}

@@ -262,7 +262,7 @@ class HeadAttention : public AttentionBase<HeadAttention<Scalar>, Scalar>,
   }
   void reserve_rows(Workspace<Scalar>& workspace, Index batch, Index seq_len, const char* where) const {
     check_reservation(batch, seq_len, where);
-    size_workspace(workspace, batch, seq_len, nullptr);
+    size_workspace(workspace, batch, seq_len, nullptr, where);
   }
   void reserve_decode(Workspace<Scalar>& workspace, const KVCache<Scalar>& cache, Index t,
                       const char* where) const {
@@ -314,6 +314,7 @@ class HeadAttention : public AttentionBase<HeadAttention<Scalar>, Scalar>,
     }
     if (workspace != nullptr) plan.buffers = &workspace->m_buffers;
     plan.lse = lse;
+    plan.where = where;
     run(x, batch, seq_len, out.data(), out.outerStride(), plan);
   }
 
@@ -391,6 +392,7 @@ class HeadAttention : public AttentionBase<HeadAttention<Scalar>, Scalar>,
                                 detail::AttentionPlan<Scalar> plan;
                                 plan.rule = m_rule;
                                 plan.caches = stores;
+                                plan.where = where;
                                 if (workspace != nullptr) plan.buffers = &workspace->m_buffers;
                                 run(x, count, t, out.data(), out.outerStride(), plan);
                               });
@@ -415,14 +417,15 @@ class HeadAttention : public AttentionBase<HeadAttention<Scalar>, Scalar>,
     workspace.m_stores.resize(static_cast<std::size_t>(count));
     for (Index b = 0; b < count; ++b)  // read for their sizes only (AttentionPlan::size_only)
       workspace.m_stores[static_cast<std::size_t>(b)] = detail::CacheAccess::sizing_store(caches[b]);
-    size_workspace(workspace, count, t, workspace.m_stores.data());
+    size_workspace(workspace, count, t, workspace.m_stores.data(), where);
   }
 
   /// Sizes the workspace's buffers through the forward pass itself (AttentionPlan::size_only).
   void size_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len,
-                      detail::KVStore* const* caches) const {
-    if (batch * seq_len == 0) return;
+                      detail::KVStore* const* caches, const char* where) const {
+    if (batch == 0 || seq_len == 0) return;
     detail::AttentionPlan<Scalar> plan;
+    plan.where = where;
     plan.rule = m_rule;
     plan.caches = caches;
     plan.buffers = &workspace.m_buffers;

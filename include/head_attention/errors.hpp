@@ -38,24 +38,34 @@ inline void require(bool ok, const char* where, const std::string& what, const s
   if (!ok) throw shape_error(std::string(where) + ": " + what + " must be " + expected + ", got " + actual);
 }
 
+/// Whether the product of the sizes times `bytes` fits in an Index (sizes <= 0 are skipped). Builds nothing:
+/// forward calls check their sizes with it on every call.
+inline bool fits_index(std::initializer_list<Eigen::Index> sizes, std::size_t bytes) noexcept {
+  const Eigen::Index max = std::numeric_limits<Eigen::Index>::max();
+  if (bytes > static_cast<std::size_t>(max)) return false;
+  Eigen::Index product = static_cast<Eigen::Index>(bytes);
+  for (const Eigen::Index size : sizes) {
+    if (size <= 0) continue;
+    if (product > max / size) return false;
+    product *= size;
+  }
+  return true;
+}
+
 /// Throws shape_error("<where>: <what> must be at most <Index max> bytes, got a * b * ... * bytes") unless
 /// the product of the sizes times `bytes` fits in an Index, so that a huge size is refused before anything is
 /// allocated or any index product overflows. Sizes <= 0 are skipped: their own checks name them. (A product
-/// that fits but exceeds the memory gives std::bad_alloc, as any allocation does.)
+/// that fits but exceeds the memory gives std::bad_alloc, as any allocation does.) Allocates nothing unless
+/// it throws: the message, and `what` as a string, are built only then.
 inline void require_fits(std::initializer_list<Eigen::Index> sizes, std::size_t bytes, const char* where,
-                         const std::string& what) {
-  const Eigen::Index max = std::numeric_limits<Eigen::Index>::max();
-  Eigen::Index product = static_cast<Eigen::Index>(bytes);
-  bool fits = true;
+                         const char* what) {
+  if (fits_index(sizes, bytes)) return;
   std::string factors;
-  for (const Eigen::Index size : sizes) {
-    if (size <= 0) continue;
-    fits = fits && product <= max / size;
-    if (fits) product *= size;
-    factors += std::to_string(size) + " * ";
-  }
-  if (!fits)
-    require(false, where, what, "at most " + std::to_string(max) + " bytes", factors + std::to_string(bytes));
+  for (const Eigen::Index size : sizes)
+    if (size > 0) factors += std::to_string(size) + " * ";
+  require(false, where, what,
+          "at most " + std::to_string(std::numeric_limits<Eigen::Index>::max()) + " bytes",
+          factors + std::to_string(bytes));
 }
 
 }  // namespace detail

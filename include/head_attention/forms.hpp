@@ -110,7 +110,8 @@ class AttentionBase {
   }
 
   /// The same, its working memory taken from (and left in) `workspace`: once the workspace has served a call
-  /// of this shape (or reserve_workspace sized it), calls of that shape allocate nothing (see Workspace).
+  /// of this shape or a larger one (or reserve_workspace sized it), such calls allocate nothing, whatever
+  /// other shapes it served in between (see Workspace).
   template <typename XDerived, typename Out>
   void forward_into(const Eigen::MatrixBase<XDerived>& x, Out&& out, Workspace<Scalar>& workspace,
                     const Batch& batch = Batch()) const {
@@ -144,24 +145,28 @@ class AttentionBase {
   }
 
   /// The same, its working memory taken from (and left in) `workspace`: the no-allocation decode step. Once
-  /// the cache is reserve()d and the workspace has served a step of this shape (or reserve_cached_workspace
-  /// sized it), the step allocates nothing (see Workspace).
+  /// the cache is reserve()d and the workspace has served a call of this shape or a larger one over such
+  /// caches (a prefill counts for the one-row steps after it), or reserve_cached_workspace sized it, the step
+  /// allocates nothing (see Workspace).
   template <typename XDerived, typename Cache, typename Out>
   void forward_cached_into(const Eigen::MatrixBase<XDerived>& x, Cache& cache, Out&& out,
                            Workspace<Scalar>& workspace) const {
     cached_into(x, cache, out, &workspace);
   }
 
-  /// Sizes `workspace` for forward_into calls of `batch` sequences of `seq_len` rows (padded or not), so
-  /// that even the first such call allocates nothing, for the most threads such a call can use. Throws
-  /// shape_error, the workspace unchanged, unless batch >= 0 and 0 <= seq_len <= max_seq_len.
+  /// Sizes `workspace` for forward_into calls of `batch` sequences of `seq_len` rows (padded or not), and any
+  /// smaller ones, so that even the first such call allocates nothing, for the most threads such a call can
+  /// use. What the workspace already holds stays: reserve for several shapes, and it serves each. Throws
+  /// shape_error, the workspace unchanged, unless batch >= 0 and 0 <= seq_len <= max_seq_len and the call's
+  /// working memory can be addressed (every size product fits an Index).
   void reserve_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len) const {
     self().reserve_rows(workspace, batch, seq_len, self().names().reserve_workspace);
   }
 
-  /// Sizes `workspace` for forward_cached_into steps of t rows per sequence extending `cache`: with the cache
-  /// reserve()d too, the first step allocates nothing either. Throws shape_error, nothing changed, unless the
-  /// cache fits this form and 1 <= t <= max_seq_len.
+  /// Sizes `workspace` for forward_cached_into calls of up to t rows per sequence extending caches like
+  /// `cache` (same layer, batch and storage precision): a prefill of t rows and the one-row decode steps
+  /// after it, in one call. With the caches reserve()d too, none of them allocates, from the first on. Throws
+  /// shape_error, nothing changed, unless the cache fits this form and 1 <= t <= max_seq_len.
   template <typename Cache>
   void reserve_cached_workspace(Workspace<Scalar>& workspace, const Cache& cache, Index t = 1) const {
     if constexpr (decodes<Cache>())

@@ -329,7 +329,7 @@ class MultiHeadAttention : public TensorAttentionBase<MultiHeadAttention<Scalar>
   }
   void reserve_rows(Workspace<Scalar>& workspace, Index batch, Index seq_len, const char* where) const {
     check_reservation(batch, seq_len, where);
-    size_workspace(workspace, batch, seq_len, nullptr);
+    size_workspace(workspace, batch, seq_len, nullptr, where);
   }
   void reserve_decode(Workspace<Scalar>& workspace, const Cache& cache, Index t, const char* where) const {
     HEAD_ATTENTION_REQUIRE(t >= 1, where, "t", ">= 1", std::to_string(t));
@@ -344,7 +344,7 @@ class MultiHeadAttention : public TensorAttentionBase<MultiHeadAttention<Scalar>
     workspace.m_stores.reserve(cache.m_caches.size());
     for (const KVCache<Scalar>& c : cache.m_caches)  // read for their sizes only (AttentionPlan::size_only)
       workspace.m_stores.push_back(detail::CacheAccess::sizing_store(c));
-    size_workspace(workspace, cache.batch(), t, workspace.m_stores.data());
+    size_workspace(workspace, cache.batch(), t, workspace.m_stores.data(), where);
   }
 
   /// forward_training into out [rows, emb_size] (leading dimension out_stride), then its dropout.
@@ -437,6 +437,7 @@ class MultiHeadAttention : public TensorAttentionBase<MultiHeadAttention<Scalar>
                            detail::shape_string(x.rows(), emb_size()),
                            detail::shape_string(out.rows(), out.cols()));
     detail::AttentionPlan<Scalar> plan;
+    plan.where = where;
     if (lengths != nullptr) {
       detail::check_lengths(*lengths, batch, seq_len, where);
       plan.lengths = lengths->data();
@@ -596,6 +597,7 @@ class MultiHeadAttention : public TensorAttentionBase<MultiHeadAttention<Scalar>
                               [&](detail::KVStore** stores) {
                                 detail::AttentionPlan<Scalar> plan;
                                 plan.caches = stores;
+                                plan.where = where;
                                 if (workspace != nullptr) plan.buffers = &workspace->m_buffers;
                                 run(x, batch, t, out.data(), out.outerStride(), plan, workspace);
                               });
@@ -610,8 +612,9 @@ class MultiHeadAttention : public TensorAttentionBase<MultiHeadAttention<Scalar>
 
   /// Sizes the workspace's buffers through the forward pass itself (AttentionPlan::size_only).
   void size_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len,
-                      detail::KVStore* const* caches) const {
+                      detail::KVStore* const* caches, const char* where) const {
     detail::AttentionPlan<Scalar> plan;
+    plan.where = where;
     plan.caches = caches;
     plan.buffers = &workspace.m_buffers;
     plan.size_only = true;

@@ -188,6 +188,7 @@ class PackedForm {
     AttentionPlan<Scalar> p = plan();
     const Index seq_len =
         packed_batch_plan(x, batch, out, m_emb_size, m_max_seq_len, out_width(), lengths, p, where);
+    p.where = where;
     if (workspace != nullptr) p.buffers = &workspace->m_buffers;
     run(x, batch, seq_len, out.data(), out.outerStride(), p);
   }
@@ -212,6 +213,7 @@ class PackedForm {
                       [&](KVStore** stores) {
                         AttentionPlan<Scalar> p = plan();
                         p.caches = stores;
+                        p.where = where;
                         if (workspace != nullptr) p.buffers = &workspace->m_buffers;
                         run(x, sequences, t, out.data(), out.outerStride(), p);
                       });
@@ -226,7 +228,7 @@ class PackedForm {
   /// reserve_workspace for forward_into calls of `batch` sequences of `seq_len` rows.
   void reserve_rows(Workspace<Scalar>& workspace, Index batch, Index seq_len, const char* where) const {
     check_packed_reservation(batch, seq_len, m_emb_size, m_max_seq_len, sizeof(Scalar), where);
-    size_workspace(workspace, batch, seq_len, nullptr);
+    size_workspace(workspace, batch, seq_len, nullptr, where);
   }
 
   /// reserve_workspace for decode steps of t rows per sequence extending caches[0, count) (as decode).
@@ -234,7 +236,7 @@ class PackedForm {
                       Index sequences, Index t, const char* where) const {
     packed_cache_reservation(workspace.m_stores, caches, count, sequences, t, m_emb_size, m_head_size,
                              m_max_seq_len, m_rule, where);
-    size_workspace(workspace, sequences, t, workspace.m_stores.data());
+    size_workspace(workspace, sequences, t, workspace.m_stores.data(), where);
   }
 
   std::size_t bytes_for(Index batch, Index seq_len, const char* where) const {
@@ -255,10 +257,11 @@ class PackedForm {
 
  private:
   /// Sizes the workspace's buffers through the forward pass itself (AttentionPlan::size_only).
-  void size_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len,
-                      KVStore* const* caches) const {
-    if (batch * seq_len == 0) return;
+  void size_workspace(Workspace<Scalar>& workspace, Index batch, Index seq_len, KVStore* const* caches,
+                      const char* where) const {
+    if (batch == 0 || seq_len == 0) return;
     AttentionPlan<Scalar> p = plan();
+    p.where = where;
     p.caches = caches;
     p.buffers = &workspace.m_buffers;
     p.size_only = true;

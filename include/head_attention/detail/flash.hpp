@@ -9,11 +9,13 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <new>
 #include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
 
+#include "../errors.hpp"
 #include "../linear.hpp"
 #include "../mask.hpp"
 #include "../precision.hpp"
@@ -54,72 +56,113 @@ struct Tuning {
 // first query, so no row of a tile is wholly masked. (When T < key_block, one key block covers every key.)
 static_assert(Tuning::key_block % Tuning::query_block == 0, "key_block must be a multiple of query_block");
 
-/// Per-thread working storage for the attention loop, allocated before the parallel region (so that a
-/// bad_alloc reaches the caller as an exception instead of terminating inside an OpenMP region). Its arrays
-/// are cut from one allocation: a call without a workspace builds one scratch per thread, and at the seed's
-/// B = 2, T = 10 the ten allocations of each (and the unused GEMM buffers) were 4-5% of a two-thread call's
-/// profile.
+/// Per-thread working storage for the attention loop, fitted before the parallel region (so that a bad_alloc
+/// reaches the caller as an exception instead of terminating inside an OpenMP region). Its arrays are views
+/// cut from one allocation, which only grows: fitted to another call's sizes, the views are re-cut, and the
+/// allocation is replaced only when it is too small for them, so that a workspace's scratch serves every
+/// call it served before (and smaller ones) without allocating. One allocation: a call without a workspace
+/// builds one scratch per thread, and at the seed's B = 2, T = 10 the ten allocations of each (and the unused
+/// GEMM buffers) were 4-5% of a two-thread call's profile.
 template <typename Scalar>
 struct FlashScratch {
   using Index = Eigen::Index;
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
 
-  /// wide_keys: also room for one converted K and V tile (keys stored in another precision). cached_keys:
-  /// keys not stored transposed (a KV cache), whose Q·Kᵀ takes Eigen's packed GEMM and its buffers.
-  FlashScratch(Index block_q, Index block_k, Index head, bool wide_keys = false, bool cached_keys = true)
-      : storage(size(block_q, block_k, head, wide_keys)),
-        probs(take(block_q * block_k), block_q, block_k),
-        acc(take(block_q * head), block_q, head),
-        clean_values(take((block_q > 1 ? block_k : 0) * head), block_q > 1 ? block_k : 0, head),
-        wide_k(take((wide_keys ? block_k : 0) * head), wide_keys ? block_k : 0, head),
-        wide_v(take((wide_keys ? block_k : 0) * head), wide_keys ? block_k : 0, head),
-        zeros(take(block_k), block_k),
-        row_max(take(block_q), block_q),
-        row_sum(take(block_q), block_q),
-        seen(static_cast<std::size_t>(2 * block_q)),
-        seen_begin(seen.data()),
-        seen_end(seen.data() + block_q),
-        qk(cached_keys ? block_q : 1, block_k, head) {
-    zeros.setZero();
-  }
-  // The maps point into storage: a copy would share it, a move keeps it (Eigen moves the heap block).
+  /// The sizes of one call's scratch. wide_keys: also room for one converted K and V tile (keys stored in
+  /// another precision). cached_keys: keys not stored transposed (a KV cache), whose Q·Kᵀ takes Eigen's
+  /// packed GEMM and its buffers.
+  struct Shape {
+    Index block_q = 0, block_k = 0, head = 0;
+    bool wide_keys = false, cached_keys = false;
+    bool operator==(const Shape& o) const noexcept {
+      return block_q == o.block_q && block_k == o.block_k && head == o.head && wide_keys == o.wide_keys &&
+             cached_keys == o.cached_keys;
+    }
+  };
+
+  FlashScratch() = default;  // empty: fit() cuts the arrays
+  // The views point into storage: a copy would share it, a move keeps it (Eigen moves the heap block).
   FlashScratch(const FlashScratch&) = delete;
   FlashScratch(FlashScratch&&) = default;
   FlashScratch& operator=(const FlashScratch&) = delete;
   FlashScratch& operator=(FlashScratch&&) = delete;
 
+  /// Elements of storage a call of this shape needs. Never decreases as any size grows (or a flag is set),
+  /// so that storage sized for a shape holds every smaller one. The sizes must have been checked (see
+  /// check_call_sizes): every product here is at most a few times block_k · head, which fits.
+  static Index size(const Shape& s) noexcept {
+    const Index tile_k = s.block_q > 1 ? s.block_k : 0, tile_w = s.wide_keys ? s.block_k : 0;
+    return aligned(s.block_q * s.block_k) + aligned(s.block_q * s.head) + aligned(tile_k * s.head) +
+           2 * aligned(tile_w * s.head) + aligned(s.block_k) + 2 * aligned(s.block_q) +
+           Gemm<Scalar>::buffer_size(s.cached_keys ? s.block_q : 1, s.block_k, s.head);
+  }
+
+  /// Cuts the arrays for a call of this shape from storage, first growing storage to at least
+  /// max(size(shape), reserve) elements if it has fewer (reserve: room kept for another shape to come, a
+  /// workspace's decode steps after a prefill). Allocates nothing when storage is large enough; a shape like
+  /// the last one's only compares. Throws std::bad_alloc if growing fails, the scratch then empty (the next
+  /// fit grows it again).
+  void fit(const Shape& shape, Index reserve = 0) {
+    const Index needed = std::max(size(shape), reserve);
+    const bool grow = storage.size() < needed;
+    if (!grow && m_fitted && shape == m_shape) return;
+    m_fitted = false;  // until every view is cut (a bad_alloc on the way leaves it so)
+    if (grow) {
+      storage.resize(0);  // free first: never hold both
+      storage.resize(needed);
+    }
+    if (seen.size() < static_cast<std::size_t>(2 * shape.block_q))
+      seen.resize(static_cast<std::size_t>(2 * shape.block_q));
+    const Index bq = shape.block_q, bk = shape.block_k, head = shape.head;
+    const Index tile_k = bq > 1 ? bk : 0, tile_w = shape.wide_keys ? bk : 0;
+    Index used = 0;
+    const auto take = [&](Index n) {
+      Scalar* p = storage.data() + used;
+      used += aligned(n);
+      return p;
+    };
+    // Re-seated in place, Eigen's documented way to point a Map elsewhere.
+    new (&probs) Eigen::Map<Matrix>(take(bq * bk), bq, bk);
+    new (&acc) Eigen::Map<Matrix>(take(bq * head), bq, head);
+    new (&clean_values) Eigen::Map<Matrix>(take(tile_k * head), tile_k, head);
+    new (&wide_k) Eigen::Map<Matrix>(take(tile_w * head), tile_w, head);
+    new (&wide_v) Eigen::Map<Matrix>(take(tile_w * head), tile_w, head);
+    new (&zeros) Eigen::Map<Vector>(take(bk), bk);
+    new (&row_max) Eigen::Map<Vector>(take(bq), bq);
+    new (&row_sum) Eigen::Map<Vector>(take(bq), bq);
+    const Index qk_rows = shape.cached_keys ? bq : 1;
+    qk.use(qk_rows, bk, head, take(Gemm<Scalar>::buffer_size(qk_rows, bk, head)));
+    zeros.setZero();
+    seen_begin = seen.data();
+    seen_end = seen.data() + bq;
+    m_shape = shape;
+    m_fitted = true;
+  }
+
  private:
   static constexpr Index align = 64 / static_cast<Index>(sizeof(Scalar));  // each array on a cache line
   static constexpr Index aligned(Index n) noexcept { return (n + align - 1) / align * align; }
-  static Index size(Index block_q, Index block_k, Index head, bool wide_keys) noexcept {
-    const Index tile_k = block_q > 1 ? block_k : 0, tile_w = wide_keys ? block_k : 0;
-    return aligned(block_q * block_k) + aligned(block_q * head) + aligned(tile_k * head) +
-           2 * aligned(tile_w * head) + aligned(block_k) + 2 * aligned(block_q);
-  }
-  Scalar* take(Index n) noexcept {
-    Scalar* p = storage.data() + m_used;
-    m_used += aligned(n);
-    return p;
-  }
 
-  Index m_used = 0;  // (declared before the maps: take() runs in their initialisers)
+  Shape m_shape;          // the shape the views are cut for
+  bool m_fitted = false;  // whether they are
 
  public:
-  Vector storage;            // every array below
-  Eigen::Map<Matrix> probs;  // [block_q, block_k] scores of one tile, then their exponentials
-  Eigen::Map<Matrix> acc;    // [block_q, head] un-normalised output
-  Eigen::Map<Matrix>
-      clean_values;  // [block_k, head] a masked tile's V with its non-finite rows zeroed (unused for one row)
-  Eigen::Map<Matrix> wide_k;   // [block_k, head] a K tile converted from the cache's precision (or unused)
-  Eigen::Map<Matrix> wide_v;   // [block_k, head] its V tile
-  Eigen::Map<Vector> zeros;    // [block_k] all 0: the bias of probs = 0 + Q·Kᵀ
-  Eigen::Map<Vector> row_max;  // [block_q] running max of each query's scores
-  Eigen::Map<Vector> row_sum;  // [block_q] running sum of exp(score - row_max)
-  std::vector<Index> seen;     // [2 · block_q] seen_begin, then seen_end:
-  Index* seen_begin;           // [block_q] the tile-relative key range each query sees in the current tile
-  Index* seen_end;             // [block_q]
-  Gemm<Scalar> qk;             // probs = Q_tile · K_tileᵀ, for keys not stored transposed (a cache)
+  Vector storage;                           // every array below, and qk's packing buffers
+  Eigen::Map<Matrix> probs{nullptr, 0, 0};  // [block_q, block_k] scores of one tile, then their exponentials
+  Eigen::Map<Matrix> acc{nullptr, 0, 0};    // [block_q, head] un-normalised output
+  Eigen::Map<Matrix> clean_values{nullptr, 0, 0};  // [block_k, head] a masked tile's V with its non-finite
+                                                   // rows zeroed (unused for one row)
+  Eigen::Map<Matrix> wide_k{nullptr, 0,
+                            0};  // [block_k, head] a K tile converted from the cache's precision (or unused)
+  Eigen::Map<Matrix> wide_v{nullptr, 0, 0};  // [block_k, head] its V tile
+  Eigen::Map<Vector> zeros{nullptr, 0};      // [block_k] all 0: the bias of probs = 0 + Q·Kᵀ
+  Eigen::Map<Vector> row_max{nullptr, 0};    // [block_q] running max of each query's scores
+  Eigen::Map<Vector> row_sum{nullptr, 0};    // [block_q] running sum of exp(score - row_max)
+  std::vector<Index> seen;                   // [>= 2 · block_q] seen_begin, then seen_end:
+  Index* seen_begin = nullptr;  // [block_q] the tile-relative key range each query sees in the current tile
+  Index* seen_end = nullptr;    // [block_q]
+  Gemm<Scalar> qk;              // probs = Q_tile · K_tileᵀ, for keys not stored transposed (a cache)
 };
 
 /// One sequence's queries: the rows at absolute positions [position, position + rows), scaled Q of row r at
@@ -474,9 +517,10 @@ inline int& last_team_size() noexcept {
   return size;
 }
 
-/// Every buffer a forward call needs, kept between the calls that share it (a Workspace) so that a call of a
-/// shape seen before allocates nothing: flat storage only grows, and the GEMM packing buffers and attention
-/// scratch are rebuilt only when the shape they were made for changes. Scalar is the compute type.
+/// Every buffer a forward call needs, kept between the calls that share it (a Workspace). Every buffer only
+/// grows, each to the largest size any call it served needed, and each call cuts what it needs from them: so
+/// a call of a shape served before, or of a smaller one, allocates nothing, whatever other shapes came
+/// between. Scalar is the compute type.
 template <typename Scalar>
 struct ForwardBuffers {
   using Index = Eigen::Index;
@@ -491,33 +535,32 @@ struct ForwardBuffers {
     return v.data();
   }
 
-  /// Makes the per-thread GEMMs and scratch fit this shape, rebuilding them only if it differs from the last.
-  void fit(int threads, Index rows, Index head, Index emb, Index out_width, Index block_q, Index block_k,
-           bool wide_keys, bool cached_keys, bool wide) {
-    // An array, not a vector: a call of a shape seen before must allocate nothing (no-allocation mode).
-    const std::array<Index, 10> key = {threads, rows,    head,      emb,         out_width,
-                                       block_q, block_k, wide_keys, cached_keys, wide};
-    // Fewer threads than fitted use the first ones' scratch: a decode step that turns serial (or a call of a
-    // workspace reserved for the most threads) reallocates nothing.
-    if (m_fitted && threads <= m_key[0] && std::equal(key.begin() + 1, key.end(), m_key.begin() + 1)) return;
-    m_fitted = false;  // invalid until everything is rebuilt (a bad_alloc on the way leaves it so)
-    scratch.clear();
-    // Reserved first: a scratch owns GEMM packing buffers and must never be relocated by a growing vector.
-    scratch.reserve(static_cast<std::size_t>(threads));
-    x_wide.resize(static_cast<std::size_t>(wide ? threads : 0));
-    projected_wide.resize(static_cast<std::size_t>(wide ? threads : 0));
-    for (int t = 0; t < threads; ++t) {
-      scratch.emplace_back(block_q, block_k, head, wide_keys, cached_keys);
-      if (wide) {
-        grow(x_wide[static_cast<std::size_t>(t)], rows * emb);
-        grow(projected_wide[static_cast<std::size_t>(t)], rows * out_width);
+  /// Makes the per-thread scratch cover a call on `threads` threads of this shape, growing only what is too
+  /// small: the scratch of threads [0, threads), cut for `shape` and holding at least `reserve` elements
+  /// (room for the decode steps that follow a workspace's prefill), and for a 16-bit layer (wide) each
+  /// thread's chunk of x ([chunk_rows, emb]) and of the projected output ([chunk_rows, out_width]). Scratch
+  /// of more threads, kept from an earlier call, stays.
+  void fit(int threads, const typename FlashScratch<Scalar>::Shape& shape, Index reserve, Index chunk_rows,
+           Index emb, Index out_width, bool wide) {
+    const std::size_t n = static_cast<std::size_t>(threads);
+    // Reserved first, in one step: a vector that grows moves its scratch, which is then fitted again.
+    if (scratch.size() < n) {
+      scratch.reserve(n);
+      scratch.resize(n);
+    }
+    for (std::size_t t = 0; t < n; ++t)
+      scratch[t].fit(shape, reserve);
+    if (wide) {
+      if (x_wide.size() < n) x_wide.resize(n);
+      if (projected_wide.size() < n) projected_wide.resize(n);
+      for (std::size_t t = 0; t < n; ++t) {
+        grow(x_wide[t], chunk_rows * emb);
+        grow(projected_wide[t], chunk_rows * out_width);
       }
     }
-    m_key = key;
-    m_fitted = true;
   }
 
-  /// Bytes held (roughly: the packing buffers are counted by their sizes).
+  /// Bytes held by the buffers of Scalar (the scratch's GEMM packing buffers included).
   std::size_t bytes() const {
     std::size_t n = static_cast<std::size_t>(qkv.size() + weights_t.size() + output_t.size() + biases.size() +
                                              keys_t.size() + concat.size());
@@ -546,10 +589,6 @@ struct ForwardBuffers {
   std::vector<Index> x_wide_chunk;             // per thread: which chunk x_wide holds
   std::vector<Linear<Scalar>> wide_layers;     // 16-bit layers: the weights converted for this call
   std::vector<const Linear<Scalar>*> wide_pointers;
-
- private:
-  std::array<Index, 10> m_key{};  // the shape the GEMMs and scratch were made for
-  bool m_fitted = false;
 };
 
 /// Columns per panel of a prepared projection weight: the register tile's width (64 floats with AVX-512, 16
@@ -785,6 +824,8 @@ struct AttentionPlan {
   /// i at h · rows + i (+inf for a row that sees no key), or null. For the backward, which then skips
   /// recomputing it.
   compute_t<Scalar>* lse = nullptr;
+  /// The call's name, for the message of a shape_error when its working memory cannot be addressed.
+  const char* where = "head_attention forward call";
 };
 
 /// Useful flops of a call: the projections plus, per query, its visible keys (QKᵀ and PV), estimated, for one
@@ -824,8 +865,11 @@ ComputeLayers<compute_t<Stored>> compute_layers(const Linear<Stored>* const* sto
     // Prepared once by the packed layer: nothing to convert, transpose or scale here.
   } else if constexpr (!std::is_same<Scalar, Stored>::value) {
     const Index count = 3 * heads + (plan.output != nullptr ? 1 : 0);
-    buffers.wide_layers.resize(static_cast<std::size_t>(count));
-    buffers.wide_pointers.resize(static_cast<std::size_t>(count));
+    // Never shrunk: a shorter list (another layer's) would free the converted weights past its end.
+    if (buffers.wide_layers.size() < static_cast<std::size_t>(count)) {
+      buffers.wide_layers.resize(static_cast<std::size_t>(count));
+      buffers.wide_pointers.resize(static_cast<std::size_t>(count));
+    }
     for (Index p = 0; p < count; ++p) {
       const Linear<Stored>& from = p < 3 * heads ? *stored_layers[p] : *plan.output;
       Linear<Scalar>& to = buffers.wide_layers[static_cast<std::size_t>(p)];
@@ -835,7 +879,7 @@ ComputeLayers<compute_t<Stored>> compute_layers(const Linear<Stored>* const* sto
       buffers.wide_pointers[static_cast<std::size_t>(p)] = &to;
     }
     result.layers = buffers.wide_pointers.data();
-    if (plan.output != nullptr) result.output = buffers.wide_pointers.back();
+    if (plan.output != nullptr) result.output = buffers.wide_pointers[static_cast<std::size_t>(count - 1)];
   } else {
     result.layers = stored_layers;
     result.output = plan.output;
@@ -864,6 +908,44 @@ struct WorkPlan {
   Index kt_panel = 0, kt_size = 0;  // keys per column panel of a sequence's Kᵀ; one sequence's Kᵀ
   int threads = 1;                  // the team size asked for
 };
+
+/// Throws shape_error, before anything is allocated or changed, unless every buffer of a forward call of
+/// `heads` heads over `batch` sequences of `seq_len` rows can be addressed: each size below, times the
+/// compute type's size in bytes, fits an Index. The rest of the call's size products (work items, projection
+/// chunks, scratch, the multi-head concatenation, 16-bit conversion buffers) are at most these or the layer's
+/// own sizes (a key block holds at most max_seq_len keys, which the layer's constructor checked with 3 ·
+/// head_size), so that none of them overflows either.
+template <typename Scalar>
+void check_call_sizes(Eigen::Index batch, Eigen::Index seq_len, Eigen::Index heads, Eigen::Index emb,
+                      Eigen::Index head, Eigen::Index out_width, bool cached, const char* where) {
+  const std::size_t bytes = sizeof(Scalar);
+  require_fits({batch, seq_len, std::max(emb, out_width)}, bytes, where,
+               "batch · seq_len · max(emb_size, out_features) · element size (the input or output)");
+  require_fits({heads, batch, seq_len, 3, head}, bytes, where,
+               "heads · batch · seq_len · 3 · head_size · element size (the Q|K|V buffer)");
+  // Each sequence's Kᵀ in whole panels (key_panel, at most seq_len + 64 keys: no overflow here).
+  const Eigen::Index panel = key_panel<Scalar>(seq_len);
+  if (!cached)
+    require_fits({heads, batch, (seq_len + panel - 1) / panel * panel, head}, bytes, where,
+                 "heads · batch · seq_len in whole Kᵀ panels · head_size · element size (the Kᵀ panels)");
+}
+
+/// Rows of x per projection chunk a call of `rows` rows aims at (its chunks hold at most this many). Never
+/// decreases as rows grows, so that buffers sized by it for a call serve every shorter one.
+inline Eigen::Index projection_chunk_target(Eigen::Index rows) noexcept {
+  using Index = Eigen::Index;
+  return std::min(
+      Tuning::projection_rows,
+      std::max<Index>(Tuning::projection_min_rows,
+                      ((rows + Tuning::projection_split - 1) / Tuning::projection_split + tile_rows - 1) /
+                          tile_rows * tile_rows));
+}
+
+/// Keys per block of a decode step (one query row per item) over caches of at most key_limit keys;
+/// converted_tiles: some cache's tiles are converted into scratch first.
+inline Eigen::Index decode_key_block(bool converted_tiles, Eigen::Index key_limit) noexcept {
+  return std::min(converted_tiles ? Tuning::decode_wide_key_block : Tuning::decode_key_block, key_limit);
+}
 
 /// forward()'s planning stage: block sizes, work items and the thread count of a call of this shape (threads:
 /// the caller's cap). Allocates nothing.
@@ -895,8 +977,8 @@ WorkPlan plan_work(Eigen::Index batch, Eigen::Index seq_len, Eigen::Index heads,
   w.block_q = std::min(Tuning::query_block, seq_len);
   // A single query row (a decode step) has no tile to reuse K and V across rows: longer key blocks only cut
   // the per-block overhead.
-  const Index decode_block = w.converted_tiles ? Tuning::decode_wide_key_block : Tuning::decode_key_block;
-  w.block_k = std::min(w.block_q == 1 ? decode_block : Tuning::key_block, w.key_limit);
+  w.block_k = w.block_q == 1 ? decode_key_block(w.converted_tiles, w.key_limit)
+                             : std::min(Tuning::key_block, w.key_limit);
   w.query_blocks = (seq_len + w.block_q - 1) / w.block_q;
   w.items = heads * batch * w.query_blocks;
   const double flops =
@@ -906,11 +988,7 @@ WorkPlan plan_work(Eigen::Index batch, Eigen::Index seq_len, Eigen::Index heads,
   // chunks but the last of proj_rows rows, about equal. The cut depends on the input alone, never on the
   // thread count (and gemm_nn rounds a row the same in any chunk, so results do not even depend on the cut).
   const Index rows = w.rows;
-  const Index chunk_target = std::min(
-      Tuning::projection_rows,
-      std::max<Index>(Tuning::projection_min_rows,
-                      ((rows + Tuning::projection_split - 1) / Tuning::projection_split + tile_rows - 1) /
-                          tile_rows * tile_rows));
+  const Index chunk_target = projection_chunk_target(rows);
   w.chunks = std::max<Index>(1, (rows + chunk_target - 1) / chunk_target);
   w.proj_rows = std::max<Index>(1, (rows + w.chunks - 1) / w.chunks);  // chunks of equal size
   w.proj_items = 3 * heads * w.chunks;
@@ -940,13 +1018,17 @@ struct ForwardStorage {
 
 /// forward()'s allocation stage: every buffer the call needs, grown in `buffers` (nothing is allocated
 /// inside the parallel region, where an exception terminates), and the per-thread scratch fitted to
-/// work.threads.
+/// work.threads. Every buffer is sized by a function of the shape that never decreases as batch or seq_len
+/// grows, so that buffers grown for a call serve every smaller one. for_steps (a workspace's cached call):
+/// the scratch also keeps room for the one-row decode steps over the same caches, so that a workspace that
+/// served (or was reserved for) a prefill serves the steps after it.
 template <typename Scalar>
 ForwardStorage<Scalar> allocate_storage(const WorkPlan& work, const PackedWeights<Scalar>* packed,
-                                        const Linear<Scalar>* output, bool cached, bool wide,
+                                        const Linear<Scalar>* output, bool cached, bool wide, bool for_steps,
                                         ForwardBuffers<Scalar>& buffers) {
   using Index = Eigen::Index;
   using Buffers = ForwardBuffers<Scalar>;
+  using Shape = typename FlashScratch<Scalar>::Shape;
   const Index heads = work.heads, rows = work.rows, head = work.head, emb = work.emb, ld = work.ld;
   ForwardStorage<Scalar> s;
   s.buffers = &buffers;
@@ -967,7 +1049,13 @@ ForwardStorage<Scalar> allocate_storage(const WorkPlan& work, const PackedWeight
   s.own_biases = packed != nullptr ? nullptr : Buffers::grow(buffers.biases, heads * ld);
   s.weights_t = packed != nullptr ? packed->weights_t.data() : s.own_weights_t;
   s.biases = packed != nullptr ? packed->biases.data() : s.own_biases;
-  buffers.values_finite.resize(static_cast<std::size_t>(cached ? 0 : heads * work.chunks));
+  // (Capacity for the most chunks any call of at most these rows has: chunks <= projection_split for up to
+  // projection_split · projection_rows rows, then rows / projection_rows + 1.)
+  const std::size_t chunk_flags = static_cast<std::size_t>(cached ? 0 : heads * work.chunks);
+  if (!cached)
+    buffers.values_finite.reserve(
+        static_cast<std::size_t>(heads * (Tuning::projection_split + rows / Tuning::projection_rows + 1)));
+  buffers.values_finite.resize(chunk_flags);
   s.values_finite = buffers.values_finite.data();
   s.own_output_t = Buffers::grow(buffers.output_t, output != nullptr ? output->weight.size() : 0);
   s.output_t = packed != nullptr ? packed->output_t.data() : s.own_output_t;
@@ -976,9 +1064,15 @@ ForwardStorage<Scalar> allocate_storage(const WorkPlan& work, const PackedWeight
   s.keys_t = Buffers::grow(buffers.keys_t, cached ? 0 : heads * work.batch * work.kt_size);
   s.concat = Buffers::grow(buffers.concat, (work.out_width > 0 ? rows : 0) * heads * head);
   // Per thread: attention scratch, and for a 16-bit layer a row chunk of x and of the projected output in the
-  // compute type.
-  buffers.fit(work.threads, std::min(work.proj_rows, rows), head, emb, work.out_width, work.block_q,
-              work.block_k, work.wide_keys, cached, wide);
+  // compute type (sized by the chunk target, which bounds the chunks of every call up to these rows).
+  const Shape shape{work.block_q, work.block_k, head, work.wide_keys, cached};
+  const Index step_room =
+      for_steps && cached
+          ? FlashScratch<Scalar>::size(
+                Shape{1, decode_key_block(work.converted_tiles, work.key_limit), head, work.wide_keys, true})
+          : 0;
+  buffers.fit(work.threads, shape, step_room, std::min(projection_chunk_target(rows), rows), emb,
+              work.out_width, wide);
   buffers.x_wide_chunk.assign(static_cast<std::size_t>(wide ? work.threads : 0), -1);
   return s;
 }
@@ -1161,21 +1255,23 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   using Index = Eigen::Index;
   constexpr bool wide = !std::is_same<Scalar, Stored>::value;
   last_team_size() = 1;
-  if (batch * seq_len == 0 || heads == 0) return;
+  if (batch == 0 || seq_len == 0 || heads == 0) return;
 
+  // Every size checked before anything is allocated or changed (a workspace's buffers included).
+  const PackedWeights<Scalar>* const packed = plan.packed;
+  const Index emb = packed != nullptr ? packed->emb : stored_layers[0]->in_features();
+  const Index head = packed != nullptr ? packed->head : stored_layers[0]->out_features();
+  const Index out_width =
+      packed != nullptr ? packed->out_width : (plan.output != nullptr ? plan.output->out_features() : 0);
+  check_call_sizes<Scalar>(batch, seq_len, heads, emb, head, out_width, plan.caches != nullptr, plan.where);
   // Everything is allocated before the parallel region (an exception thrown inside one terminates), in the
   // caller's buffers when it passed some, else in this call's own.
   ForwardBuffers<Scalar> own;
   ForwardBuffers<Scalar>& buffers = plan.buffers != nullptr ? *plan.buffers : own;
-  const PackedWeights<Scalar>* const packed = plan.packed;
   const ComputeLayers<Scalar> layers = compute_layers(stored_layers, heads, plan, buffers);
-  const Index emb = packed != nullptr ? packed->emb : layers.layers[0]->in_features();
-  const Index head = packed != nullptr ? packed->head : layers.layers[0]->out_features();
-  const Index out_width =
-      packed != nullptr ? packed->out_width : (layers.output != nullptr ? layers.output->out_features() : 0);
   const WorkPlan work = plan_work<Scalar>(batch, seq_len, heads, emb, head, out_width, plan, threads);
-  const ForwardStorage<Scalar> storage =
-      allocate_storage(work, packed, layers.output, plan.caches != nullptr, wide, buffers);
+  const ForwardStorage<Scalar> storage = allocate_storage(work, packed, layers.output, plan.caches != nullptr,
+                                                          wide, plan.buffers != nullptr, buffers);
   if (plan.size_only) return;
   const Scalar scale = query_scale<Scalar>(head);
   const ForwardPass<XOrder, Stored> pass{x, x_stride, out, out_stride, plan, work, storage};

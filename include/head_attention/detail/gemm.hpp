@@ -82,20 +82,43 @@ class Gemm {
  public:
   using Index = Eigen::Index;
 
-  /// Prepares packing buffers for products up to [max_m, max_k] · [max_k, max_n] (none when max_m is 1);
-  /// larger ones still work, in more cache blocks, but then Eigen allocates its buffers itself.
-  Gemm(Index max_m, Index max_n, Index max_k)
-#if HEAD_ATTENTION_GEMM_USES_EIGEN_INTERNALS
-      : m_blocking(max_m, max_n, max_k, 1, true) {
-    if (max_m > 1) m_blocking.allocateAll();  // single rows take the matrix-vector path, which needs none
+  /// Packing buffers for products up to [max_m, max_k] · [max_k, max_n] (none when max_m is 1), owned by
+  /// this Gemm; larger products still work, in more cache blocks.
+  Gemm(Index max_m, Index max_n, Index max_k) {
+    m_own.resize(buffer_size(max_m, max_n, max_k));
+    use(max_m, max_n, max_k, m_own.data());
   }
+  /// No buffers until use() gives some: products of one row only (or any, on the fallback).
+  Gemm() = default;
+  // The blocking may point into m_own: a copy would share it.
+  Gemm(const Gemm&) = delete;
+  Gemm& operator=(const Gemm&) = delete;
+  Gemm(Gemm&&) = default;  // (a moved Eigen vector keeps its heap block, so the pointers stay valid)
+  Gemm& operator=(Gemm&&) = default;
+
+  /// Elements of packing buffer that use() needs for products up to [max_m, max_k] · [max_k, max_n]: 0 for
+  /// one row (the matrix-vector path) and on the fallback, else max_k · (max_m + max_n) plus alignment, a
+  /// bound on Eigen's blocks (kc <= k, mc and nc at most the product's sizes) that never decreases as a size
+  /// grows, so that a buffer sized for a product serves every smaller one. Sizes must have been checked
+  /// (the product fits an Index).
+  static Index buffer_size(Index max_m, Index max_n, Index max_k) noexcept {
+    if (!gemm_uses_eigen_internals || max_m <= 1) return 0;
+    return aligned(max_k * max_n) + aligned(max_k * max_m);
+  }
+
+  /// Takes the packing buffers from `buffer` (buffer_size(max_m, max_n, max_k) elements, aligned to 64 bytes,
+  /// not owned) for products up to those sizes, with Eigen's cache blocking for exactly these sizes, as a
+  /// Gemm constructed with them has (so the same rounding: the depth blocks kc follow the sizes).
+  void use(Index max_m, Index max_n, Index max_k, Scalar* buffer) noexcept {
+#if HEAD_ATTENTION_GEMM_USES_EIGEN_INTERNALS
+    m_blocking.fit(max_m, max_n, max_k, max_m > 1 ? buffer : nullptr, buffer_size(max_m, max_n, max_k));
 #else
-  {
     (void)max_m;
     (void)max_n;
     (void)max_k;
-  }
+    (void)buffer;
 #endif
+  }
 
   template <int LhsOrder, int RhsOrder>
   void accumulate(Index m, Index n, Index k, const Scalar* lhs, Index lhs_stride, const Scalar* rhs,
@@ -140,13 +163,36 @@ class Gemm {
   }
 
  private:
+  static constexpr Index align = 64 / static_cast<Index>(sizeof(Scalar));  // each block on a cache line
+  static constexpr Index aligned(Index n) noexcept {
+    return (n + align - 1) / align * align;
+  }
+
 #if HEAD_ATTENTION_GEMM_USES_EIGEN_INTERNALS
-  Eigen::internal::gemm_blocking_space<Eigen::RowMajor, Scalar, Scalar, Eigen::Dynamic, Eigen::Dynamic,
-                                       Eigen::Dynamic>
-      m_blocking;
+  /// Eigen's cache blocking of a product with a row-major result (gemm_blocking_space<RowMajor>'s, which
+  /// computes it for the transposed product), its packing blocks in memory it does not own.
+  class Blocking : public Eigen::internal::level3_blocking<Scalar, Scalar> {
+   public:
+    void fit(Index max_m, Index max_n, Index max_k, Scalar* buffer, Index size) noexcept {
+      // Computes the blocking only: it allocates when asked to (allocateAll), never here.
+      const Eigen::internal::gemm_blocking_space<Eigen::RowMajor, Scalar, Scalar, Eigen::Dynamic,
+                                                 Eigen::Dynamic, Eigen::Dynamic>
+          sizes(max_m, max_n, max_k, 1, true);
+      this->m_mc = sizes.mc();
+      this->m_nc = sizes.nc();
+      this->m_kc = sizes.kc();
+      const Index size_a = aligned(this->m_mc * this->m_kc), size_b = this->m_kc * this->m_nc;
+      // (Always within the bound; were it not, Eigen would allocate its own blocks, as with none.)
+      const bool fits = buffer != nullptr && size_a + size_b <= size;
+      this->m_blockA = fits ? buffer : nullptr;
+      this->m_blockB = fits ? buffer + size_a : nullptr;
+    }
+  };
+  Blocking m_blocking;
 #else
   static constexpr Index panel_depth = 128;
 #endif
+  Eigen::Matrix<Scalar, Eigen::Dynamic, 1> m_own;  // the buffer of a Gemm built with its sizes
 };
 
 }  // namespace head_attention::detail
