@@ -92,12 +92,13 @@ Scalar weight_value(const W* w, Eigen::Index k) noexcept {
     return stored_value<Scalar>(P, w, k);
 }
 
-/// sums[r · G + i] = x_r · w_i (`in` products) for the R rows x_r of x (at x + r · ldx) and the G weight rows
-/// w_i at w + i · in. Each sum is the same chain whatever R and G are and whichever block a row falls in: two
-/// packet accumulators (even and odd packets, for the FMA latency), added and reduced, then the last in % W
-/// products one at a time. Each load of x serves G weight rows, each load of a weight R rows of x.
+/// sums[r · lds + i] = x_r · w_i (`in` products) for the R rows x_r of x (at x + r · ldx) and the G weight
+/// rows w_i at w + i · in. Each sum is the same chain whatever R and G are and whichever block a row falls
+/// in: two packet accumulators (even and odd packets, for the FMA latency), added and reduced, then the last
+/// in % W products one at a time. Each load of x serves G weight rows, each load of a weight R rows of x.
 template <int R, int G, typename Scalar, Precision P, typename W>
-void dot_block(const Scalar* x, Eigen::Index ldx, const W* w, Eigen::Index in, Scalar* sums) noexcept {
+void dot_block(const Scalar* x, Eigen::Index ldx, const W* w, Eigen::Index in, Scalar* sums,
+               Eigen::Index lds) noexcept {
   using Index = Eigen::Index;
   Index k = 0;
   if constexpr (gemm_uses_eigen_internals && simd_width < Scalar >> 1) {
@@ -142,7 +143,7 @@ void dot_block(const Scalar* x, Eigen::Index ldx, const W* w, Eigen::Index in, S
     for (int r = 0; r < R; ++r)
       HEAD_ATTENTION_UNROLL
     for (int i = 0; i < G; ++i)
-      sums[r * G + i] = predux(padd(even[r][i], odd[r][i]));
+      sums[r * lds + i] = predux(padd(even[r][i], odd[r][i]));
   } else {
     // Portable: Eigen's dot product, vectorised as Eigen sees fit (the same for every row of one length).
     using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
@@ -150,11 +151,11 @@ void dot_block(const Scalar* x, Eigen::Index ldx, const W* w, Eigen::Index in, S
       const Eigen::Map<const RowVector> xs(x + r * ldx, in);
       for (int i = 0; i < G; ++i) {
         if constexpr (std::is_same<W, Scalar>::value) {
-          sums[r * G + i] = xs.dot(Eigen::Map<const RowVector>(w + i * in, in));
+          sums[r * lds + i] = xs.dot(Eigen::Map<const RowVector>(w + i * in, in));
         } else {
           using Stored = std::conditional_t<P == Precision::float16, Eigen::half, Eigen::bfloat16>;
           using StoredRow = Eigen::Matrix<Stored, 1, Eigen::Dynamic>;
-          sums[r * G + i] =
+          sums[r * lds + i] =
               xs.dot(Eigen::Map<const StoredRow>(reinterpret_cast<const Stored*>(w + i * in), in)
                          .template cast<Scalar>());
         }
@@ -165,24 +166,21 @@ void dot_block(const Scalar* x, Eigen::Index ldx, const W* w, Eigen::Index in, S
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < G; ++i)
       for (Index t = k; t < in; ++t)
-        sums[r * G + i] = std::fma(x[r * ldx + t], weight_value<Scalar, P>(w + i * in, t), sums[r * G + i]);
+        sums[r * lds + i] =
+            std::fma(x[r * ldx + t], weight_value<Scalar, P>(w + i * in, t), sums[r * lds + i]);
 }
 
-/// dot_block over g <= G weight rows (g known at run time only), sums[r · G + i] for i < g.
+/// dot_block over g <= G weight rows (g known at run time only).
 template <int R, int G, typename Scalar, Precision P, typename W>
-void dot_rows(Eigen::Index g, const Scalar* x, Eigen::Index ldx, const W* w, Eigen::Index in,
-              Scalar* sums) noexcept {
+void dot_rows(Eigen::Index g, const Scalar* x, Eigen::Index ldx, const W* w, Eigen::Index in, Scalar* sums,
+              Eigen::Index lds) noexcept {
   if constexpr (G > 1) {
     if (g < G) {
-      Scalar part[R * (G - 1)];
-      dot_rows<R, G - 1, Scalar, P>(g, x, ldx, w, in, part);
-      for (int r = 0; r < R; ++r)
-        for (int i = 0; i < G - 1; ++i)
-          sums[r * G + i] = part[r * (G - 1) + i];
+      dot_rows<R, G - 1, Scalar, P>(g, x, ldx, w, in, sums, lds);
       return;
     }
   }
-  dot_block<R, G, Scalar, P>(x, ldx, w, in, sums);
+  dot_block<R, G, Scalar, P>(x, ldx, w, in, sums, lds);
 }
 
 /// project_rows over weights stored as W in precision P.
@@ -211,13 +209,13 @@ void project_rows_as(const Scalar* x, Eigen::Index ldx, Eigen::Index rows, const
     for (; r + 2 <= rows; r += 2) {
       for (Index i = 0; i < g; i += G2) {
         const Index gi = std::min(G2, g - i);
-        dot_rows<2, G2, Scalar, P>(gi, x + r * ldx, ldx, weight + (o + i) * in, in, sums);
+        dot_rows<2, G2, Scalar, P>(gi, x + r * ldx, ldx, weight + (o + i) * in, in, sums, G2);
         store(r, o + i, gi, sums);
         store(r + 1, o + i, gi, sums + G2);
       }
     }
     if (r < rows) {
-      dot_rows<1, G, Scalar, P>(g, x + r * ldx, ldx, weight + o * in, in, sums);
+      dot_rows<1, G, Scalar, P>(g, x + r * ldx, ldx, weight + o * in, in, sums, G);
       store(r, o, g, sums);
     }
   }
