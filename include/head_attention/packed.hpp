@@ -302,7 +302,9 @@ class PackedForm {
 /// [emb_size, head_size] operand, the query's 1/sqrt(head_size) folded into Wq and bq, 16-bit weights
 /// widened to float). HeadAttention::forward prepares them anew on every call, since callers may change its
 /// weights through query()/key()/value() at any time; this form skips that (the whole preparation at small T,
-/// e.g. 17% of a call at B = 2, T = 10, emb 512, head 64).
+/// e.g. 17% of a call at B = 2, T = 10, emb 512, head 64). Decode steps (calls extending caches by at most
+/// detail::Tuning::rowdot_rows rows) read the weights as stored in either form; this one keeps a copy of the
+/// layer's [out, in] rows for them, so that its results stay the layer's bit for bit.
 ///
 /// Immutable: the weights, sizes and mask rule are fixed when it is made, and later changes to the layer it
 /// was made from do not reach it (pack again to take them). Results are bit-identical to the layer's forward
@@ -431,7 +433,8 @@ class PackedHeadAttention : public TensorAttentionBase<PackedHeadAttention<Scala
 
 /// MultiHeadAttention frozen for inference (what a simple_llm model runs): every head's weights and the
 /// output projection prepared once, as PackedHeadAttention does for one head (MultiHeadAttention::forward
-/// prepares them on every call: for 8 heads of 64 at emb 512, 1 MB of transposes). Immutable: later changes
+/// prepares them on every call but decode steps: for 8 heads of 64 at emb 512, 1 MB of transposes; it also
+/// keeps the layer's [out, in] rows for its decode steps, as PackedHeadAttention). Immutable: later changes
 /// to the layer it was made from do not reach it. Results are bit-identical to the layer's forward at any
 /// thread count. const, and safe to call from many threads at once.
 template <typename Scalar>
