@@ -17,6 +17,12 @@
 // decode/packed/float/cache:float32/n:<n>: the same step of the layer's PackedHeadAttention, whose weights
 // were prepared once (the layer transposes and scales them on every call: at t = 1 a large part of a step).
 //
+// step/<form>/<weights>/cache:<precision>/n:<n>: one decode step (t = 1) of an 8-head MultiHeadAttention
+// (emb 512, heads of 64) with weights of <weights> (float, bfloat16, float16), forward_cached_into with a
+// Workspace, one thread, against a cache of n positions (truncated back after each step); <form> is the layer
+// or its PackedMultiHeadAttention. step/packed/float-bf16/…: a float layer packed with bfloat16 weights
+// (PackedMultiHeadAttention(layer, Precision::bfloat16)).
+//
 // window/<rule>/float/T:<T>: a full forward over T rows, one thread, under the causal rule and a sliding
 // window of 512: the window's cost grows as T · 512, the causal one as T².
 #include <algorithm>
@@ -90,6 +96,30 @@ void bm_decode(benchmark::State& state, Index n, head_attention::Precision stora
   state.counters["bandwidth_GBps"] = bandwidth * 1e-9;
 }
 
+template <typename Scalar>
+void bm_multihead_step(benchmark::State& state, Index n, head_attention::Precision storage, bool packed,
+                       head_attention::Precision weights) {
+  using Layer = head_attention::MultiHeadAttention<Scalar>;
+  using Rows = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  Layer layer(8, kEmb, kHead, n + 1, 0.0, kSeed);
+  layer.set_num_threads(1);
+  const head_attention::PackedMultiHeadAttention<Scalar> packed_layer(layer, weights);
+  const Rows prompt = random_rows(n + 1, kSeed + static_cast<std::uint64_t>(n)).template cast<Scalar>();
+  auto cache = layer.make_cache(storage);
+  (void)layer.forward_cached(prompt.topRows(n), cache);
+  const Rows next = prompt.bottomRows(1);
+  Rows out(1, kEmb);
+  head_attention::Workspace<Scalar> workspace;
+  for (auto _ : state) {
+    if (packed)
+      packed_layer.forward_cached_into(next, cache, out, workspace);
+    else
+      layer.forward_cached_into(next, cache, out, workspace);
+    benchmark::DoNotOptimize(out.data());
+    cache.truncate(n);
+  }
+}
+
 void bm_window(benchmark::State& state, Index T, bool windowed) {
   const head_attention::MaskRule rule =
       windowed ? head_attention::MaskRule::sliding_window(kWindow) : head_attention::MaskRule::causal();
@@ -119,6 +149,26 @@ int main(int argc, char** argv) {
       if (storage == Precision::float32)
         benchmark::RegisterBenchmark(("decode/packed/float/cache:float32/n:" + std::to_string(n)).c_str(),
                                      bm_decode, n, storage, true)
+            ->Unit(benchmark::kMicrosecond)
+            ->UseRealTime();
+    }
+  for (const Index n : {Index(128), Index(512), Index(1024), Index(2048), Index(4096)})
+    for (const bool packed : {false, true}) {
+      const std::string form = packed ? "packed" : "layer", tail = "/n:" + std::to_string(n);
+      const auto add = [&](const std::string& name, auto fn, Precision storage, Precision weights) {
+        benchmark::RegisterBenchmark(("step/" + form + name + tail).c_str(), fn, n, storage, packed, weights)
+            ->Unit(benchmark::kMicrosecond)
+            ->UseRealTime();
+      };
+      add("/float/cache:float32", bm_multihead_step<float>, Precision::float32, Precision::float32);
+      add("/float/cache:bfloat16", bm_multihead_step<float>, Precision::bfloat16, Precision::float32);
+      add("/bfloat16/cache:bfloat16", bm_multihead_step<Eigen::bfloat16>, Precision::bfloat16,
+          Precision::bfloat16);
+      add("/float16/cache:float16", bm_multihead_step<Eigen::half>, Precision::float16, Precision::float16);
+      if (packed)
+        benchmark::RegisterBenchmark(("step/packed/float-bf16/cache:bfloat16" + tail).c_str(),
+                                     bm_multihead_step<float>, n, Precision::bfloat16, true,
+                                     Precision::bfloat16)
             ->Unit(benchmark::kMicrosecond)
             ->UseRealTime();
     }

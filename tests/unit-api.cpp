@@ -13,16 +13,37 @@ namespace {
 
 using namespace ha_test;
 
-/// A cached prefill or a decode step against the forward of the same rows: the same bits from the library's
-/// own kernels. With HEAD_ATTENTION_GEMM_FALLBACK, Eigen's public products choose their kernels by shape, so
-/// a 2-row step and a 12-row forward agree to rounding only.
+/// A cached prefill or a decode step of at most Tuning::rowdot_rows rows against the forward of the same
+/// rows: those project through the weights as stored (detail::project_rows, the query's scale applied
+/// after), a forward through the prepared weights' GEMMs, so they agree to rounding.
 template <typename A, typename B>
-bool same_as_forward(const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b) {
-#if defined(HEAD_ATTENTION_GEMM_FALLBACK)
+bool close_to_forward(const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b) {
   return relative_error(a, b) < rounding_tolerance<typename A::Scalar>();
-#else
-  return identical(a, b);
-#endif
+}
+
+/// A form's decode steps over the B sequences of x ([B · T, emb]), one row per sequence at a time, into
+/// [B · T, out] rows in x's order: what every form must give bit for bit as the layer's.
+template <typename Form, typename Scalar>
+Matrix<Scalar> decode_steps(const Form& form, const Matrix<Scalar>& x, Index B, Index T) {
+  auto cache = form.make_cache(B);
+  Matrix<Scalar> steps;
+  for (Index t = 0; t < T; ++t) {
+    Matrix<Scalar> step_x(B, x.cols());
+    for (Index b = 0; b < B; ++b)
+      step_x.row(b) = x.row(b * T + t);
+    const Matrix<Scalar> step = form.forward_cached(step_x, cache);
+    if (t == 0) steps.resize(B * T, step.cols());
+    for (Index b = 0; b < B; ++b)
+      steps.row(b * T + t) = step.row(b);
+  }
+  return steps;
+}
+
+/// A form's cached prefill of the rows of x, one sequence.
+template <typename Form, typename Scalar>
+Matrix<Scalar> cached_prefill(const Form& form, const Matrix<Scalar>& x) {
+  auto cache = form.make_cache(head_attention::precision_of<Scalar>());
+  return form.forward_cached(x, cache);
 }
 
 template <typename Scalar>
@@ -53,7 +74,8 @@ Index positions(const std::vector<head_attention::KVCache<Scalar>>& caches) {
 template <typename Form, typename Scalar>
 void check_inference_form(const Form& form, const Matrix<Scalar>& x, const Tensor3<Scalar>& tx,
                           const std::vector<Index>& lengths, const Matrix<Scalar>& want_one,
-                          const Matrix<Scalar>& want_batch, const Matrix<Scalar>& want_padded) {
+                          const Matrix<Scalar>& want_batch, const Matrix<Scalar>& want_padded,
+                          const Matrix<Scalar>& want_steps, const Matrix<Scalar>& want_prefill) {
   const Index B = tx.dimension(0), T = tx.dimension(1), width = want_one.cols();
   head_attention::Workspace<Scalar> workspace;
   CHECK(identical(form.forward(x.topRows(T)), want_one));
@@ -101,9 +123,12 @@ void check_inference_form(const Form& form, const Matrix<Scalar>& x, const Tenso
   }
   CHECK(positions(cache) == T);
   CHECK(relative_error(steps, want_batch) < rounding_tolerance<Scalar>());  // steps sum in another order
+  CHECK(identical(steps, want_steps));  // and the layer's steps bit for bit
   // One sequence's cache, by precision alone, as every form's make_cache(storage).
   auto one = form.make_cache(head_attention::precision_of<Scalar>());
-  CHECK(same_as_forward(form.forward_cached(x.topRows(T), one), want_one));
+  const Matrix<Scalar> prefill = form.forward_cached(x.topRows(T), one);
+  CHECK(close_to_forward(prefill, want_one));
+  CHECK(identical(prefill, want_prefill));
   form.reserve_workspace(workspace, B, T);
   CHECK(form.workspace_bytes(B, T) > 0);
 }
@@ -121,13 +146,15 @@ TEMPLATE_TEST_CASE("every form has every inference entry point, bit for bit the 
     layer.forward_into(x, batch, Batch(B));
     layer.forward_into(x, padded, Batch(B, lengths));
     const Matrix<Scalar> one = layer.forward(x.topRows(T));
+    const Matrix<Scalar> steps = decode_steps(layer, x, B, T),
+                         prefill = cached_prefill(layer, Matrix<Scalar>(x.topRows(T)));
     SECTION("BatchedHeadAttention") {
       check_inference_form(head_attention::BatchedHeadAttention<Scalar>(layer), x, tx, lengths, one, batch,
-                           padded);
+                           padded, steps, prefill);
     }
     SECTION("PackedHeadAttention") {
       check_inference_form(head_attention::PackedHeadAttention<Scalar>(layer), x, tx, lengths, one, batch,
-                           padded);
+                           padded, steps, prefill);
     }
     SECTION("HeadAttention: the matrix entry points, and the caches of B sequences") {
       CHECK(identical(layer.forward(x.topRows(T)), one));
@@ -141,8 +168,10 @@ TEMPLATE_TEST_CASE("every form has every inference entry point, bit for bit the 
       Matrix<Scalar> step_x(B, emb);
       step_x << x.row(0), x.row(T);
       first = layer.forward_cached(step_x, caches);
-      CHECK(same_as_forward(first.row(0), batch.row(0)));
-      CHECK(same_as_forward(first.row(1), batch.row(T)));
+      CHECK(close_to_forward(first.row(0), batch.row(0)));
+      CHECK(close_to_forward(first.row(1), batch.row(T)));
+      CHECK(identical(first.row(0), steps.row(0)));
+      CHECK(identical(first.row(1), steps.row(T)));
     }
   }
   {
@@ -151,12 +180,14 @@ TEMPLATE_TEST_CASE("every form has every inference entry point, bit for bit the 
     layer.forward_into(x, batch, Batch(B));
     layer.forward_into(x, padded, Batch(B, lengths));
     const Matrix<Scalar> one = layer.forward(x.topRows(T));
+    const Matrix<Scalar> steps = decode_steps(layer, x, B, T),
+                         prefill = cached_prefill(layer, Matrix<Scalar>(x.topRows(T)));
     SECTION("MultiHeadAttention") {
-      check_inference_form(layer, x, tx, lengths, one, batch, padded);
+      check_inference_form(layer, x, tx, lengths, one, batch, padded, steps, prefill);
     }
     SECTION("PackedMultiHeadAttention") {
       check_inference_form(head_attention::PackedMultiHeadAttention<Scalar>(layer), x, tx, lengths, one,
-                           batch, padded);
+                           batch, padded, steps, prefill);
     }
   }
 }

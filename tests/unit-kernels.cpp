@@ -193,3 +193,165 @@ TEMPLATE_TEST_CASE("exp_sum: each exp(p - shift) within 2 ulp of long-double exp
     CHECK(std::isnan(sum));
   }
 }
+
+namespace {
+
+/// out = (bias + x · Wᵀ) · scale through project_rows over the weight rows [o0, o1) of W [out, in] stored as
+/// Stored (float, double, or 16 bits for a float computation), x and out padded; checked element by element
+/// against a long-double sum of the same (widened) values within 2 (in + 2) · eps · Σ|terms|, and the padding
+/// of out left untouched. Returns the outputs [rows, o1 - o0] (leading dimension o1 - o0 + 3).
+template <typename Scalar, typename Stored = Scalar>
+std::vector<Scalar> check_project_rows(Index rows, Index in, Index out, Index o0, Index o1, Scalar scale) {
+  const Index ldx = in + 5, ldo = o1 - o0 + 3;
+  const unsigned seed = 7u + static_cast<unsigned>(rows + 13 * in + 101 * out);
+  const std::vector<Scalar> x = random_values<Scalar>(static_cast<std::size_t>(rows * ldx), seed);
+  const std::vector<Scalar> w_values = random_values<Scalar>(static_cast<std::size_t>(out * in), seed + 1);
+  const std::vector<Scalar> b_values = random_values<Scalar>(static_cast<std::size_t>(out), seed + 2);
+  std::vector<Stored> w(w_values.size()), b(b_values.size());
+  for (std::size_t i = 0; i < w.size(); ++i)
+    w[i] = static_cast<Stored>(w_values[i]);
+  for (std::size_t i = 0; i < b.size(); ++i)
+    b[i] = static_cast<Stored>(b_values[i]);
+  detail::WeightRows layer;
+  layer.weight = w.data();
+  layer.bias = b.data();
+  layer.weight_precision = layer.bias_precision = head_attention::precision_of<Stored>();
+  const Scalar sentinel = Scalar(12345);
+  std::vector<Scalar> y(static_cast<std::size_t>(rows * ldo), sentinel);
+  detail::project_rows(x.data(), ldx, rows, layer, in, o0, o1, scale, y.data(), ldo);
+
+  const long double eps = std::numeric_limits<Scalar>::epsilon();
+  const auto wide = [](Stored v) { return static_cast<long double>(static_cast<Scalar>(v)); };
+  int wrong = 0, padding_changed = 0;
+  for (Index r = 0; r < rows; ++r)
+    for (Index j = 0; j < ldo; ++j) {
+      const Scalar got = y[static_cast<std::size_t>(r * ldo + j)];
+      if (j >= o1 - o0) {
+        padding_changed += got != sentinel;
+        continue;
+      }
+      const Index o = o0 + j;
+      long double sum = wide(b[static_cast<std::size_t>(o)]), magnitude = std::fabs(sum);
+      for (Index k = 0; k < in; ++k) {
+        const long double term = static_cast<long double>(x[static_cast<std::size_t>(r * ldx + k)]) *
+                                 wide(w[static_cast<std::size_t>(o * in + k)]);
+        sum += term;
+        magnitude += std::fabs(term);
+      }
+      const long double want = sum * static_cast<long double>(scale);
+      const long double bound = 2 * static_cast<long double>(in + 2) * eps * magnitude * std::fabs(scale);
+      wrong += !(std::fabs(static_cast<long double>(got) - want) <= bound);
+    }
+  INFO("rows = " << rows << ", in = " << in << ", out = " << out << ", o0 = " << o0 << ", o1 = " << o1
+                 << ", weights of " << sizeof(Stored) << " bytes");
+  CHECK(wrong == 0);
+  CHECK(padding_changed == 0);
+  return y;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("project_rows: (bias + x·Wᵀ)·scale against a long-double reference, every remainder",
+                   "[kernels]", float, double) {
+  using Scalar = TestType;
+  const Scalar scale = Scalar(1) / std::sqrt(Scalar(3));
+  // rows around Tuning::rowdot_rows; in around every packet width and its two-packet steps; blocks of
+  // weight rows of every group remainder, starting anywhere.
+  for (Index rows = 1; rows <= detail::Tuning::rowdot_rows + 1; ++rows)
+    for (const Index in : {1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 517})
+      for (const Index out : {1, 2, 3, 4, 5, 9, 33}) {
+        check_project_rows<Scalar>(rows, in, out, 0, out, rows % 2 == 0 ? Scalar(1) : scale);
+        if (out > 2) check_project_rows<Scalar>(rows, in, out, 1, out - 1, scale);
+      }
+}
+
+TEST_CASE("project_rows: 16-bit weights and biases, read as stored, against a long-double reference",
+          "[kernels][precision]") {
+  for (const Index rows : {1, 2, 5, 9})
+    for (const Index in : {1, 5, 8, 16, 24, 33, 64, 130, 512})
+      for (const Index out : {1, 4, 7, 33}) {
+        check_project_rows<float, Eigen::half>(rows, in, out, 0, out, 0.125f);
+        check_project_rows<float, Eigen::bfloat16>(rows, in, out, 0, out, 0.125f);
+        if (out > 1) check_project_rows<float, Eigen::bfloat16>(rows, in, out, 1, out, 1.0f);
+      }
+}
+
+TEMPLATE_TEST_CASE("project_rows: an output's bits do not depend on its block of weight rows or of x rows",
+                   "[kernels]", float, double) {
+  // The forward pass cuts weight rows into blocks by shape (and threads take any block): the cut must not
+  // show, nor must the number of rows of x a call has.
+  using Scalar = TestType;
+  for (const Index in : {3, 16, 67, 512}) {
+    constexpr Index rows = 7, out = 70;
+    const std::vector<Scalar> x = random_values<Scalar>(static_cast<std::size_t>(rows * in), 31u);
+    const std::vector<Scalar> w = random_values<Scalar>(static_cast<std::size_t>(out * in), 32u);
+    const std::vector<Scalar> b = random_values<Scalar>(static_cast<std::size_t>(out), 33u);
+    detail::WeightRows layer;
+    layer.weight = w.data();
+    layer.bias = b.data();
+    layer.weight_precision = layer.bias_precision = head_attention::precision_of<Scalar>();
+    const Scalar scale = Scalar(0.3);
+    std::vector<Scalar> all(rows * out), split(rows * out, Scalar(0)), single(rows * out, Scalar(0));
+    detail::project_rows(x.data(), in, rows, layer, in, 0, out, scale, all.data(), out);
+    for (Index o0 = 0, step = 1; o0 < out; o0 += step, step = step % 6 + 1)
+      detail::project_rows(x.data(), in, rows, layer, in, o0, std::min(out, o0 + step), scale,
+                           split.data() + o0, out);
+    for (Index r = 0; r < rows; ++r)
+      detail::project_rows(x.data() + r * in, in, 1, layer, in, 0, out, scale, single.data() + r * out, out);
+    INFO("in = " << in);
+    CHECK(all == split);
+    CHECK(all == single);
+  }
+}
+
+TEST_CASE("project_rows: 16-bit weights give the bits of their float widening", "[kernels][precision]") {
+  // Widening is exact and the 16-bit path runs the float path's sums: a packed form may keep either.
+  if (!detail::gemm_uses_eigen_internals)
+    HA_SKIP("the portable path is Eigen's dot product, which may vectorise a cast expression differently");
+  for (const Index in : {5, 64, 100, 512}) {
+    constexpr Index rows = 3, out = 9;
+    const std::vector<float> x = random_values<float>(static_cast<std::size_t>(rows * in), 41u);
+    const std::vector<float> w32 = random_values<float>(static_cast<std::size_t>(out * in), 42u);
+    std::vector<Eigen::bfloat16> w16(w32.size());
+    std::vector<float> widened(w32.size());
+    for (std::size_t i = 0; i < w32.size(); ++i) {
+      w16[i] = Eigen::bfloat16(w32[i]);
+      widened[i] = static_cast<float>(w16[i]);
+    }
+    const std::vector<float> b = random_values<float>(static_cast<std::size_t>(out), 43u);
+    detail::WeightRows narrow{w16.data(), head_attention::Precision::bfloat16, b.data(),
+                              head_attention::Precision::float32};
+    detail::WeightRows wide{widened.data(), head_attention::Precision::float32, b.data(),
+                            head_attention::Precision::float32};
+    std::vector<float> a(rows * out), c(rows * out);
+    detail::project_rows(x.data(), in, rows, narrow, in, 0, out, 0.5f, a.data(), out);
+    detail::project_rows(x.data(), in, rows, wide, in, 0, out, 0.5f, c.data(), out);
+    CHECK(a == c);
+  }
+}
+
+TEMPLATE_TEST_CASE("project_rows: NaN and Inf reach exactly the outputs that read them",
+                   "[kernels][nonfinite]", float, double) {
+  using Scalar = TestType;
+  constexpr Index rows = 4, in = 37, out = 11;
+  std::vector<Scalar> x = random_values<Scalar>(static_cast<std::size_t>(rows * in), 51u);
+  std::vector<Scalar> w = random_values<Scalar>(static_cast<std::size_t>(out * in), 52u);
+  const std::vector<Scalar> b = random_values<Scalar>(static_cast<std::size_t>(out), 53u);
+  x[static_cast<std::size_t>(1 * in + 36)] = std::numeric_limits<Scalar>::quiet_NaN();  // row 1, the tail
+  w[static_cast<std::size_t>(6 * in + 3)] = std::numeric_limits<Scalar>::infinity();    // weight row 6
+  detail::WeightRows layer{w.data(), head_attention::precision_of<Scalar>(), b.data(),
+                           head_attention::precision_of<Scalar>()};
+  std::vector<Scalar> y(rows * out);
+  detail::project_rows(x.data(), in, rows, layer, in, 0, out, Scalar(1), y.data(), out);
+  for (Index r = 0; r < rows; ++r)
+    for (Index o = 0; o < out; ++o) {
+      const Scalar v = y[static_cast<std::size_t>(r * out + o)];
+      INFO("row " << r << ", output " << o);
+      if (r == 1)
+        CHECK(std::isnan(v));
+      else if (o == 6)
+        CHECK(!std::isfinite(v));
+      else
+        CHECK(std::isfinite(v));
+    }
+}

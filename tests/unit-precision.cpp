@@ -2,6 +2,7 @@
 // the reference path in double over the very same (16-bit) weights and inputs, so that what is measured is
 // the layer's own error: float arithmetic plus the rounding of its outputs (and, for a cache, of the stored
 // keys and values) to 16 bits.
+#include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -149,6 +150,115 @@ TEMPLATE_TEST_CASE("16-bit MultiHeadAttention matches the double definition", "[
   for (Index i = 100; i < T; ++i)
     decoded.row(i) = mha.forward_cached(Matrix<Scalar>(x.row(i)), cache);
   CHECK(error_vs(decoded, want) < bound<Scalar>());
+}
+
+namespace {
+
+/// The definition in double of a multi-head layer over x, from its weights rounded through Narrow (a no-op
+/// for a 16-bit layer's own weights).
+template <typename Narrow, typename Scalar>
+Eigen::MatrixXd multihead_definition(const head_attention::MultiHeadAttention<Scalar>& mha,
+                                     const Matrix<Scalar>& x) {
+  const auto round = [](const head_attention::Linear<Scalar>& l) {
+    return head_attention::Linear<double>{l.weight.template cast<Narrow>().template cast<double>(),
+                                          l.bias.template cast<Narrow>().template cast<double>()};
+  };
+  const Index heads = mha.num_heads(), head = mha.head_size();
+  const Matrix<double> xd = x.template cast<double>();
+  Matrix<double> concat(x.rows(), heads * head);
+  for (Index h = 0; h < heads; ++h)
+    concat.middleCols(h * head, head) =
+        head_attention::reference::forward(xd, round(mha.head(h).query()), round(mha.head(h).key()),
+                                           round(mha.head(h).value()), MaskRule::causal());
+  const head_attention::Linear<double> out = round(mha.projection());
+  return (concat * out.weight.transpose()).rowwise() + out.bias.transpose();
+}
+
+/// A prefill of `prompt` rows then one decode step per remaining row of x, through `form` and a fresh cache
+/// of `storage`.
+template <typename Form, typename Scalar>
+Matrix<Scalar> prefill_and_steps(const Form& form, const Matrix<Scalar>& x, Index prompt, Precision storage) {
+  auto cache = form.make_cache(storage);
+  Matrix<Scalar> out(x.rows(), form.emb_size());
+  out.topRows(prompt) = form.forward_cached(Matrix<Scalar>(x.topRows(prompt)), cache);
+  for (Index i = prompt; i < x.rows(); ++i)
+    out.row(i) = form.forward_cached(Matrix<Scalar>(x.row(i)), cache);
+  return out;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("16-bit decode steps read the weights in 16 bits; the packed form's are the layer's",
+                   "[precision][cache]", Eigen::half, Eigen::bfloat16) {
+  using Scalar = TestType;
+  // Sizes that are and are not multiples of the SIMD widths (the 16-bit loads' remainders).
+  for (const auto& sizes : {std::array<Index, 3>{4, 64, 16}, std::array<Index, 3>{3, 37, 5}}) {
+    const Index heads = sizes[0], emb = sizes[1], head = sizes[2], T = 40;
+    const head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, 64, 0.0, 31);
+    const Matrix<Scalar> x = random16<Scalar>(T, emb, 32);
+    const Eigen::MatrixXd want = multihead_definition<Scalar>(mha, x);
+    const Precision storage = head_attention::precision_of<Scalar>();
+    // Prompts of 1 and 3 rows take the decode path from the start; 20 rows the GEMMs.
+    for (const Index prompt : {Index(1), Index(3), Index(20)}) {
+      const Matrix<Scalar> steps = prefill_and_steps(mha, x, prompt, storage);
+      INFO(name16<Scalar>() << ", emb " << emb << ", head " << head << ", prompt " << prompt);
+      CHECK(error_vs(steps, want) < bound<Scalar>());
+      CHECK(identical(
+          prefill_and_steps(head_attention::PackedMultiHeadAttention<Scalar>(mha), x, prompt, storage),
+          steps));
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("A float layer packed with 16-bit weights computes as the rounded layer",
+                   "[precision][cache]", Eigen::half, Eigen::bfloat16) {
+  using Narrow = TestType;
+  const Precision weights = head_attention::precision_of<Narrow>();
+  for (const auto& sizes : {std::array<Index, 3>{4, 64, 16}, std::array<Index, 3>{2, 37, 5}}) {
+    const Index heads = sizes[0], emb = sizes[1], head = sizes[2], T = 40;
+    const head_attention::MultiHeadAttention<float> mha(heads, emb, head, 64, 0.0, 41);
+    const head_attention::PackedMultiHeadAttention<float> packed(mha, weights);
+    const Matrix<float> x = random_matrix<float>(T, emb, 42);
+    const Eigen::MatrixXd want = multihead_definition<Narrow>(mha, x);
+    INFO(name16<Narrow>() << " weights, emb " << emb << ", head " << head);
+    // Its prefill (the GEMMs) and decode steps (the 16-bit rows) both from the rounded weights: closer to
+    // them than to the float layer, by the bound of the narrow type.
+    const double forward_error =
+        relative_error(Matrix<double>(packed.forward(x).cast<double>()), Matrix<double>(want));
+    CHECK(forward_error < 1e-5);
+    for (const Precision storage : {Precision::float32, weights}) {
+      const Matrix<float> steps = prefill_and_steps(packed, x, 2, storage);
+      const double err = relative_error(Matrix<double>(steps.cast<double>()), Matrix<double>(want));
+      CHECK(err < (storage == Precision::float32 ? 1e-5 : bound<Narrow>()));
+    }
+    const Eigen::MatrixXd exact = multihead_definition<float>(mha, x);  // the float layer's own weights
+    CHECK(relative_error(Matrix<double>(want), Matrix<double>(exact)) > 1e-5);  // rounding does show
+    // A single head, likewise.
+    const head_attention::PackedHeadAttention<float> single(mha.head(0), weights);
+    auto cache = single.make_cache();
+    const Matrix<float> one = single.forward_cached(Matrix<float>(x.topRows(1)), cache);
+    const auto round = [](const head_attention::Linear<float>& l) {
+      return head_attention::Linear<double>{l.weight.cast<Narrow>().template cast<double>(),
+                                            l.bias.cast<Narrow>().template cast<double>()};
+    };
+    const Eigen::MatrixXd want_one = head_attention::reference::forward(
+        Matrix<double>(x.topRows(1).cast<double>()), round(mha.head(0).query()), round(mha.head(0).key()),
+        round(mha.head(0).value()), MaskRule::causal());
+    CHECK(relative_error(Matrix<double>(one.cast<double>()), Matrix<double>(want_one)) < 1e-5);
+  }
+}
+
+TEST_CASE("Packing to a precision a layer cannot compute in is refused", "[precision][bad-input]") {
+  const head_attention::HeadAttention<double> h64(8, 4, 16, 1);
+  CHECK_THROWS_AS(head_attention::PackedHeadAttention<double>(h64, Precision::bfloat16),
+                  head_attention::shape_error);
+  const head_attention::HeadAttention<float> h32(8, 4, 16, 1);
+  CHECK_THROWS_AS(head_attention::PackedHeadAttention<float>(h32, Precision::float64),
+                  head_attention::shape_error);
+  const head_attention::MultiHeadAttention<Eigen::half> m16(2, 8, 4, 16, 0.0, 1);
+  CHECK_THROWS_AS(head_attention::PackedMultiHeadAttention<Eigen::half>(m16, Precision::float32),
+                  head_attention::shape_error);
+  CHECK_NOTHROW(head_attention::PackedMultiHeadAttention<Eigen::half>(m16, Precision::float16));
 }
 
 TEMPLATE_TEST_CASE("16-bit layers are seeded like float ones, and thread-count independent", "[precision]",

@@ -28,6 +28,18 @@ namespace head_attention {
 
 namespace detail {
 
+/// Throws shape_error unless a layer over Scalar can be packed with weights in `weights`: its own precision,
+/// or float16 / bfloat16 for a float layer.
+template <typename Scalar>
+void check_packed_precision(Precision weights, const char* where) {
+  const bool narrowed =
+      std::is_same<Scalar, float>::value && (weights == Precision::float16 || weights == Precision::bfloat16);
+  HEAD_ATTENTION_REQUIRE(weights == precision_of<Scalar>() || narrowed, where, "weights precision",
+                         std::string(precision_name(precision_of<Scalar>())) +
+                             (std::is_same<Scalar, float>::value ? ", float16 or bfloat16" : ""),
+                         precision_name(weights));
+}
+
 /// Throws shape_error unless an input of this width and length fits a packed layer of these sizes.
 inline void check_packed_call(Eigen::Index width, Eigen::Index length, Eigen::Index emb_size,
                               Eigen::Index max_seq_len, const char* where, const char* width_name,
@@ -293,7 +305,9 @@ class PackedForm {
 /// [emb_size, head_size] operand, the query's 1/sqrt(head_size) folded into Wq and bq, 16-bit weights
 /// widened to float). HeadAttention::forward prepares them anew on every call, since callers may change its
 /// weights through query()/key()/value() at any time; this form skips that (the whole preparation at small T,
-/// e.g. 17% of a call at B = 2, T = 10, emb 512, head 64).
+/// e.g. 17% of a call at B = 2, T = 10, emb 512, head 64). Decode steps (calls extending caches by at most
+/// detail::Tuning::rowdot_rows rows) read the weights as stored in either form; this one keeps a copy of the
+/// layer's [out, in] rows for them, so that its results stay the layer's bit for bit.
 ///
 /// Immutable: the weights, sizes and mask rule are fixed when it is made, and later changes to the layer it
 /// was made from do not reach it (pack again to take them). Results are bit-identical to the layer's forward
@@ -325,7 +339,16 @@ class PackedHeadAttention : public TensorAttentionBase<PackedHeadAttention<Scala
   /// is [head_size, emb_size] + [head_size].
   explicit PackedHeadAttention(const Layer& layer)
       : Base(1, layer.emb_size(), layer.head_size(), layer.max_seq_len(), layer.mask_rule(), layer.m_threads,
-             pack(layer)) {}
+             pack(layer, precision_of<Scalar>())) {}
+
+  /// Packs `layer` with its weights kept in `weights`: the layer's own precision (as the constructor above),
+  /// or for a float layer Precision::float16 or Precision::bfloat16. Then every weight and bias is rounded to
+  /// that precision once, and the packed form computes as a layer holding the rounded values would (in float,
+  /// as a 16-bit layer does): its decode steps (calls of few rows) read half the weight bytes, in place.
+  /// Throws shape_error, before anything is kept, for another precision or a bad projection shape.
+  PackedHeadAttention(const Layer& layer, Precision weights)
+      : Base(1, layer.emb_size(), layer.head_size(), layer.max_seq_len(), layer.mask_rule(), layer.m_threads,
+             pack(layer, weights)) {}
 
   /// The packed layer's sizes: input features, output features, longest sequence.
   ///@{
@@ -403,16 +426,18 @@ class PackedHeadAttention : public TensorAttentionBase<PackedHeadAttention<Scala
     Base::reserve_decode(workspace, caches.data(), count, count, t, where);
   }
 
-  static detail::PackedWeights<Compute> pack(const Layer& layer) {
+  static detail::PackedWeights<Compute> pack(const Layer& layer, Precision weights) {
+    detail::check_packed_precision<Scalar>(weights, "PackedHeadAttention");
     detail::check_projections(layer, "PackedHeadAttention");
     const Linear<Scalar>* const layers[3] = {&layer.query(), &layer.key(), &layer.value()};
-    return detail::pack_weights(layers, 1, static_cast<const Linear<Scalar>*>(nullptr));
+    return detail::pack_weights(layers, 1, static_cast<const Linear<Scalar>*>(nullptr), weights);
   }
 };
 
 /// MultiHeadAttention frozen for inference (what a simple_llm model runs): every head's weights and the
 /// output projection prepared once, as PackedHeadAttention does for one head (MultiHeadAttention::forward
-/// prepares them on every call: for 8 heads of 64 at emb 512, 1 MB of transposes). Immutable: later changes
+/// prepares them on every call but decode steps: for 8 heads of 64 at emb 512, 1 MB of transposes; it also
+/// keeps the layer's [out, in] rows for its decode steps, as PackedHeadAttention). Immutable: later changes
 /// to the layer it was made from do not reach it. Results are bit-identical to the layer's forward at any
 /// thread count. const, and safe to call from many threads at once.
 template <typename Scalar>
@@ -441,7 +466,15 @@ class PackedMultiHeadAttention : public TensorAttentionBase<PackedMultiHeadAtten
   /// weight has its shape and all heads share one mask rule.
   explicit PackedMultiHeadAttention(const Layer& layer)
       : Base(layer.num_heads(), layer.emb_size(), layer.head_size(), layer.max_seq_len(), layer.mask_rule(),
-             layer.m_threads, pack(layer)) {}
+             layer.m_threads, pack(layer, precision_of<Scalar>())) {}
+
+  /// Packs `layer` with its weights kept in `weights`, as PackedHeadAttention(layer, weights): the layer's
+  /// own precision, or for a float layer Precision::float16 or Precision::bfloat16 (every weight and bias
+  /// rounded once; decode steps then read half the weight bytes). Throws shape_error, before anything is
+  /// kept, for another precision or as the constructor above.
+  PackedMultiHeadAttention(const Layer& layer, Precision weights)
+      : Base(layer.num_heads(), layer.emb_size(), layer.head_size(), layer.max_seq_len(), layer.mask_rule(),
+             layer.m_threads, pack(layer, weights)) {}
 
   /// The packed layer's sizes: heads, input (and output) features, features per head, longest sequence.
   ///@{
@@ -511,14 +544,15 @@ class PackedMultiHeadAttention : public TensorAttentionBase<PackedMultiHeadAtten
     Base::reserve_decode(workspace, cache.m_caches.data(), count, cache.batch(), t, where);
   }
 
-  static detail::PackedWeights<detail::compute_t<Scalar>> pack(const Layer& layer) {
+  static detail::PackedWeights<detail::compute_t<Scalar>> pack(const Layer& layer, Precision weights) {
+    detail::check_packed_precision<Scalar>(weights, "PackedMultiHeadAttention");
     layer.check(layer.emb_size(), 0, "PackedMultiHeadAttention", "emb_size", "T");
     std::vector<const Linear<Scalar>*> layers;  // [3 · heads] head h's Q, K, V at 3h, 3h + 1, 3h + 2
     layers.reserve(static_cast<std::size_t>(3 * layer.num_heads()));
     for (Index h = 0; h < layer.num_heads(); ++h)
       for (const Linear<Scalar>* l : {&layer.head(h).query(), &layer.head(h).key(), &layer.head(h).value()})
         layers.push_back(l);
-    return detail::pack_weights(layers.data(), layer.num_heads(), &layer.projection());
+    return detail::pack_weights(layers.data(), layer.num_heads(), &layer.projection(), weights);
   }
 };
 

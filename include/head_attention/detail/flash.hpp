@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <new>
 #include <type_traits>
@@ -24,6 +25,7 @@
 #include "kv_store.hpp"
 #include "microkernel.hpp"
 #include "parallel.hpp"
+#include "rowdot.hpp"
 
 namespace head_attention::detail {
 
@@ -51,6 +53,20 @@ struct Tuning {
   /// Below this many useful flops a forward call stays on one thread (forking is cheap next to the
   /// projection GEMMs: only toy sizes stay serial).
   static constexpr double serial_below_flops = 1e5;
+  /// Calls extending caches by at most this many rows in all (decode steps) project through the weights as
+  /// stored ([out, in] rows, project_rows) instead of preparing them for the GEMMs: the preparation
+  /// (transposing and scaling every weight, widening 16-bit ones) costs a layer more than its call's
+  /// products. Both forms take the path (so that the packed ones keep the layer's bits), and it trades the
+  /// layer's gain against the packed form's loss to its GEMMs on prepared panels, which grows with the rows.
+  /// Measured on Zen 4 (AVX-512, one thread, emb 512, head 64, n = 512 cached, t new rows; layer GEMM /
+  /// row dots, packed GEMM / row dots): one head t = 1: 21.8 / 8.3, 7.9 / 8.3 us; t = 4: 35.5 / 25.5,
+  /// 22.0 / 25.3; t = 8: 49.3 / 42.2, 35.6 / 42.1; 8 heads t = 4: 363 / 255, 197 / 240; t = 8: 543 / 407,
+  /// 332 / 443. At 8 rows the layer's gain and the packed form's loss are about equal (1.2-1.3x each).
+  static constexpr Eigen::Index rowdot_rows = 8;
+  /// Weight rows per projection work item on that path: a block of one projection (a head's Q, K or V, or
+  /// the output projection), so that even a single head's step has work for two threads. By the shape
+  /// alone, and an output's bits never depend on its block.
+  static constexpr Eigen::Index rowdot_block = 32;
 };
 // With key blocks a multiple of query blocks, every key block a query block visits starts at or before its
 // first query, so no row of a tile is wholly masked. (When T < key_block, one key block covers every key.)
@@ -563,7 +579,7 @@ struct ForwardBuffers {
   /// Bytes held by the buffers of Scalar (the scratch's GEMM packing buffers included).
   std::size_t bytes() const {
     std::size_t n = static_cast<std::size_t>(qkv.size() + weights_t.size() + output_t.size() + biases.size() +
-                                             keys_t.size() + concat.size());
+                                             keys_t.size() + concat.size() + x_rows.size());
     for (const Vector& v : x_wide)
       n += static_cast<std::size_t>(v.size());
     for (const Vector& v : projected_wide)
@@ -589,6 +605,8 @@ struct ForwardBuffers {
   std::vector<Index> x_wide_chunk;             // per thread: which chunk x_wide holds
   std::vector<Linear<Scalar>> wide_layers;     // 16-bit layers: the weights converted for this call
   std::vector<const Linear<Scalar>*> wide_pointers;
+  Vector x_rows;                        // [rows, emb] a few-row call's x in the compute type, row-major
+  std::vector<WeightRows> row_weights;  // [3 · heads + 1] a few-row call's weights as stored (project_rows)
 };
 
 /// Columns per panel of a prepared projection weight: the register tile's width (64 floats with AVX-512, 16
@@ -691,6 +709,25 @@ struct PackedWeights {
   Vector biases;       // [heads, 3 · head] each head's bq·scale | bk | bv
   Vector output_t;     // [heads · head, out_width] the output projection's Woᵀ in column panels (or empty)
   Vector output_bias;  // [out_width] its bias (or empty)
+  /// The layers' weights as they store them, for calls of few rows (project_rows), which must give the
+  /// layer's bits: [3 · heads] × [head, emb] each head's Wq, Wk, Wv (unscaled), then [out_width, heads ·
+  /// head] Wo. In `rows` for float and double weights, as 16-bit bits in `rows16` for 16-bit ones.
+  Precision row_precision = precision_of<Scalar>();
+  Vector rows;
+  Eigen::Matrix<std::uint16_t, Eigen::Dynamic, 1> rows16;
+  Vector row_biases;  // [3 · heads · head + out_width] every bias as stored (unscaled), widened exactly
+
+  /// Weight p's rows (p < 3 · heads: head p / 3's projection p % 3; p = 3 · heads: the output projection).
+  WeightRows row_weights(Index p) const {
+    const Index offset = p * head * emb, bias_offset = p * head;
+    WeightRows w;
+    w.weight_precision = row_precision;
+    w.weight = row_precision == precision_of<Scalar>() ? static_cast<const void*>(rows.data() + offset)
+                                                       : static_cast<const void*>(rows16.data() + offset);
+    w.bias = row_biases.data() + bias_offset;
+    w.bias_precision = precision_of<Scalar>();
+    return w;
+  }
 };
 
 /// Part `part` of 6 · heads of the projections' preparation, the half [c0, c1) of the columns of weight
@@ -746,13 +783,54 @@ Scalar query_scale(Eigen::Index head) {
 
 /// The weights of `heads` heads (layers: [3 · heads], as forward takes them) and of the output projection
 /// (or null) prepared once, exactly as a forward call prepares them (the same functions, so the same bits).
-/// Shapes must have been checked.
+/// Shapes must have been checked. weights: the precision to keep them in, the layers' own or, for a float
+/// layer, float16 or bfloat16 (checked by the caller): every weight and bias is then rounded to it first, and
+/// the result is the packing of a layer holding those rounded values.
 template <typename Stored>
 PackedWeights<compute_t<Stored>> pack_weights(const Linear<Stored>* const* stored_layers, Eigen::Index heads,
-                                              const Linear<Stored>* output) {
+                                              const Linear<Stored>* output,
+                                              Precision weights = precision_of<Stored>()) {
   using Scalar = compute_t<Stored>;
   using Index = Eigen::Index;
   const Index count = 3 * heads;
+  if constexpr (std::is_same<Stored, float>::value) {
+    if (weights == Precision::float16 || weights == Precision::bfloat16) {
+      // The layers rounded to 16 bits, then packed as a layer of those values (kept as float) would be, with
+      // their 16-bit rows for the calls of few rows.
+      const auto rounded = [&](const Linear<float>& l) {
+        Linear<float> r = l;
+        const auto round = [&](auto tag) {
+          using Narrow = decltype(tag);
+          r.weight = l.weight.template cast<Narrow>().template cast<float>();
+          r.bias = l.bias.template cast<Narrow>().template cast<float>();
+        };
+        if (weights == Precision::float16)
+          round(Eigen::half());
+        else
+          round(Eigen::bfloat16());
+        return r;
+      };
+      std::vector<Linear<float>> copies;
+      copies.reserve(static_cast<std::size_t>(count + 1));
+      std::vector<const Linear<float>*> pointers;
+      for (Index p = 0; p < count; ++p) {
+        copies.push_back(rounded(*stored_layers[p]));
+        pointers.push_back(&copies.back());
+      }
+      const Linear<float>* out_copy = nullptr;
+      if (output != nullptr) {
+        copies.push_back(rounded(*output));
+        out_copy = &copies.back();
+      }
+      PackedWeights<float> packed = pack_weights(pointers.data(), heads, out_copy);
+      packed.row_precision = weights;
+      packed.rows16.resize(packed.rows.size());
+      store_rows(packed.rows.data(), packed.rows.size(), 1, packed.rows.size(), weights, packed.rows16.data(),
+                 packed.rows.size());
+      packed.rows.resize(0);
+      return packed;
+    }
+  }
   // The layers in the compute type: the layer's own for float and double, converted copies otherwise.
   std::vector<Linear<Scalar>> wide;
   std::vector<const Linear<Scalar>*> layers(static_cast<std::size_t>(count));
@@ -789,6 +867,33 @@ PackedWeights<compute_t<Stored>> pack_weights(const Linear<Stored>* const* store
     for (Index part = 0; part < 4; ++part)
       pack_output_part(*out_layer, part, packed.output_t.data());
     packed.output_bias = out_layer->bias;
+  }
+  // And the weights as the layers store them, for calls of few rows.
+  const Index weight_size = packed.emb * packed.head, bias_count = 3 * heads * packed.head + packed.out_width;
+  const Index row_count = count * weight_size + (output != nullptr ? output->weight.size() : 0);
+  packed.row_precision = precision_of<Stored>();
+  const auto copy_rows = [&](auto* rows) {
+    using Row = std::remove_pointer_t<decltype(rows)>;
+    for (Index p = 0; p <= count; ++p) {
+      const Linear<Stored>* l = p < count ? stored_layers[p] : output;
+      if (l != nullptr)
+        std::memcpy(rows + p * weight_size, l->weight.data(),
+                    sizeof(Row) * static_cast<std::size_t>(l->weight.size()));
+    }
+  };
+  if constexpr (std::is_same<Scalar, Stored>::value) {
+    packed.rows.resize(row_count);
+    copy_rows(packed.rows.data());
+  } else {
+    static_assert(sizeof(Stored) == sizeof(std::uint16_t), "pack_weights: 16-bit weights");
+    packed.rows16.resize(row_count);
+    copy_rows(packed.rows16.data());
+  }
+  packed.row_biases.resize(bias_count);
+  for (Index p = 0; p <= count; ++p) {
+    const Linear<Stored>* l = p < count ? stored_layers[p] : output;
+    if (l != nullptr)
+      packed.row_biases.segment(p * packed.head, l->bias.size()) = l->bias.template cast<Scalar>();
   }
   return packed;
 }
@@ -853,16 +958,19 @@ struct ComputeLayers {
 
 /// forward()'s first stage, the layers in the compute type: the stored layers themselves for float and
 /// double; for a 16-bit layer, copies converted to float in buffers.wide_layers (resized in place, so that a
-/// call of a shape seen before allocates nothing). Neither when the weights come packed.
+/// call of a shape seen before allocates nothing). Neither when the weights come packed, nor for a call of
+/// few rows (rowdot), which reads the stored weights in place.
 template <typename Stored>
 ComputeLayers<compute_t<Stored>> compute_layers(const Linear<Stored>* const* stored_layers,
                                                 Eigen::Index heads, const AttentionPlan<Stored>& plan,
-                                                ForwardBuffers<compute_t<Stored>>& buffers) {
+                                                ForwardBuffers<compute_t<Stored>>& buffers, bool rowdot) {
   using Scalar = compute_t<Stored>;
   using Index = Eigen::Index;
   ComputeLayers<Scalar> result;
   if (plan.packed != nullptr) {
     // Prepared once by the packed layer: nothing to convert, transpose or scale here.
+  } else if (rowdot && !std::is_same<Scalar, Stored>::value) {
+    // Read as stored by project_rows, 16-bit weights widened in registers: nothing to convert here.
   } else if constexpr (!std::is_same<Scalar, Stored>::value) {
     const Index count = 3 * heads + (plan.output != nullptr ? 1 : 0);
     // Never shrunk: a shorter list (another layer's) would free the converted weights past its end.
@@ -906,7 +1014,12 @@ struct WorkPlan {
   Index chunks = 0, proj_rows = 0;  // row chunks of the projections, all but the last of proj_rows rows
   Index proj_items = 0;             // projection items: row chunk × head × q/k/v
   Index kt_panel = 0, kt_size = 0;  // keys per column panel of a sequence's Kᵀ; one sequence's Kᵀ
-  int threads = 1;                  // the team size asked for
+  /// A call of few rows extending caches (Tuning::rowdot_rows): its projections read the weights as stored
+  /// (project_rows), in blocks of Tuning::rowdot_block weight rows: row_blocks per head's Q, K or V (its
+  /// proj_items are projection × block), out_items of the output projection. Otherwise out_items = chunks.
+  bool rowdot = false;
+  Index row_blocks = 0, out_items = 0;
+  int threads = 1;  // the team size asked for
 };
 
 /// Throws shape_error, before anything is allocated or changed, unless every buffer of a forward call of
@@ -945,6 +1058,12 @@ inline Eigen::Index projection_chunk_target(Eigen::Index rows) noexcept {
 /// converted_tiles: some cache's tiles are converted into scratch first.
 inline Eigen::Index decode_key_block(bool converted_tiles, Eigen::Index key_limit) noexcept {
   return std::min(converted_tiles ? Tuning::decode_wide_key_block : Tuning::decode_key_block, key_limit);
+}
+
+/// Whether a call of `rows` rows in all takes project_rows (WorkPlan::rowdot): a decode step extending
+/// caches.
+inline bool rowdot_call(Eigen::Index rows, bool cached) noexcept {
+  return cached && rows <= Tuning::rowdot_rows;
 }
 
 /// forward()'s planning stage: block sizes, work items and the thread count of a call of this shape (threads:
@@ -992,6 +1111,15 @@ WorkPlan plan_work(Eigen::Index batch, Eigen::Index seq_len, Eigen::Index heads,
   w.chunks = std::max<Index>(1, (rows + chunk_target - 1) / chunk_target);
   w.proj_rows = std::max<Index>(1, (rows + w.chunks - 1) / w.chunks);  // chunks of equal size
   w.proj_items = 3 * heads * w.chunks;
+  w.out_items = w.chunks;
+  w.rowdot = rowdot_call(rows, plan.caches != nullptr);
+  if (w.rowdot) {  // every row in one "chunk"; work items are blocks of weight rows
+    w.chunks = 1;
+    w.proj_rows = rows;
+    w.row_blocks = (head + Tuning::rowdot_block - 1) / Tuning::rowdot_block;
+    w.proj_items = 3 * heads * w.row_blocks;
+    w.out_items = (out_width + Tuning::rowdot_block - 1) / Tuning::rowdot_block;
+  }
   w.threads = static_cast<int>(std::min<Index>(threads, std::max(w.items, w.proj_items)));
   w.kt_panel = key_panel<Scalar>(seq_len);
   w.kt_size = head * ((seq_len + w.kt_panel - 1) / w.kt_panel * w.kt_panel);
@@ -1014,6 +1142,11 @@ struct ForwardStorage {
   char* values_finite = nullptr;        // [heads · chunks] whether a row chunk's V is all finite (no cache)
   Scalar* keys_t = nullptr;             // [heads · batch] · kt_size each sequence's Kᵀ (no cache)
   Scalar* concat = nullptr;             // [rows, heads · head] the multi-head layer's head outputs
+  // A call of few rows (WorkPlan::rowdot):
+  Scalar* x_buffer = nullptr;      // [rows, emb] room for x in the compute type, row-major
+  const Scalar* x_rows = nullptr;  // [rows, emb] x row-major in the compute type: x itself or x_buffer
+  Eigen::Index x_rows_stride = 0;
+  WeightRows* rows = nullptr;  // [3 · heads + 1] the weights as stored: head h's Q, K, V at 3h.., then Wo
 };
 
 /// forward()'s allocation stage: every buffer the call needs, grown in `buffers` (nothing is allocated
@@ -1045,8 +1178,10 @@ ForwardStorage<Scalar> allocate_storage(const WorkPlan& work, const PackedWeight
   // block without packing. The query's 1/sqrt(head) is folded into Wq and bq there (exact for the usual
   // powers of two, 64 and 256 say: the scale is then a power of two too). A packed layer's are read where
   // they are, and this call's buffers for them stay untouched (unallocated without a workspace).
-  s.own_weights_t = packed != nullptr ? nullptr : Buffers::grow(buffers.weights_t, heads * emb * ld);
-  s.own_biases = packed != nullptr ? nullptr : Buffers::grow(buffers.biases, heads * ld);
+  // A call of few rows reads the weights as stored instead (project_rows).
+  const bool prepare = packed == nullptr && !work.rowdot;
+  s.own_weights_t = prepare ? Buffers::grow(buffers.weights_t, heads * emb * ld) : nullptr;
+  s.own_biases = prepare ? Buffers::grow(buffers.biases, heads * ld) : nullptr;
   s.weights_t = packed != nullptr ? packed->weights_t.data() : s.own_weights_t;
   s.biases = packed != nullptr ? packed->biases.data() : s.own_biases;
   // (Capacity for the most chunks any call of at most these rows has: chunks <= projection_split for up to
@@ -1057,14 +1192,26 @@ ForwardStorage<Scalar> allocate_storage(const WorkPlan& work, const PackedWeight
         static_cast<std::size_t>(heads * (Tuning::projection_split + rows / Tuning::projection_rows + 1)));
   buffers.values_finite.resize(chunk_flags);
   s.values_finite = buffers.values_finite.data();
-  s.own_output_t = Buffers::grow(buffers.output_t, output != nullptr ? output->weight.size() : 0);
+  s.own_output_t = Buffers::grow(buffers.output_t, prepare && output != nullptr ? output->weight.size() : 0);
   s.output_t = packed != nullptr ? packed->output_t.data() : s.own_output_t;
   s.output_bias =
       packed != nullptr ? packed->output_bias.data() : (output != nullptr ? output->bias.data() : nullptr);
   s.keys_t = Buffers::grow(buffers.keys_t, cached ? 0 : heads * work.batch * work.kt_size);
   s.concat = Buffers::grow(buffers.concat, (work.out_width > 0 ? rows : 0) * heads * head);
-  // Per thread: attention scratch, and for a 16-bit layer a row chunk of x and of the projected output in the
-  // compute type (sized by the chunk target, which bounds the chunks of every call up to these rows).
+  // A call of few rows reads x (converted to the compute type when it must be) and the weights as stored
+  // (project_rows); a workspace's cached call also keeps that room for the one-row steps that follow it
+  // and the shorter chunks it covers, so that a workspace that served (or was reserved for) a prefill serves
+  // them without allocating.
+  if (work.rowdot || (for_steps && cached)) {
+    s.x_buffer = Buffers::grow(buffers.x_rows, std::min(rows, Tuning::rowdot_rows) * emb);
+    if (buffers.row_weights.size() < static_cast<std::size_t>(3 * heads + 1))
+      buffers.row_weights.resize(static_cast<std::size_t>(3 * heads + 1));
+    s.rows = buffers.row_weights.data();
+  }
+  // Per thread: attention scratch, and for a 16-bit layer's GEMMs a row chunk of x and of the projected
+  // output in the compute type (sized by the chunk target, which bounds the chunks of every call up to these
+  // rows).
+  const bool wide_chunks = wide && !work.rowdot;
   const Shape shape{work.block_q, work.block_k, head, work.wide_keys, cached};
   const Index step_room =
       for_steps && cached
@@ -1072,8 +1219,8 @@ ForwardStorage<Scalar> allocate_storage(const WorkPlan& work, const PackedWeight
                 Shape{1, decode_key_block(work.converted_tiles, work.key_limit), head, work.wide_keys, true})
           : 0;
   buffers.fit(work.threads, shape, step_room, std::min(projection_chunk_target(rows), rows), emb,
-              work.out_width, wide);
-  buffers.x_wide_chunk.assign(static_cast<std::size_t>(wide ? work.threads : 0), -1);
+              work.out_width, wide_chunks);
+  buffers.x_wide_chunk.assign(static_cast<std::size_t>(wide_chunks ? work.threads : 0), -1);
   return s;
 }
 
@@ -1100,6 +1247,10 @@ struct ForwardPass {
   /// rows are transposed into their sequences' Kᵀ panels, and whether its V is all finite is noted for the
   /// chunk.
   void project(Index item, std::size_t thread) const {
+    if (work.rowdot) {
+      project_weight_rows(item);
+      return;
+    }
     const Index rows = work.rows, emb = work.emb, head = work.head, ld = work.ld, proj_rows = work.proj_rows;
     const Index r0 = (item / (3 * work.heads)) * proj_rows;
     const Index p = item % (3 * work.heads);  // head p / 3, projection p % 3
@@ -1134,6 +1285,19 @@ struct ForwardPass {
     if (plan.caches == nullptr && p % 3 == 1) transpose_keys(p / 3, r0, n);
     if (plan.caches == nullptr && p % 3 == 2)
       storage.values_finite[(p / 3) * work.chunks + r0 / proj_rows] = all_finite(qkv_rows, ld, n, head);
+  }
+
+  /// Phase 1 of a call of few rows (WorkPlan::rowdot), one item of work.proj_items (projection × block of
+  /// Tuning::rowdot_block weight rows): those outputs of every row, through the weights as stored. The
+  /// query's 1/sqrt(head) scales its results (the GEMM path folds it into Wq and bq instead).
+  void project_weight_rows(Index item) const {
+    const Index head = work.head, ld = work.ld;
+    const Index p = item / work.row_blocks;  // head p / 3, projection p % 3
+    const Index o0 = (item % work.row_blocks) * Tuning::rowdot_block;
+    const Index o1 = std::min(head, o0 + Tuning::rowdot_block);
+    const Scalar scale = p % 3 == 0 ? query_scale<Scalar>(head) : Scalar(1);
+    project_rows(storage.x_rows, storage.x_rows_stride, work.rows, storage.rows[p], work.emb, o0, o1, scale,
+                 storage.qkv + (p / 3) * work.rows * ld + (p % 3) * head + o0, ld);
   }
 
   /// Rows [r0, r0 + n) of head h's K transposed into their sequences' Kᵀ panels.
@@ -1208,6 +1372,13 @@ struct ForwardPass {
   /// concatenation [rows, heads·head] · Woᵀ + bo into plan.projected, one GEMM.
   void project_output(Index chunk, std::size_t thread) const {
     const Index out_width = work.out_width, concat_cols = work.heads * work.head;
+    if (work.rowdot) {  // a call of few rows: item `chunk` is a block of Wo's rows, read as stored
+      const Index o0 = chunk * Tuning::rowdot_block, o1 = std::min(out_width, o0 + Tuning::rowdot_block);
+      project_rows(static_cast<const Scalar*>(storage.concat), concat_cols, work.rows,
+                   storage.rows[3 * work.heads], concat_cols, o0, o1, Scalar(1), plan.projected + o0,
+                   plan.projected_stride);
+      return;
+    }
     const Index r0 = chunk * work.proj_rows;
     const Index n = std::min(work.proj_rows, work.rows - r0);
     using StoredMatrix = Eigen::Matrix<Stored, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -1230,6 +1401,45 @@ struct ForwardPass {
                 .template cast<Stored>();
   }
 };
+
+/// forward()'s setup of a call of few rows (WorkPlan::rowdot), before the parallel region: x in the compute
+/// type and row-major (read in place when it is already), and where each weight is stored (the layers', or a
+/// packed form's copy of them).
+template <int XOrder, typename Stored>
+void prepare_rows(const Stored* x, Eigen::Index x_stride, const WorkPlan& work,
+                  const Linear<Stored>* const* stored_layers, const AttentionPlan<Stored>& plan,
+                  ForwardStorage<compute_t<Stored>>& storage) noexcept {
+  using Scalar = compute_t<Stored>;
+  using Index = Eigen::Index;
+  const Index rows = work.rows, emb = work.emb;
+  if constexpr (std::is_same<Scalar, Stored>::value && XOrder == Eigen::RowMajor) {
+    storage.x_rows = x;
+    storage.x_rows_stride = x_stride;
+  } else {
+    if constexpr (XOrder == Eigen::RowMajor) {
+      convert_rows(precision_of<Stored>(), x, x_stride, rows, emb, storage.x_buffer, emb);
+    } else {
+      using XMatrix = Eigen::Matrix<Stored, Eigen::Dynamic, Eigen::Dynamic, XOrder>;
+      const Eigen::Map<const XMatrix, 0, Eigen::OuterStride<>> xs(x, rows, emb,
+                                                                  Eigen::OuterStride<>(x_stride));
+      Eigen::Map<RowMajorMatrix<Scalar>>(storage.x_buffer, rows, emb) = xs.template cast<Scalar>();
+    }
+    storage.x_rows = storage.x_buffer;
+    storage.x_rows_stride = emb;
+  }
+  const Index count = 3 * work.heads + (work.out_width > 0 ? 1 : 0);
+  for (Index p = 0; p < count; ++p) {
+    WeightRows& w = storage.rows[p];
+    if (plan.packed != nullptr) {
+      w = plan.packed->row_weights(p);
+    } else {
+      const Linear<Stored>& l = p < 3 * work.heads ? *stored_layers[p] : *plan.output;
+      w.weight = l.weight.data();
+      w.bias = l.bias.data();
+      w.weight_precision = w.bias_precision = precision_of<Stored>();
+    }
+  }
+}
 
 /// The whole forward pass of `heads` attention heads over `batch` sequences of `seq_len` rows stored back to
 /// back in x ([batch·seq_len, emb], storage order XOrder, leading dimension x_stride): every head's
@@ -1268,21 +1478,24 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   // caller's buffers when it passed some, else in this call's own.
   ForwardBuffers<Scalar> own;
   ForwardBuffers<Scalar>& buffers = plan.buffers != nullptr ? *plan.buffers : own;
-  const ComputeLayers<Scalar> layers = compute_layers(stored_layers, heads, plan, buffers);
+  const bool rowdot = rowdot_call(batch * seq_len, plan.caches != nullptr);
+  const ComputeLayers<Scalar> layers = compute_layers(stored_layers, heads, plan, buffers, rowdot);
   const WorkPlan work = plan_work<Scalar>(batch, seq_len, heads, emb, head, out_width, plan, threads);
-  const ForwardStorage<Scalar> storage = allocate_storage(work, packed, layers.output, plan.caches != nullptr,
-                                                          wide, plan.buffers != nullptr, buffers);
+  ForwardStorage<Scalar> storage = allocate_storage(work, packed, layers.output, plan.caches != nullptr, wide,
+                                                    plan.buffers != nullptr, buffers);
   if (plan.size_only) return;
+  if (work.rowdot) prepare_rows<XOrder>(x, x_stride, work, stored_layers, plan, storage);
   const Scalar scale = query_scale<Scalar>(head);
   const ForwardPass<XOrder, Stored> pass{x, x_stride, out, out_stride, plan, work, storage};
 
   HEAD_ATTENTION_OMP(parallel num_threads(work.threads) if (work.threads > 1)) {
     const std::size_t thread = static_cast<std::size_t>(thread_index());
     if (thread == 0) last_team_size() = team_size();  // the caller's own thread is the team's first
-    // Prepare the weights, here on every call unless they come packed: a copy kept by the layer between calls
-    // could not be kept in sync with weights that callers change through query()/key()/value() references
-    // (a packed layer is the explicit, immutable copy).
-    if (packed == nullptr) {
+    // Prepare the weights, here on every call unless they come packed or the call has few rows (those read
+    // them as stored): a copy kept by the layer between calls could not be kept in sync with weights that
+    // callers change through query()/key()/value() references (a packed layer is the explicit, immutable
+    // copy).
+    if (packed == nullptr && !work.rowdot) {
       // (nowait: the output projection's weights are read only after the next loop's barrier.)
       if (layers.output != nullptr) {
         HEAD_ATTENTION_OMP(for schedule(static) nowait)
@@ -1309,7 +1522,7 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
       pass.attend(item, thread);
     if (out_width > 0) {
       HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
-      for (Index chunk = 0; chunk < work.chunks; ++chunk)
+      for (Index chunk = 0; chunk < work.out_items; ++chunk)
         pass.project_output(chunk, thread);
     }
   }
