@@ -7,6 +7,8 @@
 //   head_packed   PackedHeadAttention::forward_cached
 //   mha           MultiHeadAttention::forward_cached_into with a Workspace
 //   mha_packed    PackedMultiHeadAttention::forward_cached_into with a Workspace
+//   mha_packed16  PackedMultiHeadAttention of a float layer packed to bfloat16 weights (its `Precision`
+//                 constructor), forward_cached_into with a Workspace
 //   mha_eigen     the same multi-head step written with plain Eigen matrix-vector products on the [out, in]
 //                 weights (one sequence, float): the baseline any C++ programmer could write
 // weights: the layer's Scalar (f32, bf16 = Eigen::bfloat16); kv: the cache's storage (f32, bf16, f16).
@@ -285,9 +287,12 @@ void bm_mha(benchmark::State& state, Spec s) {
   cache.reserve();
   (void)layer.forward_cached(first, cache);
   layer.set_num_threads(s.threads);
-  const ha::PackedMultiHeadAttention<Scalar> packed(layer);
+  // A float layer packed to 16-bit weights on request, or the layer's own precision.
+  const ha::PackedMultiHeadAttention<Scalar> packed =
+      s.form == "mha_packed16" ? ha::PackedMultiHeadAttention<Scalar>(layer, ha::Precision::bfloat16)
+                               : ha::PackedMultiHeadAttention<Scalar>(layer);
   ha::Workspace<Scalar> workspace;
-  const bool use_packed = s.form == "mha_packed";
+  const bool use_packed = s.form != "mha";
   if (use_packed)
     packed.reserve_cached_workspace(workspace, cache);
   else
@@ -305,8 +310,9 @@ void bm_mha(benchmark::State& state, Spec s) {
 void add(const Spec& s) {
   benchmark::internal::Benchmark* b = nullptr;
   if (s.multi())
-    b = s.weights == "bf16" ? benchmark::RegisterBenchmark(s.name().c_str(), bm_mha<bf16>, s)
-                            : benchmark::RegisterBenchmark(s.name().c_str(), bm_mha<float>, s);
+    b = s.weights == "bf16" && s.form != "mha_packed16"
+            ? benchmark::RegisterBenchmark(s.name().c_str(), bm_mha<bf16>, s)
+            : benchmark::RegisterBenchmark(s.name().c_str(), bm_mha<float>, s);
   else
     b = s.weights == "bf16" ? benchmark::RegisterBenchmark(s.name().c_str(), bm_head<bf16>, s)
                             : benchmark::RegisterBenchmark(s.name().c_str(), bm_head<float>, s);
@@ -335,6 +341,7 @@ int main(int argc, char** argv) {
       for (const char* form : {"mha", "mha_packed"})
         add({form, "bf16", "bf16", 1, n, t});
       add({"mha_packed", "f32", "bf16", 1, n, t});
+      add({"mha_packed16", "bf16", "bf16", 1, n, t});
       add({"head_packed", "bf16", "bf16", 1, n, t});
     }
   // Many sequences at once: B = 8 and 32, one cache of B sequences.
