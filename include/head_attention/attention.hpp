@@ -429,7 +429,7 @@ class HeadAttention : public AttentionBase<HeadAttention<Scalar>, Scalar>,
     plan.size_only = true;
     const LinearType* const layers[3] = {&m_query, &m_key, &m_value};
     detail::forward<Eigen::RowMajor>(static_cast<const Scalar*>(nullptr), m_emb_size, batch, seq_len, layers,
-                                     1, static_cast<Scalar*>(nullptr), m_head_size, num_threads(), plan);
+                                     1, static_cast<Scalar*>(nullptr), m_head_size, m_threads, plan);
   }
 
   /// `batch` sequences of `seq_len` rows stored back to back in x ([batch · seq_len, emb_size]) into out
@@ -447,7 +447,7 @@ class HeadAttention : public AttentionBase<HeadAttention<Scalar>, Scalar>,
   void run(const Eigen::MatrixBase<Derived>& x, Index batch, Index seq_len, Scalar* out, Index out_stride,
            const detail::AttentionPlan<Scalar>& plan) const {
     const LinearType* const layers[3] = {&m_query, &m_key, &m_value};
-    detail::forward_expression(x, batch, seq_len, layers, 1, out, out_stride, num_threads(), plan);
+    detail::forward_expression(x, batch, seq_len, layers, 1, out, out_stride, m_threads, plan);
   }
 
   /// Throws shape_error unless an input of this width and length can be run now: width == emb_size,

@@ -640,7 +640,7 @@ class MultiHeadAttention : public TensorAttentionBase<MultiHeadAttention<Scalar>
     plan.projected = out;
     plan.projected_stride = out_stride;
     detail::forward_expression(x, batch, seq_len, layers.data(), num_heads(), static_cast<Scalar*>(nullptr),
-                               0, num_threads(), plan);
+                               0, m_threads, plan);
   }
 
   friend class PackedMultiHeadAttention<Scalar>;  // checks the weights with check(), copies the thread

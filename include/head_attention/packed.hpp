@@ -275,10 +275,10 @@ class PackedForm {
     if (projected()) {
       plan.projected = out;
       plan.projected_stride = out_stride;
-      forward_expression(x, batch, seq_len, no_layers, m_heads, static_cast<Scalar*>(nullptr), 0, threads(),
+      forward_expression(x, batch, seq_len, no_layers, m_heads, static_cast<Scalar*>(nullptr), 0, m_threads,
                          plan);
     } else {
-      forward_expression(x, batch, seq_len, no_layers, m_heads, out, out_stride, threads(), plan);
+      forward_expression(x, batch, seq_len, no_layers, m_heads, out, out_stride, m_threads, plan);
     }
   }
 };
