@@ -57,9 +57,12 @@ struct Tuning {
   /// preempted thread: forking pays only when a call is long next to that (docs/performance.md, "Threads
   /// under load"; bench/bench_load). An explicit set_num_threads(n) is honoured above serial_below_flops.
   static constexpr double default_serial_below_flops = 2e7;
-  /// A decode query (one row) over this many visible keys or more is cut into key ranges of about this
-  /// many keys, each a work item of its own (flash-decoding), so that one sequence's step has work for
-  /// every thread; the partial results are merged in a fixed order. Below, one item per query.
+  /// A decode query (one row) over at least twice this many visible keys is cut into key ranges of about
+  /// this many keys, each a work item of its own (flash-decoding), so that one sequence's step has work for
+  /// every thread; the partial results are merged in a fixed order. Below, one item per query. Measured on
+  /// Zen 4 (bench/results/2026-12-07_decode_threads_load.md): one head, n = 2048, two threads 1.83x faster
+  /// than one (1.14x unsplit); each range costs a serial step about 0.2 µs (7% there). 128 and 512 were
+  /// not distinguishable from 256 on the shared machine.
   static constexpr Eigen::Index decode_split_keys = 256;
   /// ... into at most enough ranges that heads · batch · ranges reaches this many items (no split when the
   /// heads and sequences alone make that many).
