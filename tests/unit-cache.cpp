@@ -377,3 +377,104 @@ TEMPLATE_TEST_CASE("packed decode errors leave the caches as they were", "[cache
                     {"PackedMultiHeadAttention::reserve_workspace", "seq_len", "got 22"});
   CHECK(reserved.bytes() == 0);
 }
+
+namespace {
+
+/// The last row of x's attention output under `rule`, the plain way in double: its query against every key it
+/// sees, keys and values first rounded to `storage` (as a 16-bit cache stores them; through float, as the
+/// layer computes them). Independent of the library's kernels.
+template <typename Scalar>
+Eigen::RowVectorXd reference_last_row(const head_attention::HeadAttention<Scalar>& layer,
+                                      const Matrix<Scalar>& x, const MaskRule& rule,
+                                      head_attention::Precision storage) {
+  using Dense = Eigen::MatrixXd;
+  const Dense xd = x.template cast<double>();
+  const auto project = [&](const head_attention::Linear<Scalar>& l) {
+    Dense y = xd * l.weight.template cast<double>().transpose();
+    y.rowwise() += l.bias.template cast<double>().transpose();
+    return y;
+  };
+  const auto stored = [&](Dense m) {
+    if (storage == head_attention::Precision::float16)
+      m = m.unaryExpr([](double v) { return double(float(Eigen::half(float(v)))); });
+    else if (storage == head_attention::Precision::bfloat16)
+      m = m.unaryExpr([](double v) { return double(float(Eigen::bfloat16(float(v)))); });
+    return m;
+  };
+  const Index T = x.rows(), i = T - 1;
+  const Dense q = project(layer.query()), k = stored(project(layer.key())),
+              v = stored(project(layer.value()));
+  const Index first = rule.first_key(i), end = rule.end_key(i, T);
+  const Eigen::VectorXd scores =
+      k.middleRows(first, end - first) * q.row(i).transpose() / std::sqrt(double(layer.head_size()));
+  const Eigen::VectorXd w = (scores.array() - scores.maxCoeff()).exp();
+  return (w.transpose() * v.middleRows(first, end - first)) / w.sum();
+}
+
+}  // namespace
+
+// A decode step whose query sees hundreds of keys or more is cut into key ranges, each its own work item
+// (flash-decoding), merged afterwards: checked against the plain double computation, under the causal rule
+// and sliding windows (one that cuts the ranges, one too short to split), with float and 16-bit caches.
+TEMPLATE_TEST_CASE("a decode step cut into key ranges matches the double reference", "[cache][split]", float,
+                   double) {
+  using Scalar = TestType;
+  using head_attention::Precision;
+  constexpr Index emb = 16, head = 8;
+  std::vector<Precision> storages = {head_attention::precision_of<Scalar>()};
+  if (std::is_same<Scalar, float>::value) {
+    storages.push_back(Precision::float16);
+    storages.push_back(Precision::bfloat16);
+  }
+  for (const MaskRule& rule :
+       {MaskRule::causal(), MaskRule::sliding_window(700), MaskRule::sliding_window(64)})
+    for (const Index n : {Index(600), Index(1300), Index(2900)})
+      for (const Precision storage : storages) {
+        const std::uint64_t seed = 3000 + static_cast<std::uint64_t>(n);
+        head_attention::HeadAttention<Scalar> layer(emb, head, n + 1, seed, rule);
+        const Matrix<Scalar> x = random_matrix<Scalar>(n + 1, emb, seed + 1, 2.0);
+        auto cache = layer.make_cache(storage);
+        (void)layer.forward_cached(x.topRows(n), cache);
+        const Matrix<Scalar> step = layer.forward_cached(x.row(n), cache);
+        const Index visible = std::min(n + 1, rule.end_key(n, n + 1) - rule.first_key(n));
+        INFO("rule " << rule.name() << ", n " << n << ", storage " << head_attention::precision_name(storage)
+                     << ", " << head_attention::detail::decode_key_splits(visible, 1) << " key ranges");
+        if (rule.kind() != MaskRule::Kind::sliding_window || rule.window() > 256)
+          CHECK(head_attention::detail::decode_key_splits(visible, 1) >= 2);  // the split is under test
+        const Eigen::RowVectorXd expected = reference_last_row(layer, x, rule, storage);
+        const Eigen::RowVectorXd got = step.row(0).template cast<double>();
+        CHECK(relative_error(got, expected) <= decode_tolerance<Scalar>());
+      }
+}
+
+// NaN and Inf in a split decode step: a non-finite key or value reaches the output if and only if the query
+// sees it, whichever key range it falls in; a range that sees none of it leaves the result bit-identical.
+TEMPLATE_TEST_CASE("a decode step cut into key ranges keeps non-finite values to the outputs that see them",
+                   "[cache][split][nonfinite]", float, double) {
+  using Scalar = TestType;
+  constexpr Index emb = 16, head = 8, n = 1500;
+  for (const MaskRule& rule : {MaskRule::causal(), MaskRule::sliding_window(800)}) {
+    head_attention::HeadAttention<Scalar> layer(emb, head, n + 1, 77, rule);
+    const Matrix<Scalar> x = random_matrix<Scalar>(n + 1, emb, 78);
+    const auto step = [&](const Matrix<Scalar>& in) {
+      auto cache = layer.make_cache();
+      (void)layer.forward_cached(in.topRows(n), cache);
+      return Matrix<Scalar>(layer.forward_cached(in.row(n), cache));
+    };
+    const Matrix<Scalar> clean = step(x);
+    REQUIRE(clean.allFinite());
+    for (const Scalar value :
+         {std::numeric_limits<Scalar>::quiet_NaN(), std::numeric_limits<Scalar>::infinity()})
+      for (const Index p : {Index(0), Index(650), Index(701), Index(1200), Index(n - 1)}) {
+        Matrix<Scalar> planted = x;
+        planted(p, 3) = value;
+        const Matrix<Scalar> out = step(planted);
+        const bool seen = p >= rule.first_key(n);
+        INFO("rule " << rule.name() << ", " << value << " at row " << p);
+        if (seen)
+          CHECK_FALSE(out.allFinite());
+        else
+          CHECK(identical(out, clean));
+      }
+  }
+}

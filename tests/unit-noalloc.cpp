@@ -549,3 +549,39 @@ TEMPLATE_TEST_CASE("prefill, steps, prefill: one workspace, nothing allocated af
     }
   }
 }
+
+// Decode steps whose queries are cut into more and more key ranges as the cache fills (flash-decoding: one
+// range below 512 keys, five at 1400): the workspace reserved for single rows holds the partial results of
+// the most ranges the cache can reach, so no step allocates.
+TEMPLATE_TEST_CASE("decode steps cut into key ranges allocate nothing", "[noalloc][split]", float, double) {
+  using Scalar = TestType;
+  if (head_attention::detail::gemm_uses_eigen_internals == false)
+    HA_SKIP("HEAD_ATTENTION_GEMM_FALLBACK: Eigen's public products allocate their own packing buffers");
+  constexpr Index emb = 32, head = 16, T = 1400, heads = 2;
+  const Matrix<Scalar> x = random_matrix<Scalar>(T, emb, 97);
+  for (const int threads : {1, 2}) {
+    INFO("threads " << threads);
+    head_attention::HeadAttention<Scalar> layer(emb, head, T, 98);
+    head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 0.1, 99);
+    layer.set_num_threads(threads);
+    mha.set_num_threads(threads);
+    const head_attention::PackedMultiHeadAttention<Scalar> packed(mha);
+    auto cache = layer.make_cache();
+    auto multi_cache = packed.make_cache();
+    cache.reserve();
+    multi_cache.reserve();
+    head_attention::Workspace<Scalar> workspace, multi_workspace;
+    layer.reserve_cached_workspace(workspace, cache);
+    packed.reserve_cached_workspace(multi_workspace, multi_cache);
+    Matrix<Scalar> step(1, head), multi_step(1, emb);
+    long step_allocations = 0;
+    for (Index r = 0; r < T; ++r) {
+      step_allocations += allocations([&] {
+        layer.forward_cached_into(x.row(r), cache, step, workspace);
+        packed.forward_cached_into(x.row(r), multi_cache, multi_step, multi_workspace);
+      });
+    }
+    CHECK(step_allocations == 0);
+    CHECK(head_attention::detail::decode_key_splits(T, 1) >= 4);  // the last steps were cut
+  }
+}

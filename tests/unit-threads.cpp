@@ -323,3 +323,108 @@ TEMPLATE_TEST_CASE("multi-head, padded and cached results are bit-identical on 1
   CHECK(identical(one.decoded, two.decoded));
   CHECK(identical(one.multi_decoded, two.multi_decoded));
 }
+
+// The default thread policy (set_num_threads(0)): a call below Tuning::default_serial_below_flops, every
+// decode step of one sequence, stays on one thread (on cores shared with other processes a team's barriers
+// can each wait out a scheduler slice); an explicit count is honoured for it; a prefill still forks.
+TEMPLATE_TEST_CASE("on the default thread count a decode step is serial and a prefill forks", "[threads]",
+                   float, double) {
+  using Scalar = TestType;
+  using Packed = head_attention::PackedMultiHeadAttention<Scalar>;
+  constexpr Index emb = 512, head = 64, heads = 8, n = 512;
+  head_attention::HeadAttention<Scalar> layer(emb, head, n + 1, 70);
+  head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, n + 1, 0.1, 71);
+  const Packed packed_mha(mha);
+  const Matrix<Scalar> x = random_matrix<Scalar>(n + 1, emb, 72);
+  const bool forks = head_attention::detail::has_openmp && Eigen::nbThreads() > 1;
+
+  layer.set_num_threads(0);
+  auto cache = layer.make_cache();
+  (void)layer.forward_cached(x.topRows(n), cache);  // a prefill of 512 rows: about 2e8 flops
+  CHECK(observed_team() == (forks ? std::min(Eigen::nbThreads(), layer.num_threads()) : 1));
+  CHECK((observed_team() > 1) == forks);
+  const Matrix<Scalar> step_default = layer.forward_cached(x.row(n), cache);
+  CHECK(observed_team() == 1);
+  cache.truncate(n);
+  layer.set_num_threads(2);
+  const Matrix<Scalar> step_two = layer.forward_cached(x.row(n), cache);
+  CHECK(observed_team() == (head_attention::detail::has_openmp ? 2 : 1));
+  CHECK(identical(step_default, step_two));
+
+  auto multi_cache = packed_mha.make_cache();
+  Matrix<Scalar> prompt_out(n, emb), step(1, emb), step_again(1, emb);
+  head_attention::Workspace<Scalar> workspace;
+  Packed frozen = packed_mha;
+  frozen.set_num_threads(0);
+  frozen.forward_cached_into(x.topRows(n), multi_cache, prompt_out, workspace);
+  CHECK((observed_team() > 1) == forks);
+  frozen.forward_cached_into(x.row(n), multi_cache, step, workspace);
+  CHECK(observed_team() == 1);
+  multi_cache.truncate(n);
+  frozen.set_num_threads(2);
+  frozen.forward_cached_into(x.row(n), multi_cache, step_again, workspace);
+  CHECK(observed_team() == (head_attention::detail::has_openmp ? 2 : 1));
+  CHECK(identical(step, step_again));
+}
+
+// Decode steps cut into key ranges (flash-decoding): the cut follows the number of keys, heads and sequences,
+// never the thread count, so 1 and 2 threads give the same bits; on every form, batched, with a sliding
+// window and a 16-bit cache.
+TEMPLATE_TEST_CASE("decode steps cut into key ranges are bit-identical on 1 and 2 threads",
+                   "[threads][split]", float, double) {
+  using Scalar = TestType;
+  using head_attention::MaskRule;
+  if (!head_attention::detail::has_openmp) HA_SKIP("built without OpenMP: every call runs on one thread");
+  constexpr Index emb = 64, head = 32, heads = 3, n = 1500, B = 3;
+  std::vector<head_attention::Precision> storages = {head_attention::precision_of<Scalar>()};
+  if (std::is_same<Scalar, float>::value) storages.push_back(head_attention::Precision::bfloat16);
+  for (const MaskRule& rule : {MaskRule::causal(), MaskRule::sliding_window(900)})
+    for (const head_attention::Precision storage : storages) {
+      INFO("rule " << rule.name() << ", storage " << head_attention::precision_name(storage));
+      head_attention::HeadAttention<Scalar> layer(emb, head, n + 2, 80, rule);
+      head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, n + 2, 0.1, 81);
+      mha.set_mask_rule(rule);
+      const head_attention::PackedHeadAttention<Scalar> packed(layer);
+      const Matrix<Scalar> x = random_matrix<Scalar>(B * (n + 2), emb, 82);
+      const Matrix<Scalar> prompt = x.topRows(B * n), next = x.bottomRows(B), next1 = x.bottomRows(1);
+      struct Steps {
+        Matrix<Scalar> single, second, batched, multi, packed;
+        std::vector<int> teams;
+      };
+      const auto run = [&](int threads) {
+        layer.set_num_threads(threads);
+        mha.set_num_threads(threads);
+        head_attention::PackedHeadAttention<Scalar> p = packed;
+        p.set_num_threads(threads);
+        Steps s;
+        auto cache = layer.make_cache(storage);
+        (void)layer.forward_cached(prompt.topRows(n), cache);
+        s.single = layer.forward_cached(next1, cache);
+        s.teams.push_back(observed_team());
+        s.second = layer.forward_cached(next1, cache);  // one key more: the ranges move
+        s.teams.push_back(observed_team());
+        auto caches = layer.make_cache(B, storage);
+        (void)layer.forward_cached(prompt, caches);
+        s.batched = layer.forward_cached(next, caches);
+        s.teams.push_back(observed_team());
+        auto multi_cache = mha.make_cache(storage);
+        (void)mha.forward_cached(prompt.topRows(n), multi_cache);
+        s.multi = mha.forward_cached(next1, multi_cache);
+        s.teams.push_back(observed_team());
+        auto packed_cache = p.make_cache(storage);
+        (void)p.forward_cached(prompt.topRows(n), packed_cache);
+        s.packed = p.forward_cached(next1, packed_cache);
+        s.teams.push_back(observed_team());
+        return s;
+      };
+      const Steps one = run(1), two = run(2);
+      CHECK(one.teams == std::vector<int>(5, 1));
+      CHECK(two.teams == std::vector<int>(5, 2));  // every step did fork: the comparison means something
+      CHECK(identical(one.single, two.single));
+      CHECK(identical(one.second, two.second));
+      CHECK(identical(one.batched, two.batched));
+      CHECK(identical(one.multi, two.multi));
+      CHECK(identical(one.packed, two.packed));
+      CHECK(identical(one.packed, one.single));  // the packed form decodes as its layer
+    }
+}

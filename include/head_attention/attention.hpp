@@ -168,10 +168,15 @@ class HeadAttention : public AttentionBase<HeadAttention<Scalar>, Scalar>,
   }
 
   /// Caps the threads of one forward call at n; 0 (the default) follows Eigen::setNbThreads, else
-  /// OMP_NUM_THREADS, else one per core. Every thread that calls forward forks a team of its own: callers
-  /// that run several forward calls at once on their own threads should set 1 here (or OMP_NUM_THREADS=1) to
-  /// avoid oversubscribing the cores. Without OpenMP the setting is kept but every call runs on one thread.
-  /// Throws shape_error if n < 0.
+  /// OMP_NUM_THREADS, else one per core, but runs a call of less than about 2e7 flops on one thread (every
+  /// decode step of one sequence, short prefills): on cores shared with other processes a team's barriers
+  /// can each wait out a scheduler time slice, milliseconds for a step of microseconds. An explicit n is
+  /// honoured for any call above about 1e5 flops: set_num_threads(2) or more speeds up decode steps (a
+  /// query's keys are then cut into ranges, one per work item) where the cores are not shared
+  /// (docs/decoding.md, "Which thread count for decoding"). Every thread that calls forward forks a team of
+  /// its own: callers that run several forward calls at once on their own threads should set 1 here (or
+  /// OMP_NUM_THREADS=1) to avoid oversubscribing the cores. Without OpenMP the setting is kept but every call
+  /// runs on one thread. Throws shape_error if n < 0.
   void set_num_threads(int n) {
     HEAD_ATTENTION_REQUIRE(n >= 0, "HeadAttention::set_num_threads", "the thread count", ">= 0",
                            std::to_string(n));
@@ -179,7 +184,8 @@ class HeadAttention : public AttentionBase<HeadAttention<Scalar>, Scalar>,
   }
   /// The thread count a large forward call made now, from this thread, would run on: the setting (or its
   /// default), 1 inside an active OpenMP parallel region (a forward call never forks a nested team), and 1
-  /// without OpenMP. Small inputs run on one thread whatever this says.
+  /// without OpenMP. Small inputs run on one thread whatever this says (below about 2e7 flops on the default
+  /// setting, 1e5 on an explicit one).
   int num_threads() const {
     if (!detail::has_openmp || detail::in_parallel_region()) return 1;
     return requested_threads();
@@ -432,7 +438,7 @@ class HeadAttention : public AttentionBase<HeadAttention<Scalar>, Scalar>,
     plan.size_only = true;
     const LinearType* const layers[3] = {&m_query, &m_key, &m_value};
     detail::forward<Eigen::RowMajor>(static_cast<const Scalar*>(nullptr), m_emb_size, batch, seq_len, layers,
-                                     1, static_cast<Scalar*>(nullptr), m_head_size, num_threads(), plan);
+                                     1, static_cast<Scalar*>(nullptr), m_head_size, m_threads, plan);
   }
 
   /// `batch` sequences of `seq_len` rows stored back to back in x ([batch · seq_len, emb_size]) into out
@@ -450,7 +456,7 @@ class HeadAttention : public AttentionBase<HeadAttention<Scalar>, Scalar>,
   void run(const Eigen::MatrixBase<Derived>& x, Index batch, Index seq_len, Scalar* out, Index out_stride,
            const detail::AttentionPlan<Scalar>& plan) const {
     const LinearType* const layers[3] = {&m_query, &m_key, &m_value};
-    detail::forward_expression(x, batch, seq_len, layers, 1, out, out_stride, num_threads(), plan);
+    detail::forward_expression(x, batch, seq_len, layers, 1, out, out_stride, m_threads, plan);
   }
 
   /// Throws shape_error unless an input of this width and length can be run now: width == emb_size,

@@ -125,8 +125,9 @@ class MultiHeadAttention : public TensorAttentionBase<MultiHeadAttention<Scalar>
   }
   ///@}
 
-  /// The thread cap of a forward call, as HeadAttention::set_num_threads (0: Eigen's default). Throws
-  /// shape_error if n < 0.
+  /// The thread cap of a forward call, as HeadAttention::set_num_threads (0: Eigen's default, and one thread
+  /// for a call below about 2e7 flops, every decode step of one sequence up to several thousand cached
+  /// positions; an explicit n is honoured). Throws shape_error if n < 0.
   void set_num_threads(int n) {
     HEAD_ATTENTION_REQUIRE(n >= 0, "MultiHeadAttention::set_num_threads", "the thread count", ">= 0",
                            std::to_string(n));
@@ -643,7 +644,7 @@ class MultiHeadAttention : public TensorAttentionBase<MultiHeadAttention<Scalar>
     plan.projected = out;
     plan.projected_stride = out_stride;
     detail::forward_expression(x, batch, seq_len, layers.data(), num_heads(), static_cast<Scalar*>(nullptr),
-                               0, num_threads(), plan);
+                               0, m_threads, plan);
   }
 
   friend class PackedMultiHeadAttention<Scalar>;  // checks the weights with check(), copies the thread

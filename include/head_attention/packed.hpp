@@ -290,10 +290,10 @@ class PackedForm {
     if (projected()) {
       plan.projected = out;
       plan.projected_stride = out_stride;
-      forward_expression(x, batch, seq_len, no_layers, m_heads, static_cast<Scalar*>(nullptr), 0, threads(),
+      forward_expression(x, batch, seq_len, no_layers, m_heads, static_cast<Scalar*>(nullptr), 0, m_threads,
                          plan);
     } else {
-      forward_expression(x, batch, seq_len, no_layers, m_heads, out, out_stride, threads(), plan);
+      forward_expression(x, batch, seq_len, no_layers, m_heads, out, out_stride, m_threads, plan);
     }
   }
 };
@@ -360,7 +360,8 @@ class PackedHeadAttention : public TensorAttentionBase<PackedHeadAttention<Scala
   const MaskRule& mask_rule() const { return this->m_rule; }
 
   /// The thread cap of a forward call, as HeadAttention::set_num_threads (copied from the layer; 0: Eigen's
-  /// default). Results do not depend on it. Throws shape_error if n < 0.
+  /// default, which runs decode steps on one thread; an explicit n is honoured for them). Results do not
+  /// depend on it. Throws shape_error if n < 0.
   void set_num_threads(int n) { this->set_threads(n, "PackedHeadAttention::set_num_threads"); }
   /// The thread count a large call made now, from this thread, would run on (1 inside a parallel region or
   /// without OpenMP).
@@ -486,8 +487,9 @@ class PackedMultiHeadAttention : public TensorAttentionBase<PackedMultiHeadAtten
   /// Every head's mask rule when the layer was packed.
   const MaskRule& mask_rule() const { return this->m_rule; }
 
-  /// The thread cap of a forward call, as MultiHeadAttention::set_num_threads (copied from the layer).
-  /// Results do not depend on it. Throws shape_error if n < 0.
+  /// The thread cap of a forward call, as MultiHeadAttention::set_num_threads (copied from the layer; 0:
+  /// Eigen's default, which runs decode steps on one thread; an explicit n is honoured for them). Results do
+  /// not depend on it. Throws shape_error if n < 0.
   void set_num_threads(int n) { this->set_threads(n, "PackedMultiHeadAttention::set_num_threads"); }
   /// The thread count a large call made now, from this thread, would run on (1 inside a parallel region or
   /// without OpenMP).

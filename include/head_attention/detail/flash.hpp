@@ -5,11 +5,13 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <new>
 #include <type_traits>
 #include <vector>
@@ -67,6 +69,22 @@ struct Tuning {
   /// the output projection), so that even a single head's step has work for two threads. By the shape
   /// alone, and an output's bits never depend on its block.
   static constexpr Eigen::Index rowdot_block = 32;
+  /// Below this many useful flops a call on the default thread count (set_num_threads(0)) stays on one
+  /// thread too: every decode step of one sequence, and short prefills. A team meets at barriers, and on
+  /// cores shared with other processes each barrier can wait out a scheduler time slice (milliseconds) for a
+  /// preempted thread: forking pays only when a call is long next to that (docs/performance.md, "Threads
+  /// under load"; bench/bench_load). An explicit set_num_threads(n) is honoured above serial_below_flops.
+  static constexpr double default_serial_below_flops = 2e7;
+  /// A decode query (one row) over at least twice this many visible keys is cut into key ranges of about
+  /// this many keys, each a work item of its own (flash-decoding), so that one sequence's step has work for
+  /// every thread; the partial results are merged in a fixed order. Below, one item per query. Measured on
+  /// Zen 4 (bench/results/2026-12-07_decode_threads_load.md): one head, n = 2048, two threads 1.83x faster
+  /// than one (1.14x unsplit); each range costs a serial step about 0.2 µs (7% there). 128 and 512 were
+  /// not distinguishable from 256 on the shared machine.
+  static constexpr Eigen::Index decode_split_keys = 256;
+  /// ... into at most enough ranges that heads · batch · ranges reaches this many items (no split when the
+  /// heads and sequences alone make that many).
+  static constexpr Eigen::Index decode_split_items = 16;
 };
 // With key blocks a multiple of query blocks, every key block a query block visits starts at or before its
 // first query, so no row of a tile is wholly masked. (When T < key_block, one key block covers every key.)
@@ -403,22 +421,37 @@ void cut_tile_scores(Eigen::Index bq, Eigen::Index head, const Scalar* q, Eigen:
   }
 }
 
+/// A key range of one decode query, a work item of its own (flash-decoding): attend_query_block visits only
+/// the keys [begin, end) (absolute positions) and writes its un-normalised partial result to `partial`
+/// ([head + 2]: the running max of the scores, the sum of their exponentials, then the accumulator Σ exp ·
+/// v) instead of the output; combine_partials merges the ranges of a query.
+template <typename Scalar>
+struct KeyRange {
+  Eigen::Index begin = 0;
+  Eigen::Index end = std::numeric_limits<Eigen::Index>::max();
+  Scalar* partial = nullptr;
+};
+
 /// Attention of the query rows [r0, r0 + bq) of one sequence over its keys, under `rule` and the padding of
-/// `keys`. Each query sees the contiguous key range [first_key, end_key) of its position, so only the key
-/// blocks between the first row's first key and the last row's end are visited, and only tiles cut by some
-/// row's range are masked. A query that sees no key gets a zero row. Keys stored in another precision than
-/// Scalar are converted tile by tile into the scratch's wide_k / wide_v. Never throws, never allocates.
+/// `keys` (and within `range`: all keys by default; a partial result for one row). Each query sees the
+/// contiguous key range [first_key, end_key) of its position, so only the key blocks between the first row's
+/// first key and the last row's end are visited, and only tiles cut by some row's range are masked. A query
+/// that sees no key gets a zero row. Keys stored in another precision than Scalar are converted tile by tile
+/// into the scratch's wide_k / wide_v. Never throws, never allocates.
 template <typename Scalar, typename Out>
 void attend_query_block(const Queries<Scalar, Out>& queries, const KeyValues& keys, const MaskRule& rule,
-                        Eigen::Index r0, Eigen::Index bq, FlashScratch<Scalar>& s) noexcept {
+                        Eigen::Index r0, Eigen::Index bq, FlashScratch<Scalar>& s,
+                        const KeyRange<Scalar>& range = {}) noexcept {
   using Index = Eigen::Index;
   using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const Index head = s.acc.cols();
   const Index block_k = s.probs.cols();
   const Index p0 = queries.position + r0;  // absolute position of the block's first query
-  const auto first_key = [&](Index r) { return std::max(rule.first_key(p0 + r), keys.first); };
-  const auto end_key = [&](Index r) { return std::min(rule.end_key(p0 + r, keys.count), keys.valid); };
+  const auto first_key = [&](Index r) { return std::max({rule.first_key(p0 + r), keys.first, range.begin}); };
+  const auto end_key = [&](Index r) {
+    return std::min({rule.end_key(p0 + r, keys.count), keys.valid, range.end});
+  };
 
   s.row_max.head(bq).setConstant(-std::numeric_limits<Scalar>::infinity());
   s.row_sum.head(bq).setZero();
@@ -509,6 +542,12 @@ void attend_query_block(const Queries<Scalar, Out>& queries, const KeyValues& ke
       partial_tile_values(v_tile, kv_stride, head, bq, bk, s.seen_begin, s.seen_end, keys.values_finite, s);
   }
 
+  if (range.partial != nullptr) {  // one row's part: merged with the others' by combine_partials
+    range.partial[0] = s.row_max[0];
+    range.partial[1] = s.row_sum[0];
+    std::copy_n(s.acc.data(), head, range.partial + 2);
+    return;
+  }
   using OutMatrix = Eigen::Matrix<Out, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   Eigen::Map<OutMatrix, 0, Eigen::OuterStride<>> result(queries.out + r0 * queries.out_stride, bq, head,
                                                         Eigen::OuterStride<>(queries.out_stride));
@@ -524,6 +563,39 @@ void attend_query_block(const Queries<Scalar, Out>& queries, const KeyValues& ke
     for (Index r = 0; r < bq; ++r)
       queries.lse[r0 + r] = s.row_sum[r] == Scalar(0) ? std::numeric_limits<Scalar>::infinity()
                                                       : s.row_max[r] + std::log(s.row_sum[r]);
+}
+
+/// The output row of one decode query (out[head], and *lse when lse is not null) from the partial results
+/// of its `splits` key ranges (attend_query_block's, each [head + 2] at partials + i · stride), merged in
+/// range order whatever order they were computed in: with M the largest running max, sum = Σ sum_i ·
+/// exp(max_i − M) and out = Σ acc_i · exp(max_i − M) / sum. A range that saw no key (sum 0) adds nothing; a
+/// NaN in any range makes the row NaN, as without the split. acc: [head] scratch.
+template <typename Scalar, typename Out>
+void combine_partials(const Scalar* partials, Eigen::Index stride, Eigen::Index splits, Eigen::Index head,
+                      Scalar* acc, Out* out, Scalar* lse) noexcept {
+  using Index = Eigen::Index;
+  using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
+  Scalar max = -std::numeric_limits<Scalar>::infinity();
+  for (Index i = 0; i < splits; ++i) {
+    const Scalar* p = partials + i * stride;
+    if (p[1] != Scalar(0) && p[0] > max) max = p[0];
+  }
+  Eigen::Map<RowVector> total(acc, head);
+  total.setZero();
+  Scalar sum(0);
+  for (Index i = 0; i < splits; ++i) {
+    const Scalar* p = partials + i * stride;
+    if (p[1] == Scalar(0)) continue;  // no visible key in this range
+    const Scalar weight = p[0] == max ? Scalar(1) : std::exp(p[0] - max);
+    sum += weight * p[1];
+    total += weight * Eigen::Map<const RowVector>(p + 2, head);
+  }
+  Eigen::Map<Eigen::Matrix<Out, 1, Eigen::Dynamic>> result(out, head);
+  if (sum == Scalar(0))
+    result.setZero();  // no visible key
+  else
+    result = (total / sum).template cast<Out>();
+  if (lse != nullptr) *lse = sum == Scalar(0) ? std::numeric_limits<Scalar>::infinity() : max + std::log(sum);
 }
 
 /// The size of the OpenMP team that the last forward call made on this thread ran on (1 for a serial call).
@@ -579,7 +651,7 @@ struct ForwardBuffers {
   /// Bytes held by the buffers of Scalar (the scratch's GEMM packing buffers included).
   std::size_t bytes() const {
     std::size_t n = static_cast<std::size_t>(qkv.size() + weights_t.size() + output_t.size() + biases.size() +
-                                             keys_t.size() + concat.size() + x_rows.size());
+                                             keys_t.size() + concat.size() + x_rows.size() + partials.size());
     for (const Vector& v : x_wide)
       n += static_cast<std::size_t>(v.size());
     for (const Vector& v : projected_wide)
@@ -607,6 +679,20 @@ struct ForwardBuffers {
   std::vector<const Linear<Scalar>*> wide_pointers;
   Vector x_rows;                        // [rows, emb] a few-row call's x in the compute type, row-major
   std::vector<WeightRows> row_weights;  // [3 · heads + 1] a few-row call's weights as stored (project_rows)
+  Vector partials;  // [heads · batch · key splits] a split decode query's partial results, a cache line each
+  std::unique_ptr<std::atomic<int>[]> ranges_done;  // [heads · batch] its key ranges done (a split decode)
+  Index ranges_done_size = 0;
+
+  /// At least `size` counters in ranges_done (reallocated only when it has fewer).
+  std::atomic<int>* grow_counters(Index size) {
+    if (ranges_done_size < size) {
+      ranges_done.reset();
+      ranges_done_size = 0;
+      ranges_done.reset(new std::atomic<int>[static_cast<std::size_t>(size)]);
+      ranges_done_size = size;
+    }
+    return ranges_done.get();
+  }
 };
 
 /// Columns per panel of a prepared projection weight: the register tile's width (64 floats with AVX-512, 16
@@ -1010,7 +1096,12 @@ struct WorkPlan {
   bool wide_keys = false;        // some cache stores its keys in another precision
   bool converted_tiles = false;  // ... and its tiles are converted into scratch (not read in place)
   Index block_q = 0, block_k = 0, query_blocks = 0;
-  Index items = 0;                  // attention items: head × sequence × query block
+  Index items = 0;  // attention items: head × sequence × query block × key split
+  /// Key ranges per decode query (flash-decoding; 1: no split, always when seq_len > 1), from the number
+  /// of keys, heads and sequences only; and the most this call's shape can ever take (at key_limit), which
+  /// sizes the partials' buffer so that every step of a cache fits it.
+  Index key_splits = 1, max_key_splits = 1;
+  Index partial_stride = 0;         // a partial result's elements: head + 2, rounded up to a cache line
   Index chunks = 0, proj_rows = 0;  // row chunks of the projections, all but the last of proj_rows rows
   Index proj_items = 0;             // projection items: row chunk × head × q/k/v
   Index kt_panel = 0, kt_size = 0;  // keys per column panel of a sequence's Kᵀ; one sequence's Kᵀ
@@ -1066,8 +1157,18 @@ inline bool rowdot_call(Eigen::Index rows, bool cached) noexcept {
   return cached && rows <= Tuning::rowdot_rows;
 }
 
+/// Key ranges per query of a decode step (one row per sequence, against a cache) whose queries see up to
+/// `keys` keys, over `units` = heads · sequences queries: ranges of about Tuning::decode_split_keys keys,
+/// no more of them than make Tuning::decode_split_items items in all. The shape alone decides, never the
+/// thread count: results are the same bits on any number of threads.
+inline Eigen::Index decode_key_splits(Eigen::Index keys, Eigen::Index units) noexcept {
+  const Eigen::Index by_keys = keys / Tuning::decode_split_keys;
+  const Eigen::Index by_items = (Tuning::decode_split_items + units - 1) / std::max<Eigen::Index>(1, units);
+  return std::max<Eigen::Index>(1, std::min(by_keys, by_items));
+}
+
 /// forward()'s planning stage: block sizes, work items and the thread count of a call of this shape (threads:
-/// the caller's cap). Allocates nothing.
+/// the caller's setting, a cap or 0 for the default). Allocates nothing.
 template <typename Scalar, typename Stored>
 WorkPlan plan_work(Eigen::Index batch, Eigen::Index seq_len, Eigen::Index heads, Eigen::Index emb,
                    Eigen::Index head, Eigen::Index out_width, const AttentionPlan<Stored>& plan,
@@ -1099,10 +1200,29 @@ WorkPlan plan_work(Eigen::Index batch, Eigen::Index seq_len, Eigen::Index heads,
   w.block_k = w.block_q == 1 ? decode_key_block(w.converted_tiles, w.key_limit)
                              : std::min(Tuning::key_block, w.key_limit);
   w.query_blocks = (seq_len + w.block_q - 1) / w.block_q;
-  w.items = heads * batch * w.query_blocks;
+  if (plan.caches != nullptr) {
+    // The most keys a query sees: a sliding window's, or all of them.
+    const auto visible = [&](Index keys) {
+      return plan.rule.kind() == MaskRule::Kind::sliding_window ? std::min(keys, plan.rule.window()) : keys;
+    };
+    if (seq_len == 1) w.key_splits = decode_key_splits(visible(w.max_keys), heads * batch);
+    // The most ranges a step over these caches can have: a prefill sizes its workspace for the steps after
+    // it.
+    w.max_key_splits = std::max(w.key_splits, decode_key_splits(visible(w.key_limit), heads * batch));
+  }
+  w.partial_stride = (head + 2 + 15) / 16 * 16;
+  w.items = heads * batch * w.query_blocks * w.key_splits;
   const double flops =
       static_cast<double>(heads) * useful_flops<Scalar>(batch, seq_len, emb, head, w.max_keys, plan.rule);
-  if ((flops < Tuning::serial_below_flops && !plan.size_only) || in_parallel_region()) threads = 1;
+  // threads: the caller's setting, 0 for the default: Eigen's count, but one thread below
+  // default_serial_below_flops (an explicit count is honoured down to serial_below_flops). A workspace is
+  // sized for the most threads a call of its shape can use.
+  const bool by_default = threads <= 0;
+  if (by_default) threads = default_thread_count();
+  if (!has_openmp || in_parallel_region()) threads = 1;
+  if (!plan.size_only &&
+      (flops < Tuning::serial_below_flops || (by_default && flops < Tuning::default_serial_below_flops)))
+    threads = 1;
   // Short inputs are cut into up to projection_split chunks, so that the threads all get projection work; all
   // chunks but the last of proj_rows rows, about equal. The cut depends on the input alone, never on the
   // thread count (and gemm_nn rounds a row the same in any chunk, so results do not even depend on the cut).
@@ -1147,6 +1267,9 @@ struct ForwardStorage {
   const Scalar* x_rows = nullptr;  // [rows, emb] x row-major in the compute type: x itself or x_buffer
   Eigen::Index x_rows_stride = 0;
   WeightRows* rows = nullptr;  // [3 · heads + 1] the weights as stored: head h's Q, K, V at 3h.., then Wo
+  Scalar* partials =
+      nullptr;  // [heads · batch · key_splits] · partial_stride a split decode's partial results
+  std::atomic<int>* ranges_done = nullptr;  // [heads · batch] key ranges done, per query (a split decode)
 };
 
 /// forward()'s allocation stage: every buffer the call needs, grown in `buffers` (nothing is allocated
@@ -1198,6 +1321,10 @@ ForwardStorage<Scalar> allocate_storage(const WorkPlan& work, const PackedWeight
       packed != nullptr ? packed->output_bias.data() : (output != nullptr ? output->bias.data() : nullptr);
   s.keys_t = Buffers::grow(buffers.keys_t, cached ? 0 : heads * work.batch * work.kt_size);
   s.concat = Buffers::grow(buffers.concat, (work.out_width > 0 ? rows : 0) * heads * head);
+  const bool split = work.max_key_splits > 1;
+  s.partials = Buffers::grow(buffers.partials,
+                             split ? heads * work.batch * work.max_key_splits * work.partial_stride : 0);
+  s.ranges_done = buffers.grow_counters(split ? heads * work.batch : 0);
   // A call of few rows reads x (converted to the compute type when it must be) and the weights as stored
   // (project_rows); a workspace's cached call also keeps that room for the one-row steps that follow it
   // and the shorter chunks it covers, so that a workspace that served (or was reserved for) a prefill serves
@@ -1333,8 +1460,14 @@ struct ForwardPass {
   /// K and V rows (2 MB at T = 4096), which stay in cache; interleaving all heads and sequences at each query
   /// block made every item's K and V cold (the working set is all of Q|K|V, 25 to 50 MB for 8 heads) and was
   /// measured 15-20% slower on one thread.
+  ///
+  /// A decode step's query cut into work.key_splits key ranges (flash-decoding) is work.key_splits items, one
+  /// per range, each writing a partial result; whichever finishes a query's last range merges them
+  /// (combine_partials, in range order: the same bits whichever thread ran which range), so no phase waits.
   void attend(Index item, std::size_t thread) const {
     const Index seq_len = work.seq_len, head = work.head, ld = work.ld;
+    const Index split = item % work.key_splits;
+    item /= work.key_splits;
     const Index qb = work.query_blocks - 1 - item % work.query_blocks;
     const Index c = item / work.query_blocks;  // head h = c / batch, sequence b = c % batch
     const Index h = c / work.batch, b = c % work.batch;
@@ -1355,17 +1488,34 @@ struct ForwardPass {
     const Index first_row = b * seq_len;
     Scalar* const lse = plan.lse != nullptr ? plan.lse + h * work.rows + first_row : nullptr;
     FlashScratch<Scalar>& scratch = storage.buffers->scratch[thread];
-    if (work.out_width > 0) {
-      const Index concat_cols = work.heads * head;
-      attend_query_block(
-          Queries<Scalar>{seq_qkv, ld, position, storage.concat + first_row * concat_cols + h * head,
-                          concat_cols, lse},
-          keys, plan.rule, r0, bq, scratch);
-    } else {
-      attend_query_block(Queries<Scalar, Stored>{seq_qkv, ld, position,
-                                                 out + first_row * out_stride + h * head, out_stride, lse},
-                         keys, plan.rule, r0, bq, scratch);
+    KeyRange<Scalar> range;
+    if (work.key_splits > 1) {  // (one query: r0 = 0, bq = 1) range `split` of its visible keys
+      const Index lo = std::max(plan.rule.first_key(position), keys.first);
+      const Index hi = std::max(lo, std::min(plan.rule.end_key(position, keys.count), keys.valid));
+      const Index step = ((hi - lo + work.key_splits - 1) / work.key_splits + 15) / 16 * 16;
+      range.begin = std::min(hi, lo + split * step);
+      range.end = std::min(hi, range.begin + step);
+      range.partial = storage.partials + (c * work.key_splits + split) * work.partial_stride;
     }
+    const Index concat_cols = work.heads * head;
+    Scalar* const concat_row = storage.concat + first_row * concat_cols + h * head;
+    Stored* const out_row = out + first_row * out_stride + h * head;
+    if (work.out_width > 0)
+      attend_query_block(Queries<Scalar>{seq_qkv, ld, position, concat_row, concat_cols, lse}, keys,
+                         plan.rule, r0, bq, scratch, range);
+    else
+      attend_query_block(Queries<Scalar, Stored>{seq_qkv, ld, position, out_row, out_stride, lse}, keys,
+                         plan.rule, r0, bq, scratch, range);
+    if (work.key_splits == 1) return;
+    // The last range of this query to finish merges them all (acq_rel: the others' partials are visible).
+    if (storage.ranges_done[c].fetch_add(1, std::memory_order_acq_rel) != work.key_splits - 1) return;
+    const Scalar* partials = storage.partials + c * work.key_splits * work.partial_stride;
+    if (work.out_width > 0)
+      combine_partials(partials, work.partial_stride, work.key_splits, head, scratch.acc.data(), concat_row,
+                       lse);
+    else
+      combine_partials(partials, work.partial_stride, work.key_splits, head, scratch.acc.data(), out_row,
+                       lse);
   }
 
   /// Phase 3, the output projection (multi-head only), one row chunk of work.chunks: that chunk of the
@@ -1447,7 +1597,8 @@ void prepare_rows(const Stored* x, Eigen::Index x_stride, const WorkPlan& work,
 /// one parallel region. layers: [3 · heads] nn.Linear(emb, head), head h's Q, K, V at 3h, 3h + 1, 3h + 2.
 /// Writes head h's output to columns [h · head, (h + 1) · head) of out ([batch·seq_len, heads·head]
 /// row-major, leading dimension out_stride). x is read completely before out is written. Shapes are checked
-/// by the caller, and caches prepared. threads: the most threads to use (>= 1). With plan.packed, the weights
+/// by the caller, and caches prepared. threads: the caller's setting, the most threads to use, or 0 for the
+/// default (see plan_work: small calls then run on one thread). With plan.packed, the weights
 /// are read from there and stored_layers (which may then be null) and plan.output are not read.
 ///
 /// Stored is the layer's type; everything is computed in compute_t<Stored>. For the 16-bit types the
@@ -1487,6 +1638,9 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
   if (work.rowdot) prepare_rows<XOrder>(x, x_stride, work, stored_layers, plan, storage);
   const Scalar scale = query_scale<Scalar>(head);
   const ForwardPass<XOrder, Stored> pass{x, x_stride, out, out_stride, plan, work, storage};
+  if (work.key_splits > 1)
+    for (Index c = 0; c < heads * batch; ++c)
+      storage.ranges_done[c].store(0, std::memory_order_relaxed);  // (the fork publishes it)
 
   HEAD_ATTENTION_OMP(parallel num_threads(work.threads) if (work.threads > 1)) {
     const std::size_t thread = static_cast<std::size_t>(thread_index());
