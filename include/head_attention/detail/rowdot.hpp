@@ -92,6 +92,22 @@ Scalar weight_value(const W* w, Eigen::Index k) noexcept {
     return stored_value<Scalar>(P, w, k);
 }
 
+/// Pins p to a register from here on. With several rows of x (R > 1) and float or double weights, GCC 12
+/// otherwise folds the loads of x and of the weights into every FMA that reads them (two loads per FMA),
+/// which defeats the sharing dot_block is built on. Medians on Zen 4, 2048 float weight rows of 512 (4 MB)
+/// and 2 / 4 / 8 rows of x: 0.72 / 0.80 / 0.69 of the time without (AVX-512; 256 rows, in L2: 0.58 / 0.57 /
+/// 0.56), AVX2: 0.85 / 0.76 / 0.71 (bench/results/rowdot_rows.txt). Not for 16-bit weights (widened in
+/// registers, not folded): pinning x there gained in L2 (0.73) but lost from L3 (1.04 to 1.07). An empty
+/// asm: no instruction, no change to any value or to the order of any sum.
+template <typename Packet>
+EIGEN_ALWAYS_INLINE void keep_in_register(Packet& p) noexcept {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__SSE2__)
+  __asm__("" : "+v"(p));
+#else
+  (void)p;
+#endif
+}
+
 /// sums[r · lds + i] = x_r · w_i (`in` products) for the R rows x_r of x (at x + r · ldx) and the G weight
 /// rows w_i at w + i · in. Each sum is the same chain whatever R and G are and whichever block a row falls
 /// in: two packet accumulators (even and odd packets, for the FMA latency), added and reduced, then the last
@@ -117,11 +133,19 @@ void dot_block(const Scalar* x, Eigen::Index ldx, const W* w, Eigen::Index in, S
       for (int r = 0; r < R; ++r) {
         x0[r] = ploadu<Packet>(x + r * ldx + k);
         x1[r] = ploadu<Packet>(x + r * ldx + k + Wd);
+        if constexpr (R > 1 && std::is_same<W, Scalar>::value) {
+          keep_in_register(x0[r]);
+          keep_in_register(x1[r]);
+        }
       }
       HEAD_ATTENTION_UNROLL
       for (int i = 0; i < G; ++i) {
-        const Packet w0 = load_weights<Scalar, P>(w + i * in + k);
-        const Packet w1 = load_weights<Scalar, P>(w + i * in + k + Wd);
+        Packet w0 = load_weights<Scalar, P>(w + i * in + k);
+        Packet w1 = load_weights<Scalar, P>(w + i * in + k + Wd);
+        if constexpr (R > 1 && std::is_same<W, Scalar>::value) {
+          keep_in_register(w0);
+          keep_in_register(w1);
+        }
         HEAD_ATTENTION_UNROLL
         for (int r = 0; r < R; ++r) {
           even[r][i] = pmadd(x0[r], w0, even[r][i]);
