@@ -67,39 +67,38 @@ Matrix random_rows(Index rows, std::uint64_t seed) {
 
 // ------------------------------------------------------------------------------------------------ the forms
 
+/// Every weight and bias of a Linear, converted to To (rounded to nearest even).
+template <typename To>
+ha::Linear<To> linear(const ha::Linear<float>& from) {
+  ha::Linear<To> to;
+  to.weight = from.weight.template cast<To>();
+  to.bias = from.bias.template cast<To>();
+  return to;
+}
+
 /// A multi-head layer of another Scalar with the same sizes and (converted) weights, as the recipe
 /// examples/recipes/bfloat16_from_float.cpp builds it.
 template <typename To>
 ha::MultiHeadAttention<To> converted(const ha::MultiHeadAttention<float>& from) {
+  if constexpr (std::is_same<To, float>::value) return from;
   ha::MultiHeadAttention<To> to(from.num_heads(), from.emb_size(), from.head_size(), from.max_seq_len(),
                                 ha::Probability(0.0), ha::Seed(0));
-  const auto linear = [](const ha::Linear<float>& l) {
-    ha::Linear<To> r;
-    r.weight = l.weight.template cast<To>();
-    r.bias = l.bias.template cast<To>();
-    return r;
-  };
   for (Index h = 0; h < from.num_heads(); ++h) {
-    to.head(h).query() = linear(from.head(h).query());
-    to.head(h).key() = linear(from.head(h).key());
-    to.head(h).value() = linear(from.head(h).value());
+    to.head(h).query() = linear<To>(from.head(h).query());
+    to.head(h).key() = linear<To>(from.head(h).key());
+    to.head(h).value() = linear<To>(from.head(h).value());
   }
-  to.projection() = linear(from.projection());
+  to.projection() = linear<To>(from.projection());
   return to;
 }
 
 template <typename To>
 ha::HeadAttention<To> converted(const ha::HeadAttention<float>& from) {
+  if constexpr (std::is_same<To, float>::value) return from;
   ha::HeadAttention<To> to(from.emb_size(), from.head_size(), from.max_seq_len(), ha::Seed(0));
-  const auto linear = [](const ha::Linear<float>& l) {
-    ha::Linear<To> r;
-    r.weight = l.weight.template cast<To>();
-    r.bias = l.bias.template cast<To>();
-    return r;
-  };
-  to.query() = linear(from.query());
-  to.key() = linear(from.key());
-  to.value() = linear(from.value());
+  to.query() = linear<To>(from.query());
+  to.key() = linear<To>(from.key());
+  to.value() = linear<To>(from.value());
   return to;
 }
 
@@ -217,12 +216,7 @@ template <typename Scalar>
 void bm_head(benchmark::State& state, Spec s) {
   using Layer = ha::HeadAttention<Scalar>;
   const ha::HeadAttention<float> base(kEmb, kHead, s.n + 1, ha::Seed(kSeed));
-  Layer layer = [&] {
-    if constexpr (std::is_same<Scalar, float>::value)
-      return base;
-    else
-      return converted<Scalar>(base);
-  }();
+  Layer layer = converted<Scalar>(base);
   using SMatrix = typename Layer::Matrix;
   const SMatrix prompt =
       random_rows(s.batch * (s.n + 1), kSeed + static_cast<std::uint64_t>(s.n)).cast<Scalar>();
@@ -233,9 +227,8 @@ void bm_head(benchmark::State& state, Spec s) {
   }
   auto caches = layer.make_cache(s.batch, precision_of(s.kv));
   (void)layer.forward_cached(first, caches);
-  const ha::PackedHeadAttention<Scalar> packed(layer);
   layer.set_num_threads(s.threads);
-  ha::PackedHeadAttention<Scalar> packed_t(layer);
+  const ha::PackedHeadAttention<Scalar> packed_t(layer);
   const bool use_packed = s.form == "head_packed";
   run(state, s, [&] {
     const SMatrix out =
@@ -251,12 +244,7 @@ void bm_mha(benchmark::State& state, Spec s) {
   using Layer = ha::MultiHeadAttention<Scalar>;
   const ha::MultiHeadAttention<float> base(kHeads, kEmb, kHead, s.n + 1, ha::Probability(0.0),
                                            ha::Seed(kSeed));
-  Layer layer = [&] {
-    if constexpr (std::is_same<Scalar, float>::value)
-      return base;
-    else
-      return converted<Scalar>(base);
-  }();
+  Layer layer = converted<Scalar>(base);
   using SMatrix = typename Layer::Matrix;
   const Matrix prompt = random_rows(s.batch * (s.n + 1), kSeed + static_cast<std::uint64_t>(s.n));
   SMatrix first(s.batch * s.n, kEmb), next(s.batch, kEmb), out(s.batch, kEmb);
