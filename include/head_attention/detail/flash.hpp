@@ -1518,9 +1518,11 @@ struct ForwardPass {
       range.end = std::min(hi, range.begin + step);
       range.partial = storage.partials + (c * work.key_splits + split) * work.partial_stride;
     }
+    // (Each only where it exists: a single head has no concatenation, the multi-head layer writes no `out`.)
     const Index concat_cols = work.heads * head;
-    Scalar* const concat_row = storage.concat + first_row * concat_cols + h * head;
-    Stored* const out_row = out + first_row * out_stride + h * head;
+    Scalar* const concat_row =
+        work.out_width > 0 ? storage.concat + first_row * concat_cols + h * head : nullptr;
+    Stored* const out_row = work.out_width > 0 ? nullptr : out + first_row * out_stride + h * head;
     if (work.out_width > 0)
       attend_query_block(Queries<Scalar>{seq_qkv, ld, position, concat_row, concat_cols, lse}, keys,
                          plan.rule, r0, bq, scratch, range);
