@@ -131,7 +131,9 @@ def write_md(saved, path):
              f"Measured {info['date']} by `bench/step_compare.py` ({len(rounds)} rounds alternating "
              "`bench_step` and `ggml_attention`; a cell is the median over rounds of each round's figure).\n",
              f"- Command: `{info['command']}`; first round's commands: `{rounds[0]['ours']['command']}`" +
-             (f", `{rounds[0]['ggml']['command']}`" if "ggml" in rounds[0] else "") + ".",
+             (", `" + re.sub(r"--lib-dir \S+", "--lib-dir LIBDIR", rounds[0]["ggml"]["command"]) +
+              "` (LIBDIR: the folder of ggml's libraries that `bench/ggml_setup.sh` installs)"
+              if "ggml" in rounds[0] else "") + ".",
              f"- Machine: {info['cpu']}. Library: {info['library']}.",
              f"- Limits, same run: one core's float FMA peak {float(ctx['fma_peak_gflops']):.1f} GFLOP/s; read "
              "bandwidth (vectorised streaming sum, best of 7) " + ", ".join(
