@@ -1444,8 +1444,14 @@ struct ForwardPass {
     const Index o0 = (item % work.row_blocks) * Tuning::rowdot_block;
     const Index o1 = std::min(head, o0 + Tuning::rowdot_block);
     const Scalar scale = p % 3 == 0 ? query_scale<Scalar>(head) : Scalar(1);
+    Scalar* const y = storage.qkv + (p / 3) * work.rows * ld + (p % 3) * head + o0;
     project_rows(storage.x_rows, storage.x_rows_stride, work.rows, storage.rows[p], work.emb, o0, o1, scale,
-                 storage.qkv + (p / 3) * work.rows * ld + (p % 3) * head + o0, ld);
+                 y, ld);
+    // Its K or V columns go to the caches here (phase 2 reads them; no append phase, no barrier for it).
+    if (plan.caches != nullptr && p % 3 != 0)
+      for (Index b = 0; b < work.batch; ++b)
+        plan.caches[(p / 3) * work.batch + b]->write_columns(y + b * work.seq_len * ld, ld, work.seq_len,
+                                                             p % 3 == 2, o0, o1 - o0);
   }
 
   /// Rows [r0, r0 + n) of head h's K transposed into their sequences' Kᵀ panels.
@@ -1665,44 +1671,41 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
     for (Index c = 0; c < heads * batch; ++c)
       storage.ranges_done[c].store(0, std::memory_order_relaxed);  // (the fork publishes it)
 
-  HEAD_ATTENTION_OMP(parallel num_threads(work.threads) if (work.threads > 1)) {
-    const std::size_t thread = static_cast<std::size_t>(thread_index());
-    if (thread == 0) last_team_size() = team_size();  // the caller's own thread is the team's first
+  run_team(work.threads, [&](bool team) {
+    // (Alone, this thread is the call's thread 0, even inside a caller's own parallel region.)
+    const std::size_t thread = team ? static_cast<std::size_t>(thread_index()) : 0;
+    if (thread == 0)
+      last_team_size() = team ? team_size() : 1;  // the caller's own thread is the team's first
     // Prepare the weights, here on every call unless they come packed or the call has few rows (those read
     // them as stored): a copy kept by the layer between calls could not be kept in sync with weights that
     // callers change through query()/key()/value() references (a packed layer is the explicit, immutable
     // copy).
     if (packed == nullptr && !work.rowdot) {
       // (nowait: the output projection's weights are read only after the next loop's barrier.)
-      if (layers.output != nullptr) {
-        HEAD_ATTENTION_OMP(for schedule(static) nowait)
-        for (Index part = 0; part < 4; ++part)
-          pack_output_part(*layers.output, part, storage.own_output_t);
-      }
-      HEAD_ATTENTION_OMP(for schedule(static))
-      for (Index part = 0; part < 6 * heads; ++part)
+      if (layers.output != nullptr)
+        team_for<Share::fixed_nowait>(
+            4, team, [&](Index part) { pack_output_part(*layers.output, part, storage.own_output_t); });
+      team_for<Share::fixed>(6 * heads, team, [&](Index part) {
         pack_projection_part(layers.layers, emb, head, scale, part, storage.own_weights_t,
                              storage.own_biases);
+      });
     }
-    HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
-    for (Index item = 0; item < work.proj_items; ++item)
-      pass.project(item, thread);
-    // (The implicit barrier above: every projection is done before anything reads it.)
-    if (plan.caches != nullptr) {
-      HEAD_ATTENTION_OMP(for schedule(static))
-      for (Index c = 0; c < heads * batch; ++c)
-        pass.append_to_cache(c);
-    }
-    // Handed out one at a time, in the order ForwardPass::attend describes.
-    HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
-    for (Index item = 0; item < work.items; ++item)
-      pass.attend(item, thread);
+    team_for<Share::dynamic>(work.proj_items, team, [&](Index item) { pass.project(item, thread); });
+    // (The barrier above: every projection is done before anything reads it. A call of few rows appended
+    // its K and V to the caches in its projection items.)
+    if (plan.caches != nullptr && !work.rowdot)
+      team_for<Share::fixed>(heads * batch, team, [&](Index c) { pass.append_to_cache(c); });
+    // Handed out one at a time, in the order ForwardPass::attend describes. The last loop waits for nothing:
+    // the team's join follows it.
+    const auto attend = [&](Index item) { pass.attend(item, thread); };
     if (out_width > 0) {
-      HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
-      for (Index chunk = 0; chunk < work.out_items; ++chunk)
-        pass.project_output(chunk, thread);
+      team_for<Share::dynamic>(work.items, team, attend);
+      team_for<Share::dynamic_nowait>(work.out_items, team,
+                                      [&](Index chunk) { pass.project_output(chunk, thread); });
+    } else {
+      team_for<Share::dynamic_nowait>(work.items, team, attend);
     }
-  }
+  });
 }
 
 /// forward() over x [batch · seq_len, emb], any dense Eigen expression of Stored: plain storage with

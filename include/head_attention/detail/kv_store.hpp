@@ -108,6 +108,15 @@ class KVStore {
     store_rows(k, stride, t, m_head, m_precision, m_k.row(at).data(), m_head);
     store_rows(k + m_head, stride, t, m_head, m_precision, m_v.row(at).data(), m_head);
   }
+  /// write's keys (values false) or values, columns [col0, col0 + cols) only: each projection item of a call
+  /// of few rows stores the columns it computed (the same conversion, element by element, as write).
+  template <typename Scalar>
+  void write_columns(const Scalar* src, Index stride, Index t, bool values, Index col0, Index cols) noexcept {
+    const Index at = m_offset + m_length - m_first;
+    unsigned char* const row = (values ? m_v : m_k).row(at).data();
+    store_rows(src, stride, t, cols, m_precision,
+               row + col0 * static_cast<Index>(precision_bytes(m_precision)), m_head);
+  }
   void commit(Index t) noexcept { m_length += t; }
 
   /// The stored keys plus the t rows written after them.

@@ -54,4 +54,50 @@ inline int team_size() {
 #endif
 }
 
+/// Runs body(team) on `threads` threads, body(true) on each, or body(false) on the caller's thread alone
+/// when threads <= 1. A serial call forks no team at all, not even OpenMP's team of one: libgomp's barriers
+/// wake their waiters with a futex syscall even in a team of one, four per decode step (about 1 us of a 7 us
+/// one-head step). The worksharing loops below take the same flag.
+template <typename Body>
+void run_team(int threads, Body&& body) {
+  if (threads > 1) {
+    HEAD_ATTENTION_OMP(parallel num_threads(threads))
+    body(true);
+  } else {
+    body(false);
+  }
+}
+
+/// How team_for shares its indices: one at a time to whichever thread asks (`dynamic`) or in fixed
+/// contiguous shares (`fixed`, OpenMP's static schedule); the `_nowait` forms skip the barrier at the end
+/// (for a loop that the team's join, or a later barrier, already orders).
+enum class Share { dynamic, dynamic_nowait, fixed, fixed_nowait };
+
+/// f(i) for i in [0, n): shared among the current team if `team` (an orphaned worksharing loop, which binds
+/// to run_team's region), else run in order on this thread.
+template <Share S, typename F>
+void team_for(Eigen::Index n, bool team, F&& f) {
+  using Index = Eigen::Index;
+  if (!team) {
+    for (Index i = 0; i < n; ++i)
+      f(i);
+  } else if constexpr (S == Share::dynamic) {
+    HEAD_ATTENTION_OMP(for schedule(dynamic, 1))
+    for (Index i = 0; i < n; ++i)
+      f(i);
+  } else if constexpr (S == Share::dynamic_nowait) {
+    HEAD_ATTENTION_OMP(for schedule(dynamic, 1) nowait)
+    for (Index i = 0; i < n; ++i)
+      f(i);
+  } else if constexpr (S == Share::fixed) {
+    HEAD_ATTENTION_OMP(for schedule(static))
+    for (Index i = 0; i < n; ++i)
+      f(i);
+  } else {
+    HEAD_ATTENTION_OMP(for schedule(static) nowait)
+    for (Index i = 0; i < n; ++i)
+      f(i);
+  }
+}
+
 }  // namespace head_attention::detail
