@@ -29,10 +29,17 @@ void* operator new(std::size_t size) {
   if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
   throw std::bad_alloc();
 }
-void operator delete(void* p) noexcept {
+// Not inlined: GCC 12 at -O3 inlines these into the library's containers and then warns that free() is
+// called on memory from operator new (-Wmismatched-new-delete), which is what replacing both means.
+#if defined(__GNUC__)
+#define REALTIME_NOINLINE __attribute__((noinline))
+#else
+#define REALTIME_NOINLINE
+#endif
+REALTIME_NOINLINE void operator delete(void* p) noexcept {
   std::free(p);
 }
-void operator delete(void* p, std::size_t) noexcept {
+REALTIME_NOINLINE void operator delete(void* p, std::size_t) noexcept {
   std::free(p);
 }
 
