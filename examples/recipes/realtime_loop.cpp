@@ -24,18 +24,19 @@ static std::atomic<long> g_allocations{0};
 
 #include <head_attention/head_attention.hpp>
 
-void* operator new(std::size_t size) {
-  ++g_allocations;
-  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
-  throw std::bad_alloc();
-}
-// Not inlined: GCC 12 at -O3 inlines these into the library's containers and then warns that free() is
-// called on memory from operator new (-Wmismatched-new-delete), which is what replacing both means.
+// Not inlined: GCC 12 at -O3 inlines them into the library's containers and then warns that memory from
+// malloc is freed by operator delete, or memory from operator new by free() (-Wmismatched-new-delete), which
+// is what replacing both means.
 #if defined(__GNUC__)
 #define REALTIME_NOINLINE __attribute__((noinline))
 #else
 #define REALTIME_NOINLINE
 #endif
+REALTIME_NOINLINE void* operator new(std::size_t size) {
+  ++g_allocations;
+  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
+  throw std::bad_alloc();
+}
 REALTIME_NOINLINE void operator delete(void* p) noexcept {
   std::free(p);
 }

@@ -392,16 +392,17 @@ class HeadAttention : public AttentionBase<HeadAttention<Scalar>, Scalar>,
       detail::CacheAccess::check_fits(caches[b], m_emb_size, m_head_size, m_max_seq_len, m_rule, t, where,
                                       count == 1 ? "cache" : "caches[" + std::to_string(b) + "]");
     if (t == 0) return;
-    std::vector<detail::KVStore*> own;
-    detail::CacheAccess::step(caches, count, t, m_rule, workspace != nullptr ? workspace->m_stores : own,
-                              [&](detail::KVStore** stores) {
-                                detail::AttentionPlan<Scalar> plan;
-                                plan.rule = m_rule;
-                                plan.caches = stores;
-                                plan.where = where;
-                                if (workspace != nullptr) plan.buffers = &workspace->m_buffers;
-                                run(x, count, t, out.data(), out.outerStride(), plan);
-                              });
+    detail::CacheAccess::step(
+        caches, count, t, m_rule,
+        workspace != nullptr ? workspace->m_stores : detail::thread_list<detail::KVStore*>(),
+        [&](detail::KVStore** stores) {
+          detail::AttentionPlan<Scalar> plan;
+          plan.rule = m_rule;
+          plan.caches = stores;
+          plan.where = where;
+          if (workspace != nullptr) plan.buffers = &workspace->m_buffers;
+          run(x, count, t, out.data(), out.outerStride(), plan);
+        });
   }
 
   void check_reservation(Index batch, Index seq_len, const char* where) const {

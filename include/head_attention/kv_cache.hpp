@@ -17,6 +17,16 @@
 namespace head_attention {
 
 namespace detail {
+
+/// This thread's list of T, for calls that come without a workspace to hold their list of caches or layers
+/// (each user resizes or clears it first; none runs inside another of the same T): a decode step through
+/// forward_cached then allocates nothing but its result.
+template <typename T>
+std::vector<T>& thread_list() {
+  thread_local std::vector<T> list;
+  return list;
+}
+
 struct CacheAccess;
 }  // namespace detail
 

@@ -592,16 +592,16 @@ class MultiHeadAttention : public TensorAttentionBase<MultiHeadAttention<Scalar>
     for (const KVCache<Scalar>& c : cache.m_caches)
       detail::CacheAccess::check_fits(c, emb_size(), head_size(), max_seq_len(), rule, t, where, "cache");
     if (t == 0) return;
-    std::vector<detail::KVStore*> own;
-    detail::CacheAccess::step(cache.m_caches.data(), static_cast<Index>(cache.m_caches.size()), t, rule,
-                              workspace != nullptr ? workspace->m_stores : own,
-                              [&](detail::KVStore** stores) {
-                                detail::AttentionPlan<Scalar> plan;
-                                plan.caches = stores;
-                                plan.where = where;
-                                if (workspace != nullptr) plan.buffers = &workspace->m_buffers;
-                                run(x, batch, t, out.data(), out.outerStride(), plan, workspace);
-                              });
+    detail::CacheAccess::step(
+        cache.m_caches.data(), static_cast<Index>(cache.m_caches.size()), t, rule,
+        workspace != nullptr ? workspace->m_stores : detail::thread_list<detail::KVStore*>(),
+        [&](detail::KVStore** stores) {
+          detail::AttentionPlan<Scalar> plan;
+          plan.caches = stores;
+          plan.where = where;
+          if (workspace != nullptr) plan.buffers = &workspace->m_buffers;
+          run(x, batch, t, out.data(), out.outerStride(), plan, workspace);
+        });
   }
 
   void check_reservation(Index batch, Index seq_len, const char* where) const {
@@ -630,8 +630,8 @@ class MultiHeadAttention : public TensorAttentionBase<MultiHeadAttention<Scalar>
            detail::AttentionPlan<Scalar> plan, Workspace<Scalar>* workspace = nullptr) const {
     const Index rows = batch * seq_len;
     if (rows == 0) return;
-    std::vector<const LinearType*> own;
-    std::vector<const LinearType*>& layers = workspace != nullptr ? workspace->m_layers : own;
+    std::vector<const LinearType*>& layers =
+        workspace != nullptr ? workspace->m_layers : detail::thread_list<const LinearType*>();
     layers.clear();
     layers.reserve(static_cast<std::size_t>(3 * num_heads()));
     for (const Head& head : m_heads) {

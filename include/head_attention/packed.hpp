@@ -220,8 +220,8 @@ class PackedForm {
     const Index t = packed_decode_checks(x, sequences, out, caches, count, m_emb_size, m_head_size,
                                          m_max_seq_len, out_width(), m_rule, where);
     if (t == 0) return;
-    std::vector<KVStore*> own;
-    CacheAccess::step(caches, count, t, m_rule, workspace != nullptr ? workspace->m_stores : own,
+    CacheAccess::step(caches, count, t, m_rule,
+                      workspace != nullptr ? workspace->m_stores : thread_list<KVStore*>(),
                       [&](KVStore** stores) {
                         AttentionPlan<Scalar> p = plan();
                         p.caches = stores;

@@ -1142,6 +1142,10 @@ struct WorkPlan {
   bool rowdot = false;
   Index row_blocks = 0, out_items = 0;
   int threads = 1;  // the team size asked for
+  // The team a call of this shape could have had, whatever its flops (at least `threads`): the per-thread
+  // scratch kept for the steps after a workspace's call, or in a thread's step buffers, so that a step that
+  // first runs on more threads, its cache longer, allocates nothing.
+  int room_threads = 1;
 };
 
 /// Throws shape_error, before anything is allocated or changed, unless every buffer of a forward call of
@@ -1251,6 +1255,7 @@ WorkPlan plan_work(Eigen::Index batch, Eigen::Index seq_len, Eigen::Index heads,
   const bool by_default = threads <= 0;
   if (by_default) threads = default_thread_count();
   if (!has_openmp || in_parallel_region()) threads = 1;
+  const int asked = threads;
   if (!plan.size_only &&
       (flops < Tuning::serial_below_flops || (by_default && flops < Tuning::default_serial_below_flops)))
     threads = 1;
@@ -1272,6 +1277,8 @@ WorkPlan plan_work(Eigen::Index batch, Eigen::Index seq_len, Eigen::Index heads,
     w.out_items = (out_width + Tuning::rowdot_block - 1) / Tuning::rowdot_block;
   }
   w.threads = static_cast<int>(std::min<Index>(threads, std::max(w.items, w.proj_items)));
+  w.room_threads =
+      std::max(w.threads, static_cast<int>(std::min<Index>(asked, std::max(w.items, w.proj_items))));
   w.kt_panel = key_panel<Scalar>(seq_len);
   w.kt_size = head * ((seq_len + w.kt_panel - 1) / w.kt_panel * w.kt_panel);
   return w;
@@ -1376,8 +1383,8 @@ ForwardStorage<Scalar> allocate_storage(const WorkPlan& work, const PackedWeight
           ? FlashScratch<Scalar>::size(
                 Shape{1, decode_key_block(work.converted_tiles, work.key_limit), head, work.wide_keys, true})
           : 0;
-  buffers.fit(work.threads, shape, step_room, std::min(projection_chunk_target(rows), rows), emb,
-              work.out_width, wide_chunks);
+  buffers.fit(for_steps ? work.room_threads : work.threads, shape, step_room,
+              std::min(projection_chunk_target(rows), rows), emb, work.out_width, wide_chunks);
   buffers.x_wide_chunk.assign(static_cast<std::size_t>(wide_chunks ? work.threads : 0), -1);
   return s;
 }
@@ -1673,8 +1680,8 @@ void forward(const Stored* x, Eigen::Index x_stride, Eigen::Index batch, Eigen::
                                                             : own;
   const ComputeLayers<Scalar> layers = compute_layers(stored_layers, heads, plan, buffers, rowdot);
   const WorkPlan work = plan_work<Scalar>(batch, seq_len, heads, emb, head, out_width, plan, threads);
-  ForwardStorage<Scalar> storage = allocate_storage(work, packed, layers.output, plan.caches != nullptr, wide,
-                                                    plan.buffers != nullptr, buffers);
+  ForwardStorage<Scalar> storage =
+      allocate_storage(work, packed, layers.output, plan.caches != nullptr, wide, &buffers != &own, buffers);
   if (plan.size_only) return;
   if (work.rowdot) prepare_rows<XOrder>(x, x_stride, work, stored_layers, plan, storage);
   const Scalar scale = query_scale<Scalar>(head);
