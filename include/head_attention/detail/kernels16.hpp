@@ -1,12 +1,14 @@
 // head-attention: a decode step over keys and values stored in 16 bits, converted in registers.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
 #include <Eigen/Core>
 
 #include "../precision.hpp"
+#include "dotbf16.hpp"
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
@@ -113,6 +115,19 @@ void dot_rows16(Precision precision, const Scalar* q, const void* keys, Eigen::I
 #if HEAD_ATTENTION_FUSED_16BIT
   if constexpr (std::is_same<Scalar, float>::value) {
     const std::uint16_t* k = static_cast<const std::uint16_t*>(keys);
+#if HEAD_ATTENTION_DOT_BF16
+    // bfloat16 keys and AVX512_BF16: the query split into bfloat16 hi + lo once, then vdpbf16ps over the
+    // keys in place, 8 at a time (project_rows's kernel; see split_bf16 for the precision).
+    constexpr Eigen::Index max_head = 1024;
+    if (precision == Precision::bfloat16 && head <= max_head) {
+      alignas(64) std::uint16_t hi[max_head], lo[max_head];
+      const bool lo_pass = split_bf16(q, head, hi, lo);
+      for (Eigen::Index j = 0; j < rows; j += 8)
+        dot_rows_bf16<1, 8>(std::min<Eigen::Index>(8, rows - j), lo_pass, hi, lo, 0, k + j * stride, stride,
+                            head, scores + j, 8);
+      return;
+    }
+#endif
     if (precision == Precision::float16)
       dot_rows16<Precision::float16>(q, k, stride, rows, head, scores);
     else
