@@ -503,3 +503,33 @@ TEST_CASE("vdpbf16ps: NaN, Inf and x past bfloat16's range give what float arith
 }
 
 #endif  // HEAD_ATTENTION_DOT_BF16
+
+#if HEAD_ATTENTION_FUSED_16BIT
+
+TEMPLATE_TEST_CASE("weighted_rows16: each output the chain of FMAs over the rows, whatever the vector width",
+                   "[kernels][precision]", Eigen::half, Eigen::bfloat16) {
+  // A decode step's P·V over a 16-bit cache: 512-bit, 256-bit and scalar code must give the same bits.
+  using Narrow = TestType;
+  constexpr auto precision = head_attention::precision_of<Narrow>();
+  for (const Index head : {8, 24, 64, 72, 136}) {
+    constexpr Index rows = 19;
+    const Index stride = head + 8;
+    const std::vector<float> p = random_values<float>(static_cast<std::size_t>(rows), 91u);
+    const std::vector<float> v_values = random_values<float>(static_cast<std::size_t>(rows * stride), 92u);
+    std::vector<std::uint16_t> v(v_values.size());
+    for (std::size_t i = 0; i < v.size(); ++i)
+      v[i] = Eigen::numext::bit_cast<std::uint16_t>(Narrow(v_values[i]));
+    std::vector<float> acc = random_values<float>(static_cast<std::size_t>(head), 93u), want = acc;
+    detail::weighted_rows16(precision, p.data(), v.data(), stride, rows, head, acc.data());
+    for (Index d = 0; d < head; ++d)
+      for (Index j = 0; j < rows; ++j)
+        want[static_cast<std::size_t>(d)] = std::fma(
+            p[static_cast<std::size_t>(j)],
+            static_cast<float>(Eigen::numext::bit_cast<Narrow>(v[static_cast<std::size_t>(j * stride + d)])),
+            want[static_cast<std::size_t>(d)]);
+    INFO("head = " << head);
+    CHECK(acc == want);
+  }
+}
+
+#endif  // HEAD_ATTENTION_FUSED_16BIT

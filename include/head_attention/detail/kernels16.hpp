@@ -81,6 +81,33 @@ template <Precision P>
 void weighted_rows16(const float* weights, const std::uint16_t* values, Eigen::Index stride,
                      Eigen::Index rows, Eigen::Index head, float* acc) noexcept {
   Eigen::Index d = 0;
+#if defined(__AVX512F__)
+  // 64 outputs at a time in 512-bit registers: each output's sum is the same chain of FMAs as below (the
+  // same bits), at half the instructions (measured 0.12 of a bfloat16 step at n = 1024 with 256 bits).
+  const auto load16 = [](const std::uint16_t* p) {
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if constexpr (P == Precision::float16)
+      return _mm512_cvtph_ps(bits);
+    else
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  };
+  for (; d + 64 <= head; d += 64) {
+    __m512 o0 = _mm512_loadu_ps(acc + d), o1 = _mm512_loadu_ps(acc + d + 16);
+    __m512 o2 = _mm512_loadu_ps(acc + d + 32), o3 = _mm512_loadu_ps(acc + d + 48);
+    for (Eigen::Index j = 0; j < rows; ++j) {
+      const __m512 w = _mm512_set1_ps(weights[j]);
+      const std::uint16_t* v = values + j * stride + d;
+      o0 = _mm512_fmadd_ps(w, load16(v), o0);
+      o1 = _mm512_fmadd_ps(w, load16(v + 16), o1);
+      o2 = _mm512_fmadd_ps(w, load16(v + 32), o2);
+      o3 = _mm512_fmadd_ps(w, load16(v + 48), o3);
+    }
+    _mm512_storeu_ps(acc + d, o0);
+    _mm512_storeu_ps(acc + d + 16, o1);
+    _mm512_storeu_ps(acc + d + 32, o2);
+    _mm512_storeu_ps(acc + d + 48, o3);
+  }
+#endif
   for (; d + 32 <= head; d += 32) {  // 32 outputs stay in registers over all rows
     __m256 o0 = _mm256_loadu_ps(acc + d), o1 = _mm256_loadu_ps(acc + d + 8);
     __m256 o2 = _mm256_loadu_ps(acc + d + 16), o3 = _mm256_loadu_ps(acc + d + 24);
