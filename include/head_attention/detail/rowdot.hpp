@@ -276,8 +276,8 @@ void project_rows_as(const Scalar* x, Eigen::Index ldx, Eigen::Index rows, const
         run(presplit->bits, presplit->ld, presplit->stride, presplit->lo_pass, 0, rows);
         return;
       }
-      // Row r's hi at split + r · ld, its lo `stride` after: a row's two halves apart by its own length,
-      // not by the buffer's (8 KB apart, the stores stalled on 4K aliasing).
+      // Row r's hi at split + r · ld, its lo `stride` after (as SplitRows): hi and lo a row apart, not a
+      // multiple of 4 KB apart, so that their stores cannot alias.
       const Index stride = bf16_split_stride(in), ld = 2 * stride;
       const Index batch = std::min<Index>(rows, bf16_split_entries / stride);  // rows of x split at a time
       alignas(64) std::uint16_t split[2 * bf16_split_entries];
