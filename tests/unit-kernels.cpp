@@ -239,7 +239,12 @@ std::vector<Scalar> check_project_rows(Index rows, Index in, Index out, Index o0
         magnitude += std::fabs(term);
       }
       const long double want = sum * static_cast<long double>(scale);
-      const long double bound = 2 * static_cast<long double>(in + 2) * eps * magnitude * std::fabs(scale);
+      long double bound = 2 * static_cast<long double>(in + 2) * eps * magnitude * std::fabs(scale);
+      // With AVX512_BF16, x meets bfloat16 weights split into two bfloat16 (detail::split_bf16): each x
+      // within 2^-16 of itself (a single bfloat16 would be 2^-8 off, and fail this for small `in`).
+      if (HEAD_ATTENTION_DOT_BF16 &&
+          head_attention::precision_of<Stored>() == head_attention::Precision::bfloat16)
+        bound += std::ldexp(1.0L, -16) * magnitude * std::fabs(scale);
       wrong += !(std::fabs(static_cast<long double>(got) - want) <= bound);
     }
   INFO("rows = " << rows << ", in = " << in << ", out = " << out << ", o0 = " << o0 << ", o1 = " << o1
@@ -304,22 +309,27 @@ TEMPLATE_TEST_CASE("project_rows: an output's bits do not depend on its block of
   }
 }
 
-TEST_CASE("project_rows: 16-bit weights give the bits of their float widening", "[kernels][precision]") {
-  // Widening is exact and the 16-bit path runs the float path's sums: a packed form may keep either.
+TEMPLATE_TEST_CASE("project_rows: 16-bit weights give the bits of their float widening",
+                   "[kernels][precision]", Eigen::half, Eigen::bfloat16) {
+  // Widening is exact and the 16-bit path runs the float path's sums. Not bfloat16 with AVX512_BF16, whose
+  // vdpbf16ps sums (detail::dot_block_bf16) are sums of their own.
+  using Narrow = TestType;
   if (!detail::gemm_uses_eigen_internals)
     HA_SKIP("the portable path is Eigen's dot product, which may vectorise a cast expression differently");
+  if (HEAD_ATTENTION_DOT_BF16 && std::is_same<Narrow, Eigen::bfloat16>::value)
+    HA_SKIP("bfloat16 weights take vdpbf16ps (AVX512_BF16)");
   for (const Index in : {5, 64, 100, 512}) {
     constexpr Index rows = 3, out = 9;
     const std::vector<float> x = random_values<float>(static_cast<std::size_t>(rows * in), 41u);
     const std::vector<float> w32 = random_values<float>(static_cast<std::size_t>(out * in), 42u);
-    std::vector<Eigen::bfloat16> w16(w32.size());
+    std::vector<Narrow> w16(w32.size());
     std::vector<float> widened(w32.size());
     for (std::size_t i = 0; i < w32.size(); ++i) {
-      w16[i] = Eigen::bfloat16(w32[i]);
+      w16[i] = Narrow(w32[i]);
       widened[i] = static_cast<float>(w16[i]);
     }
     const std::vector<float> b = random_values<float>(static_cast<std::size_t>(out), 43u);
-    detail::WeightRows narrow{w16.data(), head_attention::Precision::bfloat16, b.data(),
+    detail::WeightRows narrow{w16.data(), head_attention::precision_of<Narrow>(), b.data(),
                               head_attention::Precision::float32};
     detail::WeightRows wide{widened.data(), head_attention::Precision::float32, b.data(),
                             head_attention::Precision::float32};
@@ -355,3 +365,171 @@ TEMPLATE_TEST_CASE("project_rows: NaN and Inf reach exactly the outputs that rea
         CHECK(std::isfinite(v));
     }
 }
+
+#if HEAD_ATTENTION_DOT_BF16
+
+namespace {
+
+/// Bits of a bfloat16 as stored.
+std::vector<std::uint16_t> bf16_bits(const std::vector<float>& v) {
+  std::vector<std::uint16_t> bits(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i)
+    bits[i] = Eigen::numext::bit_cast<std::uint16_t>(Eigen::bfloat16(v[i]));
+  return bits;
+}
+
+float bf16_value(std::uint16_t bits) {
+  return static_cast<float>(Eigen::numext::bit_cast<Eigen::bfloat16>(bits));
+}
+
+}  // namespace
+
+TEST_CASE("vdpbf16ps: float x · bfloat16 rows within 2^-16 of the double sums, x not bfloat16",
+          "[kernels][precision]") {
+  // x keeps bits below bfloat16's 8 (x · (1 + 2^-11) for a start), so that hi alone is off by up to 2^-8 of
+  // each term: the bound below fails then for short rows (checked on the data itself: `hi_only` breaks it).
+  for (const Index in : {1, 2, 7, 31, 32, 33, 64, 100, 512, 1030}) {
+    constexpr Index rows = 3, out = 11;
+    std::vector<float> x = random_values<float>(static_cast<std::size_t>(rows * in), 61u);
+    for (float& v : x)
+      v *= 1.0f + std::ldexp(1.0f, -11);
+    const std::vector<std::uint16_t> w =
+        bf16_bits(random_values<float>(static_cast<std::size_t>(out * in), 62u));
+    const std::vector<float> zeros(out, 0.0f);
+    detail::WeightRows layer{w.data(), head_attention::Precision::bfloat16, zeros.data(),
+                             head_attention::Precision::float32};
+    std::vector<float> y(rows * out);
+    detail::project_rows(x.data(), in, rows, layer, in, 0, out, 1.0f, y.data(), out);
+    // The query's scores over a bfloat16 cache, the same kernel: keys at a stride past their length.
+    const Index stride = in + 3;
+    std::vector<std::uint16_t> keys(static_cast<std::size_t>(out * stride), 0x7fc0);  // NaN padding
+    for (Index o = 0; o < out; ++o)
+      std::copy_n(w.begin() + o * in, in, keys.begin() + o * stride);
+    std::vector<float> scores(out);
+    if (in % 8 == 0)
+      detail::dot_rows16(head_attention::Precision::bfloat16, x.data(), keys.data(), stride, out, in,
+                         scores.data());
+    const double allowed = std::ldexp(1.0, -16) + 2.0 * double(in + 2) * std::ldexp(1.0, -24);
+    double worst = 0, worst_hi_only = 0;
+    for (Index r = 0; r < rows; ++r)
+      for (Index o = 0; o < out; ++o) {
+        double sum = 0, hi_only = 0, magnitude = 0;
+        for (Index k = 0; k < in; ++k) {
+          const double xv = x[static_cast<std::size_t>(r * in + k)];
+          const double wv = bf16_value(w[static_cast<std::size_t>(o * in + k)]);
+          sum += xv * wv;
+          hi_only += double(static_cast<float>(Eigen::bfloat16(static_cast<float>(xv)))) * wv;
+          magnitude += std::fabs(xv * wv);
+        }
+        worst = std::max(worst, std::fabs(y[static_cast<std::size_t>(r * out + o)] - sum) / magnitude);
+        if (r == 0 && in % 8 == 0)
+          worst = std::max(worst, std::fabs(scores[static_cast<std::size_t>(o)] - sum) / magnitude);
+        worst_hi_only = std::max(worst_hi_only, std::fabs(hi_only - sum) / magnitude);
+      }
+    INFO("in = " << in << ": worst " << worst << ", hi alone " << worst_hi_only << ", allowed " << allowed);
+    CHECK(worst <= allowed);
+    if (in <= 64) CHECK(worst_hi_only > allowed);  // longer sums' allowance for rounding covers hi alone too
+  }
+}
+
+TEST_CASE("vdpbf16ps: the lo pass of an x that is bfloat16 changes no bit, nor do rows of x together",
+          "[kernels][precision]") {
+  for (const Index in : {5, 32, 67, 512}) {
+    constexpr Index rows = 7, out = 21, G = 8;
+    // Rows 0, 3, 4 are bfloat16 (lo all zero: skipped); the others are not: pairs of each kind and mixed.
+    std::vector<float> x = random_values<float>(static_cast<std::size_t>(rows * in), 71u);
+    for (const Index r : {0, 3, 4})
+      for (Index k = 0; k < in; ++k)
+        x[static_cast<std::size_t>(r * in + k)] =
+            static_cast<float>(Eigen::bfloat16(x[static_cast<std::size_t>(r * in + k)]));
+    const std::vector<std::uint16_t> w =
+        bf16_bits(random_values<float>(static_cast<std::size_t>(out * in), 72u));
+    const std::vector<float> b = random_values<float>(static_cast<std::size_t>(out), 73u);
+    detail::WeightRows layer{w.data(), head_attention::Precision::bfloat16, b.data(),
+                             head_attention::Precision::float32};
+    std::vector<float> all(rows * out), single(rows * out);
+    detail::project_rows(x.data(), in, rows, layer, in, 0, out, 0.25f, all.data(), out);
+    for (Index r = 0; r < rows; ++r)
+      detail::project_rows(x.data() + r * in, in, 1, layer, in, 0, out, 0.25f, single.data() + r * out, out);
+    INFO("in = " << in);
+    CHECK(all == single);
+    // The skip itself: row 0 with and without its (zero) lo pass.
+    const Index stride = detail::bf16_split_stride(in);
+    std::vector<std::uint16_t> hi(static_cast<std::size_t>(stride)), lo(static_cast<std::size_t>(stride));
+    CHECK(!detail::split_bf16(x.data(), in, hi.data(), lo.data()));
+    CHECK(std::all_of(lo.begin(), lo.end(), [](std::uint16_t v) { return v == 0; }));
+    CHECK(detail::split_bf16(x.data() + in, in, hi.data() + 0, lo.data()));  // row 1 is not bfloat16
+    CHECK(!detail::split_bf16(x.data(), in, hi.data(), lo.data()));
+    float with[G], without[G];
+    detail::dot_block_bf16<1, G, true>(hi.data(), lo.data(), 0, w.data(), in, in, with, G);
+    detail::dot_block_bf16<1, G, false>(hi.data(), lo.data(), 0, w.data(), in, in, without, G);
+    CHECK(std::equal(with, with + G, without));
+  }
+}
+
+TEST_CASE("vdpbf16ps: NaN, Inf and x past bfloat16's range give what float arithmetic gives",
+          "[kernels][nonfinite]") {
+  constexpr Index rows = 4, in = 37, out = 11;
+  std::vector<float> x = random_values<float>(static_cast<std::size_t>(rows * in), 81u);
+  std::vector<float> w_values = random_values<float>(static_cast<std::size_t>(out * in), 82u);
+  for (float& v : w_values)
+    v = v >= 0 ? v + 0.5f : v - 0.5f;  // no weight near zero: x · w stays infinite
+  const std::vector<float> b(out, 0.0f);
+  x[static_cast<std::size_t>(1 * in + 36)] = std::numeric_limits<float>::quiet_NaN();  // row 1, the tail
+  x[static_cast<std::size_t>(2 * in + 5)] = std::numeric_limits<float>::infinity();    // row 2
+  // Row 3: x up to float's largest, where rounding to bfloat16 alone would overflow to inf; tiny weights.
+  for (Index k = 0; k < in; ++k)
+    x[static_cast<std::size_t>(3 * in + k)] =
+        std::numeric_limits<float>::max() * (k % 2 == 0 ? 1.0f : -0.75f);
+  std::vector<std::uint16_t> w = bf16_bits(w_values);
+  for (Index k = 0; k < in; ++k)
+    w[static_cast<std::size_t>(4 * in + k)] = Eigen::numext::bit_cast<std::uint16_t>(Eigen::bfloat16(1e-30f));
+  detail::WeightRows layer{w.data(), head_attention::Precision::bfloat16, b.data(),
+                           head_attention::Precision::float32};
+  std::vector<float> y(rows * out);
+  detail::project_rows(x.data(), in, rows, layer, in, 0, out, 1.0f, y.data(), out);
+  for (Index o = 0; o < out; ++o) {
+    INFO("output " << o);
+    CHECK(std::isnan(y[static_cast<std::size_t>(1 * out + o)]));
+    const float wv = bf16_value(w[static_cast<std::size_t>(o * in + 5)]);
+    CHECK(y[static_cast<std::size_t>(2 * out + o)] ==
+          (wv > 0 ? 1.0f : -1.0f) * std::numeric_limits<float>::infinity());
+    CHECK(std::isfinite(y[static_cast<std::size_t>(0 * out + o)]));
+  }
+  // Σ x · 1e-30 over row 3: about 19 · 3.4e38 · 1e-30 - 18 · 0.75 · 3.4e38 · 1e-30, finite.
+  const double want =
+      (19.0 - 18.0 * 0.75) * double(std::numeric_limits<float>::max()) * double(bf16_value(w[4 * in]));
+  CHECK(std::fabs(y[static_cast<std::size_t>(3 * out + 4)] - want) <= 1e-4 * std::fabs(want));
+}
+
+#endif  // HEAD_ATTENTION_DOT_BF16
+
+#if HEAD_ATTENTION_FUSED_16BIT
+
+TEMPLATE_TEST_CASE("weighted_rows16: each output the chain of FMAs over the rows, whatever the vector width",
+                   "[kernels][precision]", Eigen::half, Eigen::bfloat16) {
+  // A decode step's P·V over a 16-bit cache: 512-bit, 256-bit and scalar code must give the same bits.
+  using Narrow = TestType;
+  constexpr auto precision = head_attention::precision_of<Narrow>();
+  for (const Index head : {8, 24, 64, 72, 136}) {
+    constexpr Index rows = 19;
+    const Index stride = head + 8;
+    const std::vector<float> p = random_values<float>(static_cast<std::size_t>(rows), 91u);
+    const std::vector<float> v_values = random_values<float>(static_cast<std::size_t>(rows * stride), 92u);
+    std::vector<std::uint16_t> v(v_values.size());
+    for (std::size_t i = 0; i < v.size(); ++i)
+      v[i] = Eigen::numext::bit_cast<std::uint16_t>(Narrow(v_values[i]));
+    std::vector<float> acc = random_values<float>(static_cast<std::size_t>(head), 93u), want = acc;
+    detail::weighted_rows16(precision, p.data(), v.data(), stride, rows, head, acc.data());
+    for (Index d = 0; d < head; ++d)
+      for (Index j = 0; j < rows; ++j)
+        want[static_cast<std::size_t>(d)] = std::fma(
+            p[static_cast<std::size_t>(j)],
+            static_cast<float>(Eigen::numext::bit_cast<Narrow>(v[static_cast<std::size_t>(j * stride + d)])),
+            want[static_cast<std::size_t>(d)]);
+    INFO("head = " << head);
+    CHECK(acc == want);
+  }
+}
+
+#endif  // HEAD_ATTENTION_FUSED_16BIT

@@ -680,6 +680,7 @@ struct ForwardBuffers {
     for (const Linear<Scalar>& l : wide_layers)
       n += static_cast<std::size_t>(l.weight.size() + l.bias.size());
     n *= sizeof(Scalar);
+    n += sizeof(std::uint16_t) * x_split.size();
     for (const FlashScratch<Scalar>& f : scratch)
       n += sizeof(Scalar) * static_cast<std::size_t>(f.storage.size());
     return n;
@@ -699,6 +700,7 @@ struct ForwardBuffers {
   std::vector<Linear<Scalar>> wide_layers;     // 16-bit layers: the weights converted for this call
   std::vector<const Linear<Scalar>*> wide_pointers;
   Vector x_rows;                        // [rows, emb] a few-row call's x in the compute type, row-major
+  std::vector<std::uint16_t> x_split;   // [rows, 2 · padded emb] that x split for vdpbf16ps (SplitRows)
   std::vector<WeightRows> row_weights;  // [3 · heads + 1] a few-row call's weights as stored (project_rows)
   Vector partials;  // [heads · batch · key splits] a split decode query's partial results, a cache line each
   std::unique_ptr<std::atomic<int>[]> ranges_done;  // [heads · batch] its key ranges done (a split decode)
@@ -1305,6 +1307,9 @@ struct ForwardStorage {
   const Scalar* x_rows = nullptr;  // [rows, emb] x row-major in the compute type: x itself or x_buffer
   Eigen::Index x_rows_stride = 0;
   WeightRows* rows = nullptr;  // [3 · heads + 1] the weights as stored: head h's Q, K, V at 3h.., then Wo
+  std::uint16_t* x_split = nullptr;       // room for x_rows split (SplitRows), where it may be
+  SplitRows x_split_rows;                 // x_rows split, bits null when not (project_rows splits then)
+  bool x_lo_pass[Tuning::rowdot_rows]{};  // x_split_rows.lo_pass
   Scalar* partials =
       nullptr;  // [heads · batch · key_splits] · partial_stride a split decode's partial results
   std::atomic<int>* ranges_done = nullptr;  // [heads · batch] key ranges done, per query (a split decode)
@@ -1369,6 +1374,15 @@ ForwardStorage<Scalar> allocate_storage(const WorkPlan& work, const PackedWeight
   // them without allocating.
   if (work.rowdot || (for_steps && cached)) {
     s.x_buffer = Buffers::grow(buffers.x_rows, std::min(rows, Tuning::rowdot_rows) * emb);
+#if HEAD_ATTENTION_DOT_BF16
+    // x split once for every block of bfloat16 weight rows (prepare_rows), not once per block.
+    if (std::is_same<Scalar, float>::value && emb <= bf16_split_entries) {
+      const std::size_t split_size =
+          static_cast<std::size_t>(std::min(rows, Tuning::rowdot_rows) * 2 * bf16_split_stride(emb));
+      if (buffers.x_split.size() < split_size) buffers.x_split.resize(split_size);
+      s.x_split = buffers.x_split.data();
+    }
+#endif
     if (buffers.row_weights.size() < static_cast<std::size_t>(3 * heads + 1))
       buffers.row_weights.resize(static_cast<std::size_t>(3 * heads + 1));
     s.rows = buffers.row_weights.data();
@@ -1463,7 +1477,7 @@ struct ForwardPass {
     const Scalar scale = p % 3 == 0 ? query_scale<Scalar>(head) : Scalar(1);
     Scalar* const y = storage.qkv + (p / 3) * work.rows * ld + (p % 3) * head + o0;
     project_rows(storage.x_rows, storage.x_rows_stride, work.rows, storage.rows[p], work.emb, o0, o1, scale,
-                 y, ld);
+                 y, ld, &storage.x_split_rows);
     // Its K or V columns go to the caches here (phase 2 reads them; no append phase, no barrier for it).
     if (plan.caches != nullptr && p % 3 != 0)
       for (Index b = 0; b < work.batch; ++b)
@@ -1635,6 +1649,21 @@ void prepare_rows(const Stored* x, Eigen::Index x_stride, const WorkPlan& work,
       w.weight_precision = w.bias_precision = precision_of<Stored>();
     }
   }
+#if HEAD_ATTENTION_DOT_BF16
+  storage.x_split_rows = SplitRows{};
+  if constexpr (std::is_same<Scalar, float>::value) {
+    // bfloat16 projections (a layer's or a packed form's): x split here once (split_bf16) for all of them.
+    if (storage.x_split != nullptr && rows <= Tuning::rowdot_rows &&
+        storage.rows[0].weight_precision == Precision::bfloat16) {
+      const Index stride = bf16_split_stride(emb);
+      for (Index r = 0; r < rows; ++r)
+        storage.x_lo_pass[r] =
+            split_bf16(storage.x_rows + r * storage.x_rows_stride, emb, storage.x_split + 2 * r * stride,
+                       storage.x_split + (2 * r + 1) * stride);
+      storage.x_split_rows = SplitRows{storage.x_split, 2 * stride, stride, storage.x_lo_pass};
+    }
+  }
+#endif
 }
 
 /// The whole forward pass of `heads` attention heads over `batch` sequences of `seq_len` rows stored back to

@@ -10,6 +10,7 @@
 #include <Eigen/Core>
 
 #include "../precision.hpp"
+#include "dotbf16.hpp"
 #include "gemm.hpp"
 #include "microkernel.hpp"
 
@@ -28,6 +29,15 @@ struct WeightRows {
   Precision weight_precision = Precision::float32;
   const void* bias = nullptr;
   Precision bias_precision = Precision::float32;
+};
+
+/// Rows of x already split by split_bf16 (AVX512_BF16 builds): row r's hi at bits + r · ld, its lo at
+/// bits + r · ld + stride, lo_pass[r] what split_bf16 returned for it. A call's x split once for all its
+/// blocks of weight rows, where project_rows would split it again for each.
+struct SplitRows {
+  const std::uint16_t* bits = nullptr;
+  Eigen::Index ld = 0, stride = 0;
+  const bool* lo_pass = nullptr;
 };
 
 /// Entry i of the `precision` values at p, widened (exactly) to Scalar.
@@ -211,7 +221,7 @@ void dot_rows(Eigen::Index g, const Scalar* x, Eigen::Index ldx, const W* w, Eig
 template <typename Scalar, Precision P, typename W, typename Out>
 void project_rows_as(const Scalar* x, Eigen::Index ldx, Eigen::Index rows, const W* weight, Eigen::Index in,
                      Eigen::Index o0, Eigen::Index o1, const WeightRows& layer, Scalar scale, Out* out,
-                     Eigen::Index ldo) noexcept {
+                     Eigen::Index ldo, const SplitRows* presplit) noexcept {
   using Index = Eigen::Index;
   // Weight rows per group for one row of x: 8 where the target has 32 vector registers (16 accumulators), 4
   // where it has 16 (8); each load of x is shared by the group. Rows of x are taken two at a time where
@@ -219,6 +229,7 @@ void project_rows_as(const Scalar* x, Eigen::Index ldx, Eigen::Index rows, const
   // registers, 2 with 16. Measured on Zen 4 (AVX-512), one row of x against 128 weight rows of 512 in L2:
   // 2.6 us with groups of 8, 3.2 with 4, 3.3 with 2, 5.4 one row at a time (the packed GEMM: 2.4 us).
   constexpr Index G = simd_registers == 32 ? 8 : 4, G2 = simd_registers == 32 ? 4 : 2;
+  (void)presplit;  // bfloat16 weights with AVX512_BF16 only
   Scalar sums[2 * G];
   const auto store = [&](Index r, Index o, Index g, const Scalar* s) {
     for (Index i = 0; i < g; ++i) {
@@ -226,6 +237,61 @@ void project_rows_as(const Scalar* x, Eigen::Index ldx, Eigen::Index rows, const
       out[r * ldo + (o - o0) + i] = static_cast<Out>(y);
     }
   };
+#if HEAD_ATTENTION_DOT_BF16
+  if constexpr (P == Precision::bfloat16 && std::is_same<Scalar, float>::value) {
+    // bfloat16 weights and AVX512_BF16: x split into bfloat16 hi + lo (split_bf16) and multiplied by
+    // vdpbf16ps, 32 products an instruction with no widening of the weights (the FMA path below spends two
+    // instructions widening every 16 weights, and measured op-bound at 2.2-2.4x a decode step's bytes).
+    if (in <= bf16_split_entries) {
+      // The rows [r0, r0 + n) split at `base` (see SplitRows).
+      const auto run = [&](const std::uint16_t* base, Index ld, Index stride, const bool* lo_pass, Index r0,
+                           Index n) {
+        for (Index o = o0; o < o1; o += G) {
+          const Index g = std::min(G, o1 - o);
+          const std::uint16_t* wo = weight + o * in;
+          Index r = 0;
+          for (; r + 2 <= n; r += 2) {
+            const std::uint16_t* h = base + r * ld;
+            for (Index i = 0; i < g; i += G2) {
+              const Index gi = std::min(G2, g - i);
+              if (lo_pass[r] == lo_pass[r + 1]) {
+                dot_rows_bf16<2, G2>(gi, lo_pass[r], h, h + stride, ld, wo + i * in, in, in, sums, G2);
+              } else {  // each row with its own pass, so that its bits are those of any other call
+                dot_rows_bf16<1, G2>(gi, lo_pass[r], h, h + stride, ld, wo + i * in, in, in, sums, G2);
+                dot_rows_bf16<1, G2>(gi, lo_pass[r + 1], h + ld, h + ld + stride, ld, wo + i * in, in, in,
+                                     sums + G2, G2);
+              }
+              store(r0 + r, o + i, gi, sums);
+              store(r0 + r + 1, o + i, gi, sums + G2);
+            }
+          }
+          if (r < n) {
+            const std::uint16_t* h = base + r * ld;
+            dot_rows_bf16<1, G>(g, lo_pass[r], h, h + stride, ld, wo, in, in, sums, G);
+            store(r0 + r, o, g, sums);
+          }
+        }
+      };
+      if (presplit != nullptr && presplit->bits != nullptr) {
+        run(presplit->bits, presplit->ld, presplit->stride, presplit->lo_pass, 0, rows);
+        return;
+      }
+      // Row r's hi at split + r · ld, its lo `stride` after (as SplitRows): hi and lo a row apart, not a
+      // multiple of 4 KB apart, so that their stores cannot alias.
+      const Index stride = bf16_split_stride(in), ld = 2 * stride;
+      const Index batch = std::min<Index>(rows, bf16_split_entries / stride);  // rows of x split at a time
+      alignas(64) std::uint16_t split[2 * bf16_split_entries];
+      bool lo_pass[bf16_split_entries / 32];
+      for (Index r0 = 0; r0 < rows; r0 += batch) {
+        const Index n = std::min(batch, rows - r0);
+        for (Index r = 0; r < n; ++r)
+          lo_pass[r] = split_bf16(x + (r0 + r) * ldx, in, split + r * ld, split + r * ld + stride);
+        run(split, ld, stride, lo_pass, r0, n);
+      }
+      return;
+    }
+  }
+#endif
   for (Index o = o0; o < o1; o += G) {
     const Index g = std::min(G, o1 - o);
     // The group's rows stay in L1 while every row of x passes: each weight row is read once per call.
@@ -249,17 +315,19 @@ void project_rows_as(const Scalar* x, Eigen::Index ldx, Eigen::Index rows, const
 /// ldx, `in` columns) and the weight rows o in [o0, o1) of `layer` (out row-major, leading dimension ldo,
 /// stored as Out). For calls of few rows: W is read in place, each row once, where a GEMM needs it
 /// transposed first (Tuning::rowdot_rows). An output's bits depend only on its x row, weight row, bias and
-/// scale: not on o0, o1, `rows` or the thread that runs it. Never throws, never allocates.
+/// scale: not on o0, o1, `rows` or the thread that runs it. presplit: x already split (SplitRows), read
+/// instead of x by bfloat16 weights with AVX512_BF16 (the same bits either way). Never throws, never
+/// allocates.
 template <typename Scalar, typename Out>
 void project_rows(const Scalar* x, Eigen::Index ldx, Eigen::Index rows, const WeightRows& layer,
-                  Eigen::Index in, Eigen::Index o0, Eigen::Index o1, Scalar scale, Out* out,
-                  Eigen::Index ldo) noexcept {
+                  Eigen::Index in, Eigen::Index o0, Eigen::Index o1, Scalar scale, Out* out, Eigen::Index ldo,
+                  const SplitRows* presplit = nullptr) noexcept {
   switch (layer.weight_precision) {
     case Precision::float16:
       if constexpr (std::is_same<Scalar, float>::value) {
         project_rows_as<Scalar, Precision::float16>(x, ldx, rows,
                                                     static_cast<const std::uint16_t*>(layer.weight), in, o0,
-                                                    o1, layer, scale, out, ldo);
+                                                    o1, layer, scale, out, ldo, presplit);
         return;
       }
       break;
@@ -267,7 +335,7 @@ void project_rows(const Scalar* x, Eigen::Index ldx, Eigen::Index rows, const We
       if constexpr (std::is_same<Scalar, float>::value) {
         project_rows_as<Scalar, Precision::bfloat16>(x, ldx, rows,
                                                      static_cast<const std::uint16_t*>(layer.weight), in, o0,
-                                                     o1, layer, scale, out, ldo);
+                                                     o1, layer, scale, out, ldo, presplit);
         return;
       }
       break;
@@ -276,7 +344,7 @@ void project_rows(const Scalar* x, Eigen::Index ldx, Eigen::Index rows, const We
   }
   // The compute type's own weights (a float or double layer).
   project_rows_as<Scalar, precision_of<Scalar>()>(x, ldx, rows, static_cast<const Scalar*>(layer.weight), in,
-                                                  o0, o1, layer, scale, out, ldo);
+                                                  o0, o1, layer, scale, out, ldo, presplit);
 }
 
 }  // namespace head_attention::detail
