@@ -337,8 +337,10 @@ int main(int argc, char** argv) {
     for (const Index n : {128, 512})
       for (const int t : thread_counts) {
         add({"mha_packed", "f32", "f32", batch, n, t});
+        add({"mha", "f32", "f32", batch, n, t});
         add({"mha_packed", "bf16", "bf16", batch, n, t});
         add({"head_packed", "f32", "f32", batch, n, t});
+        add({"head", "f32", "f32", batch, n, t});
       }
 
   benchmark::Initialize(&argc, argv);

@@ -297,3 +297,85 @@ TEST_CASE("a Workspace serves 16-bit layers", "[multihead][workspace]") {
     CHECK(identical(with, without));
   }
 }
+
+// Many sequences decoded together (issue 25): steps of 8 rows (row dots, Tuning::rowdot_rows) and of 9 to 65
+// (the GEMM path's row chunks), emb 160 (two full AVX-512 panels of the output projection and a narrower
+// one). Each sequence's new row must be its definition's last row, the packed form's step the layer's bit for
+// bit, and neither may depend on the thread count.
+TEMPLATE_TEST_CASE("MultiHeadAttention: a step of many sequences equals the definition on any thread count",
+                   "[multihead][cache][batched]", float, double) {
+  using Scalar = TestType;
+  constexpr Index emb = 160, head = 16, heads = 3, P = 5;
+  head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, P + 1, 0.1, 2700);
+  const head_attention::PackedMultiHeadAttention<Scalar> packed(mha);
+  for (const Index B : {Index(8), Index(9), Index(32), Index(64), Index(65)}) {
+    INFO("B " << B);
+    const Matrix<Scalar> x = random_matrix<Scalar>(B * (P + 1), emb, 2701 + static_cast<std::uint64_t>(B));
+    Matrix<Scalar> prompt(B * P, emb), next(B, emb);
+    for (Index b = 0; b < B; ++b) {
+      prompt.middleRows(b * P, P) = x.middleRows(b * (P + 1), P);
+      next.row(b) = x.row(b * (P + 1) + P);
+    }
+    std::vector<Matrix<Scalar>> steps;
+    for (const int threads : {1, 2}) {
+      mha.set_num_threads(threads);
+      auto cache = mha.make_cache(B), packed_cache = packed.make_cache(B);
+      (void)mha.forward_cached(prompt, cache);
+      (void)packed.forward_cached(prompt, packed_cache);
+      steps.push_back(mha.forward_cached(next, cache));
+      if (head_attention::detail::has_openmp) CHECK(head_attention::detail::last_team_size() == threads);
+      CHECK(identical(packed.forward_cached(next, packed_cache), steps.back()));
+    }
+    CHECK(identical(steps[0], steps[1]));
+    Matrix<Scalar> want(B, emb);
+    for (Index b = 0; b < B; ++b)
+      want.row(b) = definition(mha, Matrix<Scalar>(x.middleRows(b * (P + 1), P + 1)), MaskRule::causal())
+                        .row(P)
+                        .template cast<Scalar>();
+    CHECK(relative_error(steps[0], want) <= rounding_tolerance<Scalar>());
+  }
+}
+
+// The same for a single head, whose three weights alone are too few items for two threads (the rows are then
+// cut in two as well), over one cache per sequence.
+TEMPLATE_TEST_CASE("HeadAttention: a step of many sequences equals the reference on any thread count",
+                   "[cache][batched]", float, double) {
+  using Scalar = TestType;
+  constexpr Index emb = 48, head = 80, P = 4;
+  head_attention::HeadAttention<Scalar> layer(emb, head, P + 1, 2800);
+  const head_attention::PackedHeadAttention<Scalar> packed(layer);
+  const auto cast = [](const head_attention::Linear<Scalar>& l) {
+    head_attention::Linear<double> d;
+    d.weight = l.weight.template cast<double>();
+    d.bias = l.bias.template cast<double>();
+    return d;
+  };
+  for (const Index B : {Index(9), Index(33), Index(64)}) {
+    INFO("B " << B);
+    const Matrix<Scalar> x = random_matrix<Scalar>(B * (P + 1), emb, 2801 + static_cast<std::uint64_t>(B));
+    Matrix<Scalar> prompt(B * P, emb), next(B, emb);
+    for (Index b = 0; b < B; ++b) {
+      prompt.middleRows(b * P, P) = x.middleRows(b * (P + 1), P);
+      next.row(b) = x.row(b * (P + 1) + P);
+    }
+    std::vector<Matrix<Scalar>> steps;
+    for (const int threads : {1, 2}) {
+      layer.set_num_threads(threads);
+      auto caches = layer.make_cache(B), packed_caches = packed.make_cache(B);
+      (void)layer.forward_cached(prompt, caches);
+      (void)packed.forward_cached(prompt, packed_caches);
+      steps.push_back(layer.forward_cached(next, caches));
+      if (head_attention::detail::has_openmp) CHECK(head_attention::detail::last_team_size() == threads);
+      CHECK(identical(packed.forward_cached(next, packed_caches), steps.back()));
+    }
+    CHECK(identical(steps[0], steps[1]));
+    Matrix<Scalar> want(B, head);
+    for (Index b = 0; b < B; ++b)
+      want.row(b) = head_attention::reference::forward(
+                        Matrix<double>(x.middleRows(b * (P + 1), P + 1).template cast<double>()),
+                        cast(layer.query()), cast(layer.key()), cast(layer.value()), MaskRule::causal())
+                        .row(P)
+                        .template cast<Scalar>();
+    CHECK(relative_error(steps[0], want) <= rounding_tolerance<Scalar>());
+  }
+}

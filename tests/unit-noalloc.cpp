@@ -307,6 +307,60 @@ TEMPLATE_TEST_CASE("a reserved workspace makes even the first call allocate noth
   }
 }
 
+// Steps of many sequences at once (more rows than the row dots take: the GEMM path, a 16-bit layer's rows
+// widened per thread in chunks): a workspace reserved for single-row steps, or one that served the prefill,
+// serves them from the first step on.
+TEMPLATE_TEST_CASE("decode steps of many sequences at once allocate nothing", "[noalloc][batched]", float,
+                   double, Eigen::half) {
+  using Scalar = TestType;
+  if (head_attention::detail::gemm_uses_eigen_internals == false)
+    HA_SKIP("HEAD_ATTENTION_GEMM_FALLBACK: Eigen's public products allocate their own packing buffers");
+  constexpr Index emb = 96, head = 16, heads = 3, P = 6, steps = 4;
+  for (const Index B : {Index(12), Index(32)})
+    for (const int threads : {1, 2}) {
+      INFO("B " << B << ", threads " << threads);
+      head_attention::HeadAttention<Scalar> layer(emb, head, P + steps, 97);
+      head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, P + steps, 0.1, 98);
+      layer.set_num_threads(threads);
+      mha.set_num_threads(threads);
+      const head_attention::PackedMultiHeadAttention<Scalar> packed_mha(mha);
+      const Matrix<Scalar> x = random_matrix<float>(B * (P + steps), emb, 99 + static_cast<std::uint64_t>(B))
+                                   .template cast<Scalar>();
+      const Matrix<Scalar> prompt = x.topRows(B * P);
+      std::vector<head_attention::KVCache<Scalar>> caches(static_cast<std::size_t>(B), layer.make_cache());
+      for (auto& c : caches)
+        c.reserve();
+      auto mcache = mha.make_cache(B), packed_mcache = packed_mha.make_cache(B);
+      mcache.reserve();
+      packed_mcache.reserve();
+      (void)layer.forward_cached(prompt, caches);
+      (void)packed_mha.forward_cached(prompt, packed_mcache);
+      // The layer's workspace served its prefill; the others are reserved for single-row steps.
+      head_attention::Workspace<Scalar> served, reserved, packed_reserved;
+      Matrix<Scalar> prefill_out(B * P, emb);
+      mha.forward_cached_into(prompt, mcache, prefill_out, served);
+      layer.reserve_cached_workspace(reserved, caches);
+      packed_mha.reserve_cached_workspace(packed_reserved, packed_mcache);
+      const std::size_t served_bytes = served.bytes(), reserved_bytes = reserved.bytes();
+      Matrix<Scalar> out(B, emb), packed_out(B, emb), head_out(B, head);
+      long n = 0;
+      bool same = true;
+      for (Index t = 0; t < steps; ++t) {
+        const Matrix<Scalar> rows = x.middleRows(B * P + t * B, B);
+        n += allocations([&] {
+          mha.forward_cached_into(rows, mcache, out, served);
+          packed_mha.forward_cached_into(rows, packed_mcache, packed_out, packed_reserved);
+          layer.forward_cached_into(rows, caches, head_out, reserved);
+        });
+        same = same && identical(out, packed_out);
+      }
+      CHECK(n == 0);
+      CHECK(same);
+      CHECK(served.bytes() == served_bytes);
+      CHECK(reserved.bytes() == reserved_bytes);
+    }
+}
+
 // A workspace keeps every buffer at the largest size any call needed, and each call cuts what it needs from
 // them: every shape it served, and every smaller one, runs without allocating, in any order (issue 25: it
 // used to keep only the last shape's GEMM buffers and scratch, so alternating shapes reallocated them).
