@@ -298,6 +298,31 @@ TEST_CASE("a Workspace serves 16-bit layers", "[multihead][workspace]") {
   }
 }
 
+/// One decode step of B sequences at once, on 1 and then 2 threads, by `layer` and by its packed form, each
+/// sequence b being x's rows [b · (P + 1), (b + 1) · (P + 1)): its first P rows the prompt, its last the
+/// step's row b. Checks that each step ran on the team asked for and that the packed form's step is the
+/// layer's bit for bit; returns the layer's steps [B, out] on 1 and on 2 threads.
+template <typename Layer, typename Packed, typename Scalar>
+std::vector<Matrix<Scalar>> batched_steps(Layer& layer, const Packed& packed, const Matrix<Scalar>& x,
+                                          Index B, Index P) {
+  Matrix<Scalar> prompt(B * P, x.cols()), next(B, x.cols());
+  for (Index b = 0; b < B; ++b) {
+    prompt.middleRows(b * P, P) = x.middleRows(b * (P + 1), P);
+    next.row(b) = x.row(b * (P + 1) + P);
+  }
+  std::vector<Matrix<Scalar>> steps;
+  for (const int threads : {1, 2}) {
+    layer.set_num_threads(threads);
+    auto caches = layer.make_cache(B), packed_caches = packed.make_cache(B);
+    (void)layer.forward_cached(prompt, caches);
+    (void)packed.forward_cached(prompt, packed_caches);
+    steps.push_back(layer.forward_cached(next, caches));
+    if (head_attention::detail::has_openmp) CHECK(head_attention::detail::last_team_size() == threads);
+    CHECK(identical(packed.forward_cached(next, packed_caches), steps.back()));
+  }
+  return steps;
+}
+
 // Many sequences decoded together (issue 25): steps of 8 rows (row dots, Tuning::rowdot_rows) and of 9 to 65
 // (the GEMM path's row chunks), emb 160 (two full AVX-512 panels of the output projection and a narrower
 // one). Each sequence's new row must be its definition's last row, the packed form's step the layer's bit for
@@ -311,21 +336,7 @@ TEMPLATE_TEST_CASE("MultiHeadAttention: a step of many sequences equals the defi
   for (const Index B : {Index(8), Index(9), Index(32), Index(64), Index(65)}) {
     INFO("B " << B);
     const Matrix<Scalar> x = random_matrix<Scalar>(B * (P + 1), emb, 2701 + static_cast<std::uint64_t>(B));
-    Matrix<Scalar> prompt(B * P, emb), next(B, emb);
-    for (Index b = 0; b < B; ++b) {
-      prompt.middleRows(b * P, P) = x.middleRows(b * (P + 1), P);
-      next.row(b) = x.row(b * (P + 1) + P);
-    }
-    std::vector<Matrix<Scalar>> steps;
-    for (const int threads : {1, 2}) {
-      mha.set_num_threads(threads);
-      auto cache = mha.make_cache(B), packed_cache = packed.make_cache(B);
-      (void)mha.forward_cached(prompt, cache);
-      (void)packed.forward_cached(prompt, packed_cache);
-      steps.push_back(mha.forward_cached(next, cache));
-      if (head_attention::detail::has_openmp) CHECK(head_attention::detail::last_team_size() == threads);
-      CHECK(identical(packed.forward_cached(next, packed_cache), steps.back()));
-    }
+    const std::vector<Matrix<Scalar>> steps = batched_steps(mha, packed, x, B, P);
     CHECK(identical(steps[0], steps[1]));
     Matrix<Scalar> want(B, emb);
     for (Index b = 0; b < B; ++b)
@@ -336,8 +347,7 @@ TEMPLATE_TEST_CASE("MultiHeadAttention: a step of many sequences equals the defi
   }
 }
 
-// The same for a single head, whose three weights alone are too few items for two threads (the rows are then
-// cut in two as well), over one cache per sequence.
+// The same for a single head, over one cache per sequence.
 TEMPLATE_TEST_CASE("HeadAttention: a step of many sequences equals the reference on any thread count",
                    "[cache][batched]", float, double) {
   using Scalar = TestType;
@@ -353,21 +363,7 @@ TEMPLATE_TEST_CASE("HeadAttention: a step of many sequences equals the reference
   for (const Index B : {Index(9), Index(33), Index(64)}) {
     INFO("B " << B);
     const Matrix<Scalar> x = random_matrix<Scalar>(B * (P + 1), emb, 2801 + static_cast<std::uint64_t>(B));
-    Matrix<Scalar> prompt(B * P, emb), next(B, emb);
-    for (Index b = 0; b < B; ++b) {
-      prompt.middleRows(b * P, P) = x.middleRows(b * (P + 1), P);
-      next.row(b) = x.row(b * (P + 1) + P);
-    }
-    std::vector<Matrix<Scalar>> steps;
-    for (const int threads : {1, 2}) {
-      layer.set_num_threads(threads);
-      auto caches = layer.make_cache(B), packed_caches = packed.make_cache(B);
-      (void)layer.forward_cached(prompt, caches);
-      (void)packed.forward_cached(prompt, packed_caches);
-      steps.push_back(layer.forward_cached(next, caches));
-      if (head_attention::detail::has_openmp) CHECK(head_attention::detail::last_team_size() == threads);
-      CHECK(identical(packed.forward_cached(next, packed_caches), steps.back()));
-    }
+    const std::vector<Matrix<Scalar>> steps = batched_steps(layer, packed, x, B, P);
     CHECK(identical(steps[0], steps[1]));
     Matrix<Scalar> want(B, head);
     for (Index b = 0; b < B; ++b)

@@ -606,13 +606,19 @@ TEMPLATE_TEST_CASE("prefill, steps, prefill: one workspace, nothing allocated af
 
 // Decode steps whose queries are cut into more and more key ranges as the cache fills (flash-decoding: one
 // range below 512 keys, five at 1400): the workspace reserved for single rows holds the partial results of
-// the most ranges the cache can reach, so no step allocates.
-TEMPLATE_TEST_CASE("decode steps cut into key ranges allocate nothing", "[noalloc][split]", float, double) {
+// the most ranges the cache can reach, so no step allocates. Without a workspace (forward_cached), the first
+// step of each form sizes this thread's step buffers and the later ones reuse them: each allocates its result
+// and nothing else.
+TEMPLATE_TEST_CASE(
+    "decode steps cut into key ranges allocate nothing; without a workspace, only their result",
+    "[noalloc][split]", float, double) {
   using Scalar = TestType;
   if (head_attention::detail::gemm_uses_eigen_internals == false)
     HA_SKIP("HEAD_ATTENTION_GEMM_FALLBACK: Eigen's public products allocate their own packing buffers");
   constexpr Index emb = 32, head = 16, T = 1400, heads = 2;
   const Matrix<Scalar> x = random_matrix<Scalar>(T, emb, 97);
+  const long result = allocations([&] { Matrix<Scalar> y(1, emb); });
+  REQUIRE(result == 1);
   for (const int threads : {1, 2}) {
     INFO("threads " << threads);
     head_attention::HeadAttention<Scalar> layer(emb, head, T, 98);
@@ -620,60 +626,34 @@ TEMPLATE_TEST_CASE("decode steps cut into key ranges allocate nothing", "[noallo
     layer.set_num_threads(threads);
     mha.set_num_threads(threads);
     const head_attention::PackedMultiHeadAttention<Scalar> packed(mha);
-    auto cache = layer.make_cache();
-    auto multi_cache = packed.make_cache();
+    auto cache = layer.make_cache(), plain_cache = layer.make_cache();
+    auto multi_cache = packed.make_cache(), plain_multi_cache = mha.make_cache(),
+         plain_packed_cache = packed.make_cache();
     cache.reserve();
+    plain_cache.reserve();
     multi_cache.reserve();
+    plain_multi_cache.reserve();
+    plain_packed_cache.reserve();
     head_attention::Workspace<Scalar> workspace, multi_workspace;
     layer.reserve_cached_workspace(workspace, cache);
     packed.reserve_cached_workspace(multi_workspace, multi_cache);
     Matrix<Scalar> step(1, head), multi_step(1, emb);
-    long step_allocations = 0;
+    Matrix<Scalar> y, z, w;  // [1, head], [1, emb], [1, emb]: forward_cached's results
+    long step_allocations = 0, plain_allocations = 0;
     for (Index r = 0; r < T; ++r) {
       step_allocations += allocations([&] {
         layer.forward_cached_into(x.row(r), cache, step, workspace);
         packed.forward_cached_into(x.row(r), multi_cache, multi_step, multi_workspace);
       });
+      const long plain = allocations([&] {
+        y = layer.forward_cached(x.row(r), plain_cache);
+        z = mha.forward_cached(x.row(r), plain_multi_cache);
+        w = packed.forward_cached(x.row(r), plain_packed_cache);
+      });
+      if (r > 0) plain_allocations += plain;
     }
     CHECK(step_allocations == 0);
+    CHECK(plain_allocations == 3 * result * (T - 1));  // y, z and w: a new result each step, nothing else
     CHECK(head_attention::detail::decode_key_splits(T, 1) >= 4);  // the last steps were cut
-  }
-}
-
-TEMPLATE_TEST_CASE("forward_cached steps without a workspace allocate only their result after the first",
-                   "[noalloc]", float, double) {
-  using Scalar = TestType;
-  if (head_attention::detail::gemm_uses_eigen_internals == false)
-    HA_SKIP("HEAD_ATTENTION_GEMM_FALLBACK: Eigen's public products allocate their own packing buffers");
-  constexpr Index emb = 32, head = 16, T = 1400, heads = 2;
-  const Matrix<Scalar> x = random_matrix<Scalar>(T, emb, 101);
-  for (const int threads : {1, 2}) {
-    INFO("threads " << threads);
-    head_attention::HeadAttention<Scalar> layer(emb, head, T, 102);
-    head_attention::MultiHeadAttention<Scalar> mha(heads, emb, head, T, 0.1, 103);
-    layer.set_num_threads(threads);
-    mha.set_num_threads(threads);
-    const head_attention::PackedMultiHeadAttention<Scalar> packed(mha);
-    auto cache = layer.make_cache();
-    auto multi_cache = mha.make_cache();
-    auto packed_cache = packed.make_cache();
-    cache.reserve();
-    multi_cache.reserve();
-    packed_cache.reserve();
-    // What one matrix result costs, and the steps: the first of each form sizes this thread's step buffers,
-    // the later ones (up to n = 1400, cut into key ranges) reuse them.
-    const long result = allocations([&] { Matrix<Scalar> y(1, emb); });
-    REQUIRE(result == 1);
-    long later = 0;
-    Matrix<Scalar> y, z, w;  // [1, head], [1, emb], [1, emb]
-    for (Index r = 0; r < T; ++r) {
-      const long n = allocations([&] {
-        y = layer.forward_cached(x.row(r), cache);
-        z = mha.forward_cached(x.row(r), multi_cache);
-        w = packed.forward_cached(x.row(r), packed_cache);
-      });
-      if (r > 0) later += n;
-    }
-    CHECK(later == 3 * result * (T - 1));  // y, z and w: a new result each step, nothing else
   }
 }
