@@ -42,6 +42,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -470,7 +471,10 @@ def write_md(args, saved, path):
                      f"{peak:.1f}. The table's `GFLOP/s` column is ours, useful flops (projections plus the causal "
                      "halves of QKᵀ and PV) over wall time, and its fraction of the best SGEMM and of the peak "
                      "(n threads: n times the one-thread figures).")
-    lines.append("- Commands: " + "; ".join(f"`{c}`" for c in info.get("commands", [])) + ".")
+    # ggml's library folder (an npm path with "@node-llama-cpp" in it) as LIBDIR: Doxygen, which reads these
+    # pages, takes an @word for a command even inside a code span.
+    commands = [re.sub(r"--lib-dir \S+", "--lib-dir LIBDIR", c) for c in info.get("commands", [])]
+    lines.append("- Commands: " + "; ".join(f"`{c}`" for c in commands) + ".")
     lines.append("")
 
     lines.append("## Wall clock, ms per forward call of the whole [B, T, 512] batch (ORT: overhead subtracted)\n")
