@@ -533,3 +533,79 @@ TEMPLATE_TEST_CASE("weighted_rows16: each output the chain of FMAs over the rows
 }
 
 #endif  // HEAD_ATTENTION_FUSED_16BIT
+
+TEMPLATE_TEST_CASE("dot_keys: a decode query's scores over a cache against a long-double reference",
+                   "[kernels]", float, double) {
+  // Every group remainder (keys 16 at a time with AVX-512, 8 or 4 otherwise), heads of every path (16 to
+  // 128 by 16, and others), and a key's score the same bits wherever its range of keys starts: decode
+  // steps cut the keys into ranges by shape (flash-decoding) and a sliding window moves the start.
+  using Scalar = TestType;
+  for (const Index head : {8, 16, 32, 48, 64, 72, 96, 100, 128, 144})
+    for (const Index rows : {1, 2, 7, 15, 16, 17, 31, 33, 50}) {
+      const std::vector<Scalar> q = random_values<Scalar>(static_cast<std::size_t>(head), 101u);
+      const std::vector<Scalar> k = random_values<Scalar>(static_cast<std::size_t>(rows * head), 102u);
+      std::vector<Scalar> scores(static_cast<std::size_t>(rows) + 1, Scalar(7));
+      detail::dot_keys(q.data(), k.data(), rows, head, scores.data());
+      double worst = 0;
+      for (Index j = 0; j < rows; ++j) {
+        long double sum = 0, magnitude = 0;
+        for (Index d = 0; d < head; ++d) {
+          const long double term = static_cast<long double>(q[static_cast<std::size_t>(d)]) *
+                                   static_cast<long double>(k[static_cast<std::size_t>(j * head + d)]);
+          sum += term;
+          magnitude += std::fabs(term);
+        }
+        worst = std::max(
+            worst,
+            static_cast<double>(
+                std::fabs(static_cast<long double>(scores[static_cast<std::size_t>(j)]) - sum) / magnitude));
+      }
+      const double allowed = 2.0 * double(head) * double(std::numeric_limits<Scalar>::epsilon());
+      INFO("head = " << head << ", rows = " << rows << ": worst " << worst << ", allowed " << allowed);
+      CHECK(worst <= allowed);
+      CHECK(scores[static_cast<std::size_t>(rows)] == Scalar(7));  // nothing written past the last key
+      for (Index start = 1; start < std::min<Index>(rows, 18); ++start) {
+        std::vector<Scalar> later(static_cast<std::size_t>(rows - start));
+        detail::dot_keys(q.data(), k.data() + start * head, rows - start, head, later.data());
+        INFO("from key " << start);
+        CHECK(std::equal(later.begin(), later.end(), scores.begin() + start));
+      }
+    }
+}
+
+#if HEAD_ATTENTION_FUSED_16BIT
+TEMPLATE_TEST_CASE("dot_rows16: a key's score over a 16-bit cache does not depend on where its range starts",
+                   "[kernels][precision]", Eigen::half, Eigen::bfloat16) {
+  using Narrow = TestType;
+  constexpr auto precision = head_attention::precision_of<Narrow>();
+  for (const Index head : {8, 32, 64, 96, 128, 160})
+    for (const Index rows : {1, 5, 16, 17, 40}) {
+      const Index stride = head + 8;
+      const std::vector<float> q = random_values<float>(static_cast<std::size_t>(head), 111u);
+      const std::vector<float> k_values = random_values<float>(static_cast<std::size_t>(rows * stride), 112u);
+      std::vector<std::uint16_t> k(k_values.size());
+      for (std::size_t i = 0; i < k.size(); ++i)
+        k[i] = Eigen::numext::bit_cast<std::uint16_t>(Narrow(k_values[i]));
+      std::vector<float> scores(static_cast<std::size_t>(rows));
+      detail::dot_rows16(precision, q.data(), k.data(), stride, rows, head, scores.data());
+      for (Index j = 0; j < rows; ++j) {  // a coarse check that each score is its key's (the bounds: above)
+        double sum = 0, magnitude = 0;
+        for (Index d = 0; d < head; ++d) {
+          const double term = double(q[static_cast<std::size_t>(d)]) *
+                              double(static_cast<float>(Eigen::numext::bit_cast<Narrow>(
+                                  k[static_cast<std::size_t>(j * stride + d)])));
+          sum += term;
+          magnitude += std::fabs(term);
+        }
+        CHECK(std::fabs(scores[static_cast<std::size_t>(j)] - sum) <= 1e-4 * magnitude);
+      }
+      for (Index start = 1; start < std::min<Index>(rows, 18); ++start) {
+        std::vector<float> later(static_cast<std::size_t>(rows - start));
+        detail::dot_rows16(precision, q.data(), k.data() + start * stride, stride, rows - start, head,
+                           later.data());
+        INFO("head = " << head << ", rows = " << rows << ", from key " << start);
+        CHECK(std::equal(later.begin(), later.end(), scores.begin() + start));
+      }
+    }
+}
+#endif  // HEAD_ATTENTION_FUSED_16BIT

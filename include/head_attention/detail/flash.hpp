@@ -24,6 +24,7 @@
 #include "../precision.hpp"
 #include "gemm.hpp"
 #include "kernels16.hpp"
+#include "keyscores.hpp"
 #include "kv_store.hpp"
 #include "microkernel.hpp"
 #include "parallel.hpp"
@@ -432,18 +433,6 @@ struct KeyRange {
   Eigen::Index end = std::numeric_limits<Eigen::Index>::max();
   Scalar* partial = nullptr;
 };
-
-/// scores[j] = q · key_j for the `rows` keys at k (key j's `head` values at k + j · head): a decode step's
-/// Q·Kᵀ over a cache, each key read once in place by project_rows's dot products (Eigen's GEMM packs the
-/// tile first: one more pass over it, which measured 1.4-1.7x a step's bytes floor once a cache left L2).
-template <typename Scalar>
-void dot_keys(const Scalar* q, const Scalar* k, Eigen::Index rows, Eigen::Index head,
-              Scalar* scores) noexcept {
-  constexpr Eigen::Index G = simd_registers == 32 ? 8 : 4;
-  for (Eigen::Index j = 0; j < rows; j += G)
-    dot_rows<1, G, Scalar, precision_of<Scalar>()>(std::min(G, rows - j), q, 0, k + j * head, head,
-                                                   scores + j, G);
-}
 
 /// Attention of the query rows [r0, r0 + bq) of one sequence over its keys, under `rule` and the padding of
 /// `keys` (and within `range`: all keys by default; a partial result for one row). Each query sees the

@@ -9,6 +9,7 @@
 
 #include "../precision.hpp"
 #include "dotbf16.hpp"
+#include "keyscores.hpp"
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
@@ -42,37 +43,31 @@ inline __m256 load8(const std::uint16_t* p) noexcept {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
 }
 
-inline float sum8(__m256 v) noexcept {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
-
-/// scores[j] = q · key_j for j in [0, rows), key j's `head` values at keys + j · stride.
+/// scores[j] = q · key_j for j in [0, rows), key j's `head` values at keys + j · stride. Four keys at a time,
+/// one reduction for the four; a last group of fewer reads its last key again for the rest (not stored), so
+/// that a key's score is the same bits in any group, wherever its range of keys starts.
 template <Precision P>
 void dot_rows16(const float* q, const std::uint16_t* keys, Eigen::Index stride, Eigen::Index rows,
                 Eigen::Index head, float* scores) noexcept {
-  Eigen::Index j = 0;
-  for (; j + 4 <= rows; j += 4) {  // four rows at a time: one reduction for four scores
-    const std::uint16_t* k = keys + j * stride;
+  for (Eigen::Index j = 0; j < rows; j += 4) {
+    const Eigen::Index n = std::min<Eigen::Index>(4, rows - j);
+    const std::uint16_t* k0 = keys + j * stride;
+    const std::uint16_t* k1 = keys + (j + std::min<Eigen::Index>(1, n - 1)) * stride;
+    const std::uint16_t* k2 = keys + (j + std::min<Eigen::Index>(2, n - 1)) * stride;
+    const std::uint16_t* k3 = keys + (j + std::min<Eigen::Index>(3, n - 1)) * stride;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (Eigen::Index d = 0; d < head; d += 8) {
       const __m256 qd = _mm256_loadu_ps(q + d);
-      a0 = _mm256_fmadd_ps(qd, load8<P>(k + d), a0);
-      a1 = _mm256_fmadd_ps(qd, load8<P>(k + stride + d), a1);
-      a2 = _mm256_fmadd_ps(qd, load8<P>(k + 2 * stride + d), a2);
-      a3 = _mm256_fmadd_ps(qd, load8<P>(k + 3 * stride + d), a3);
+      a0 = _mm256_fmadd_ps(qd, load8<P>(k0 + d), a0);
+      a1 = _mm256_fmadd_ps(qd, load8<P>(k1 + d), a1);
+      a2 = _mm256_fmadd_ps(qd, load8<P>(k2 + d), a2);
+      a3 = _mm256_fmadd_ps(qd, load8<P>(k3 + d), a3);
     }
     // [a0 a1 a2 a3] summed lane-wise: two horizontal adds give each row's halves, the last add joins them.
     const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    _mm_storeu_ps(scores + j, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
-  }
-  for (; j < rows; ++j) {
-    const std::uint16_t* k = keys + j * stride;
-    __m256 a = _mm256_setzero_ps();
-    for (Eigen::Index d = 0; d < head; d += 8)
-      a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8<P>(k + d), a);
-    scores[j] = sum8(a);
+    alignas(16) float four[4];
+    _mm_store_ps(four, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+    std::copy_n(four, n, scores + j);
   }
 }
 
@@ -145,11 +140,13 @@ void dot_rows16(Precision precision, const Scalar* q, const void* keys, Eigen::I
     const std::uint16_t* k = static_cast<const std::uint16_t*>(keys);
 #if HEAD_ATTENTION_DOT_BF16
     // bfloat16 keys and AVX512_BF16: the query split into bfloat16 hi + lo once, then vdpbf16ps over the
-    // keys in place, 8 at a time (project_rows's kernel; see split_bf16 for the precision).
+    // keys in place (see split_bf16 for the precision), 16 keys at a time with one reduction for all of them
+    // for heads of 32 to 128 (key_scores_bf16), else 8 at a time (project_rows's kernel).
     constexpr Eigen::Index max_head = 1024;
     if (precision == Precision::bfloat16 && head <= max_head) {
       alignas(64) std::uint16_t hi[max_head], lo[max_head];
       const bool lo_pass = split_bf16(q, head, hi, lo);
+      if (key_scores_bf16(hi, lo, lo_pass, k, stride, rows, head, scores)) return;
       for (Eigen::Index j = 0; j < rows; j += 8)
         dot_rows_bf16<1, 8>(std::min<Eigen::Index>(8, rows - j), lo_pass, hi, lo, 0, k + j * stride, stride,
                             head, scores + j, 8);

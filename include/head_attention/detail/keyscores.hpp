@@ -1,0 +1,187 @@
+// head-attention: a decode query's scores over a cache, q · k_j for many short rows (a head's worth each),
+// sixteen keys at a time with one transposed reduction for all sixteen.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include <Eigen/Core>
+
+#include "dotbf16.hpp"
+#include "rowdot.hpp"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define HEAD_ATTENTION_KEY_SCORES_16 1
+#else
+#define HEAD_ATTENTION_KEY_SCORES_16 0
+#endif
+
+namespace head_attention::detail {
+
+#if HEAD_ATTENTION_KEY_SCORES_16
+
+/// The lane sums of the 16 vectors a[0..15], as one vector: lane j = the sum of a[j]'s 16 lanes. A key row is
+/// a few packets (a head of 64 floats: 4), so a horizontal sum per key cost about twice its multiply-adds;
+/// this tree does 45 operations for 16 keys. Each sum's order is fixed by its lanes alone ((0 + 2) + (1 + 3)
+/// within each 128-bit block, then blocks (0 + 1) + (2 + 3)), whatever the other vectors hold: a key's score
+/// has the same bits in any group, and in a short group padded with zeros.
+EIGEN_ALWAYS_INLINE __m512 lane_sums16(const __m512 (&a)[16]) noexcept {
+  __m512 t[8], v[4], w[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit block: [x0+x2, y0+y2, x1+x3, y1+y3] for x = a[2i], y = a[2i+1]
+    t[i] =
+        _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int m = 0; m < 4; ++m)  // per 128-bit block: keys 4m .. 4m+3, that block's part of each
+    v[m] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * m], t[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(t[2 * m], t[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int m = 0; m < 2; ++m)  // blocks 0 + 1 and 2 + 3 of v[2m], then of v[2m+1]
+    w[m] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * m], v[2 * m + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(v[2 * m], v[2 * m + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // Block b: keys 4b .. 4b+3, in order.
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/// scores[j] = q · k_j for j < rows (rows <= 16), key j at k + j · stride, a head of 16 · P floats: per key,
+/// one chain of fused multiply-adds over its packets in order, then lane_sums16. The query stays in registers
+/// and the keys are read one after the other, as stored (a packet of each of the 16 keys in turn was 1.2x
+/// slower from L3). A short group reads its last key again for the lanes past it (never stored): with a
+/// fixed trip count the accumulators stay in registers.
+template <int P>
+void key_scores16(const float* q, const float* k, Eigen::Index stride, Eigen::Index rows,
+                  float* scores) noexcept {
+  __m512 qp[P], acc[16];
+  for (int p = 0; p < P; ++p)
+    qp[p] = _mm512_loadu_ps(q + 16 * p);
+  for (int j = 0; j < 16; ++j) {
+    const float* key = k + std::min<Eigen::Index>(j, rows - 1) * stride;
+    acc[j] = _mm512_mul_ps(qp[0], _mm512_loadu_ps(key));
+    for (int p = 1; p < P; ++p)
+      acc[j] = _mm512_fmadd_ps(qp[p], _mm512_loadu_ps(key + 16 * p), acc[j]);
+  }
+  _mm512_mask_storeu_ps(scores, static_cast<__mmask16>((1u << rows) - 1u), lane_sums16(acc));
+}
+
+#if HEAD_ATTENTION_DOT_BF16
+/// key_scores16 over bfloat16 keys with AVX512_BF16: the query split by split_bf16 (hi, and lo when Lo),
+/// a head of 32 · P. Per key, one chain over its 32-entry steps in order, hi then lo in each (Lo = false
+/// skips lo: the same bits for finite keys, as in dot_block_bf16).
+template <int P, bool Lo>
+void key_scores16_bf16(const std::uint16_t* hi, const std::uint16_t* lo, const std::uint16_t* k,
+                       Eigen::Index stride, Eigen::Index rows, float* scores) noexcept {
+  __m512bh qh[P], ql[P];
+  for (int p = 0; p < P; ++p) {
+    qh[p] = load_bf16x32(hi + 32 * p);
+    if constexpr (Lo) ql[p] = load_bf16x32(lo + 32 * p);
+  }
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j) {
+    const std::uint16_t* key = k + std::min<Eigen::Index>(j, rows - 1) * stride;
+    acc[j] = _mm512_setzero_ps();
+    for (int p = 0; p < P; ++p) {
+      const __m512bh kv = load_bf16x32(key + 32 * p);
+      acc[j] = _mm512_dpbf16_ps(acc[j], qh[p], kv);
+      if constexpr (Lo) acc[j] = _mm512_dpbf16_ps(acc[j], ql[p], kv);
+    }
+  }
+  _mm512_mask_storeu_ps(scores, static_cast<__mmask16>((1u << rows) - 1u), lane_sums16(acc));
+}
+
+/// scores[j] = q · k_j for j < rows over bfloat16 keys (key j at k + j · stride), the query split by
+/// split_bf16, 16 keys at a time: for heads of 32, 64, 96 or 128 (returns false for others, which the caller
+/// takes elsewhere).
+inline bool key_scores_bf16(const std::uint16_t* hi, const std::uint16_t* lo, bool lo_pass,
+                            const std::uint16_t* k, Eigen::Index stride, Eigen::Index rows, Eigen::Index head,
+                            float* scores) noexcept {
+  const auto run = [&](auto packets, auto with_lo) {
+    for (Eigen::Index j = 0; j < rows; j += 16)
+      key_scores16_bf16<decltype(packets)::value, decltype(with_lo)::value>(
+          hi, lo, k + j * stride, stride, std::min<Eigen::Index>(16, rows - j), scores + j);
+  };
+  const auto with = [&](auto packets) {
+    if (lo_pass)
+      run(packets, std::true_type{});
+    else
+      run(packets, std::false_type{});
+  };
+  switch (head) {
+    case 32:
+      with(std::integral_constant<int, 1>{});
+      return true;
+    case 64:
+      with(std::integral_constant<int, 2>{});
+      return true;
+    case 96:
+      with(std::integral_constant<int, 3>{});
+      return true;
+    case 128:
+      with(std::integral_constant<int, 4>{});
+      return true;
+    default:
+      return false;
+  }
+}
+#endif
+
+/// scores[j] = q · k_j for j < rows over float keys (key j at k + j · stride), 16 keys at a time: for heads
+/// of 16 to 128 floats in steps of 16 (returns false for others).
+inline bool key_scores(const float* q, const float* k, Eigen::Index stride, Eigen::Index rows,
+                       Eigen::Index head, float* scores) noexcept {
+  const auto run = [&](auto packets) {
+    for (Eigen::Index j = 0; j < rows; j += 16)
+      key_scores16<decltype(packets)::value>(q, k + j * stride, stride, std::min<Eigen::Index>(16, rows - j),
+                                             scores + j);
+  };
+  switch (head) {
+    case 16:
+      run(std::integral_constant<int, 1>{});
+      return true;
+    case 32:
+      run(std::integral_constant<int, 2>{});
+      return true;
+    case 48:
+      run(std::integral_constant<int, 3>{});
+      return true;
+    case 64:
+      run(std::integral_constant<int, 4>{});
+      return true;
+    case 80:
+      run(std::integral_constant<int, 5>{});
+      return true;
+    case 96:
+      run(std::integral_constant<int, 6>{});
+      return true;
+    case 112:
+      run(std::integral_constant<int, 7>{});
+      return true;
+    case 128:
+      run(std::integral_constant<int, 8>{});
+      return true;
+    default:
+      return false;
+  }
+}
+
+#endif  // HEAD_ATTENTION_KEY_SCORES_16
+
+/// scores[j] = q · key_j for the `rows` keys at k (key j's `head` values at k + j · head): a decode step's
+/// Q·Kᵀ over a cache, each key read once in place (Eigen's GEMM packs the tile first: one more pass over it,
+/// which measured 1.4-1.7x a step's bytes floor once a cache left L2). Float keys with AVX-512 and a head of
+/// 16 to 128 in steps of 16: key_scores; otherwise project_rows's dot products, 8 keys (4 with 16 registers)
+/// at a time. The choice depends on the build and the head size only, so a key's score never depends on where
+/// a range of keys starts.
+template <typename Scalar>
+void dot_keys(const Scalar* q, const Scalar* k, Eigen::Index rows, Eigen::Index head,
+              Scalar* scores) noexcept {
+#if HEAD_ATTENTION_KEY_SCORES_16
+  if constexpr (std::is_same<Scalar, float>::value)
+    if (key_scores(q, k, head, rows, head, scores)) return;
+#endif
+  constexpr Eigen::Index G = simd_registers == 32 ? 8 : 4;
+  for (Eigen::Index j = 0; j < rows; j += G)
+    dot_rows<1, G, Scalar, precision_of<Scalar>()>(std::min(G, rows - j), q, 0, k + j * head, head,
+                                                   scores + j, G);
+}
+
+}  // namespace head_attention::detail
