@@ -317,7 +317,7 @@ int main(int argc, char** argv) {
     for (const int t : thread_counts)
       for (const char* form : {"head", "head_packed"})
         add({form, "f32", "f32", 1, n, t});
-  for (const Index n : {128, 512, 2048})
+  for (const Index n : {128, 512, 1024, 2048})
     for (const int t : thread_counts) {
       for (const char* form : {"mha", "mha_packed"})
         add({form, "f32", "f32", 1, n, t});

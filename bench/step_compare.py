@@ -205,6 +205,18 @@ def write_md(saved, path):
         lines.append(f"| {FORMS[form]}, weights {w}, cache {kv}, B = {b} | " + " | ".join(cells) + " |")
     lines.append("")
 
+    lines.append("## 16 bits against float (time of the float step / time of the 16-bit step, same form, 1 thread)\n")
+    lines.append("| step, weights and cache | n = 128 | 512 | 1024 | 2048 |")
+    lines.append("|---|---:|---:|---:|---:|")
+    for form, w, float_form in [("mha", "bf16", "mha"), ("mha_packed", "bf16", "mha_packed"),
+                                ("mha_packed16", "bf16", "mha_packed"), ("mha_packed", "f32", "mha_packed")]:
+        cells = []
+        for n in (128, 512, 1024, 2048):
+            t16, t32 = ours(form, w, "bf16", 1, n, 1), ours(float_form, "f32", "f32", 1, n, 1)
+            cells.append(f"{t32 / t16:.2f}x" if t16 and t32 else "—")
+        lines.append(f"| {FORMS[form]}, weights {w}, cache bf16 | " + " | ".join(cells) + " |")
+    lines.append("")
+
     lines.append("## Many sequences at once\n")
     lines.append("Tokens per second of B sequences decoded together (one cache of B), against B = 1; each "
                  "step's time over its bytes floor and over its flops at the FMA peak.\n")
