@@ -87,6 +87,36 @@ void weighted_rows16(const float* weights, const std::uint16_t* values, Eigen::I
     else
       return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
   };
+  if constexpr (P == Precision::bfloat16) {
+    // bfloat16 values widen without a shuffle: a 32-bit lane holds entries 2i (low half) and 2i + 1 (high
+    // half), so a shift gives the even entries as floats and a mask the odd ones. The accumulators hold the
+    // outputs split into even and odd (split on entry, joined on exit): the same chains of FMAs, the same
+    // bits. Widening by vpmovzxwd (a 512-bit shuffle) bound this loop to about 65 GB/s from L3 on Zen 4.
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i high = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    for (; d + 64 <= head; d += 64) {
+      const __m512 a0 = _mm512_loadu_ps(acc + d), a1 = _mm512_loadu_ps(acc + d + 16);
+      const __m512 a2 = _mm512_loadu_ps(acc + d + 32), a3 = _mm512_loadu_ps(acc + d + 48);
+      __m512 e0 = _mm512_permutex2var_ps(a0, even, a1), o0 = _mm512_permutex2var_ps(a0, odd, a1);
+      __m512 e1 = _mm512_permutex2var_ps(a2, even, a3), o1 = _mm512_permutex2var_ps(a2, odd, a3);
+      for (Eigen::Index j = 0; j < rows; ++j) {
+        const __m512 w = _mm512_set1_ps(weights[j]);
+        const std::uint16_t* v = values + j * stride + d;
+        const __m512i v0 = _mm512_loadu_si512(v), v1 = _mm512_loadu_si512(v + 32);
+        e0 = _mm512_fmadd_ps(w, _mm512_castsi512_ps(_mm512_slli_epi32(v0, 16)), e0);
+        o0 = _mm512_fmadd_ps(w, _mm512_castsi512_ps(_mm512_and_si512(v0, high_half)), o0);
+        e1 = _mm512_fmadd_ps(w, _mm512_castsi512_ps(_mm512_slli_epi32(v1, 16)), e1);
+        o1 = _mm512_fmadd_ps(w, _mm512_castsi512_ps(_mm512_and_si512(v1, high_half)), o1);
+      }
+      _mm512_storeu_ps(acc + d, _mm512_permutex2var_ps(e0, low, o0));
+      _mm512_storeu_ps(acc + d + 16, _mm512_permutex2var_ps(e0, high, o0));
+      _mm512_storeu_ps(acc + d + 32, _mm512_permutex2var_ps(e1, low, o1));
+      _mm512_storeu_ps(acc + d + 48, _mm512_permutex2var_ps(e1, high, o1));
+    }
+  }
   for (; d + 64 <= head; d += 64) {
     __m512 o0 = _mm512_loadu_ps(acc + d), o1 = _mm512_loadu_ps(acc + d + 16);
     __m512 o2 = _mm512_loadu_ps(acc + d + 32), o3 = _mm512_loadu_ps(acc + d + 48);
