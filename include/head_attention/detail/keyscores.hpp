@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include <Eigen/Core>
 
@@ -41,6 +42,21 @@ EIGEN_ALWAYS_INLINE __m512 lane_sums16(const __m512 (&a)[16]) noexcept {
   // Block b: keys 4b .. 4b+3, in order.
   return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
                        _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/// f(std::integral_constant<int, P>{}) for the P in [1, Max] equal to `count`; false when there is none (the
+/// kernels below take the number of packets of a key row as a template argument, so the query stays in
+/// registers).
+template <int Max, int P = 1, typename F>
+bool with_packets(Eigen::Index count, F&& f) {
+  if (count == P) {
+    f(std::integral_constant<int, P>{});
+    return true;
+  }
+  if constexpr (P < Max)
+    return with_packets<Max, P + 1>(count, std::forward<F>(f));
+  else
+    return false;
 }
 
 /// scores[j] = q · k_j for j < rows (rows <= 16), key j at k + j · stride, a head of 16 · P floats: per key,
@@ -99,28 +115,13 @@ inline bool key_scores_bf16(const std::uint16_t* hi, const std::uint16_t* lo, bo
       key_scores16_bf16<decltype(packets)::value, decltype(with_lo)::value>(
           hi, lo, k + j * stride, stride, std::min<Eigen::Index>(16, rows - j), scores + j);
   };
-  const auto with = [&](auto packets) {
+  if (head % 32 != 0) return false;
+  return with_packets<4>(head / 32, [&](auto packets) {
     if (lo_pass)
       run(packets, std::true_type{});
     else
       run(packets, std::false_type{});
-  };
-  switch (head) {
-    case 32:
-      with(std::integral_constant<int, 1>{});
-      return true;
-    case 64:
-      with(std::integral_constant<int, 2>{});
-      return true;
-    case 96:
-      with(std::integral_constant<int, 3>{});
-      return true;
-    case 128:
-      with(std::integral_constant<int, 4>{});
-      return true;
-    default:
-      return false;
-  }
+  });
 }
 #endif
 
@@ -133,34 +134,7 @@ inline bool key_scores(const float* q, const float* k, Eigen::Index stride, Eige
       key_scores16<decltype(packets)::value>(q, k + j * stride, stride, std::min<Eigen::Index>(16, rows - j),
                                              scores + j);
   };
-  switch (head) {
-    case 16:
-      run(std::integral_constant<int, 1>{});
-      return true;
-    case 32:
-      run(std::integral_constant<int, 2>{});
-      return true;
-    case 48:
-      run(std::integral_constant<int, 3>{});
-      return true;
-    case 64:
-      run(std::integral_constant<int, 4>{});
-      return true;
-    case 80:
-      run(std::integral_constant<int, 5>{});
-      return true;
-    case 96:
-      run(std::integral_constant<int, 6>{});
-      return true;
-    case 112:
-      run(std::integral_constant<int, 7>{});
-      return true;
-    case 128:
-      run(std::integral_constant<int, 8>{});
-      return true;
-    default:
-      return false;
-  }
+  return head % 16 == 0 && with_packets<8>(head / 16, run);
 }
 
 #endif  // HEAD_ATTENTION_KEY_SCORES_16
