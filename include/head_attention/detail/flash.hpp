@@ -1129,9 +1129,10 @@ struct WorkPlan {
   Index kt_panel = 0, kt_size = 0;  // keys per column panel of a sequence's Kᵀ; one sequence's Kᵀ
   /// A call of few rows extending caches (Tuning::rowdot_rows): its projections read the weights as stored
   /// (project_rows), in blocks of Tuning::rowdot_block weight rows: row_blocks per head's Q, K or V (its
-  /// proj_items are projection × block), out_items of the output projection. Otherwise out_items = chunks.
+  /// proj_items are projection × block), out_items of the output projection, out_block of its weight rows
+  /// each. Otherwise out_items = chunks.
   bool rowdot = false;
-  Index row_blocks = 0, out_items = 0;
+  Index row_blocks = 0, out_items = 0, out_block = 0;
   int threads = 1;  // the team size asked for
   // The team a call of this shape could have had, whatever its flops (at least `threads`): the per-thread
   // scratch kept for the steps after a workspace's call, or in a thread's step buffers, so that a step that
@@ -1265,9 +1266,16 @@ WorkPlan plan_work(Eigen::Index batch, Eigen::Index seq_len, Eigen::Index heads,
     w.proj_rows = rows;
     w.row_blocks = (head + Tuning::rowdot_block - 1) / Tuning::rowdot_block;
     w.proj_items = 3 * heads * w.row_blocks;
+    w.out_block = Tuning::rowdot_block;
     w.out_items = (out_width + Tuning::rowdot_block - 1) / Tuning::rowdot_block;
   }
   w.threads = static_cast<int>(std::min<Index>(threads, std::max(w.items, w.proj_items)));
+  if (w.rowdot && w.threads == 1 && out_width > 0) {
+    // Alone, the output projection is one item: each item converts its input rows for the kernels again
+    // (bfloat16 weights split them into hi + lo), 16 times over for Wo of 512 rows by blocks of 32.
+    w.out_block = out_width;
+    w.out_items = 1;
+  }
   w.room_threads =
       std::max(w.threads, static_cast<int>(std::min<Index>(asked, std::max(w.items, w.proj_items))));
   w.kt_panel = key_panel<Scalar>(seq_len);
@@ -1572,7 +1580,7 @@ struct ForwardPass {
   void project_output(Index chunk, std::size_t thread) const {
     const Index out_width = work.out_width, concat_cols = work.heads * work.head;
     if (work.rowdot) {  // a call of few rows: item `chunk` is a block of Wo's rows, read as stored
-      const Index o0 = chunk * Tuning::rowdot_block, o1 = std::min(out_width, o0 + Tuning::rowdot_block);
+      const Index o0 = chunk * work.out_block, o1 = std::min(out_width, o0 + work.out_block);
       project_rows(static_cast<const Scalar*>(storage.concat), concat_cols, work.rows,
                    storage.rows[3 * work.heads], concat_cols, o0, o1, Scalar(1), plan.projected + o0,
                    plan.projected_stride);
