@@ -59,24 +59,32 @@ bool with_packets(Eigen::Index count, F&& f) {
     return false;
 }
 
-/// scores[j] = q · k_j for j < rows (rows <= 16), key j at k + j · stride, a head of 16 · P floats: per key,
-/// one chain of fused multiply-adds over its packets in order, then lane_sums16. The query stays in registers
-/// and the keys are read one after the other, as stored (a packet of each of the 16 keys in turn was 1.2x
-/// slower from L3). A short group reads its last key again for the lanes past it (never stored): with a
-/// fixed trip count the accumulators stay in registers.
+/// scores[j] = q · k_j for j < rows, key j at k + j · stride, a head of 16 · P floats, 16 keys at a time: per
+/// key, one chain of fused multiply-adds over its packets in order, then lane_sums16. The query stays in
+/// registers for all the groups and the keys are read one after the other, as stored (a packet of each of
+/// the 16 keys in turn was 1.2x slower from L3). A short last group reads its last key again for the lanes
+/// past it (never stored): with a fixed trip count the accumulators stay in registers.
 template <int P>
 void key_scores16(const float* q, const float* k, Eigen::Index stride, Eigen::Index rows,
                   float* scores) noexcept {
-  __m512 qp[P], acc[16];
+  __m512 qp[P];
   for (int p = 0; p < P; ++p)
     qp[p] = _mm512_loadu_ps(q + 16 * p);
-  for (int j = 0; j < 16; ++j) {
-    const float* key = k + std::min<Eigen::Index>(j, rows - 1) * stride;
-    acc[j] = _mm512_mul_ps(qp[0], _mm512_loadu_ps(key));
-    for (int p = 1; p < P; ++p)
-      acc[j] = _mm512_fmadd_ps(qp[p], _mm512_loadu_ps(key + 16 * p), acc[j]);
-  }
-  _mm512_mask_storeu_ps(scores, static_cast<__mmask16>((1u << rows) - 1u), lane_sums16(acc));
+  const auto group = [&](const float* first, Eigen::Index count, float* out) {
+    __m512 acc[16];
+    const float* key = first;
+    for (int j = 0; j < 16; ++j) {
+      acc[j] = _mm512_mul_ps(qp[0], _mm512_loadu_ps(key));
+      for (int p = 1; p < P; ++p)
+        acc[j] = _mm512_fmadd_ps(qp[p], _mm512_loadu_ps(key + 16 * p), acc[j]);
+      if (j + 1 < count) key += stride;
+    }
+    _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << count) - 1u), lane_sums16(acc));
+  };
+  Eigen::Index j = 0;
+  for (; j + 16 <= rows; j += 16)
+    group(k + j * stride, 16, scores + j);
+  if (j < rows) group(k + j * stride, rows - j, scores + j);
 }
 
 #if HEAD_ATTENTION_DOT_BF16
@@ -91,17 +99,24 @@ void key_scores16_bf16(const std::uint16_t* hi, const std::uint16_t* lo, const s
     qh[p] = load_bf16x32(hi + 32 * p);
     if constexpr (Lo) ql[p] = load_bf16x32(lo + 32 * p);
   }
-  __m512 acc[16];
-  for (int j = 0; j < 16; ++j) {
-    const std::uint16_t* key = k + std::min<Eigen::Index>(j, rows - 1) * stride;
-    acc[j] = _mm512_setzero_ps();
-    for (int p = 0; p < P; ++p) {
-      const __m512bh kv = load_bf16x32(key + 32 * p);
-      acc[j] = _mm512_dpbf16_ps(acc[j], qh[p], kv);
-      if constexpr (Lo) acc[j] = _mm512_dpbf16_ps(acc[j], ql[p], kv);
+  const auto group = [&](const std::uint16_t* first, Eigen::Index count, float* out) {
+    __m512 acc[16];
+    const std::uint16_t* key = first;
+    for (int j = 0; j < 16; ++j) {
+      acc[j] = _mm512_setzero_ps();
+      for (int p = 0; p < P; ++p) {
+        const __m512bh kv = load_bf16x32(key + 32 * p);
+        acc[j] = _mm512_dpbf16_ps(acc[j], qh[p], kv);
+        if constexpr (Lo) acc[j] = _mm512_dpbf16_ps(acc[j], ql[p], kv);
+      }
+      if (j + 1 < count) key += stride;
     }
-  }
-  _mm512_mask_storeu_ps(scores, static_cast<__mmask16>((1u << rows) - 1u), lane_sums16(acc));
+    _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << count) - 1u), lane_sums16(acc));
+  };
+  Eigen::Index j = 0;
+  for (; j + 16 <= rows; j += 16)
+    group(k + j * stride, 16, scores + j);
+  if (j < rows) group(k + j * stride, rows - j, scores + j);
 }
 
 /// scores[j] = q · k_j for j < rows over bfloat16 keys (key j at k + j · stride), the query split by
@@ -111,9 +126,7 @@ inline bool key_scores_bf16(const std::uint16_t* hi, const std::uint16_t* lo, bo
                             const std::uint16_t* k, Eigen::Index stride, Eigen::Index rows, Eigen::Index head,
                             float* scores) noexcept {
   const auto run = [&](auto packets, auto with_lo) {
-    for (Eigen::Index j = 0; j < rows; j += 16)
-      key_scores16_bf16<decltype(packets)::value, decltype(with_lo)::value>(
-          hi, lo, k + j * stride, stride, std::min<Eigen::Index>(16, rows - j), scores + j);
+    key_scores16_bf16<decltype(packets)::value, decltype(with_lo)::value>(hi, lo, k, stride, rows, scores);
   };
   if (head % 32 != 0) return false;
   return with_packets<4>(head / 32, [&](auto packets) {
@@ -129,11 +142,7 @@ inline bool key_scores_bf16(const std::uint16_t* hi, const std::uint16_t* lo, bo
 /// of 16 to 128 floats in steps of 16 (returns false for others).
 inline bool key_scores(const float* q, const float* k, Eigen::Index stride, Eigen::Index rows,
                        Eigen::Index head, float* scores) noexcept {
-  const auto run = [&](auto packets) {
-    for (Eigen::Index j = 0; j < rows; j += 16)
-      key_scores16<decltype(packets)::value>(q, k + j * stride, stride, std::min<Eigen::Index>(16, rows - j),
-                                             scores + j);
-  };
+  const auto run = [&](auto packets) { key_scores16<decltype(packets)::value>(q, k, stride, rows, scores); };
   return head % 16 == 0 && with_packets<8>(head / 16, run);
 }
 
