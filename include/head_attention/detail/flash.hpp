@@ -1128,11 +1128,11 @@ struct WorkPlan {
   Index proj_items = 0;             // projection items: row chunk × head × q/k/v
   Index kt_panel = 0, kt_size = 0;  // keys per column panel of a sequence's Kᵀ; one sequence's Kᵀ
   /// A call of few rows extending caches (Tuning::rowdot_rows): its projections read the weights as stored
-  /// (project_rows), in blocks of Tuning::rowdot_block weight rows: row_blocks per head's Q, K or V (its
-  /// proj_items are projection × block), out_items of the output projection, out_block of its weight rows
-  /// each. Otherwise out_items = chunks.
+  /// (project_rows), in blocks of row_block weight rows (Tuning::rowdot_block in a team, a whole head's Q, K
+  /// or V alone): row_blocks per head's Q, K or V (its proj_items are projection × block), out_items of the
+  /// output projection, out_block of its weight rows each. Otherwise out_items = chunks.
   bool rowdot = false;
-  Index row_blocks = 0, out_items = 0, out_block = 0;
+  Index row_block = 0, row_blocks = 0, out_items = 0, out_block = 0;
   int threads = 1;  // the team size asked for
   // The team a call of this shape could have had, whatever its flops (at least `threads`): the per-thread
   // scratch kept for the steps after a workspace's call, or in a thread's step buffers, so that a step that
@@ -1264,17 +1264,24 @@ WorkPlan plan_work(Eigen::Index batch, Eigen::Index seq_len, Eigen::Index heads,
   if (w.rowdot) {  // every row in one "chunk"; work items are blocks of weight rows
     w.chunks = 1;
     w.proj_rows = rows;
+    w.row_block = Tuning::rowdot_block;
     w.row_blocks = (head + Tuning::rowdot_block - 1) / Tuning::rowdot_block;
     w.proj_items = 3 * heads * w.row_blocks;
     w.out_block = Tuning::rowdot_block;
     w.out_items = (out_width + Tuning::rowdot_block - 1) / Tuning::rowdot_block;
   }
   w.threads = static_cast<int>(std::min<Index>(threads, std::max(w.items, w.proj_items)));
-  if (w.rowdot && w.threads == 1 && out_width > 0) {
-    // Alone, the output projection is one item: each item converts its input rows for the kernels again
-    // (bfloat16 weights split them into hi + lo), 16 times over for Wo of 512 rows by blocks of 32.
-    w.out_block = out_width;
-    w.out_items = 1;
+  if (w.rowdot && w.threads == 1) {
+    // Alone, a call's items are as large as they can be: each item of the output projection converts its
+    // input rows for the kernels again (bfloat16 weights split them into hi + lo), 16 times over for Wo of
+    // 512 rows by blocks of 32, and each projection item has its call and cache writes to set up.
+    w.row_block = head;
+    w.row_blocks = 1;
+    w.proj_items = 3 * heads;
+    if (out_width > 0) {
+      w.out_block = out_width;
+      w.out_items = 1;
+    }
   }
   w.room_threads =
       std::max(w.threads, static_cast<int>(std::min<Index>(asked, std::max(w.items, w.proj_items))));
@@ -1469,8 +1476,8 @@ struct ForwardPass {
   void project_weight_rows(Index item) const {
     const Index head = work.head, ld = work.ld;
     const Index p = item / work.row_blocks;  // head p / 3, projection p % 3
-    const Index o0 = (item % work.row_blocks) * Tuning::rowdot_block;
-    const Index o1 = std::min(head, o0 + Tuning::rowdot_block);
+    const Index o0 = (item % work.row_blocks) * work.row_block;
+    const Index o1 = std::min(head, o0 + work.row_block);
     const Scalar scale = p % 3 == 0 ? query_scale<Scalar>(head) : Scalar(1);
     Scalar* const y = storage.qkv + (p / 3) * work.rows * ld + (p % 3) * head + o0;
     project_rows(storage.x_rows, storage.x_rows_stride, work.rows, storage.rows[p], work.emb, o0, o1, scale,
