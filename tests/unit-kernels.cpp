@@ -367,6 +367,39 @@ TEMPLATE_TEST_CASE("project_rows: NaN and Inf reach exactly the outputs that rea
     }
 }
 
+#if defined(__AVX512F__)
+TEST_CASE("lane_sums8: eight vectors summed at once, the same bits as eight _mm512_reduce_add_ps",
+          "[kernels][precision]") {
+  for (unsigned seed = 0; seed < 50; ++seed) {
+    // Magnitudes from 1e-6 to 1e6 and both signs: each order of the additions rounds differently.
+    std::vector<float> v = random_values<float>(8 * 16, 90u + seed);
+    for (std::size_t i = 0; i < v.size(); ++i)
+      v[i] *= std::pow(10.0f, static_cast<float>(static_cast<int>((i * 7 + seed) % 13) - 6));
+    __m512 a[8];
+    for (int j = 0; j < 8; ++j)
+      a[j] = _mm512_loadu_ps(v.data() + 16 * j);
+    float sums[8];
+    _mm256_storeu_ps(sums, detail::lane_sums8(a));
+    for (int j = 0; j < 8; ++j) {
+      INFO("seed " << seed << ", vector " << j);
+      const float one_at_a_time = _mm512_reduce_add_ps(a[j]);
+      CHECK(std::memcmp(&sums[j], &one_at_a_time, sizeof(float)) == 0);
+#if defined(EIGEN_VECTORIZE_AVX512DQ)
+      const float eigen = Eigen::internal::predux(a[j]);  // dot_block's sums before lane_sums8
+      CHECK(std::memcmp(&sums[j], &eigen, sizeof(float)) == 0);
+#endif
+      long double exact = 0;
+      for (int l = 0; l < 16; ++l)
+        exact += v[static_cast<std::size_t>(16 * j + l)];
+      long double scale = 0;
+      for (int l = 0; l < 16; ++l)
+        scale += std::fabs(static_cast<long double>(v[static_cast<std::size_t>(16 * j + l)]));
+      CHECK(std::fabs(static_cast<long double>(sums[j]) - exact) <= 16 * 6e-8L * scale);
+    }
+  }
+}
+#endif  // __AVX512F__
+
 #if HEAD_ATTENTION_DOT_BF16
 
 namespace {
@@ -501,33 +534,6 @@ TEST_CASE("vdpbf16ps: NaN, Inf and x past bfloat16's range give what float arith
   const double want =
       (19.0 - 18.0 * 0.75) * double(std::numeric_limits<float>::max()) * double(bf16_value(w[4 * in]));
   CHECK(std::fabs(y[static_cast<std::size_t>(3 * out + 4)] - want) <= 1e-4 * std::fabs(want));
-}
-
-TEST_CASE("lane_sums8: eight vectors summed at once, the same bits as eight _mm512_reduce_add_ps",
-          "[kernels][precision]") {
-  for (unsigned seed = 0; seed < 50; ++seed) {
-    // Magnitudes from 1e-6 to 1e6 and both signs: each order of the additions rounds differently.
-    std::vector<float> v = random_values<float>(8 * 16, 90u + seed);
-    for (std::size_t i = 0; i < v.size(); ++i)
-      v[i] *= std::pow(10.0f, static_cast<float>(static_cast<int>((i * 7 + seed) % 13) - 6));
-    __m512 a[8];
-    for (int j = 0; j < 8; ++j)
-      a[j] = _mm512_loadu_ps(v.data() + 16 * j);
-    float sums[8];
-    _mm256_storeu_ps(sums, detail::lane_sums8(a));
-    for (int j = 0; j < 8; ++j) {
-      INFO("seed " << seed << ", vector " << j);
-      const float one_at_a_time = _mm512_reduce_add_ps(a[j]);
-      CHECK(std::memcmp(&sums[j], &one_at_a_time, sizeof(float)) == 0);
-      long double exact = 0;
-      for (int l = 0; l < 16; ++l)
-        exact += v[static_cast<std::size_t>(16 * j + l)];
-      long double scale = 0;
-      for (int l = 0; l < 16; ++l)
-        scale += std::fabs(static_cast<long double>(v[static_cast<std::size_t>(16 * j + l)]));
-      CHECK(std::fabs(static_cast<long double>(sums[j]) - exact) <= 16 * 6e-8L * scale);
-    }
-  }
 }
 
 #endif  // HEAD_ATTENTION_DOT_BF16

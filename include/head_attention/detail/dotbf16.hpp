@@ -10,14 +10,40 @@
 
 #include "microkernel.hpp"
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
 #define HEAD_ATTENTION_DOT_BF16 1
 #else
 #define HEAD_ATTENTION_DOT_BF16 0
 #endif
 
 namespace head_attention::detail {
+
+#if defined(__AVX512F__)
+/// Lane i < 8: the sum of a[i]'s 16 lanes, added in _mm512_reduce_add_ps's order (lanes j and j + 8, then
+/// j and j + 4, then j and j + 2, then the two left), so the same bits as eight reduce_adds (and as Eigen's
+/// predux of a Packet16f with AVX512DQ). All eight at once: 24 instructions, where eight reduce_adds take 64
+/// and end a block of dot products with eight chains of four dependent shuffles and adds each.
+EIGEN_ALWAYS_INLINE __m256 lane_sums8(const __m512 (&a)[8]) noexcept {
+  __m512 h[4], q[2];
+  for (int j = 0; j < 4; ++j)  // 128-bit blocks: [a[2j] lanes j + (j+8), j < 8 | a[2j+1] likewise]
+    h[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)),
+                         _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)));
+  for (int m = 0; m < 2; ++m)  // block b: a[4m + b]'s lanes j + (j+8) + (j+4) + (j+12), j < 4
+    q[m] = _mm512_add_ps(_mm512_shuffle_f32x4(h[2 * m], h[2 * m + 1], _MM_SHUFFLE(3, 1, 3, 1)),
+                         _mm512_shuffle_f32x4(h[2 * m], h[2 * m + 1], _MM_SHUFFLE(2, 0, 2, 0)));
+  // Block b: [a[b]'s partials 0 + 2, 1 + 3, a[4 + b]'s likewise], then each pair added.
+  const __m512d q0 = _mm512_castps_pd(q[0]), q1 = _mm512_castps_pd(q[1]);
+  const __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(q0, q1)),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(q0, q1)));
+  const __m512 r = _mm512_add_ps(s, _mm512_permute_ps(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  // a[b] at lane 4b, a[4 + b] at lane 4b + 2.
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, r));
+}
+#endif
 
 #if HEAD_ATTENTION_DOT_BF16
 
@@ -78,28 +104,6 @@ EIGEN_ALWAYS_INLINE __m512bh load_bf16x32(const std::uint16_t* p, Eigen::Index c
   __m512bh r;
   std::memcpy(&r, &v, sizeof r);
   return r;
-}
-
-/// Lane i < 8: the sum of a[i]'s 16 lanes, added in _mm512_reduce_add_ps's order (lanes j and j + 8, then
-/// j and j + 4, then j and j + 2, then the two left), so the same bits as eight reduce_adds. All eight at
-/// once: 24 instructions, where eight reduce_adds take 64 and end a block of dot products with eight chains
-/// of four dependent shuffles and adds each.
-EIGEN_ALWAYS_INLINE __m256 lane_sums8(const __m512 (&a)[8]) noexcept {
-  __m512 h[4], q[2];
-  for (int j = 0; j < 4; ++j)  // 128-bit blocks: [a[2j] lanes j + (j+8), j < 8 | a[2j+1] likewise]
-    h[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)),
-                         _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)));
-  for (int m = 0; m < 2; ++m)  // block b: a[4m + b]'s lanes j + (j+8) + (j+4) + (j+12), j < 4
-    q[m] = _mm512_add_ps(_mm512_shuffle_f32x4(h[2 * m], h[2 * m + 1], _MM_SHUFFLE(3, 1, 3, 1)),
-                         _mm512_shuffle_f32x4(h[2 * m], h[2 * m + 1], _MM_SHUFFLE(2, 0, 2, 0)));
-  // Block b: [a[b]'s partials 0 + 2, 1 + 3, a[4 + b]'s likewise], then each pair added.
-  const __m512d q0 = _mm512_castps_pd(q[0]), q1 = _mm512_castps_pd(q[1]);
-  const __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(q0, q1)),
-                                 _mm512_castpd_ps(_mm512_unpackhi_pd(q0, q1)));
-  const __m512 r = _mm512_add_ps(s, _mm512_permute_ps(s, _MM_SHUFFLE(2, 3, 0, 1)));
-  // a[b] at lane 4b, a[4 + b] at lane 4b + 2.
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
-  return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, r));
 }
 
 /// sums[r · lds + i] = x_r · w_i for the R rows x_r split by split_bf16 (hi at hi + r · ldx, lo likewise, ldx

@@ -182,11 +182,34 @@ void dot_block(const Scalar* x, Eigen::Index ldx, const W* w, Eigen::Index in, S
       }
       k += Wd;
     }
-    HEAD_ATTENTION_UNROLL
-    for (int r = 0; r < R; ++r)
+#if defined(__AVX512F__)
+    if constexpr (std::is_same<Scalar, float>::value && Wd == 16 && R * G <= 8) {
+      // All R · G sums by one transposed reduction (lane_sums8: predux's order, the same bits).
+      __m512 total[8];
       HEAD_ATTENTION_UNROLL
-    for (int i = 0; i < G; ++i)
-      sums[r * lds + i] = predux(padd(even[r][i], odd[r][i]));
+      for (int j = 0; j < 8; ++j)
+        total[j] = _mm512_setzero_ps();
+      HEAD_ATTENTION_UNROLL
+      for (int r = 0; r < R; ++r)
+        HEAD_ATTENTION_UNROLL
+      for (int i = 0; i < G; ++i)
+        total[r * G + i] = padd(even[r][i], odd[r][i]);
+      alignas(32) float all[8];
+      _mm256_store_ps(all, lane_sums8(total));
+      HEAD_ATTENTION_UNROLL
+      for (int r = 0; r < R; ++r)
+        HEAD_ATTENTION_UNROLL
+      for (int i = 0; i < G; ++i)
+        sums[r * lds + i] = all[r * G + i];
+    } else
+#endif
+    {
+      HEAD_ATTENTION_UNROLL
+      for (int r = 0; r < R; ++r)
+        HEAD_ATTENTION_UNROLL
+      for (int i = 0; i < G; ++i)
+        sums[r * lds + i] = predux(padd(even[r][i], odd[r][i]));
+    }
   } else {
     // Portable: Eigen's dot product, vectorised as Eigen sees fit (the same for every row of one length).
     using RowVector = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
