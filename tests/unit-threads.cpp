@@ -116,6 +116,38 @@ TEMPLATE_TEST_CASE("forward inside an OpenMP parallel region forks no second tea
     CHECK(identical(results[i], expected));
   }
 }
+
+TEMPLATE_TEST_CASE("backward inside an OpenMP parallel region forks no second team", "[threads]", float,
+                   double) {
+  using Scalar = TestType;
+  head_attention::HeadAttention<Scalar> layer(64, 32, 400, 12);
+  layer.set_num_threads(2);
+  const Matrix<Scalar> x = random_matrix<Scalar>(400, 64, 701);
+  const Matrix<Scalar> grad_out = random_matrix<Scalar>(400, 32, 702);
+  const head_attention::Gradients<Scalar> expected = layer.backward(x, grad_out);
+  REQUIRE(observed_team() == 2);  // outside a region this call is parallel: the check below means something
+  std::vector<head_attention::Gradients<Scalar>> results(2);
+  std::vector<int> teams(2, -1);
+  int outer_team = 0;
+#pragma omp parallel num_threads(2)
+  {
+    const std::size_t i = static_cast<std::size_t>(omp_get_thread_num());
+#pragma omp single
+    outer_team = omp_get_num_threads();
+    results[i] = layer.backward(x, grad_out);
+    teams[i] = observed_team();
+  }
+  if (outer_team != 2) HA_SKIP("the OpenMP runtime gave the outer region " << outer_team << " thread(s)");
+  for (std::size_t i = 0; i < 2; ++i) {
+    INFO("outer thread " << i);
+    CHECK(teams[i] == 1);
+    CHECK(identical(results[i].input, expected.input));
+    CHECK(identical(results[i].query.weight, expected.query.weight));
+    CHECK(identical(results[i].key.weight, expected.key.weight));
+    CHECK(identical(results[i].value.weight, expected.value.weight));
+    CHECK(identical(results[i].value.bias, expected.value.bias));
+  }
+}
 #endif
 
 TEMPLATE_TEST_CASE("callers' own threads each get a team of the size set", "[threads]", float, double) {
