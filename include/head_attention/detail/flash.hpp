@@ -1128,9 +1128,9 @@ struct WorkPlan {
   Index proj_items = 0;             // projection items: row chunk × head × q/k/v
   Index kt_panel = 0, kt_size = 0;  // keys per column panel of a sequence's Kᵀ; one sequence's Kᵀ
   /// A call of few rows extending caches (Tuning::rowdot_rows): its projections read the weights as stored
-  /// (project_rows), in blocks of row_block weight rows (Tuning::rowdot_block in a team, a whole head's Q, K
-  /// or V alone): row_blocks per head's Q, K or V (its proj_items are projection × block), out_items of the
-  /// output projection, out_block of its weight rows each. Otherwise out_items = chunks.
+  /// (project_rows), in blocks of row_block weight rows (a whole head's Q, K or V, or Tuning::rowdot_block
+  /// where a team needs more items): row_blocks per head's Q, K or V (its proj_items are projection × block),
+  /// out_items of the output projection, out_block of its weight rows each. Otherwise out_items = chunks.
   bool rowdot = false;
   Index row_block = 0, row_blocks = 0, out_items = 0, out_block = 0;
   int threads = 1;  // the team size asked for
@@ -1271,16 +1271,22 @@ WorkPlan plan_work(Eigen::Index batch, Eigen::Index seq_len, Eigen::Index heads,
     w.out_items = (out_width + Tuning::rowdot_block - 1) / Tuning::rowdot_block;
   }
   w.threads = static_cast<int>(std::min<Index>(threads, std::max(w.items, w.proj_items)));
-  if (w.rowdot && w.threads == 1) {
-    // Alone, a call's items are as large as they can be: each item of the output projection converts its
-    // input rows for the kernels again (bfloat16 weights split them into hi + lo), 16 times over for Wo of
-    // 512 rows by blocks of 32, and each projection item has its call and cache writes to set up.
-    w.row_block = head;
-    w.row_blocks = 1;
-    w.proj_items = 3 * heads;
+  if (w.rowdot) {
+    // Items as large as the team allows: each one sets up its kernels and cache writes again, and each item
+    // of the output projection converts its input rows for them again (bfloat16 weights split them into
+    // hi + lo), 16 times over for Wo of 512 rows by blocks of 32. A whole head's Q, K or V per item alone, or
+    // where that leaves a team 4 items a thread; the output projection in one item alone, two a thread in a
+    // team.
+    if (w.threads == 1 || 3 * heads >= 4 * w.threads) {
+      w.row_block = head;
+      w.row_blocks = 1;
+      w.proj_items = 3 * heads;
+    }
     if (out_width > 0) {
-      w.out_block = out_width;
-      w.out_items = 1;
+      const Index parts = w.threads == 1 ? 1 : 2 * w.threads;
+      const Index block = (out_width + parts - 1) / parts;
+      w.out_block = (block + Tuning::rowdot_block - 1) / Tuning::rowdot_block * Tuning::rowdot_block;
+      w.out_items = (out_width + w.out_block - 1) / w.out_block;
     }
   }
   w.room_threads =
