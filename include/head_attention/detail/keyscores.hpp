@@ -59,24 +59,17 @@ bool with_packets(Eigen::Index count, F&& f) {
     return false;
 }
 
-/// scores[j] = q · k_j for j < rows, key j at k + j · stride, a head of 16 · P floats, 16 keys at a time: per
-/// key, one chain of fused multiply-adds over its packets in order, then lane_sums16. The query stays in
-/// registers for all the groups and the keys are read one after the other, as stored (a packet of each of
+/// scores[j] = the lane sum of key_dot(key j) for j < rows, key j at k + j · stride: 16 keys at a time, their
+/// 16 vectors summed by lane_sums16. The keys are read one after the other, as stored (a packet of each of
 /// the 16 keys in turn was 1.2x slower from L3). A short last group reads its last key again for the lanes
 /// past it (never stored): with a fixed trip count the accumulators stay in registers.
-template <int P>
-void key_scores16(const float* q, const float* k, Eigen::Index stride, Eigen::Index rows,
-                  float* scores) noexcept {
-  __m512 qp[P];
-  for (int p = 0; p < P; ++p)
-    qp[p] = _mm512_loadu_ps(q + 16 * p);
-  const auto group = [&](const float* first, Eigen::Index count, float* out) {
+template <typename T, typename KeyDot>
+EIGEN_ALWAYS_INLINE void scores_by_16(const T* k, Eigen::Index stride, Eigen::Index rows, float* scores,
+                                      KeyDot&& key_dot) noexcept {
+  const auto group = [&](const T* key, Eigen::Index count, float* out) {
     __m512 acc[16];
-    const float* key = first;
     for (int j = 0; j < 16; ++j) {
-      acc[j] = _mm512_mul_ps(qp[0], _mm512_loadu_ps(key));
-      for (int p = 1; p < P; ++p)
-        acc[j] = _mm512_fmadd_ps(qp[p], _mm512_loadu_ps(key + 16 * p), acc[j]);
+      acc[j] = key_dot(key);
       if (j + 1 < count) key += stride;
     }
     _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << count) - 1u), lane_sums16(acc));
@@ -85,6 +78,23 @@ void key_scores16(const float* q, const float* k, Eigen::Index stride, Eigen::In
   for (; j + 16 <= rows; j += 16)
     group(k + j * stride, 16, scores + j);
   if (j < rows) group(k + j * stride, rows - j, scores + j);
+}
+
+/// scores[j] = q · k_j for j < rows, key j at k + j · stride, a head of 16 · P floats (scores_by_16): per
+/// key, one chain of fused multiply-adds over its packets in order. The query stays in registers for all the
+/// keys.
+template <int P>
+void key_scores16(const float* q, const float* k, Eigen::Index stride, Eigen::Index rows,
+                  float* scores) noexcept {
+  __m512 qp[P];
+  for (int p = 0; p < P; ++p)
+    qp[p] = _mm512_loadu_ps(q + 16 * p);
+  scores_by_16(k, stride, rows, scores, [&](const float* key) {
+    __m512 acc = _mm512_mul_ps(qp[0], _mm512_loadu_ps(key));
+    for (int p = 1; p < P; ++p)
+      acc = _mm512_fmadd_ps(qp[p], _mm512_loadu_ps(key + 16 * p), acc);
+    return acc;
+  });
 }
 
 #if HEAD_ATTENTION_DOT_BF16
@@ -99,24 +109,15 @@ void key_scores16_bf16(const std::uint16_t* hi, const std::uint16_t* lo, const s
     qh[p] = load_bf16x32(hi + 32 * p);
     if constexpr (Lo) ql[p] = load_bf16x32(lo + 32 * p);
   }
-  const auto group = [&](const std::uint16_t* first, Eigen::Index count, float* out) {
-    __m512 acc[16];
-    const std::uint16_t* key = first;
-    for (int j = 0; j < 16; ++j) {
-      acc[j] = _mm512_setzero_ps();
-      for (int p = 0; p < P; ++p) {
-        const __m512bh kv = load_bf16x32(key + 32 * p);
-        acc[j] = _mm512_dpbf16_ps(acc[j], qh[p], kv);
-        if constexpr (Lo) acc[j] = _mm512_dpbf16_ps(acc[j], ql[p], kv);
-      }
-      if (j + 1 < count) key += stride;
+  scores_by_16(k, stride, rows, scores, [&](const std::uint16_t* key) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int p = 0; p < P; ++p) {
+      const __m512bh kv = load_bf16x32(key + 32 * p);
+      acc = _mm512_dpbf16_ps(acc, qh[p], kv);
+      if constexpr (Lo) acc = _mm512_dpbf16_ps(acc, ql[p], kv);
     }
-    _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << count) - 1u), lane_sums16(acc));
-  };
-  Eigen::Index j = 0;
-  for (; j + 16 <= rows; j += 16)
-    group(k + j * stride, 16, scores + j);
-  if (j < rows) group(k + j * stride, rows - j, scores + j);
+    return acc;
+  });
 }
 
 /// scores[j] = q · k_j for j < rows over bfloat16 keys (key j at k + j · stride), the query split by
