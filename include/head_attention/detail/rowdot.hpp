@@ -40,7 +40,7 @@ struct SplitRows {
   const bool* lo_pass = nullptr;
 };
 
-/// v widened (exactly) to Scalar: 16-bit values through float, as stored_value does.
+/// v widened (exactly) to Scalar: 16-bit values through float.
 template <typename Scalar, typename T>
 EIGEN_ALWAYS_INLINE Scalar widened(T v) noexcept {
   if constexpr (std::is_same<T, Eigen::half>::value || std::is_same<T, Eigen::bfloat16>::value)
@@ -54,13 +54,13 @@ template <typename Scalar>
 Scalar stored_value(Precision precision, const void* p, Eigen::Index i) noexcept {
   switch (precision) {
     case Precision::float64:
-      return static_cast<Scalar>(static_cast<const double*>(p)[i]);
+      return widened<Scalar>(static_cast<const double*>(p)[i]);
     case Precision::float32:
-      return static_cast<Scalar>(static_cast<const float*>(p)[i]);
+      return widened<Scalar>(static_cast<const float*>(p)[i]);
     case Precision::float16:
-      return static_cast<Scalar>(static_cast<float>(static_cast<const Eigen::half*>(p)[i]));
+      return widened<Scalar>(static_cast<const Eigen::half*>(p)[i]);
     case Precision::bfloat16:
-      return static_cast<Scalar>(static_cast<float>(static_cast<const Eigen::bfloat16*>(p)[i]));
+      return widened<Scalar>(static_cast<const Eigen::bfloat16*>(p)[i]);
   }
   return Scalar(0);
 }
