@@ -607,6 +607,117 @@ TEMPLATE_TEST_CASE("dot_keys: a decode query's scores over a cache against a lon
     }
 }
 
+#if HEAD_ATTENTION_KEY_SCORES_16
+namespace {
+
+/// attend_keys over `rows` keys and values at stride, checked against long-double softmax attention: the
+/// normalised output acc / sum within 8 · head · eps of Σ|p v| (relative to the largest), and the sum
+/// against Σ exp(s − max) taken at the max the kernel returned.
+void check_attend_keys(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
+                       Index stride, Index rows, Index head) {
+  float max = 0, sum = 0;
+  std::vector<float> acc(static_cast<std::size_t>(head) + 1, 7.0f);
+  REQUIRE(detail::attend_keys(q.data(), k.data(), v.data(), stride, rows, head, &max, &sum, acc.data()));
+  CHECK(acc[static_cast<std::size_t>(head)] == 7.0f);  // nothing written past the head
+  std::vector<long double> scores(static_cast<std::size_t>(rows));
+  for (Index j = 0; j < rows; ++j) {
+    long double s = 0;
+    for (Index d = 0; d < head; ++d)
+      s += static_cast<long double>(q[static_cast<std::size_t>(d)]) *
+           k[static_cast<std::size_t>(j * stride + d)];
+    scores[static_cast<std::size_t>(j)] = s;
+  }
+  const long double true_max = *std::max_element(scores.begin(), scores.end());
+  CHECK(std::fabs(static_cast<long double>(max) - true_max) <= 1e-5L * (1 + std::fabs(true_max)));
+  long double weight_sum = 0;
+  std::vector<long double> out(static_cast<std::size_t>(head), 0.0L), magnitude(out);
+  for (Index j = 0; j < rows; ++j) {
+    const long double p = std::exp(scores[static_cast<std::size_t>(j)] - static_cast<long double>(max));
+    weight_sum += p;
+    for (Index d = 0; d < head; ++d) {
+      const long double term = p * v[static_cast<std::size_t>(j * stride + d)];
+      out[static_cast<std::size_t>(d)] += term;
+      magnitude[static_cast<std::size_t>(d)] += std::fabs(term);
+    }
+  }
+  INFO("head = " << head << ", rows = " << rows << ", stride = " << stride);
+  CHECK(std::fabs(static_cast<long double>(sum) - weight_sum) <= 1e-5L * weight_sum);
+  const long double eps = std::numeric_limits<float>::epsilon();
+  for (Index d = 0; d < head; ++d) {
+    const long double want = out[static_cast<std::size_t>(d)] / weight_sum;
+    const long double got = static_cast<long double>(acc[static_cast<std::size_t>(d)]) / sum;
+    CHECK(std::fabs(got - want) <=
+          8 * (head + rows) * eps * magnitude[static_cast<std::size_t>(d)] / weight_sum);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("attend_keys: scores, softmax and values in one pass against a long-double reference",
+          "[kernels]") {
+  // Every group remainder, heads of every packet count, rows padded past the head, and scores that grow along
+  // the keys (the accumulator rescaled at every group) or shrink (never).
+  for (const Index head : {16, 32, 48, 64, 128})
+    for (const Index rows : {1, 2, 15, 16, 17, 33, 100, 300})
+      for (const Index pad : {0, 16}) {
+        const Index stride = head + pad;
+        const std::vector<float> q = random_values<float>(static_cast<std::size_t>(head), 121u);
+        std::vector<float> k = random_values<float>(static_cast<std::size_t>(rows * stride), 122u);
+        const std::vector<float> v = random_values<float>(static_cast<std::size_t>(rows * stride), 123u);
+        check_attend_keys(q, k, v, stride, rows, head);
+        for (const float direction : {1.0f, -1.0f}) {
+          std::vector<float> ramp = k;  // score j ≈ ±j / 4 plus noise
+          for (Index j = 0; j < rows; ++j)
+            for (Index d = 0; d < head; ++d)
+              ramp[static_cast<std::size_t>(j * stride + d)] +=
+                  direction * 0.25f * float(j) / (float(head) * q[static_cast<std::size_t>(d)]);
+          check_attend_keys(q, ramp, v, stride, rows, head);
+        }
+      }
+  float max = 0, sum = 0;
+  std::vector<float> acc(64);
+  CHECK_FALSE(detail::attend_keys(acc.data(), acc.data(), acc.data(), 72, 1, 72, &max, &sum, acc.data()));
+}
+
+TEST_CASE("attend_keys: -inf scores weigh nothing, unless all are; a NaN or +inf score makes the sum NaN",
+          "[kernels][nonfinite]") {
+  const Index head = 64, rows = 50;
+  std::vector<float> q = random_values<float>(head, 131u);
+  q[0] = 1.0f;
+  const std::vector<float> k = random_values<float>(static_cast<std::size_t>(rows * head), 132u);
+  const std::vector<float> v = random_values<float>(static_cast<std::size_t>(rows * head), 133u);
+  const float inf = std::numeric_limits<float>::infinity();
+  const auto run = [&](const std::vector<float>& keys, Index begin, Index count, std::vector<float>& acc) {
+    float max = 0, sum = 0;
+    acc.assign(head, 0.0f);
+    detail::attend_keys(q.data(), keys.data() + begin * head, v.data() + begin * head, head, count, head,
+                        &max, &sum, acc.data());
+    for (float& a : acc)
+      a /= sum;
+    return sum;
+  };
+  std::vector<float> minus = k;  // keys 0..19 score -inf (more than a group), the rest as k
+  for (Index j = 0; j < 20; ++j)
+    minus[static_cast<std::size_t>(j * head)] = -inf;
+  std::vector<float> with_minus, without;
+  CHECK(std::isfinite(run(minus, 0, rows, with_minus)));
+  run(k, 20, rows - 20, without);
+  for (Index d = 0; d < head; ++d)  // the same keys seen, within rounding (the max met in another order)
+    CHECK(std::fabs(with_minus[static_cast<std::size_t>(d)] - without[static_cast<std::size_t>(d)]) <= 1e-6f);
+  std::vector<float> scratch;
+  CHECK(std::isnan(run(minus, 0, 20, scratch)));  // every score -inf: as softmax, NaN
+  std::vector<float> nan_early = minus;           // a NaN among the leading -inf scores, then finite ones
+  nan_early[static_cast<std::size_t>(3 * head + 5)] = std::numeric_limits<float>::quiet_NaN();
+  CHECK(std::isnan(run(nan_early, 0, rows, scratch)));
+  std::vector<float> nan_late = k;
+  nan_late[static_cast<std::size_t>(37 * head + 9)] = std::numeric_limits<float>::quiet_NaN();
+  CHECK(std::isnan(run(nan_late, 0, rows, scratch)));
+  std::vector<float> plus = k;
+  plus[static_cast<std::size_t>(25 * head)] = inf;
+  CHECK(std::isnan(run(plus, 0, rows, scratch)));
+}
+#endif  // HEAD_ATTENTION_KEY_SCORES_16
+
 #if HEAD_ATTENTION_FUSED_16BIT
 TEMPLATE_TEST_CASE("dot_rows16: a key's score over a 16-bit cache does not depend on where its range starts",
                    "[kernels][precision]", Eigen::half, Eigen::bfloat16) {

@@ -3,13 +3,16 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
 #include <Eigen/Core>
 
 #include "dotbf16.hpp"
+#include "exp_sum.hpp"
 #include "rowdot.hpp"
 
 #if defined(__AVX512F__)
@@ -64,15 +67,22 @@ bool with_packets(Eigen::Index count, F&& f) {
 /// the 16 keys in turn was 1.2x slower from L3). A short last group reads its last key again for the lanes
 /// past it (never stored): with a fixed trip count the accumulators stay in registers.
 template <typename T, typename KeyDot>
+EIGEN_ALWAYS_INLINE __m512 group_scores16(const T* key, Eigen::Index stride, Eigen::Index count,
+                                          KeyDot& key_dot) noexcept {
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j) {
+    acc[j] = key_dot(key);
+    if (j + 1 < count) key += stride;
+  }
+  return lane_sums16(acc);
+}
+
+template <typename T, typename KeyDot>
 EIGEN_ALWAYS_INLINE void scores_by_16(const T* k, Eigen::Index stride, Eigen::Index rows, float* scores,
                                       KeyDot&& key_dot) noexcept {
   const auto group = [&](const T* key, Eigen::Index count, float* out) {
-    __m512 acc[16];
-    for (int j = 0; j < 16; ++j) {
-      acc[j] = key_dot(key);
-      if (j + 1 < count) key += stride;
-    }
-    _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << count) - 1u), lane_sums16(acc));
+    _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << count) - 1u),
+                          group_scores16(key, stride, count, key_dot));
   };
   Eigen::Index j = 0;
   for (; j + 16 <= rows; j += 16)
@@ -80,21 +90,31 @@ EIGEN_ALWAYS_INLINE void scores_by_16(const T* k, Eigen::Index stride, Eigen::In
   if (j < rows) group(k + j * stride, rows - j, scores + j);
 }
 
+/// The packets of q · key for a float key of 16 · P values: one chain of fused multiply-adds over its packets
+/// in order, the query held in registers.
+template <int P>
+struct FloatKeyDot {
+  __m512 q[P];
+  explicit FloatKeyDot(const float* query) noexcept {
+    for (int p = 0; p < P; ++p)
+      q[p] = _mm512_loadu_ps(query + 16 * p);
+  }
+  EIGEN_ALWAYS_INLINE __m512 operator()(const float* key) const noexcept {
+    __m512 dot = _mm512_mul_ps(q[0], _mm512_loadu_ps(key));
+    for (int p = 1; p < P; ++p)
+      dot = _mm512_fmadd_ps(q[p], _mm512_loadu_ps(key + 16 * p), dot);
+    return dot;
+  }
+};
+
 /// scores[j] = q · k_j for j < rows, key j at k + j · stride, a head of 16 · P floats (scores_by_16): per
 /// key, one chain of fused multiply-adds over its packets in order. The query stays in registers for all the
 /// keys.
 template <int P>
 void key_scores16(const float* q, const float* k, Eigen::Index stride, Eigen::Index rows,
                   float* scores) noexcept {
-  __m512 qp[P];
-  for (int p = 0; p < P; ++p)
-    qp[p] = _mm512_loadu_ps(q + 16 * p);
-  scores_by_16(k, stride, rows, scores, [&](const float* key) {
-    __m512 acc = _mm512_mul_ps(qp[0], _mm512_loadu_ps(key));
-    for (int p = 1; p < P; ++p)
-      acc = _mm512_fmadd_ps(qp[p], _mm512_loadu_ps(key + 16 * p), acc);
-    return acc;
-  });
+  const FloatKeyDot<P> key_dot(q);
+  scores_by_16(k, stride, rows, scores, key_dot);
 }
 
 #if HEAD_ATTENTION_DOT_BF16
@@ -144,6 +164,77 @@ inline bool key_scores_bf16(const std::uint16_t* hi, const std::uint16_t* lo, bo
 inline bool key_scores(const float* q, const float* k, Eigen::Index stride, Eigen::Index rows,
                        Eigen::Index head, float* scores) noexcept {
   const auto run = [&](auto packets) { key_scores16<decltype(packets)::value>(q, k, stride, rows, scores); };
+  return head % 16 == 0 && with_packets<8>(head / 16, run);
+}
+
+/// One decode query's attention over `rows` keys and values (row j at k + j · stride and v + j · stride, a
+/// head of 16 · PV values) in a single pass: per group of 16 keys, their scores (scores_by_16's groups),
+/// their exponentials against the running max (the accumulator rescaled when the max grows), and those
+/// weights times the 16 value rows. A step that scored all its keys first, then took their exponentials,
+/// then read V, spent about a tenth of its time on the softmax between the two streams; here it runs while
+/// the next rows load, and K and V are read side by side. Returns the largest score in *max, Σ exp(s − max)
+/// in *sum and Σ exp(s − max) · v in acc[16 · PV], as attend_query_block keeps them (a range's partial
+/// result). Scores that are all −inf or NaN give a NaN sum, as a softmax over them does; a −inf score among
+/// others weighs 0 wherever it falls, and a NaN score makes the sum NaN.
+template <int PV, typename T, typename KeyDot, typename ValuePacket>
+EIGEN_ALWAYS_INLINE void attend_by_16(const T* k, const T* v, Eigen::Index stride, Eigen::Index rows,
+                                      KeyDot&& key_dot, ValuePacket&& value_packet, float* max, float* sum,
+                                      float* acc) noexcept {
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  __m512 out[PV];
+  for (int i = 0; i < PV; ++i)
+    out[i] = _mm512_setzero_ps();
+  __m512 sums = _mm512_setzero_ps();
+  float running_max = neg_inf;
+  bool unordered = false;  // a NaN among scores skipped while every score so far was -inf or NaN
+  alignas(64) float weights[16];
+  // One loop for full and short groups (a group as a lambda called twice was not inlined, and kept the
+  // accumulators in memory).
+  for (Eigen::Index j = 0; j < rows; j += 16) {
+    const Eigen::Index count = std::min<Eigen::Index>(16, rows - j);
+    const __mmask16 live = static_cast<__mmask16>((1u << count) - 1u);
+    const __m512 scores = _mm512_mask_mov_ps(_mm512_set1_ps(neg_inf), live,
+                                             group_scores16(k + j * stride, stride, count, key_dot));
+    const float group_max = _mm512_reduce_max_ps(scores);
+    if (group_max > running_max) {                                               // false for NaN
+      const __m512 rescale = _mm512_set1_ps(std::exp(running_max - group_max));  // 0 for the first
+      for (int i = 0; i < PV; ++i)
+        out[i] = _mm512_mul_ps(out[i], rescale);
+      sums = _mm512_mul_ps(sums, rescale);
+      running_max = group_max;
+    } else if (running_max == neg_inf) {
+      // Every score so far -inf or NaN: these weigh 0 against any later finite max (exp(-inf - max)), and
+      // a NaN among them is remembered for the sum.
+      unordered = unordered || _mm512_mask_cmp_ps_mask(live, scores, scores, _CMP_UNORD_Q) != 0;
+      continue;
+    }
+    const __m512 p = exp_nonpositive(_mm512_sub_ps(scores, _mm512_set1_ps(running_max)));
+    sums = _mm512_add_ps(sums, p);
+    _mm512_store_ps(weights, p);
+    const T* value = v + j * stride;
+    for (Eigen::Index t = 0; t < count; ++t, value += stride) {
+      const __m512 w = _mm512_set1_ps(weights[t]);
+      for (int i = 0; i < PV; ++i)
+        out[i] = _mm512_fmadd_ps(w, value_packet(value, i), out[i]);
+    }
+  }
+  *max = running_max;
+  *sum = running_max == neg_inf || unordered ? std::numeric_limits<float>::quiet_NaN()
+                                             : _mm512_reduce_add_ps(sums);
+  for (int i = 0; i < PV; ++i)
+    _mm512_storeu_ps(acc + 16 * i, out[i]);
+}
+
+/// attend_by_16 over float keys and values, a head of 16 to 128 floats in steps of 16 (returns false for
+/// others). The query q as key_scores16 takes it.
+inline bool attend_keys(const float* q, const float* k, const float* v, Eigen::Index stride,
+                        Eigen::Index rows, Eigen::Index head, float* max, float* sum, float* acc) noexcept {
+  const auto run = [&](auto packets) {
+    constexpr int P = decltype(packets)::value;
+    attend_by_16<P>(
+        k, v, stride, rows, FloatKeyDot<P>(q),
+        [](const float* row, int i) { return _mm512_loadu_ps(row + 16 * i); }, max, sum, acc);
+  };
   return head % 16 == 0 && with_packets<8>(head / 16, run);
 }
 
