@@ -570,9 +570,9 @@ TEMPLATE_TEST_CASE("weighted_rows16: each output the chain of FMAs over the rows
 
 TEMPLATE_TEST_CASE("dot_keys: a decode query's scores over a cache against a long-double reference",
                    "[kernels]", float, double) {
-  // Every group remainder (keys 16 at a time with AVX-512, 8 or 4 otherwise), heads of every path (16 to
-  // 128 by 16, and others), and a key's score the same bits wherever its range of keys starts: decode
-  // steps cut the keys into ranges by shape (flash-decoding) and a sliding window moves the start.
+  // Every group remainder (keys 8 at a time, 4 with 16 registers), heads that are multiples of the packets
+  // and others, and a key's score the same bits wherever its range of keys starts: decode steps cut the keys
+  // into ranges by shape (flash-decoding) and a sliding window moves the start.
   using Scalar = TestType;
   for (const Index head : {8, 16, 32, 48, 64, 72, 96, 100, 128, 144})
     for (const Index rows : {1, 2, 7, 15, 16, 17, 31, 33, 50}) {

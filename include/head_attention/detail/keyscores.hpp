@@ -1,5 +1,6 @@
-// head-attention: a decode query's scores over a cache, q · k_j for many short rows (a head's worth each),
-// sixteen keys at a time with one transposed reduction for all sixteen.
+// head-attention: a decode query over a cache: its scores q · k_j for many short rows (a head's worth each),
+// sixteen keys at a time with one transposed reduction for all sixteen, and over a float cache its softmax
+// and values in the same pass.
 #pragma once
 
 #include <algorithm>
@@ -90,8 +91,8 @@ EIGEN_ALWAYS_INLINE void scores_by_16(const T* k, Eigen::Index stride, Eigen::In
   if (j < rows) group(k + j * stride, rows - j, scores + j);
 }
 
-/// The packets of q · key for a float key of 16 · P values: one chain of fused multiply-adds over its packets
-/// in order, the query held in registers.
+/// The packets of q · key for a float key of 16 · P values (attend_keys'): one chain of fused multiply-adds
+/// over its packets in order, the query held in registers.
 template <int P>
 struct FloatKeyDot {
   __m512 q[P];
@@ -107,18 +108,8 @@ struct FloatKeyDot {
   }
 };
 
-/// scores[j] = q · k_j for j < rows, key j at k + j · stride, a head of 16 · P floats (scores_by_16): per
-/// key, one chain of fused multiply-adds over its packets in order. The query stays in registers for all the
-/// keys.
-template <int P>
-void key_scores16(const float* q, const float* k, Eigen::Index stride, Eigen::Index rows,
-                  float* scores) noexcept {
-  const FloatKeyDot<P> key_dot(q);
-  scores_by_16(k, stride, rows, scores, key_dot);
-}
-
 #if HEAD_ATTENTION_DOT_BF16
-/// key_scores16 over bfloat16 keys with AVX512_BF16: the query split by split_bf16 (hi, and lo when Lo),
+/// scores_by_16 over bfloat16 keys with AVX512_BF16: the query split by split_bf16 (hi, and lo when Lo),
 /// a head of 32 · P. Per key, one chain over its 32-entry steps in order, hi then lo in each (Lo = false
 /// skips lo: the same bits for finite keys, as in dot_block_bf16).
 template <int P, bool Lo>
@@ -158,14 +149,6 @@ inline bool key_scores_bf16(const std::uint16_t* hi, const std::uint16_t* lo, bo
   });
 }
 #endif
-
-/// scores[j] = q · k_j for j < rows over float keys (key j at k + j · stride), 16 keys at a time: for heads
-/// of 16 to 128 floats in steps of 16 (returns false for others).
-inline bool key_scores(const float* q, const float* k, Eigen::Index stride, Eigen::Index rows,
-                       Eigen::Index head, float* scores) noexcept {
-  const auto run = [&](auto packets) { key_scores16<decltype(packets)::value>(q, k, stride, rows, scores); };
-  return head % 16 == 0 && with_packets<8>(head / 16, run);
-}
 
 /// One decode query's attention over `rows` keys and values (row j at k + j · stride and v + j · stride, a
 /// head of 16 · PV values) in a single pass: per group of 16 keys, their scores (scores_by_16's groups),
@@ -233,7 +216,7 @@ EIGEN_ALWAYS_INLINE void attend_by_16(const T* k, const T* v, Eigen::Index strid
 }
 
 /// attend_by_16 over float keys and values, a head of 16 to 128 floats in steps of 16 (returns false for
-/// others). The query q as key_scores16 takes it.
+/// others).
 inline bool attend_keys(const float* q, const float* k, const float* v, Eigen::Index stride,
                         Eigen::Index rows, Eigen::Index head, float* max, float* sum, float* acc) noexcept {
   const auto run = [&](auto packets) {
@@ -249,17 +232,12 @@ inline bool attend_keys(const float* q, const float* k, const float* v, Eigen::I
 
 /// scores[j] = q · key_j for the `rows` keys at k (key j's `head` values at k + j · head): a decode step's
 /// Q·Kᵀ over a cache, each key read once in place (Eigen's GEMM packs the tile first: one more pass over it,
-/// which measured 1.4-1.7x a step's bytes floor once a cache left L2). Float keys with AVX-512 and a head of
-/// 16 to 128 in steps of 16: key_scores; otherwise project_rows's dot products, 8 keys (4 with 16 registers)
-/// at a time. The choice depends on the build and the head size only, so a key's score never depends on where
-/// a range of keys starts.
+/// which measured 1.4-1.7x a step's bytes floor once a cache left L2): project_rows's dot products, 8 keys (4
+/// with 16 registers) at a time, so a key's score never depends on where a range of keys starts. (Float keys
+/// with AVX-512 and a head of 16 to 128 in steps of 16 take attend_keys instead, scores and all.)
 template <typename Scalar>
 void dot_keys(const Scalar* q, const Scalar* k, Eigen::Index rows, Eigen::Index head,
               Scalar* scores) noexcept {
-#if HEAD_ATTENTION_KEY_SCORES_16
-  if constexpr (std::is_same<Scalar, float>::value)
-    if (key_scores(q, k, head, rows, head, scores)) return;
-#endif
   constexpr Eigen::Index G = simd_registers == 32 ? 8 : 4;
   for (Eigen::Index j = 0; j < rows; j += G)
     dot_rows<1, G, Scalar, precision_of<Scalar>()>(std::min(G, rows - j), q, 0, k + j * head, head,
